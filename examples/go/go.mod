@@ -1,0 +1,3 @@
+module miehisto/examples/go
+
+go 1.19

@@ -1,0 +1,448 @@
+#!/usr/bin/env bash
+# setup/install.sh: the one idempotent machine set-up step for miehisto.
+#
+# What it does, and why:
+#   1. Installs the Debian packages the build, the tests and the CRIU build
+#      need. apt is skipped entirely when everything is already installed, so
+#      a second run takes well under a second or two.
+#   2. Provides a CRIU >= 4.2 whose `criu check` passes on this kernel
+#      (see /work/shared/platform.md: bookworm's 3.17 fails `criu check` on
+#      kernels >= 6.13, 4.1 cannot dump TCP sockets on kernels >= 6.16).
+#      Order: a system criu if good enough, else the cached build in
+#      .deps/criu, else a fresh build from Debian unstable's source package.
+#   3. Writes .deps/env.sh (MIEHISTO_CRIU, MIEHISTO_PYTHON) and prints one
+#      summary line per component.
+#
+# Must run as root, from anywhere, with no stdin. Never writes a package
+# mirror's host name into the repository: the mirror is read at run time
+# from the machine's apt configuration (or MIEHISTO_DEBIAN_MIRROR).
+#
+# Optional environment:
+#   MIEHISTO_CRIU            use this criu binary (must pass the same checks)
+#   MIEHISTO_DEBIAN_MIRROR   Debian mirror URI to fetch CRIU's source from
+#   MIEHISTO_CRIU_SOURCE     apt source spec, e.g. "criu=4.2.1-1" (default
+#                            "criu": whatever unstable has)
+
+set -euo pipefail
+
+# Resolve the repo root from this file's location so a clean clone works in
+# any folder and from any working directory.
+SCRIPT_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)
+REPO_ROOT=$(cd -- "$SCRIPT_DIR/.." && pwd -P)
+DEPS="$REPO_ROOT/.deps"
+
+CRIU_MIN_VERSION=4.2
+CRIU_PREFIX="$DEPS/criu"
+CRIU_BUILT="$CRIU_PREFIX/sbin/criu"
+CRIU_SRC_ROOT="$DEPS/criu-src"
+APT_STAMP="$DEPS/apt-update.stamp"
+GO_UNAVAILABLE_MARK="$DEPS/golang-go.unavailable"
+
+# Everything the project and the CRIU build need. python3 is Debian's (so
+# /usr/bin/python3 exists regardless of pyenv & co.). curl fetches the CRIU
+# tarball when `apt-get source` fails half-way; xz-utils unpacks it.
+REQUIRED_PACKAGES=(
+    libseccomp-dev pkg-config gcc make libc6-dev python3 iproute2 procps wrk
+    xz-utils curl ca-certificates util-linux
+    # CRIU's build dependencies (platform.md, verified with `make criu`).
+    libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler
+    python3-protobuf libnl-3-dev libnet1-dev libcap-dev libbsd-dev
+    libnftables-dev libgnutls28-dev uuid-dev
+)
+# Nice to have (helpers/examples may use it); never fatal when unavailable.
+OPTIONAL_PACKAGES=(golang-go)
+
+log() { printf 'install.sh: %s\n' "$*" >&2; }
+warn() { printf 'install.sh: warning: %s\n' "$*" >&2; }
+die() { printf 'install.sh: error: %s\n' "$*" >&2; exit 1; }
+
+# apt must never prompt (no stdin in CI) and should wait for a dpkg lock held
+# by another apt run instead of failing at once.
+export DEBIAN_FRONTEND=noninteractive
+APT_COMMON=(-q -o DPkg::Lock::Timeout=300)
+
+[[ $(id -u) -eq 0 ]] || die "must run as root (apt and 'criu check' need it): sudo bash setup/install.sh"
+if ! command -v apt-get >/dev/null || ! command -v dpkg-query >/dev/null; then
+    die "apt-get/dpkg-query not found: this script supports Debian 12 (bookworm) only"
+fi
+
+mkdir -p "$DEPS"
+# Serialise concurrent runs (e.g. test.sh and demo.sh started together): both
+# would otherwise fight over apt and .deps/.
+exec 9>"$DEPS/.install.lock"
+if ! flock -n 9; then
+    log "another install.sh is running; waiting for it"
+    flock 9
+fi
+
+TMP_DIR=""
+cleanup() { [[ -z $TMP_DIR ]] || rm -rf -- "$TMP_DIR"; }
+trap cleanup EXIT
+
+# ---------------------------------------------------------------- packages --
+
+# Prints the packages among "$@" that are not fully installed.
+missing_packages() {
+    local status name st p
+    local -A have=()
+    status=$(dpkg-query -W -f='${Package}\t${db:Status-Abbrev}\n' "$@" 2>/dev/null || true)
+    while IFS=$'\t' read -r name st; do
+        [[ $st == ii* ]] && have[$name]=1
+    done <<<"$status"
+    for p in "$@"; do
+        [[ -n ${have[$p]:-} ]] || printf '%s\n' "$p"
+    done
+}
+
+# True when our own apt-get update ran less than a day ago. apt sets the
+# lists' mtimes from the server, so they cannot tell when we last updated.
+apt_lists_fresh() { [[ -n $(find "$APT_STAMP" -mmin -1440 2>/dev/null) ]]; }
+
+APT_UPDATED=0
+apt_update() {
+    ((APT_UPDATED)) && return 0
+    log "apt-get update"
+    apt-get "${APT_COMMON[@]}" update </dev/null >&2 ||
+        die "apt-get update failed: check the network and /etc/apt/sources.list*, then re-run"
+    touch "$APT_STAMP"
+    APT_UPDATED=1
+}
+
+apt_install() {
+    log "apt-get install $*"
+    apt-get "${APT_COMMON[@]}" install -y --no-install-recommends "$@" </dev/null >&2
+}
+
+ensure_packages() {
+    local -a missing
+    mapfile -t missing < <(missing_packages "${REQUIRED_PACKAGES[@]}")
+    if ((${#missing[@]})); then
+        # Fresh lists: try without an update first; stale lists can point at
+        # versions the mirror no longer has, so update and retry on failure.
+        apt_lists_fresh || apt_update
+        if ! apt_install "${missing[@]}"; then
+            ((APT_UPDATED)) && die "apt-get install failed for: ${missing[*]} (see apt's message above)"
+            apt_update
+            apt_install "${missing[@]}" ||
+                die "apt-get install failed for: ${missing[*]} (see apt's message above)"
+        fi
+    fi
+
+    # Optional packages: try at most once a day, so a mirror without them
+    # does not make every run slow.
+    mapfile -t missing < <(missing_packages "${OPTIONAL_PACKAGES[@]}")
+    if ((${#missing[@]})) && [[ -z $(find "$GO_UNAVAILABLE_MARK" -mmin -1440 2>/dev/null) ]]; then
+        apt_lists_fresh || apt_update
+        if apt_install "${missing[@]}"; then
+            rm -f -- "$GO_UNAVAILABLE_MARK"
+        else
+            warn "optional packages not installed: ${missing[*]} (will retry tomorrow; not needed for the core)"
+            touch "$GO_UNAVAILABLE_MARK"
+        fi
+    fi
+
+    [[ -x /usr/bin/python3 ]] || die "/usr/bin/python3 missing after install: run 'apt-get install python3'"
+}
+
+# -------------------------------------------------------------------- criu --
+
+# version_ge A B: true when version A >= version B.
+version_ge() { printf '%s\n%s\n' "$2" "$1" | sort -V -C; }
+
+# criu_usable BIN: true when BIN is a criu >= CRIU_MIN_VERSION whose
+# `criu check` exits 0 (its harmless "rlimit: Can't setup RLIMIT_NOFILE"
+# error line is ignored: only the exit code counts). Sets CRIU_VERSION and,
+# on failure, CRIU_REASON.
+CRIU_VERSION=""
+CRIU_REASON=""
+criu_usable() {
+    local bin=$1
+    CRIU_VERSION=""
+    CRIU_REASON=""
+    if [[ ! -x $bin ]]; then
+        CRIU_REASON="not an executable file"
+        return 1
+    fi
+    CRIU_VERSION=$("$bin" --version 2>/dev/null </dev/null | sed -n 's/^Version: *//p' || true)
+    if [[ -z $CRIU_VERSION ]]; then
+        CRIU_REASON="'criu --version' printed no version"
+        return 1
+    fi
+    if ! version_ge "$CRIU_VERSION" "$CRIU_MIN_VERSION"; then
+        CRIU_REASON="version $CRIU_VERSION < $CRIU_MIN_VERSION"
+        return 1
+    fi
+    if ! "$bin" check >"$DEPS/criu-check.log" 2>&1 </dev/null; then
+        CRIU_REASON="'criu check' failed (output in $DEPS/criu-check.log)"
+        return 1
+    fi
+}
+
+# Prints the Debian mirror URI from the machine's apt configuration: the
+# first source serving this release's codename (deb822 *.sources files and
+# one-line *.list files), else the first URI ending in /debian.
+debian_mirror() {
+    if [[ -n ${MIEHISTO_DEBIAN_MIRROR:-} ]]; then
+        printf '%s\n' "$MIEHISTO_DEBIAN_MIRROR"
+        return
+    fi
+    local codename="" f entries="" mirror
+    # shellcheck source=/dev/null
+    codename=$(. /etc/os-release && printf '%s' "${VERSION_CODENAME:-}")
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [[ -r $f ]] || continue
+        # deb822: one stanza per paragraph; print "URI<TAB>suite" per suite.
+        entries+=$(awk '
+            function flush(   n, m, i, u, s) {
+                if (uris != "" && tolower(enabled) != "no") {
+                    n = split(uris, u, /[ \t]+/)
+                    m = split(suites, s, /[ \t]+/)
+                    for (i = 1; i <= m; i++) if (s[i] != "") print u[1] "\t" s[i]
+                }
+                uris = ""; suites = ""; enabled = ""
+            }
+            /^[ \t]*#/ { next }
+            /^[ \t]*$/ { flush(); next }
+            match($0, /^[A-Za-z-]+:/) {
+                key = tolower(substr($0, 1, RLENGTH - 1))
+                val = substr($0, RLENGTH + 1)
+                gsub(/^[ \t]+|[ \t]+$/, "", val)
+                if (key == "uris") uris = val
+                else if (key == "suites") suites = val
+                else if (key == "enabled") enabled = val
+            }
+            END { flush() }' "$f")$'\n'
+    done
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+        [[ -r $f ]] || continue
+        # One-line format: "deb [options] URI suite components...".
+        entries+=$(sed -e 's/#.*//' -e 's/\[[^]]*\]//' "$f" |
+            awk '$1 == "deb" || $1 == "deb-src" { print $2 "\t" $3 }')$'\n'
+    done
+    mirror=$(awk -F'\t' -v c="$codename" '$2 == c && $1 != "" { print $1; exit }' <<<"$entries")
+    if [[ -z $mirror ]]; then
+        mirror=$(awk -F'\t' '$1 ~ /\/debian\/?$/ { print $1; exit }' <<<"$entries")
+    fi
+    [[ -n $mirror ]] ||
+        die "no Debian mirror found in /etc/apt/sources.list*: set MIEHISTO_DEBIAN_MIRROR to a Debian mirror URI and re-run"
+    printf '%s\n' "$mirror"
+}
+
+# Downloads CRIU's upstream tarball (criu_X.orig.tar.*) from Debian
+# unstable's source package into directory $1, using a private apt
+# configuration so the machine's own sources, lists and cache stay untouched.
+fetch_criu_orig() {
+    local out=$1 mirror apt_dir spec keyring_opt=""
+    local -a apt_opts
+    mirror=$(debian_mirror)
+    spec=${MIEHISTO_CRIU_SOURCE:-criu}
+    apt_dir="$TMP_DIR/apt"
+    mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$out"
+    if [[ -r /usr/share/keyrings/debian-archive-keyring.gpg ]]; then
+        keyring_opt="[signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
+    fi
+    printf 'deb-src %s%s unstable main\n' "$keyring_opt" "$mirror" >"$apt_dir/sources.list"
+    apt_opts=(
+        "${APT_COMMON[@]}"
+        -o "Dir::Etc::sourcelist=$apt_dir/sources.list"
+        -o "Dir::Etc::sourceparts=-"
+        -o "Dir::State::Lists=$apt_dir/lists"
+        -o "Dir::Cache=$apt_dir/cache"
+        -o "APT::Get::List-Cleanup=0"
+        # Files land in a root-owned private dir; skip the _apt sandbox
+        # (and its warning) for this download only.
+        -o "APT::Sandbox::User=root"
+    )
+    log "fetching the index of Debian unstable sources (private apt state in $apt_dir)"
+    apt-get "${apt_opts[@]}" update </dev/null >&2 ||
+        die "apt-get update of the private unstable deb-src source failed (mirror $mirror): check the network or set MIEHISTO_DEBIAN_MIRROR"
+
+    # The .debian.tar.xz part has been seen answering 404 (platform.md);
+    # only the upstream tarball is needed, so a failure here is not fatal.
+    log "apt-get source --download-only $spec"
+    (cd "$out" && apt-get "${apt_opts[@]}" source --download-only "$spec" </dev/null >&2) ||
+        warn "apt-get source did not fetch every part; falling back to the upstream tarball alone"
+
+    if ! compgen -G "$out/criu_*.orig.tar.*" >/dev/null; then
+        # Fallback: ask apt for the tarball's URI and checksum (the URI comes
+        # from apt at run time), download that single file and verify it.
+        local uris line uri file sum algo
+        uris=$(cd "$out" && apt-get "${apt_opts[@]}" source --print-uris "$spec" </dev/null) ||
+            die "apt-get source --print-uris $spec failed: is CRIU still in Debian unstable? Set MIEHISTO_CRIU_SOURCE"
+        line=$(grep -E "^'[^']+' criu_[^ ]+\.orig\.tar\.[a-z0-9]+ " <<<"$uris" | head -n 1 || true)
+        [[ -n $line ]] || die "apt did not list a criu_*.orig.tar.* for $spec; cannot build CRIU"
+        read -r uri file _ sum <<<"$line"
+        uri=${uri//\'/}
+        log "downloading $file"
+        curl -fsSL --retry 3 -o "$out/$file.part" "$uri" ||
+            die "download of $file failed: check the network and re-run"
+        algo=${sum%%:*}
+        sum=${sum#*:}
+        case ${algo^^} in
+        SHA256) echo "$sum  $out/$file.part" | sha256sum -c --quiet - ;;
+        SHA512) echo "$sum  $out/$file.part" | sha512sum -c --quiet - ;;
+        *) die "unexpected checksum type '$algo' from apt for $file" ;;
+        esac || die "checksum mismatch for $file: delete $out and re-run"
+        mv -- "$out/$file.part" "$out/$file"
+    fi
+}
+
+# Unpacks tarball $1 as the pristine tree CRIU_SRC_ROOT/criu-<version>,
+# replacing any earlier (possibly modified) copy. Prints the tree's path.
+unpack_pristine() {
+    local tarball=$1 version x top
+    version=$(basename -- "$tarball")
+    version=${version#criu_}
+    version=${version%.orig.tar.*}
+    x=$(mktemp -d "$TMP_DIR/unpack.XXXXXX")
+    tar -xf "$tarball" -C "$x" || die "cannot unpack $tarball: delete it and re-run"
+    shopt -s nullglob dotglob
+    local entries=("$x"/*)
+    shopt -u nullglob dotglob
+    if ((${#entries[@]} != 1)) || [[ ! -d ${entries[0]} ]]; then
+        die "unexpected layout in $tarball (expected one top-level directory)"
+    fi
+    top="$CRIU_SRC_ROOT/criu-$version"
+    rm -rf -- "$top"
+    mv -- "${entries[0]}" "$top"
+    printf '%s\n' "$top"
+}
+
+# Builds CRIU from the pristine tree $1 (in a throw-away copy, so the
+# pristine tree stays unmodified for patching) and installs it as
+# CRIU_BUILT once it passes the checks.
+build_criu() {
+    local src=$1 build jobs buildlog="$DEPS/criu-build.log"
+    build="$TMP_DIR/build"
+    mkdir -p "$build"
+    cp -a -- "$src" "$build/"
+    build="$build/$(basename -- "$src")"
+    jobs=$(nproc 2>/dev/null || echo 2)
+    log "building CRIU in $build (make -j$jobs criu; log: $buildlog)"
+    # WERROR=0: a newer compiler's new warning must not break the build.
+    if ! make -C "$build" -j"$jobs" WERROR=0 criu >"$buildlog" 2>&1 </dev/null; then
+        tail -n 25 "$buildlog" >&2
+        die "CRIU build failed (full log: $buildlog): install the missing -dev package it names and re-run"
+    fi
+    mkdir -p "$CRIU_PREFIX/sbin"
+    install -m 0755 "$build/criu/criu" "$CRIU_BUILT.new"
+    criu_usable "$CRIU_BUILT.new" ||
+        die "freshly built CRIU is unusable: $CRIU_REASON"
+    mv -f -- "$CRIU_BUILT.new" "$CRIU_BUILT"
+}
+
+# Records the built CRIU's version and pristine source tree.
+record_criu_build() {
+    local src=$1
+    printf '%s\n' "$CRIU_VERSION" >"$CRIU_PREFIX/VERSION"
+    printf '%s\n' "$src" >"$CRIU_PREFIX/SOURCE_DIR"
+}
+
+# Sets CRIU_PATH/CRIU_ORIGIN to a usable criu, building one if needed.
+CRIU_PATH=""
+CRIU_ORIGIN=""
+ensure_criu() {
+    local c tarball src
+    local -a tarballs
+
+    # An explicit choice wins, but must be good: silently ignoring it would
+    # hide a broken patched CRIU.
+    if [[ -n ${MIEHISTO_CRIU:-} ]]; then
+        criu_usable "$MIEHISTO_CRIU" ||
+            die "MIEHISTO_CRIU=$MIEHISTO_CRIU is unusable: $CRIU_REASON; fix it or unset MIEHISTO_CRIU"
+        CRIU_PATH=$(realpath -- "$MIEHISTO_CRIU")
+        CRIU_ORIGIN="from MIEHISTO_CRIU"
+        return
+    fi
+
+    # A system criu is preferred when it is good enough. /usr/sbin may not
+    # be on PATH, so look there too; each binary is tried once.
+    local -A seen=()
+    for c in "$(command -v criu || true)" /usr/sbin/criu /usr/local/sbin/criu; do
+        [[ -n $c && -e $c ]] || continue
+        c=$(realpath -- "$c")
+        [[ -z ${seen[$c]:-} ]] || continue
+        seen[$c]=1
+        if criu_usable "$c"; then
+            CRIU_PATH=$c
+            CRIU_ORIGIN="system"
+            return
+        fi
+        log "not using system criu $c: $CRIU_REASON"
+    done
+
+    shopt -s nullglob
+    tarballs=("$CRIU_SRC_ROOT"/criu_*.orig.tar.*)
+    shopt -u nullglob
+
+    # Cache: a previous build that still passes.
+    if criu_usable "$CRIU_BUILT"; then
+        src=$(cat -- "$CRIU_PREFIX/SOURCE_DIR" 2>/dev/null || true)
+        # Keep the pristine tree available for patching even if someone
+        # deleted it (or moved the clone); the tarball is kept next to it.
+        if [[ ! -d $src ]] && ((${#tarballs[@]} == 1)); then
+            TMP_DIR=$(mktemp -d "$DEPS/tmp.XXXXXX")
+            src=$(unpack_pristine "${tarballs[0]}")
+        fi
+        [[ -d $src ]] || warn "CRIU source tree is missing; delete $CRIU_PREFIX and re-run to get it back"
+        record_criu_build "$src"
+        CRIU_PATH=$CRIU_BUILT
+        CRIU_ORIGIN="cached build"
+        return
+    fi
+    [[ ! -e $CRIU_BUILT ]] || log "rebuilding: $CRIU_BUILT is unusable: $CRIU_REASON"
+
+    TMP_DIR=$(mktemp -d "$DEPS/tmp.XXXXXX")
+    mkdir -p "$CRIU_SRC_ROOT"
+    # Reuse a tarball from an earlier attempt (it is only moved into place
+    # after apt or our checksum verified it); this also keeps the version
+    # stable while unstable moves on.
+    if ((${#tarballs[@]} == 1)); then
+        tarball=${tarballs[0]}
+        log "reusing $tarball"
+    else
+        rm -f -- "${tarballs[@]}"
+        fetch_criu_orig "$TMP_DIR/dl"
+        shopt -s nullglob
+        tarballs=("$TMP_DIR"/dl/criu_*.orig.tar.*)
+        shopt -u nullglob
+        ((${#tarballs[@]} == 1)) || die "expected one criu_*.orig.tar.* after download, got ${#tarballs[@]}"
+        tarball="$CRIU_SRC_ROOT/$(basename -- "${tarballs[0]}")"
+        mv -- "${tarballs[0]}" "$tarball"
+    fi
+    src=$(unpack_pristine "$tarball")
+    build_criu "$src"
+    record_criu_build "$src"
+    CRIU_PATH=$CRIU_BUILT
+    CRIU_ORIGIN="built from Debian's source package"
+}
+
+# ------------------------------------------------------------------ output --
+
+write_env() {
+    local tmp="$DEPS/env.sh.tmp"
+    {
+        echo "# Generated by setup/install.sh; re-run it instead of editing."
+        printf 'export MIEHISTO_CRIU=%q\n' "$CRIU_PATH"
+        printf 'export MIEHISTO_PYTHON=%q\n' /usr/bin/python3
+    } >"$tmp"
+    mv -f -- "$tmp" "$DEPS/env.sh"
+}
+
+summary() {
+    local go
+    printf '%-11s %s (%s, %s)\n' "criu:" "$CRIU_PATH" "$CRIU_VERSION" "$CRIU_ORIGIN"
+    printf '%-11s %s\n' "libseccomp:" "$(pkg-config --modversion libseccomp 2>/dev/null || echo 'not found by pkg-config')"
+    printf '%-11s %s (%s)\n' "python3:" /usr/bin/python3 "$(/usr/bin/python3 --version 2>&1)"
+    printf '%-11s %s (%s)\n' "wrk:" "$(command -v wrk || echo missing)" "$(dpkg-query -W -f='${Version}' wrk 2>/dev/null || true)"
+    go=$(command -v go || true)
+    if [[ -n $go ]]; then
+        printf '%-11s %s (%s)\n' "go:" "$go" "$("$go" version 2>/dev/null || echo '?')"
+    fi
+    printf '%-11s %s\n' "env:" "$DEPS/env.sh"
+}
+
+ensure_packages
+ensure_criu
+write_env
+summary

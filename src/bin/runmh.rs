@@ -1,0 +1,293 @@
+//! runmh — the sandbox runtime and supervisor.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use miehisto::criu::Criu;
+use miehisto::instance::{self, Instance};
+use miehisto::prebake::{self, PrebakeOpts, Research};
+use miehisto::restore::{self, RestoreOpts};
+use miehisto::spec::{SandboxSpec, SpecInput};
+use miehisto::stop::filter::StopSyscall;
+use miehisto::stop::BackendChoice;
+use miehisto::{doctor, dump, explain};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "runmh", version, about = "Run a process CRIU-ready, stop it before a chosen syscall, dump and restore it")]
+struct Cli {
+    /// State directory (instances, logs, the preload library).
+    #[arg(long, global = true)]
+    state_dir: Option<PathBuf>,
+    /// CRIU binary (default: $MIEHISTO_CRIU, the setup step's, then PATH).
+    #[arg(long, global = true)]
+    criu: Option<PathBuf>,
+    /// Narrate each step for an audience.
+    #[arg(long, global = true)]
+    explain: bool,
+    /// With --explain: do not pause between steps.
+    #[arg(long, global = true)]
+    no_pause: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+struct SandboxArgs {
+    /// Environment variable for the service (repeatable).
+    #[arg(short = 'e', long = "env", value_name = "K=V")]
+    env: Vec<String>,
+    /// Working directory of the service.
+    #[arg(short = 'C', long = "cwd", value_name = "DIR")]
+    cwd: Option<PathBuf>,
+    /// Run the service as this user.
+    #[arg(short = 'u', long = "user", value_name = "UID[:GID]")]
+    user: Option<String>,
+    /// Where stdout.log and stderr.log go (default: STATE/logs/<instance>).
+    #[arg(long, value_name = "DIR")]
+    log_dir: Option<PathBuf>,
+    /// Seconds between forwarding SIGTERM and sending SIGKILL.
+    #[arg(long, default_value_t = 5, value_name = "SECS")]
+    stop_timeout: u64,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Check that this machine can run miehisto.
+    Doctor,
+    /// Start a command in the CRIU-ready sandbox and supervise it.
+    Run(SandboxArgs),
+    /// Boot a command to just before its first stop syscall, dump it, publish the image.
+    Prebake {
+        /// Directory to publish the image at (must not hold one).
+        #[arg(long, value_name = "DIR")]
+        images: PathBuf,
+        #[arg(long, default_value = "auto", value_name = "trace|notify|auto")]
+        backend: BackendChoice,
+        /// The syscall to stop before.
+        #[arg(long, default_value = "listen", value_name = "SYSCALL")]
+        stop_at: String,
+        /// NOTIFY marker signal: a number, SIGRTMAX or SIGRTMAX-N.
+        #[arg(long, value_name = "N")]
+        marker_signal: Option<String>,
+        /// Give up when the stop point is not reached in time.
+        #[arg(long, default_value_t = 60, value_name = "SECS")]
+        timeout: u64,
+        /// Keep the service running after the dump.
+        #[arg(long)]
+        leave_running: bool,
+        #[command(flatten)]
+        sandbox: SandboxArgs,
+    },
+    /// Dump a running sandboxed service.
+    Dump {
+        /// Host pid of the service or of its runmh.
+        #[arg(long)]
+        pid: i32,
+        #[arg(long, value_name = "DIR")]
+        images: PathBuf,
+        #[arg(long)]
+        leave_running: bool,
+    },
+    /// Restore an image; runmh becomes the restored tree's parent.
+    Restore {
+        #[arg(long, value_name = "DIR")]
+        images: PathBuf,
+        /// Return once the service runs (its supervisor carries on).
+        #[arg(long)]
+        detach: bool,
+        /// Research only: do not re-seize a TRACE image (reproduces ENOSYS).
+        #[arg(long, hide = true)]
+        no_reseize: bool,
+        #[arg(long, default_value_t = 5, value_name = "SECS")]
+        stop_timeout: u64,
+    },
+    /// Internal: the process CRIU execs after a restore.
+    #[command(name = "__supervise", hide = true)]
+    Supervise {
+        #[arg(long)]
+        instance: PathBuf,
+        #[arg(long)]
+        ready_fd: i32,
+        #[arg(long)]
+        no_reseize: bool,
+        #[arg(long, default_value_t = 5)]
+        stop_timeout: u64,
+    },
+}
+
+fn parse_marker(s: Option<&str>) -> Result<i32> {
+    let max = miehisto::sys::sigrtmax();
+    let Some(s) = s else { return Ok(max) };
+    let t = s.trim().trim_start_matches("SIG");
+    if let Some(rest) = t.strip_prefix("RTMAX") {
+        let off: i32 = if rest.is_empty() { 0 } else { rest.trim_start_matches('-').parse().context("bad offset")? };
+        return Ok(max - off);
+    }
+    if let Some(rest) = t.strip_prefix("RTMIN") {
+        let off: i32 = if rest.is_empty() { 0 } else { rest.trim_start_matches('+').parse().context("bad offset")? };
+        return Ok(miehisto::sys::sigrtmin() + off);
+    }
+    t.parse().with_context(|| format!("--marker-signal {s:?} is not a number, SIGRTMAX or SIGRTMAX-N"))
+}
+
+fn build_spec(a: &SandboxArgs, state_dir: &std::path::Path, inst: &Instance) -> Result<SandboxSpec> {
+    let log_dir = match &a.log_dir {
+        Some(d) => std::path::absolute(d)?,
+        None => Instance::default_log_dir(state_dir, &inst.id),
+    };
+    Ok(SandboxSpec::build(SpecInput {
+        argv: a.command.clone(),
+        env: a.env.clone(),
+        cwd: a.cwd.clone(),
+        user: a.user.clone(),
+        log_dir,
+        inherit_basic_env: true,
+    })?)
+}
+
+fn require_root() -> Result<()> {
+    if !miehisto::sys::is_root() {
+        bail!("runmh must run as root (namespaces, ptrace and CRIU need it); try sudo");
+    }
+    Ok(())
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_timestamp(None).init();
+    let cli = Cli::parse();
+    if cli.explain {
+        explain::enable(!cli.no_pause);
+    }
+    match real_main(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("runmh: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> Result<i32> {
+    let state_dir = instance::state_dir(cli.state_dir.as_deref());
+    match cli.cmd {
+        Cmd::Doctor => {
+            let checks = doctor::run(cli.criu.as_deref());
+            let mut failed = false;
+            for c in &checks {
+                let tag = match c.level {
+                    doctor::Level::Ok => "ok  ",
+                    doctor::Level::Warn => "warn",
+                    doctor::Level::Fail => {
+                        failed = true;
+                        "FAIL"
+                    }
+                };
+                match &c.hint {
+                    Some(h) => println!("{tag} {:<15} {} — {}", c.name, c.detail, h),
+                    None => println!("{tag} {:<15} {}", c.name, c.detail),
+                }
+            }
+            Ok(if failed { 1 } else { 0 })
+        }
+        Cmd::Run(a) => {
+            require_root()?;
+            miehisto::stop::tracer::block_supervisor_signals().context("cannot block signals")?;
+            let inst = Instance::create(&state_dir)?;
+            let spec = match build_spec(&a, &state_dir, &inst) {
+                Ok(s) => s,
+                Err(e) => {
+                    inst.remove();
+                    return Err(e);
+                }
+            };
+            let running = prebake::run_cold(&spec, &state_dir, inst)?;
+            eprintln!("runmh: started {} as pid {} (logs in {})", spec.argv.join(" "), running.root, spec.log_dir.display());
+            let (outcome, inst) = running.supervise(Duration::from_secs(a.stop_timeout))?;
+            inst.remove();
+            Ok(outcome.exit_code())
+        }
+        Cmd::Prebake { images, backend, stop_at, marker_signal, timeout, leave_running, sandbox } => {
+            require_root()?;
+            let stop_at = StopSyscall::parse(&stop_at)?;
+            let marker_signal = parse_marker(marker_signal.as_deref())?;
+            let criu = Criu::discover(cli.criu.as_deref())?;
+            miehisto::stop::tracer::block_supervisor_signals().context("cannot block signals")?;
+            let inst = Instance::create(&state_dir)?;
+            let spec = match build_spec(&sandbox, &state_dir, &inst) {
+                Ok(s) => s,
+                Err(e) => {
+                    inst.remove();
+                    return Err(e);
+                }
+            };
+            let opts = PrebakeOpts {
+                images,
+                backend,
+                stop_at,
+                marker_signal,
+                timeout: Duration::from_secs(timeout),
+                leave_running,
+                research: Research::default(),
+            };
+            let p = prebake::prebake(&spec, &state_dir, inst, &criu, &opts)?;
+            let md = &p.dumped.metadata;
+            eprintln!(
+                "runmh: image published at {} (backend {}: {}; stopped before {} after {} ms; dump {} ms; {:.1} MB)",
+                p.dumped.image.display(),
+                md.backend.kind,
+                md.backend.reason,
+                opts.stop_at.name(),
+                p.time_to_stop.as_millis(),
+                md.dump_ms,
+                md.image_bytes as f64 / 1e6
+            );
+            match p.running {
+                Some(r) => {
+                    let (outcome, inst) = r.supervise(Duration::from_secs(sandbox.stop_timeout))?;
+                    inst.remove();
+                    Ok(outcome.exit_code())
+                }
+                None => Ok(0),
+            }
+        }
+        Cmd::Dump { pid, images, leave_running } => {
+            require_root()?;
+            let criu = Criu::discover(cli.criu.as_deref())?;
+            let d = dump::dump_instance(&criu, &state_dir, pid, &images, leave_running)?;
+            eprintln!(
+                "runmh: image published at {} ({} ms, {:.1} MB{})",
+                d.image.display(),
+                d.metadata.dump_ms,
+                d.metadata.image_bytes as f64 / 1e6,
+                if leave_running { ", service left running" } else { "" }
+            );
+            Ok(0)
+        }
+        Cmd::Restore { images, detach, no_reseize, stop_timeout } => {
+            require_root()?;
+            let criu = Criu::discover(cli.criu.as_deref())?;
+            miehisto::stop::tracer::block_supervisor_signals().context("cannot block signals")?;
+            let opts = RestoreOpts { images, state_dir, reseize: !no_reseize, stop_timeout: Duration::from_secs(stop_timeout) };
+            let r = restore::restore(&criu, &opts)?;
+            eprintln!(
+                "runmh: restored {} as pid {} under runmh pid {} in {} ms",
+                r.metadata.spec.argv.join(" "),
+                r.root,
+                r.supervisor,
+                r.took.as_millis()
+            );
+            if detach {
+                return Ok(0);
+            }
+            Ok(restore::wait_supervisor(r.supervisor))
+        }
+        Cmd::Supervise { instance, ready_fd, no_reseize, stop_timeout } => {
+            let outcome = restore::supervise_restored(&instance, ready_fd, !no_reseize, Duration::from_secs(stop_timeout))?;
+            Ok(outcome.exit_code())
+        }
+    }
+}

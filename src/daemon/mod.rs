@@ -1,0 +1,1 @@
+//! The daemon (miehistod) and its client API; see issue 4.

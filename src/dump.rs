@@ -1,0 +1,144 @@
+//! Dumping a sandboxed tree with CRIU into a staged image, and `runmh dump`
+//! of a service that some supervisor (this or another runmh) is running.
+
+use crate::control::{self, Request};
+use crate::criu::{Criu, CriuError, DumpArgs};
+use crate::explain;
+use crate::images::{self, BackendRecord, Metadata, Staged, StopRecord, StoreError};
+use crate::instance::{self, Instance, InstanceError};
+use crate::sandbox::ExternalMount;
+use crate::spec::SandboxSpec;
+use crate::stop::tracer::Tracer;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DumpError {
+    #[error(transparent)]
+    Instance(#[from] InstanceError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Criu(#[from] CriuError),
+    #[error("the supervisor of pid {pid} could not prepare the dump")]
+    Control { pid: i32, #[source] source: control::ControlError },
+}
+
+/// What a finished dump produced.
+#[derive(Debug, Clone)]
+pub struct Dumped {
+    pub image: PathBuf,
+    pub metadata: Metadata,
+}
+
+/// Runs `criu dump` of the tree rooted at `pid` into `staged`. CRIU is
+/// reaped by `tracer` when this process has one (it owns every wait).
+pub fn criu_dump(
+    criu: &Criu,
+    pid: i32,
+    staged: &Staged,
+    externals: &[ExternalMount],
+    leave_running: bool,
+    tracer: Option<&Tracer>,
+) -> Result<Duration, CriuError> {
+    let args = DumpArgs {
+        pid,
+        images_dir: staged.dir.clone(),
+        work_dir: staged.dir.clone(),
+        log_name: "dump.log".into(),
+        externals: externals.to_vec(),
+        leave_running,
+    };
+    let argv = args.argv();
+    explain::say("criu", "the dump command line; CRIU seizes every task with PTRACE_SEIZE + PTRACE_INTERRUPT, so no other tracer may hold them:");
+    explain::block(&crate::criu::argv::shell_words(&criu.path, &argv));
+    let mut cmd = criu.command();
+    cmd.args(&argv).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    let t0 = Instant::now();
+    let ok = match tracer {
+        Some(t) => t.run(&mut cmd).map(|st| st.code() == 0),
+        None => cmd.status().map(|st| st.success()),
+    }
+    .map_err(|source| CriuError::Spawn { path: criu.path.clone(), source })?;
+    let took = t0.elapsed();
+    if ok {
+        explain::say("criu", &format!("dump finished in {} ms", took.as_millis()));
+        return Ok(took);
+    }
+    // Keep CRIU's log where the user can read it: the staging directory
+    // is about to be removed.
+    let log = staged.dir.join("dump.log");
+    let kept = PathBuf::from(format!("{}.dump-failed.log", staged.dest().display()));
+    let line = crate::criu::log::decisive_line_of(&log);
+    let log = if std::fs::rename(&log, &kept).is_ok() { kept } else { log };
+    Err(CriuError::DumpFailed { pid, line, log })
+}
+
+/// Everything the metadata records about a dump.
+pub struct DumpFacts<'a> {
+    pub criu: &'a Criu,
+    pub spec: &'a SandboxSpec,
+    pub externals: &'a [ExternalMount],
+    pub backend: BackendRecord,
+    pub stop: Option<StopRecord>,
+    pub pid: i32,
+    pub dump_time: Duration,
+    pub leave_running: bool,
+}
+
+/// Writes the metadata and publishes the staged image.
+pub fn publish(staged: Staged, facts: DumpFacts<'_>) -> Result<Dumped, StoreError> {
+    let (bytes, files) = images::dir_usage(&staged.dir);
+    let metadata = Metadata {
+        format_version: images::metadata::FORMAT_VERSION,
+        miehisto_version: env!("CARGO_PKG_VERSION").to_string(),
+        criu_version: facts.criu.version.to_string(),
+        kernel: images::metadata::kernel_release(),
+        created_unix_ms: instance::unix_ms(),
+        spec: facts.spec.clone(),
+        externals: facts.externals.to_vec(),
+        backend: facts.backend,
+        stop: facts.stop,
+        dumped_pid: facts.pid,
+        dump_ms: facts.dump_time.as_millis() as u64,
+        image_bytes: bytes,
+        image_files: files + 1,
+        leave_running: facts.leave_running,
+    };
+    let image = staged.publish(&metadata)?;
+    Ok(Dumped { image, metadata })
+}
+
+/// `runmh dump`: dumps the service of a runmh instance at any moment.
+/// `pid` is the service's host pid or its supervisor's.
+pub fn dump_instance(criu: &Criu, state_dir: &Path, pid: i32, images: &Path, leave_running: bool) -> Result<Dumped, DumpError> {
+    let (inst, rec) = Instance::find_by_pid(state_dir, pid)?;
+    let staged = Staged::new(images)?;
+    let sock = inst.control_socket();
+    let timeout = Duration::from_secs(30);
+    control::call(&sock, &Request::Freeze, timeout).map_err(|source| DumpError::Control { pid, source })?;
+    let result = criu_dump(criu, rec.root_pid, &staged, &rec.externals, leave_running, None);
+    // CRIU leaves the tree running when a dump fails.
+    let alive = leave_running || result.is_err();
+    let thaw = control::call(&sock, &Request::Thaw { alive }, timeout);
+    let took = result?;
+    match thaw {
+        Err(e) if alive => log::warn!("the supervisor did not take the tree back after the dump: {e}"),
+        // After a killing dump the supervisor may already be gone.
+        _ => {}
+    }
+    Ok(publish(
+        staged,
+        DumpFacts {
+            criu,
+            spec: &rec.spec,
+            externals: &rec.externals,
+            backend: rec.backend.clone(),
+            stop: None,
+            pid: rec.root_pid,
+            dump_time: took,
+            leave_running,
+        },
+    )?)
+}

@@ -1,0 +1,118 @@
+//! The image store: a dump is written into a hidden staging directory beside
+//! its destination and published by `rename(2)`, so a reader sees either no
+//! image or a whole one — never a half-written dump.
+
+pub mod metadata;
+
+pub use metadata::{BackendRecord, Metadata, MetadataError, StopRecord};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{dest} already holds an image; remove it or choose another --images directory")]
+    Exists { dest: PathBuf },
+    #[error("cannot create the staging directory {path}")]
+    Stage { path: PathBuf, #[source] source: std::io::Error },
+    #[error("cannot write the image metadata in {path}")]
+    WriteMetadata { path: PathBuf, #[source] source: std::io::Error },
+    #[error("cannot publish {from} as {to}")]
+    Publish { from: PathBuf, to: PathBuf, #[source] source: std::io::Error },
+    #[error("invalid image name {0:?}")]
+    BadName(String),
+}
+
+/// An image being written. Dropped unpublished, it is removed.
+#[derive(Debug)]
+pub struct Staged {
+    pub dir: PathBuf,
+    dest: PathBuf,
+    published: bool,
+}
+
+/// Size and file count of a directory (not recursive: CRIU images are flat).
+pub fn dir_usage(dir: &Path) -> (u64, u64) {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .fold((0, 0), |(b, n), m| (b + m.len(), n + 1))
+        })
+        .unwrap_or((0, 0))
+}
+
+fn is_empty_dir(p: &Path) -> bool {
+    std::fs::read_dir(p).map(|mut r| r.next().is_none()).unwrap_or(false)
+}
+
+impl Staged {
+    /// Prepares to write an image that will be published at `dest`, which
+    /// must not exist yet (or be an empty directory).
+    pub fn new(dest: &Path) -> Result<Staged, StoreError> {
+        let dest = std::path::absolute(dest).map_err(|source| StoreError::Stage { path: dest.to_path_buf(), source })?;
+        if dest.exists() && !is_empty_dir(&dest) {
+            return Err(StoreError::Exists { dest });
+        }
+        let parent = dest.parent().unwrap_or(Path::new("/"));
+        std::fs::create_dir_all(parent).map_err(|source| StoreError::Stage { path: parent.to_path_buf(), source })?;
+        let name = dest.file_name().ok_or_else(|| StoreError::BadName(dest.display().to_string()))?;
+        let dir = parent.join(format!(".{}.staging-{}", name.to_string_lossy(), std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).map_err(|source| StoreError::Stage { path: dir.clone(), source })?;
+        Ok(Staged { dir, dest, published: false })
+    }
+
+    pub fn dest(&self) -> &Path {
+        &self.dest
+    }
+
+    /// Writes `md` and renames the staging directory into place.
+    pub fn publish(mut self, md: &Metadata) -> Result<PathBuf, StoreError> {
+        md.write(&self.dir).map_err(|source| StoreError::WriteMetadata { path: self.dir.clone(), source })?;
+        // An empty destination directory may be replaced; rename(2) onto a
+        // non-empty one fails, which is what we want.
+        if self.dest.is_dir() && is_empty_dir(&self.dest) {
+            let _ = std::fs::remove_dir(&self.dest);
+        }
+        std::fs::rename(&self.dir, &self.dest)
+            .map_err(|source| StoreError::Publish { from: self.dir.clone(), to: self.dest.clone(), source })?;
+        self.published = true;
+        Ok(self.dest.clone())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.published {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staged_image_is_published_whole_or_not_at_all() {
+        let base = std::env::temp_dir().join(format!("mh-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let dest = base.join("img");
+        {
+            let s = Staged::new(&dest).unwrap();
+            std::fs::write(s.dir.join("pages-1.img"), b"data").unwrap();
+            // dropped without publish: nothing appears
+        }
+        assert!(!dest.exists());
+        assert_eq!(std::fs::read_dir(&base).unwrap().count(), 0, "staging removed");
+        let s = Staged::new(&dest).unwrap();
+        std::fs::write(s.dir.join("pages-1.img"), b"data").unwrap();
+        let md = metadata::tests::sample();
+        let p = s.publish(&md).unwrap();
+        assert_eq!(p, dest);
+        assert!(dest.join(metadata::FILE_NAME).is_file());
+        assert_eq!(dir_usage(&dest).1, 2);
+        assert!(matches!(Staged::new(&dest), Err(StoreError::Exists { .. })));
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+}

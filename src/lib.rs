@@ -1,0 +1,25 @@
+//! miehisto: make any Linux server process checkpoint/restore-ready with
+//! CRIU, stop it automatically right before a chosen syscall (by default its
+//! first `listen(2)`), dump it, and restore it later in a fraction of its
+//! boot time.
+//!
+//! The modules follow the data's path:
+//! [`spec`] → [`sandbox`] → [`stop`] → [`criu`] → [`images`] → [`supervisor`]
+//! → [`daemon`]; [`prebake`], [`dump`] and [`restore`] are the flows that
+//! string them together.
+
+pub mod control;
+pub mod criu;
+pub mod daemon;
+pub mod doctor;
+pub mod dump;
+pub mod explain;
+pub mod images;
+pub mod instance;
+pub mod prebake;
+pub mod restore;
+pub mod sandbox;
+pub mod spec;
+pub mod stop;
+pub mod supervisor;
+pub mod sys;

@@ -1,0 +1,355 @@
+//! `runmh restore`: CRIU brings an image back and execs into runmh, which
+//! becomes the parent of the restored tree (the talk's `--exec-cmd` trick).
+//!
+//! The front process (what the user or the daemon started) forks a child
+//! that enters a private mount namespace, binds the host `/` onto a fresh
+//! root and execs `criu restore --root ... --exec-cmd -- runmh __supervise`.
+//! CRIU restores the tree as its own children, then execs the supervisor in
+//! its place; the supervisor gets the tree past its stop point, reports
+//! "ready" over an inherited pipe, and supervises it. A failed restore
+//! leaves the image untouched: CRIU only reads it, and logs go elsewhere.
+
+use crate::criu::{Criu, CriuError, RestoreArgs};
+use crate::explain;
+use crate::images::{Metadata, MetadataError};
+use crate::instance::{self, Instance, InstanceError, InstanceRecord};
+use crate::stop::tracer::{ExitStatus, Tracer, TracerError};
+use crate::stop::{self, BackendKind, StopError};
+use crate::supervisor::{Outcome, Running, SupervisorError};
+use crate::sys;
+use nix::libc;
+use nix::unistd::Pid;
+use std::ffi::CString;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+    #[error(transparent)]
+    Instance(#[from] InstanceError),
+    #[error(transparent)]
+    Criu(#[from] CriuError),
+    #[error(transparent)]
+    Tracer(#[from] TracerError),
+    #[error(transparent)]
+    Stop(#[from] StopError),
+    #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
+    #[error("cannot prepare {path} for the restored service")]
+    Prepare { path: PathBuf, #[source] source: std::io::Error },
+    #[error("cannot start the restore: {step}")]
+    Fork { step: &'static str, #[source] source: nix::errno::Errno },
+    #[error("the restore child failed to {step}")]
+    Child { step: String, #[source] source: nix::errno::Errno },
+    #[error("the restored supervisor failed: {0}")]
+    Supervise(String),
+    #[error("cannot read the pid CRIU wrote to {path}")]
+    Pidfile { path: PathBuf, #[source] source: std::io::Error },
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoreOpts {
+    pub images: PathBuf,
+    pub state_dir: PathBuf,
+    /// TRACE images: re-seize before resuming (off only to reproduce the
+    /// talk's ENOSYS).
+    pub reseize: bool,
+    pub stop_timeout: Duration,
+}
+
+/// A restore that succeeded: the supervisor runs the tree.
+#[derive(Debug)]
+pub struct Restored {
+    pub supervisor: Pid,
+    pub root: Pid,
+    pub instance: Instance,
+    pub metadata: Metadata,
+    /// From the start of the restore to "ready".
+    pub took: Duration,
+}
+
+fn cstring(p: impl AsRef<std::ffi::OsStr>) -> CString {
+    // Paths and arguments come from validated metadata and our own state
+    // directory; a NUL byte cannot occur in an OsStr taken from a Path.
+    CString::new(p.as_ref().as_bytes()).unwrap_or_default()
+}
+
+/// Makes sure what the restored process reopens by path exists: its log
+/// files (O_APPEND, so CRIU does not check their size) and, for NOTIFY
+/// images, the preload library it had mapped.
+fn prepare_files(md: &Metadata) -> Result<(), RestoreError> {
+    let prep = |path: &Path, e: std::io::Error| RestoreError::Prepare { path: path.to_path_buf(), source: e };
+    std::fs::create_dir_all(&md.spec.log_dir).map_err(|e| prep(&md.spec.log_dir, e))?;
+    for log in [md.spec.stdout_log(), md.spec.stderr_log()] {
+        std::fs::OpenOptions::new().create(true).append(true).open(&log).map_err(|e| prep(&log, e))?;
+    }
+    if let Some((_, so)) = md.spec.env.iter().find(|(k, _)| k == "LD_PRELOAD") {
+        let so = Path::new(so);
+        if !so.exists() {
+            if let Some(dir) = so.parent() {
+                let installed = crate::stop::preload::install(dir).map_err(|e| prep(so, e))?;
+                if installed != so {
+                    log::warn!("the image's preload library {} is gone and this runmh's differs; the restore may fail", so.display());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Starts the restore; returns once the supervisor reports the tree ready.
+pub fn restore(criu: &Criu, opts: &RestoreOpts) -> Result<Restored, RestoreError> {
+    let t0 = Instant::now();
+    let md = Metadata::read(&opts.images)?;
+    if md.criu_version != criu.version.to_string() {
+        log::warn!("image made by CRIU {}, restoring with {}", md.criu_version, criu.version);
+    }
+    prepare_files(&md)?;
+    let inst = Instance::create(&opts.state_dir)?;
+    let rec = InstanceRecord {
+        id: inst.id.clone(),
+        spec: md.spec.clone(),
+        externals: md.externals.clone(),
+        backend: md.backend.clone(),
+        image: Some(std::path::absolute(&opts.images).unwrap_or(opts.images.clone())),
+        supervisor_pid: 0,
+        root_pid: 0,
+        state: "restoring".into(),
+        started_unix_ms: instance::unix_ms(),
+    };
+    inst.write_record(&rec)?;
+    match spawn_criu(criu, opts, &inst, &md) {
+        Ok((supervisor, root)) => Ok(Restored { supervisor, root, instance: inst, metadata: md, took: t0.elapsed() }),
+        Err(e) => {
+            inst.remove();
+            Err(e)
+        }
+    }
+}
+
+fn spawn_criu(criu: &Criu, opts: &RestoreOpts, inst: &Instance, md: &Metadata) -> Result<(Pid, Pid), RestoreError> {
+    let exe = std::env::current_exe().map_err(|e| RestoreError::Prepare { path: "/proc/self/exe".into(), source: e })?;
+    let (ready_r, ready_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|source| RestoreError::Fork { step: "pipe", source })?;
+    let mut exec_cmd: Vec<std::ffi::OsString> = vec![
+        exe.into_os_string(),
+        "__supervise".into(),
+        "--instance".into(),
+        inst.dir.clone().into_os_string(),
+        "--ready-fd".into(),
+        ready_w.as_raw_fd().to_string().into(),
+        "--stop-timeout".into(),
+        opts.stop_timeout.as_secs().to_string().into(),
+    ];
+    if !opts.reseize {
+        exec_cmd.push("--no-reseize".into());
+    }
+    if explain::enabled() {
+        exec_cmd.push("--explain".into());
+    }
+    let args = RestoreArgs {
+        images_dir: std::path::absolute(&opts.images).unwrap_or(opts.images.clone()),
+        work_dir: inst.dir.clone(),
+        log_name: "restore.log".into(),
+        root: inst.root(),
+        externals: md.externals.clone(),
+        pidfile: inst.restored_pidfile(),
+        exec_cmd,
+    };
+    let argv_os = args.argv();
+    explain::say("criu", "restore in a private mount namespace, with the host / bound onto a fresh --root; CRIU then execs runmh, which becomes the restored tree's parent:");
+    explain::block(&crate::criu::argv::shell_words(&criu.path, &argv_os));
+    // Everything the child needs, built before the fork.
+    let prog = cstring(&criu.path);
+    let argv_c: Vec<CString> = std::iter::once(cstring(&criu.path)).chain(argv_os.iter().map(cstring)).collect();
+    let mut argv: Vec<*const libc::c_char> = argv_c.iter().map(|c| c.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let env_c: Vec<CString> = std::env::vars_os()
+        .map(|(k, v)| {
+            let mut b = k.as_bytes().to_vec();
+            b.push(b'=');
+            b.extend_from_slice(v.as_bytes());
+            CString::new(b).unwrap_or_default()
+        })
+        .collect();
+    let mut envp: Vec<*const libc::c_char> = env_c.iter().map(|c| c.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    let root = cstring(inst.root());
+    let write_fd = ready_w.as_raw_fd();
+    // SAFETY: the child only calls async-signal-safe wrappers on the data
+    // prepared above and ends in execve or _exit.
+    let child = match unsafe { sys::fork_raw() } {
+        Ok(0) => restore_child(write_fd, &root, &prog, &argv, &envp),
+        Ok(pid) => Pid::from_raw(pid),
+        Err(source) => return Err(RestoreError::Fork { step: "fork", source }),
+    };
+    drop(ready_w);
+    let reply = {
+        let mut line = String::new();
+        let mut r = BufReader::new(std::fs::File::from(ready_r));
+        let _ = r.read_line(&mut line);
+        line
+    };
+    if let Some(pid) = reply.strip_prefix("R ") {
+        let root = pid.trim().parse().map(Pid::from_raw).unwrap_or(Pid::from_raw(0));
+        return Ok((child, root));
+    }
+    // Failure: reap the child (CRIU, or the supervisor that failed).
+    let status = sys::waitpid(child.as_raw(), 0).ok().flatten();
+    if let Some(msg) = reply.strip_prefix("E ") {
+        return Err(RestoreError::Supervise(msg.trim().to_string()));
+    }
+    if let Some(rest) = reply.strip_prefix("C ") {
+        let mut it = rest.split_whitespace();
+        let step = it.next().unwrap_or("?").replace('_', " ");
+        let errno = it.next().and_then(|e| e.parse().ok()).unwrap_or(0);
+        return Err(RestoreError::Child { step, source: nix::errno::Errno::from_raw(errno) });
+    }
+    let log = inst.dir.join("restore.log");
+    let line = crate::criu::log::decisive_line_of(&log);
+    // The instance directory (with the log) is removed by the caller; keep the log.
+    let kept = opts.state_dir.join("logs").join(format!("restore-failed-{}.log", inst.id));
+    let _ = std::fs::create_dir_all(kept.parent().unwrap_or(Path::new("/")));
+    let log = if std::fs::copy(&log, &kept).is_ok() { kept } else { log };
+    log::debug!("criu restore exited: {status:?}");
+    Err(CriuError::RestoreFailed { images: opts.images.clone(), line, log }.into())
+}
+
+fn child_fail(fd: RawFd, step: &str, e: nix::errno::Errno) -> ! {
+    // "C <step> <errno>\n", assembled on the stack: no allocation after fork.
+    let mut buf = [0u8; 96];
+    let mut n = 0;
+    let mut push = |bytes: &[u8], n: &mut usize| {
+        let k = bytes.len().min(buf.len() - *n);
+        buf[*n..*n + k].copy_from_slice(&bytes[..k]);
+        *n += k;
+    };
+    push(b"C ", &mut n);
+    push(step.as_bytes(), &mut n);
+    push(b" ", &mut n);
+    let mut digits = [0u8; 12];
+    let mut v = (e as i32).unsigned_abs();
+    let mut d = digits.len();
+    loop {
+        d -= 1;
+        digits[d] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    push(&digits[d..], &mut n);
+    push(b"\n", &mut n);
+    let _ = sys::write_all(fd, &buf[..n]);
+    sys::exit_now(127)
+}
+
+fn restore_child(ready: RawFd, root: &CString, prog: &CString, argv: &[*const libc::c_char], envp: &[*const libc::c_char]) -> ! {
+    sys::unblock_all_signals();
+    if let Err(e) = sys::unshare(libc::CLONE_NEWNS) {
+        child_fail(ready, "unshare_the_mount_namespace", e);
+    }
+    if let Err(e) = sys::mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE) {
+        child_fail(ready, "make_the_mounts_private", e);
+    }
+    // --root must be a mount point holding the tree the image expects.
+    if let Err(e) = sys::mount(Some(c"/"), root, None, libc::MS_BIND) {
+        child_fail(ready, "bind_the_host_root", e);
+    }
+    // The ready pipe must survive into CRIU and, through --exec-cmd, into
+    // the supervisor: clear its close-on-exec flag.
+    // SAFETY: fcntl on a descriptor we own; async-signal-safe.
+    unsafe { libc::fcntl(ready, libc::F_SETFD, 0) };
+    let e = sys::execve(prog, argv, envp);
+    child_fail(ready, "execute_criu", e)
+}
+
+/// Waits for a restored supervisor (our child) while forwarding signals to
+/// it; returns its exit code.
+pub fn wait_supervisor(supervisor: Pid) -> i32 {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        let code = match sys::waitpid(supervisor.as_raw(), 0) {
+            Ok(Some(sys::Wait::Exited(_, c))) => c,
+            Ok(Some(sys::Wait::Signaled(_, s))) => 128 + s,
+            _ => 1,
+        };
+        let _ = tx.send(code);
+    });
+    let signals = crate::supervisor::signals();
+    loop {
+        crossbeam_channel::select! {
+            recv(rx) -> c => return c.unwrap_or(1),
+            recv(signals) -> s => { if let Ok(s) = s { let _ = sys::kill(supervisor, s); } }
+        }
+    }
+}
+
+/// `runmh __supervise`: runs in the process CRIU exec'd into.
+pub fn supervise_restored(dir: &Path, ready_fd: RawFd, reseize: bool, stop_timeout: Duration) -> Result<Outcome, RestoreError> {
+    // CRIU leaves every signal but SIGCHLD blocked and its own fds open
+    // across --exec-cmd (crtools.c, criu_signals_setup): start clean.
+    sys::unblock_all_signals();
+    let _ = crate::stop::tracer::block_supervisor_signals();
+    let _ = sys::close_range(3, (ready_fd as u32).saturating_sub(1));
+    let _ = sys::close_range(ready_fd as u32 + 1, u32::MAX);
+    // SAFETY: the fd number was passed to us by our own front process,
+    // which created it for this purpose; nothing else in this fresh process owns it.
+    let mut ready = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(ready_fd) });
+    let result = supervise_setup(dir, reseize);
+    let running = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = writeln!(ready, "E {e}");
+            return Err(e);
+        }
+    };
+    let _ = writeln!(ready, "R {}", running.root);
+    drop(ready);
+    let (outcome, inst) = running.supervise(stop_timeout)?;
+    inst.remove();
+    Ok(outcome)
+}
+
+fn supervise_setup(dir: &Path, reseize: bool) -> Result<Running, RestoreError> {
+    let inst = Instance::open(dir);
+    let mut rec = inst.read_record()?;
+    let pidfile = inst.restored_pidfile();
+    let root: i32 = std::fs::read_to_string(&pidfile)
+        .map_err(|source| RestoreError::Pidfile { path: pidfile.clone(), source })?
+        .trim()
+        .parse()
+        .map_err(|_| RestoreError::Pidfile { path: pidfile.clone(), source: std::io::ErrorKind::InvalidData.into() })?;
+    let root = Pid::from_raw(root);
+    let tracer = Tracer::start()?;
+    let exit = tracer.watch(root)?;
+    let kind = BackendKind::parse(&rec.backend.kind).unwrap_or(BackendKind::None);
+    if let Err(e) = stop::resume_restored(kind, root, &tracer, reseize) {
+        let _ = sys::kill(root, libc::SIGKILL);
+        return Err(e.into());
+    }
+    rec.supervisor_pid = std::process::id() as i32;
+    rec.root_pid = root.as_raw();
+    rec.state = "running".into();
+    inst.write_record(&rec)?;
+    explain::say("ready", &format!("restored tree root is host pid {root}; its parent is this runmh (pid {})", std::process::id()));
+    let traced = kind == BackendKind::Trace && reseize;
+    Ok(Running { tracer, instance: inst, record: rec, root, exit, traced })
+}
+
+/// Exit status of a service for display.
+pub fn describe_exit(o: &Outcome) -> String {
+    if o.dumped {
+        "dumped".to_string()
+    } else {
+        match o.status {
+            ExitStatus::Exited(c) => format!("exited with status {c}"),
+            s => s.to_string(),
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! The sandbox child: everything between `clone(2)` and `execve(2)`.
+//!
+//! It runs in a copy of a possibly multi-threaded supervisor, so it only
+//! issues system calls on data the parent prepared ([`ChildPlan`]): no
+//! allocation, no locks, no panics. A failing step writes `(step, errno)` to
+//! the CLOEXEC error pipe and ends with `_exit(127)`; a successful `execve`
+//! closes that pipe, which is how the parent learns the exec happened.
+
+use super::Step;
+use crate::sys;
+use nix::libc;
+use std::ffi::{CStr, CString};
+use std::os::fd::RawFd;
+
+/// One way the child may finish: which filter to load and which environment
+/// to exec with. The parent picks one after the clone (for `--backend auto`
+/// only then is it known whether ptrace works).
+pub struct ChildVariant {
+    pub filter: Option<(Vec<libc::sock_filter>, libc::c_ulong)>,
+    pub envp: Vec<*const libc::c_char>,
+}
+
+/// Everything the child needs, prepared before the clone.
+pub struct ChildPlan {
+    pub root: CString,
+    /// (host path, path under the new root) pairs, in bind order.
+    pub binds: Vec<(CString, CString)>,
+    pub proc_dir: CString,
+    pub dev_null: CString,
+    pub stdout_log: CString,
+    pub stderr_log: CString,
+    pub cwd: CString,
+    pub program: CString,
+    pub argv: Vec<*const libc::c_char>,
+    pub variants: Vec<ChildVariant>,
+    pub ids: Option<(libc::uid_t, libc::gid_t)>,
+    pub sync_read: RawFd,
+    pub error_write: RawFd,
+    pub listener_sock: RawFd,
+}
+
+fn fail(plan: &ChildPlan, step: Step, errno: nix::errno::Errno) -> ! {
+    let mut msg = [0u8; 8];
+    msg[0] = step as u8;
+    msg[4..8].copy_from_slice(&(errno as i32).to_ne_bytes());
+    let _ = sys::write_all(plan.error_write, &msg);
+    sys::exit_now(127)
+}
+
+macro_rules! step {
+    ($plan:expr, $step:expr, $call:expr) => {
+        if let Err(e) = $call {
+            fail($plan, $step, e)
+        }
+    };
+}
+
+const DOT: &CStr = c".";
+const SLASH: &CStr = c"/";
+const PROC: &CStr = c"proc";
+
+/// The child's whole life. Never returns.
+pub fn run(plan: &ChildPlan) -> ! {
+    sys::unblock_all_signals();
+    // Nothing we do may propagate back to the host's mount namespace
+    // (mount_namespaces(7): a new namespace copies the propagation type).
+    step!(plan, Step::MakePrivate, sys::mount(None, SLASH, None, libc::MS_REC | libc::MS_PRIVATE));
+    // Non-recursive on purpose: the talk's "separate but almost the same" root.
+    step!(plan, Step::BindRoot, sys::mount(Some(SLASH), &plan.root, None, libc::MS_BIND));
+    for (src, dst) in &plan.binds {
+        step!(plan, Step::BindSpecial, sys::mount(Some(src), dst, None, libc::MS_BIND));
+    }
+    // pivot_root(".", ".") stacks the old root on the new one; detaching it
+    // then leaves only the new root, with no put_old directory needed
+    // (pivot_root(2), NOTES section; chroot would not change the namespace's root).
+    step!(plan, Step::Chdir, sys::chdir(&plan.root));
+    step!(plan, Step::PivotRoot, sys::pivot_root(DOT, DOT));
+    step!(plan, Step::UnmountOldRoot, sys::umount2(DOT, libc::MNT_DETACH));
+    step!(plan, Step::Chdir, sys::chdir(SLASH));
+    // A fresh proc: PIDs as the new PID namespace sees them.
+    step!(
+        plan,
+        Step::MountProc,
+        sys::mount(Some(PROC), &plan.proc_dir, Some(PROC), libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC)
+    );
+    // CRIU needs the dumped tree's root to lead its own session.
+    step!(plan, Step::Setsid, sys::setsid());
+    // No tty and nothing outside the root: stdin from /dev/null, output
+    // appended to log files (O_APPEND, so a restored writer keeps appending).
+    let null = match sys::open(&plan.dev_null, libc::O_RDWR | libc::O_CLOEXEC, 0) {
+        Ok(fd) => fd,
+        Err(e) => fail(plan, Step::OpenDevNull, e),
+    };
+    step!(plan, Step::Stdio, sys::dup2(null, 0));
+    sys::close(null);
+    let log_flags = libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT | libc::O_CLOEXEC;
+    for (log, target) in [(&plan.stdout_log, 1), (&plan.stderr_log, 2)] {
+        let fd = match sys::open(log, log_flags, 0o640) {
+            Ok(fd) => fd,
+            Err(e) => fail(plan, Step::OpenLog, e),
+        };
+        step!(plan, Step::Stdio, sys::dup2(fd, target));
+        sys::close(fd);
+    }
+    step!(plan, Step::Cwd, sys::chdir(&plan.cwd));
+    if let Some((uid, gid)) = plan.ids {
+        step!(plan, Step::SetIds, sys::set_ids(uid, gid));
+    }
+    // Every inherited fd but our three pipes goes: a stray fd (say, one on
+    // the host's /dev) makes criu dump fail with "Can't lookup mount".
+    let mut keep = [plan.sync_read, plan.error_write, plan.listener_sock];
+    keep.sort_unstable();
+    let mut next: u32 = 3;
+    for fd in keep {
+        if fd >= 0 && fd as u32 >= next {
+            step!(plan, Step::CloseFds, sys::close_range(next, fd as u32 - 1));
+            next = fd as u32 + 1;
+        }
+    }
+    step!(plan, Step::CloseFds, sys::close_range(next, u32::MAX));
+
+    // Wait for the supervisor: for TRACE it must PTRACE_SEIZE us before the
+    // filter exists, or the first trapped call would find no tracer (ENOSYS).
+    let mut choice = [0u8; 1];
+    match sys::read(plan.sync_read, &mut choice) {
+        Ok(1) => {}
+        Ok(_) => sys::exit_now(126), // supervisor gone: nothing to report to
+        Err(e) => fail(plan, Step::Sync, e),
+    }
+    sys::close(plan.sync_read);
+    let Some(variant) = plan.variants.get(choice[0] as usize) else { sys::exit_now(126) };
+
+    if let Some((bpf, flags)) = &variant.filter {
+        if plan.ids.is_some_and(|(uid, _)| uid != 0) {
+            // Without CAP_SYS_ADMIN, seccomp(2) demands no_new_privs.
+            step!(plan, Step::NoNewPrivs, sys::set_no_new_privs());
+        }
+        // The last step before exec: nothing of ours runs under the filter.
+        let listener = match sys::seccomp_load(bpf, *flags) {
+            Ok(fd) => fd as RawFd,
+            Err(e) => fail(plan, Step::Seccomp, e),
+        };
+        if *flags & libc::SECCOMP_FILTER_FLAG_NEW_LISTENER != 0 {
+            step!(plan, Step::SendListener, sys::send_fd(plan.listener_sock, listener));
+            // CRIU cannot dump an "anon_inode:seccomp notify" fd: the target
+            // must not keep its own copy (platform.md).
+            sys::close(listener);
+        }
+    }
+    if plan.listener_sock >= 0 {
+        sys::close(plan.listener_sock);
+    }
+    let errno = sys::execve(&plan.program, &plan.argv, &variant.envp);
+    fail(plan, Step::Exec, errno)
+}

@@ -1,0 +1,307 @@
+//! The sandbox builder of the talk: a new PID and mount namespace, the host
+//! `/` bound (non-recursively) onto a per-instance root with /dev, /dev/pts,
+//! /dev/shm and /sys bound one by one, `pivot_root`, a fresh `/proc`,
+//! `setsid`, stdin from /dev/null and output appended to log files, then
+//! `execve`. A process started this way can be dumped and restored by CRIU.
+
+pub mod child;
+pub mod mounts;
+
+use crate::spec::SandboxSpec;
+use crate::stop::filter::CompiledFilter;
+use crate::sys;
+use child::{ChildPlan, ChildVariant};
+pub use mounts::ExternalMount;
+use nix::errno::Errno;
+use nix::libc;
+use nix::unistd::Pid;
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The steps of the child, reported back over the error pipe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Step {
+    MakePrivate = 1,
+    BindRoot,
+    BindSpecial,
+    Chdir,
+    PivotRoot,
+    UnmountOldRoot,
+    MountProc,
+    Setsid,
+    OpenDevNull,
+    OpenLog,
+    Stdio,
+    Cwd,
+    SetIds,
+    CloseFds,
+    Sync,
+    NoNewPrivs,
+    Seccomp,
+    SendListener,
+    Exec,
+}
+
+impl Step {
+    fn from_u8(v: u8) -> Option<Step> {
+        use Step::*;
+        [
+            MakePrivate, BindRoot, BindSpecial, Chdir, PivotRoot, UnmountOldRoot, MountProc, Setsid, OpenDevNull,
+            OpenLog, Stdio, Cwd, SetIds, CloseFds, Sync, NoNewPrivs, Seccomp, SendListener, Exec,
+        ]
+        .into_iter()
+        .find(|s| *s as u8 == v)
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Step::MakePrivate => "make the mounts private",
+            Step::BindRoot => "bind the host / onto the sandbox root",
+            Step::BindSpecial => "bind a special mount (/dev, /dev/pts, /dev/shm, /sys)",
+            Step::Chdir => "enter the sandbox root",
+            Step::PivotRoot => "pivot_root into the sandbox root",
+            Step::UnmountOldRoot => "detach the old root",
+            Step::MountProc => "mount a fresh /proc",
+            Step::Setsid => "start a new session (setsid)",
+            Step::OpenDevNull => "open /dev/null for stdin",
+            Step::OpenLog => "open the log files",
+            Step::Stdio => "set up stdin/stdout/stderr",
+            Step::Cwd => "change to the working directory",
+            Step::SetIds => "switch user and group",
+            Step::CloseFds => "close inherited file descriptors",
+            Step::Sync => "wait for the supervisor",
+            Step::NoNewPrivs => "set no_new_privs",
+            Step::Seccomp => "load the seccomp filter",
+            Step::SendListener => "hand the seccomp listener to the supervisor",
+            Step::Exec => "execute the command",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("{what} {path} is not visible inside the sandbox: it lives on a mount other than / ({mount}); move it onto the root filesystem")]
+    NotVisible { what: &'static str, path: PathBuf, mount: String },
+    #[error("cannot create {path}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read the host's mount table")]
+    MountTable(#[source] std::io::Error),
+    #[error("{what} contains a NUL byte")]
+    Nul { what: &'static str },
+    #[error("cannot create a {what}")]
+    Pipe { what: &'static str, #[source] source: Errno },
+    #[error("clone(CLONE_NEWPID|CLONE_NEWNS) failed (are you root?)")]
+    Clone(#[source] Errno),
+    #[error("the sandbox failed to {} for {program}", .step.describe())]
+    ChildStep {
+        step: Step,
+        program: PathBuf,
+        #[source]
+        source: Errno,
+    },
+    #[error("the sandbox child {pid} vanished before it could run {program}")]
+    ChildVanished { pid: Pid, program: PathBuf },
+    #[error("cannot release the sandbox child {pid}")]
+    Release { pid: Pid, #[source] source: Errno },
+    #[error("cannot receive the seccomp listener from the sandbox child {pid}")]
+    Listener { pid: Pid, #[source] source: Errno },
+}
+
+/// One way to finish the child: a filter (or none) and extra environment.
+pub struct Variant {
+    pub filter: Option<CompiledFilter>,
+    pub extra_env: Vec<(String, String)>,
+}
+
+/// A cloned child, set up and waiting for [`Spawned::release`].
+pub struct Spawned {
+    pub pid: Pid,
+    pub started: Instant,
+    program: PathBuf,
+    sync_write: OwnedFd,
+    error_read: OwnedFd,
+    listener_read: OwnedFd,
+    wants_listener: Vec<bool>,
+}
+
+/// A child that has exec'd its command.
+pub struct Released {
+    pub pid: Pid,
+    pub started: Instant,
+    /// The seccomp listener fd, for variants with a NOTIFY filter.
+    pub listener: Option<OwnedFd>,
+}
+
+fn cstr(what: &'static str, p: impl AsRef<std::ffi::OsStr>) -> Result<CString, SandboxError> {
+    CString::new(p.as_ref().as_bytes()).map_err(|_| SandboxError::Nul { what })
+}
+
+fn pipe_cloexec(what: &'static str) -> Result<(OwnedFd, OwnedFd), SandboxError> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|source| SandboxError::Pipe { what, source })
+}
+
+fn check_visible(what: &'static str, p: &Path, mounts: &[PathBuf], ext: &[ExternalMount]) -> Result<(), SandboxError> {
+    if mounts::visible_in_sandbox(p, mounts, ext) {
+        return Ok(());
+    }
+    let real = std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let mount = mounts::mount_of(&real, mounts).map(|m| m.display().to_string()).unwrap_or_else(|| "?".into());
+    Err(SandboxError::NotVisible { what, path: p.to_path_buf(), mount })
+}
+
+/// The special mounts this host has, which every sandbox binds and every
+/// dump names as external.
+pub fn host_externals() -> Result<Vec<ExternalMount>, SandboxError> {
+    let mounts = mounts::mount_points().map_err(SandboxError::MountTable)?;
+    Ok(mounts::externals_for(&mounts))
+}
+
+/// Clones the sandbox child for `spec` with `root` (an empty directory) as
+/// its root mount point. The child sets everything up and then waits.
+pub fn spawn(spec: &SandboxSpec, root: &Path, variants: &[Variant]) -> Result<Spawned, SandboxError> {
+    let mounts = mounts::mount_points().map_err(SandboxError::MountTable)?;
+    let externals = mounts::externals_for(&mounts);
+    std::fs::create_dir_all(&spec.log_dir)
+        .map_err(|source| SandboxError::CreateDir { path: spec.log_dir.clone(), source })?;
+    check_visible("the log directory", &spec.log_dir, &mounts, &externals)?;
+    check_visible("the program", &spec.program, &mounts, &externals)?;
+    check_visible("the working directory", &spec.cwd, &mounts, &externals)?;
+    std::fs::create_dir_all(root).map_err(|source| SandboxError::CreateDir { path: root.to_path_buf(), source })?;
+    let root_abs = std::fs::canonicalize(root).map_err(|source| SandboxError::CreateDir { path: root.to_path_buf(), source })?;
+
+    // Everything the child touches is built here, before the clone.
+    let binds = externals
+        .iter()
+        .map(|e| {
+            let inner = root_abs.join(e.path.strip_prefix("/").unwrap_or(&e.path));
+            Ok((cstr("mount path", &e.path)?, cstr("mount path", inner)?))
+        })
+        .collect::<Result<Vec<_>, SandboxError>>()?;
+    let argv_c = spec.argv.iter().map(|a| cstr("argument", a)).collect::<Result<Vec<_>, _>>()?;
+    let mut argv: Vec<*const libc::c_char> = argv_c.iter().map(|c| c.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let mut env_store: Vec<Vec<CString>> = Vec::new();
+    let mut child_variants = Vec::new();
+    for v in variants {
+        let mut env: Vec<(String, String)> = spec.env.clone();
+        for (k, val) in &v.extra_env {
+            env.retain(|(ek, _)| ek != k);
+            env.push((k.clone(), val.clone()));
+        }
+        let cs = env.iter().map(|(k, v)| cstr("environment", format!("{k}={v}"))).collect::<Result<Vec<_>, _>>()?;
+        let mut envp: Vec<*const libc::c_char> = cs.iter().map(|c| c.as_ptr()).collect();
+        envp.push(std::ptr::null());
+        env_store.push(cs);
+        child_variants.push(ChildVariant {
+            filter: v.filter.as_ref().map(|f| (f.bpf.clone(), f.load_flags())),
+            envp,
+        });
+    }
+    let (sync_read, sync_write) = pipe_cloexec("sync pipe")?;
+    let (error_read, error_write) = pipe_cloexec("error pipe")?;
+    let (listener_read, listener_sock) = nix::sys::socket::socketpair(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::SeqPacket,
+        None,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|source| SandboxError::Pipe { what: "listener socket", source })?;
+    let ids = (spec.uid != nix::unistd::geteuid().as_raw() || spec.gid != nix::unistd::getegid().as_raw())
+        .then_some((spec.uid, spec.gid));
+    let plan = ChildPlan {
+        root: cstr("root path", &root_abs)?,
+        binds,
+        proc_dir: c"/proc".into(),
+        dev_null: c"/dev/null".into(),
+        stdout_log: cstr("log path", spec.stdout_log())?,
+        stderr_log: cstr("log path", spec.stderr_log())?,
+        cwd: cstr("working directory", &spec.cwd)?,
+        program: cstr("program path", &spec.program)?,
+        argv,
+        variants: child_variants,
+        ids,
+        sync_read: sync_read.as_raw_fd(),
+        error_write: error_write.as_raw_fd(),
+        listener_sock: listener_sock.as_raw_fd(),
+    };
+    crate::explain::say(
+        "clone",
+        "clone(CLONE_NEWPID | CLONE_NEWNS): the child becomes PID 1 of a new PID namespace, so a restore never collides with a host PID, and gets its own mount table",
+    );
+    // SAFETY: the child only runs `child::run`, which keeps to
+    // async-signal-safe system calls on `plan` (built above, never freed in
+    // the child) and ends in execve or _exit.
+    let pid = match unsafe { sys::clone_fork(libc::CLONE_NEWPID | libc::CLONE_NEWNS) } {
+        Ok(0) => child::run(&plan),
+        Ok(pid) => Pid::from_raw(pid),
+        Err(e) => return Err(SandboxError::Clone(e)),
+    };
+    let started = Instant::now();
+    drop((sync_read, error_write, listener_sock, plan, env_store, argv_c));
+    for e in &externals {
+        crate::explain::say("mount", &format!("bind {} into the new root (CRIU will call it {:?})", e.path.display(), e.key));
+    }
+    Ok(Spawned {
+        pid,
+        started,
+        program: spec.program.clone(),
+        sync_write,
+        error_read,
+        listener_read,
+        wants_listener: variants.iter().map(|v| v.filter.as_ref().is_some_and(|f| f.wants_listener())).collect(),
+    })
+}
+
+impl Spawned {
+    /// Lets the child load variant `index`'s filter and exec; returns once
+    /// the exec happened (or the child reported which step failed).
+    pub fn release(self, index: usize) -> Result<Released, SandboxError> {
+        let pid = self.pid;
+        sys::write_all(self.sync_write.as_raw_fd(), &[index as u8]).map_err(|source| SandboxError::Release { pid, source })?;
+        drop(self.sync_write);
+        let mut msg = [0u8; 8];
+        let mut got = 0;
+        while got < msg.len() {
+            match sys::read(self.error_read.as_raw_fd(), &mut msg[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(source) => return Err(SandboxError::Release { pid, source }),
+            }
+        }
+        if got == msg.len() {
+            let step = Step::from_u8(msg[0]).unwrap_or(Step::Exec);
+            let errno = Errno::from_raw(i32::from_ne_bytes([msg[4], msg[5], msg[6], msg[7]]));
+            return Err(SandboxError::ChildStep { step, program: self.program, source: errno });
+        }
+        if got != 0 {
+            return Err(SandboxError::ChildVanished { pid, program: self.program });
+        }
+        let listener = if self.wants_listener.get(index).copied().unwrap_or(false) {
+            match sys::recv_fd(self.listener_read.as_raw_fd()) {
+                Ok(Some(fd)) => Some(fd),
+                Ok(None) => return Err(SandboxError::Listener { pid, source: Errno::ENODATA }),
+                Err(source) => return Err(SandboxError::Listener { pid, source }),
+            }
+        } else {
+            None
+        };
+        Ok(Released { pid, started: self.started, listener })
+    }
+
+    /// Tells the child to give up (it exits 126 without running anything).
+    pub fn abort(self) {
+        let _ = sys::write_all(self.sync_write.as_raw_fd(), &[u8::MAX]);
+    }
+
+    pub fn raw_error_fd(&self) -> RawFd {
+        self.error_read.as_raw_fd()
+    }
+}

@@ -1,0 +1,180 @@
+//! The supervisor: what runmh does while a service runs, cold-started or
+//! restored. It is the parent of the sandbox's PID 1, forwards SIGTERM and
+//! friends (escalating to SIGKILL: a PID 1 drops signals it has no handler
+//! for), answers the control socket (freeze before a dump, thaw after), and
+//! ends with the service's exit status.
+
+use crate::control::{self, Incoming, Request, Response};
+use crate::explain;
+use crate::instance::{Instance, InstanceRecord};
+use crate::stop::tracer::{ExitStatus, Tracer};
+use crate::stop::{self, BackendKind};
+use crate::sys;
+use crossbeam_channel::{select, Receiver};
+use nix::libc;
+use nix::unistd::Pid;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
+    #[error("cannot start the signal thread")]
+    SignalThread(#[source] std::io::Error),
+    #[error("the tracer thread stopped reporting the service's exit")]
+    LostChild,
+}
+
+/// A running sandboxed tree under this process's supervision.
+pub struct Running {
+    pub tracer: Tracer,
+    pub instance: Instance,
+    pub record: InstanceRecord,
+    pub root: Pid,
+    pub exit: Receiver<ExitStatus>,
+    /// Whether the tracer currently holds the tree (TRACE after restore).
+    pub traced: bool,
+}
+
+/// How the supervision ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub status: ExitStatus,
+    /// The tree died while a dump was in progress (CRIU kills it after a
+    /// successful dump): a normal end.
+    pub dumped: bool,
+}
+
+impl Outcome {
+    pub fn exit_code(&self) -> i32 {
+        if self.dumped {
+            0
+        } else {
+            self.status.code()
+        }
+    }
+}
+
+static SIGNALS: std::sync::OnceLock<Receiver<i32>> = std::sync::OnceLock::new();
+
+/// The signals a supervisor reacts to (SIGTERM, SIGINT, SIGHUP, SIGQUIT),
+/// as a channel fed by one process-wide thread. They must be blocked in
+/// every thread ([`crate::stop::tracer::block_supervisor_signals`]).
+pub fn signals() -> Receiver<i32> {
+    SIGNALS
+        .get_or_init(|| {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            // If the thread cannot start, no signal is ever forwarded; the
+            // blocked signals then stay pending, which is the safe failure.
+            let _ = spawn_signal_thread(tx);
+            rx
+        })
+        .clone()
+}
+
+fn spawn_signal_thread(tx: crossbeam_channel::Sender<i32>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            match sys::sigtimedwait(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT], Duration::from_secs(1)) {
+                Ok(Some(sig)) => {
+                    if tx.send(sig).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => {}
+                Err(_) => return,
+            }
+        })
+        .map(drop)
+}
+
+impl Running {
+    fn set_state(&mut self, state: &str) {
+        self.record.state = state.to_string();
+        let _ = self.instance.write_record(&self.record);
+    }
+
+    fn on_control(&mut self, inc: Incoming, dumped: &mut bool) {
+        let resp = match inc.req {
+            Request::Status => Response { ok: true, state: Some(self.record.state.clone()), pids: vec![self.root.as_raw()], ..Default::default() },
+            Request::Freeze => {
+                if self.traced {
+                    match self.tracer.freeze() {
+                        Ok(pids) => {
+                            self.traced = false;
+                            self.set_state("frozen");
+                            *dumped = true;
+                            Response { ok: true, pids: pids.iter().map(|p| p.as_raw()).collect(), ..Default::default() }
+                        }
+                        Err(e) => Response::err(e),
+                    }
+                } else {
+                    self.set_state("dumping");
+                    *dumped = true;
+                    Response { ok: true, pids: vec![self.root.as_raw()], ..Default::default() }
+                }
+            }
+            Request::Thaw { alive: false } => {
+                *dumped = true;
+                self.set_state("dumped");
+                Response::ok()
+            }
+            Request::Thaw { alive: true } => {
+                *dumped = false;
+                let r = if self.record.backend.kind == BackendKind::Trace.as_str() && !self.traced {
+                    self.tracer.seize_tree_and_resume(self.root).map(|_| self.traced = true).map_err(|e| e.to_string())
+                } else {
+                    stop::continue_tree(self.root).map(drop).map_err(|e| e.to_string())
+                };
+                self.set_state("running");
+                match r {
+                    Ok(()) => Response::ok(),
+                    Err(e) => Response::err(e),
+                }
+            }
+        };
+        let _ = inc.reply.send(resp);
+    }
+
+    /// Supervises until the service ends.
+    pub fn supervise(mut self, stop_timeout: Duration) -> Result<(Outcome, Instance), SupervisorError> {
+        let signals = signals();
+        let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
+        control::serve(&self.instance.control_socket(), ctl_tx)?;
+        self.set_state("running");
+        let mut dumped = false;
+        let mut kill_at: Option<Instant> = None;
+        loop {
+            let wait = kill_at.map(|t| t.saturating_duration_since(Instant::now())).unwrap_or(Duration::from_secs(3600));
+            select! {
+                recv(self.exit) -> st => {
+                    let status = st.map_err(|_| SupervisorError::LostChild)?;
+                    explain::say("exit", &format!("the service (pid {}) ended: {status}", self.root));
+                    let _ = std::fs::remove_file(self.instance.control_socket());
+                    return Ok((Outcome { status, dumped }, self.instance));
+                }
+                recv(signals) -> sig => {
+                    let Ok(sig) = sig else { continue };
+                    log::info!("forwarding {} to the service (pid {})", crate::stop::tracer::signal_name(sig), self.root);
+                    let _ = sys::kill(self.root, sig);
+                    if kill_at.is_none() {
+                        kill_at = Some(Instant::now() + stop_timeout);
+                    }
+                }
+                recv(ctl_rx) -> inc => {
+                    if let Ok(inc) = inc {
+                        self.on_control(inc, &mut dumped);
+                    }
+                }
+                default(wait) => {
+                    if kill_at.is_some_and(|t| Instant::now() >= t) {
+                        log::warn!("the service ignored the signal for {}s (as PID 1 it only gets signals it handles): sending SIGKILL", stop_timeout.as_secs());
+                        let _ = sys::kill(self.root, libc::SIGKILL);
+                        kill_at = Some(Instant::now() + Duration::from_secs(3600));
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,515 @@
+//! Thin wrappers around the raw system calls that nix does not cover the way
+//! this project needs them. Every `unsafe` block of the crate that talks to
+//! the kernel directly lives here, each with the invariant that makes it sound.
+//!
+//! Functions marked "async-signal-safe" are the only ones the sandbox child
+//! may call between `clone(2)` and `execve(2)`: they neither allocate nor take
+//! locks, they only issue system calls on memory prepared before the clone.
+
+use nix::errno::Errno;
+use nix::libc;
+use nix::unistd::Pid;
+use std::ffi::CStr;
+use std::os::fd::RawFd;
+
+/// Result of a raw system call: the value, or the errno it failed with.
+pub type SysResult<T> = Result<T, Errno>;
+
+fn check(ret: libc::c_long) -> SysResult<libc::c_long> {
+    if ret < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// `clone(2)` with fork semantics (no new stack: the child continues on a
+/// copy of the caller's stack, exactly like `fork`). Returns 0 in the child.
+///
+/// # Safety
+/// The caller must treat the child like the child of `fork()` in a possibly
+/// multi-threaded program: only async-signal-safe calls until `execve` or
+/// `_exit`, no allocation, no locks, no return into code that would run
+/// destructors twice.
+pub unsafe fn clone_fork(flags: libc::c_int) -> SysResult<libc::pid_t> {
+    // SAFETY: SYS_clone with a NULL stack behaves like fork(2); the x86_64
+    // argument order is (flags, stack, parent_tid, child_tid, tls) and the
+    // tid pointers are unused because no CLONE_*_SETTID flag is passed.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (flags | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    check(ret).map(|v| v as libc::pid_t)
+}
+
+/// `fork(2)` through the raw syscall, so that no atfork handler runs in the
+/// child (they may take locks held by other threads of the parent).
+///
+/// # Safety
+/// Same contract as [`clone_fork`].
+pub unsafe fn fork_raw() -> SysResult<libc::pid_t> {
+    // SAFETY: forwarded contract: the caller keeps to async-signal-safe calls in the child.
+    unsafe { clone_fork(0) }
+}
+
+/// Async-signal-safe `mount(2)`.
+pub fn mount(
+    src: Option<&CStr>,
+    target: &CStr,
+    fstype: Option<&CStr>,
+    flags: libc::c_ulong,
+) -> SysResult<()> {
+    let p = |c: Option<&CStr>| c.map_or(std::ptr::null(), |c| c.as_ptr());
+    // SAFETY: every pointer is either NULL or a NUL-terminated string that
+    // outlives the call; `data` is NULL, which mount(2) accepts for all types used here.
+    let ret = unsafe { libc::mount(p(src), target.as_ptr(), p(fstype), flags, std::ptr::null()) };
+    check(ret as libc::c_long).map(drop)
+}
+
+/// Async-signal-safe `umount2(2)`.
+pub fn umount2(target: &CStr, flags: libc::c_int) -> SysResult<()> {
+    // SAFETY: target is a valid NUL-terminated string.
+    let ret = unsafe { libc::umount2(target.as_ptr(), flags) };
+    check(ret as libc::c_long).map(drop)
+}
+
+/// Async-signal-safe `pivot_root(2)` (glibc has no wrapper).
+pub fn pivot_root(new_root: &CStr, put_old: &CStr) -> SysResult<()> {
+    // SAFETY: both arguments are valid NUL-terminated strings.
+    let ret = unsafe { libc::syscall(libc::SYS_pivot_root, new_root.as_ptr(), put_old.as_ptr()) };
+    check(ret).map(drop)
+}
+
+/// Async-signal-safe `chdir(2)`.
+pub fn chdir(path: &CStr) -> SysResult<()> {
+    // SAFETY: path is a valid NUL-terminated string.
+    check(unsafe { libc::chdir(path.as_ptr()) } as libc::c_long).map(drop)
+}
+
+/// Async-signal-safe `open(2)`.
+pub fn open(path: &CStr, flags: libc::c_int, mode: libc::mode_t) -> SysResult<RawFd> {
+    // SAFETY: path is a valid NUL-terminated string; mode is passed by value.
+    check(unsafe { libc::open(path.as_ptr(), flags, mode as libc::c_uint) } as libc::c_long)
+        .map(|fd| fd as RawFd)
+}
+
+/// Async-signal-safe `dup2(2)`.
+pub fn dup2(old: RawFd, new: RawFd) -> SysResult<()> {
+    // SAFETY: dup2 only manipulates the descriptor table.
+    check(unsafe { libc::dup2(old, new) } as libc::c_long).map(drop)
+}
+
+/// Async-signal-safe `close(2)`; errors are irrelevant to the callers.
+pub fn close(fd: RawFd) {
+    // SAFETY: closing a descriptor number has no memory-safety impact; the
+    // callers own the descriptors they close.
+    unsafe { libc::close(fd) };
+}
+
+/// Async-signal-safe `close_range(2)` over `[first, last]`.
+pub fn close_range(first: u32, last: u32) -> SysResult<()> {
+    if first > last {
+        return Ok(());
+    }
+    // SAFETY: close_range only manipulates the descriptor table.
+    let ret = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
+    check(ret).map(drop)
+}
+
+/// Async-signal-safe `setsid(2)`.
+pub fn setsid() -> SysResult<()> {
+    // SAFETY: no arguments.
+    check(unsafe { libc::setsid() } as libc::c_long).map(drop)
+}
+
+/// Async-signal-safe identity change: supplementary groups, gid, then uid
+/// (setgid must come first: after setuid to non-root it would be refused).
+pub fn set_ids(uid: libc::uid_t, gid: libc::gid_t) -> SysResult<()> {
+    let groups = [gid];
+    // SAFETY: `groups` is a valid array of one gid for the duration of the call.
+    check(unsafe { libc::setgroups(1, groups.as_ptr()) } as libc::c_long)?;
+    // SAFETY: plain integer arguments.
+    check(unsafe { libc::setresgid(gid, gid, gid) } as libc::c_long)?;
+    // SAFETY: plain integer arguments.
+    check(unsafe { libc::setresuid(uid, uid, uid) } as libc::c_long).map(drop)
+}
+
+/// Async-signal-safe `prctl(PR_SET_NO_NEW_PRIVS, 1)`.
+pub fn set_no_new_privs() -> SysResult<()> {
+    // SAFETY: plain integer arguments.
+    check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } as libc::c_long).map(drop)
+}
+
+/// Async-signal-safe `prctl(PR_SET_PDEATHSIG, sig)`.
+pub fn set_parent_death_signal(sig: libc::c_int) -> SysResult<()> {
+    // SAFETY: plain integer arguments.
+    check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, sig, 0, 0, 0) } as libc::c_long).map(drop)
+}
+
+/// Async-signal-safe `seccomp(SECCOMP_SET_MODE_FILTER, flags, prog)`.
+/// Returns the listener fd when `flags` has `SECCOMP_FILTER_FLAG_NEW_LISTENER`.
+pub fn seccomp_load(filter: &[libc::sock_filter], flags: libc::c_ulong) -> SysResult<libc::c_long> {
+    let prog = libc::sock_fprog {
+        len: filter.len() as libc::c_ushort,
+        filter: filter.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: `prog` points at `filter`, which stays borrowed (and so alive
+    // and unmoved) for the duration of the call; the kernel copies it.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            flags,
+            &prog as *const libc::sock_fprog,
+        )
+    };
+    check(ret)
+}
+
+/// Async-signal-safe `read(2)` of exactly one buffer; returns bytes read.
+pub fn read(fd: RawFd, buf: &mut [u8]) -> SysResult<usize> {
+    loop {
+        // SAFETY: buf is a valid writable slice of buf.len() bytes.
+        let r = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        match check(r as libc::c_long) {
+            Err(Errno::EINTR) => continue,
+            other => return other.map(|n| n as usize),
+        }
+    }
+}
+
+/// Async-signal-safe `write(2)` of a whole small buffer (pipe writes up to
+/// PIPE_BUF are atomic, which is all the callers need).
+pub fn write_all(fd: RawFd, buf: &[u8]) -> SysResult<()> {
+    let mut off = 0;
+    while off < buf.len() {
+        // SAFETY: the slice bounds guarantee the pointer and length are valid.
+        let r = unsafe { libc::write(fd, buf[off..].as_ptr().cast(), buf.len() - off) };
+        match check(r as libc::c_long) {
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+            Ok(n) => off += n as usize,
+        }
+    }
+    Ok(())
+}
+
+/// Async-signal-safe `execve(2)`; only returns on failure.
+pub fn execve(path: &CStr, argv: &[*const libc::c_char], envp: &[*const libc::c_char]) -> Errno {
+    debug_assert!(argv.last().is_some_and(|p| p.is_null()));
+    debug_assert!(envp.last().is_some_and(|p| p.is_null()));
+    // SAFETY: argv and envp are NULL-terminated arrays of pointers to
+    // NUL-terminated strings that the caller keeps alive (they were built
+    // before the fork and are never freed in the child).
+    unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+    Errno::last()
+}
+
+/// Async-signal-safe `_exit(2)`: no atexit handlers, no stdio flush.
+pub fn exit_now(code: libc::c_int) -> ! {
+    // SAFETY: _exit never returns and touches no user-space state.
+    unsafe { libc::_exit(code) }
+}
+
+/// Async-signal-safe `sendmsg(2)` of one fd with SCM_RIGHTS over a socket.
+pub fn send_fd(sock: RawFd, fd: RawFd) -> SysResult<()> {
+    // The control buffer is a stack array sized for one fd; CMSG_SPACE of
+    // an int is 24 on x86_64, and 64 leaves room on every ABI.
+    let mut cbuf = [0u64; 8];
+    let mut byte = [b'F'];
+    let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
+    // SAFETY: msghdr is plain data; zeroed is a valid initial state.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE is a pure computation.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+    // SAFETY: msg_control points at cbuf, which is large enough for one
+    // cmsghdr carrying one int (checked by CMSG_SPACE above being <= 64);
+    // CMSG_FIRSTHDR therefore returns a pointer inside cbuf.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+    }
+    loop {
+        // SAFETY: msg and everything it points to live on this stack frame.
+        let r = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) };
+        match check(r as libc::c_long) {
+            Err(Errno::EINTR) => continue,
+            other => return other.map(drop),
+        }
+    }
+}
+
+/// Receives one fd sent with [`send_fd`]; `Ok(None)` on orderly EOF.
+pub fn recv_fd(sock: RawFd) -> SysResult<Option<std::os::fd::OwnedFd>> {
+    use std::os::fd::FromRawFd;
+    let mut cbuf = [0u64; 8];
+    let mut byte = [0u8];
+    let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
+    // SAFETY: msghdr is plain data; zeroed is a valid initial state.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cbuf);
+    let n = loop {
+        // SAFETY: msg points at stack buffers that outlive the call.
+        let r = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        match check(r as libc::c_long) {
+            Err(Errno::EINTR) => continue,
+            other => break other?,
+        }
+    };
+    if n == 0 {
+        return Ok(None);
+    }
+    // SAFETY: the kernel filled msg_control; CMSG_FIRSTHDR/CMSG_DATA stay
+    // within msg_controllen, and an SCM_RIGHTS message carries an fd we now own.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if cmsg.is_null()
+            || (*cmsg).cmsg_level != libc::SOL_SOCKET
+            || (*cmsg).cmsg_type != libc::SCM_RIGHTS
+        {
+            return Err(Errno::EBADMSG);
+        }
+        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>());
+        Ok(Some(std::os::fd::OwnedFd::from_raw_fd(fd)))
+    }
+}
+
+/// `kill(2)` with a raw signal number (nix's `Signal` cannot express
+/// real-time signals, which the NOTIFY marker uses).
+pub fn kill(pid: Pid, sig: libc::c_int) -> SysResult<()> {
+    // SAFETY: plain integer arguments.
+    check(unsafe { libc::kill(pid.as_raw(), sig) } as libc::c_long).map(drop)
+}
+
+/// `tgkill(2)`: a signal to one thread of this process.
+pub fn tgkill(tgid: Pid, tid: Pid, sig: libc::c_int) -> SysResult<()> {
+    // SAFETY: plain integer arguments.
+    check(unsafe { libc::syscall(libc::SYS_tgkill, tgid.as_raw(), tid.as_raw(), sig) }).map(drop)
+}
+
+/// The calling thread's kernel thread id.
+pub fn gettid() -> Pid {
+    // SAFETY: gettid cannot fail.
+    Pid::from_raw(unsafe { libc::syscall(libc::SYS_gettid) } as libc::pid_t)
+}
+
+/// `SIGRTMAX` as this libc defines it (a function in glibc).
+pub fn sigrtmax() -> libc::c_int {
+    libc::SIGRTMAX()
+}
+
+/// `SIGRTMIN` as this libc defines it.
+pub fn sigrtmin() -> libc::c_int {
+    libc::SIGRTMIN()
+}
+
+/// Blocks `signals` in the calling thread (and so in threads it spawns later).
+pub fn block_signals(signals: &[libc::c_int]) -> SysResult<()> {
+    let set = sigset(signals);
+    // SAFETY: `set` is an initialised sigset_t; the old mask is not requested.
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if r != 0 {
+        return Err(Errno::from_raw(r));
+    }
+    Ok(())
+}
+
+/// Unblocks every signal in the calling thread (used in a forked child
+/// before exec, so the target does not inherit the supervisor's mask).
+pub fn unblock_all_signals() {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it; the call
+    // is async-signal-safe.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
+}
+
+fn sigset(signals: &[libc::c_int]) -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in signals {
+            libc::sigaddset(&mut set, *s);
+        }
+        set
+    }
+}
+
+/// Waits up to `timeout` for one of `signals` (which must be blocked);
+/// `Ok(None)` on timeout.
+pub fn sigtimedwait(signals: &[libc::c_int], timeout: std::time::Duration) -> SysResult<Option<libc::c_int>> {
+    let set = sigset(signals);
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: set and ts are initialised and live for the call; siginfo is not requested.
+    let r = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
+    if r < 0 {
+        match Errno::last() {
+            Errno::EAGAIN | Errno::EINTR => Ok(None),
+            e => Err(e),
+        }
+    } else {
+        Ok(Some(r))
+    }
+}
+
+/// A decoded `waitpid` status with raw signal numbers (nix's decoder
+/// rejects real-time signals, which would lose events of traced programs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    Exited(Pid, i32),
+    Signaled(Pid, i32),
+    /// A stop: `sig` is the stop signal, `event` the ptrace event (0 for a
+    /// plain signal-delivery-stop).
+    Stopped { pid: Pid, sig: i32, event: i32 },
+    Continued(Pid),
+}
+
+/// `waitpid(pid, options | __WALL)`; `Ok(None)` when WNOHANG found nothing.
+pub fn waitpid(pid: libc::pid_t, options: libc::c_int) -> SysResult<Option<Wait>> {
+    let mut status: libc::c_int = 0;
+    let r = loop {
+        // SAFETY: status is a valid out-pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, options | libc::__WALL) };
+        if r < 0 && Errno::last() == Errno::EINTR {
+            continue;
+        }
+        break r;
+    };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    if r == 0 {
+        return Ok(None);
+    }
+    let p = Pid::from_raw(r);
+    let w = if libc::WIFEXITED(status) {
+        Wait::Exited(p, libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        Wait::Signaled(p, libc::WTERMSIG(status))
+    } else if libc::WIFSTOPPED(status) {
+        Wait::Stopped { pid: p, sig: libc::WSTOPSIG(status), event: (status >> 16) & 0xff }
+    } else {
+        Wait::Continued(p)
+    };
+    Ok(Some(w))
+}
+
+/// Raw `ptrace(2)` request with integer data (signals, options).
+fn ptrace_raw(req: libc::c_uint, pid: Pid, addr: usize, data: usize) -> SysResult<libc::c_long> {
+    Errno::clear();
+    // SAFETY: the requests issued through this helper take integer `addr`
+    // and `data` (options, signal numbers), never pointers.
+    let r = unsafe { libc::ptrace(req, pid.as_raw(), addr, data) };
+    if r == -1 && Errno::last_raw() != 0 {
+        Err(Errno::last())
+    } else {
+        Ok(r)
+    }
+}
+
+pub fn ptrace_seize(pid: Pid, options: libc::c_int) -> SysResult<()> {
+    ptrace_raw(libc::PTRACE_SEIZE, pid, 0, options as usize).map(drop)
+}
+pub fn ptrace_interrupt(pid: Pid) -> SysResult<()> {
+    ptrace_raw(libc::PTRACE_INTERRUPT, pid, 0, 0).map(drop)
+}
+pub fn ptrace_cont(pid: Pid, sig: i32) -> SysResult<()> {
+    ptrace_raw(libc::PTRACE_CONT, pid, 0, sig as usize).map(drop)
+}
+pub fn ptrace_listen(pid: Pid) -> SysResult<()> {
+    ptrace_raw(libc::PTRACE_LISTEN, pid, 0, 0).map(drop)
+}
+pub fn ptrace_detach(pid: Pid, sig: i32) -> SysResult<()> {
+    ptrace_raw(libc::PTRACE_DETACH, pid, 0, sig as usize).map(drop)
+}
+/// `PTRACE_ATTACH` — only for the research scenario that reproduces the
+/// talk's 2018 collision; everything else uses `PTRACE_SEIZE`.
+pub fn ptrace_attach(pid: Pid) -> SysResult<()> {
+    ptrace_raw(libc::PTRACE_ATTACH, pid, 0, 0).map(drop)
+}
+pub fn ptrace_setoptions(pid: Pid, options: libc::c_int) -> SysResult<()> {
+    ptrace_raw(libc::PTRACE_SETOPTIONS, pid, 0, options as usize).map(drop)
+}
+pub fn ptrace_geteventmsg(pid: Pid) -> SysResult<libc::c_ulong> {
+    let mut msg: libc::c_ulong = 0;
+    // SAFETY: PTRACE_GETEVENTMSG writes one unsigned long to `data`, which
+    // points at `msg` on this frame.
+    let r = unsafe { libc::ptrace(libc::PTRACE_GETEVENTMSG, pid.as_raw(), 0usize, &mut msg as *mut libc::c_ulong) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(msg)
+}
+pub fn ptrace_getregs(pid: Pid) -> SysResult<libc::user_regs_struct> {
+    // SAFETY: user_regs_struct is plain data; PTRACE_GETREGS fills all of it.
+    let mut regs: libc::user_regs_struct = unsafe { std::mem::zeroed() };
+    // SAFETY: `data` points at a user_regs_struct, as PTRACE_GETREGS requires.
+    let r = unsafe { libc::ptrace(libc::PTRACE_GETREGS, pid.as_raw(), 0usize, &mut regs as *mut _) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(regs)
+}
+pub fn ptrace_setregs(pid: Pid, regs: &libc::user_regs_struct) -> SysResult<()> {
+    // SAFETY: `data` points at a fully initialised user_regs_struct.
+    let r = unsafe { libc::ptrace(libc::PTRACE_SETREGS, pid.as_raw(), 0usize, regs as *const _) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
+/// `ioctl(SECCOMP_IOCTL_NOTIF_ID_VALID)`: is the notification still pending?
+pub fn notif_id_valid(fd: RawFd, id: u64) -> bool {
+    // SAFETY: the ioctl reads one u64 through the pointer, which is valid.
+    unsafe { libc::ioctl(fd, libc::SECCOMP_IOCTL_NOTIF_ID_VALID as _, &id as *const u64) == 0 }
+}
+
+/// `memfd_create(2)` — an anonymous file to receive libseccomp's BPF export.
+pub fn memfd(name: &CStr) -> SysResult<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: name is NUL-terminated; the returned fd is new and owned by us.
+    let r = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    check(r as libc::c_long)?;
+    // SAFETY: r is a fresh descriptor nobody else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r) })
+}
+
+/// `unshare(2)`.
+pub fn unshare(flags: libc::c_int) -> SysResult<()> {
+    // SAFETY: plain integer argument.
+    check(unsafe { libc::unshare(flags) } as libc::c_long).map(drop)
+}
+
+/// Makes this process a child subreaper: orphaned descendants (such as a
+/// restored tree whose CRIU front process exited) are re-parented to it.
+pub fn set_child_subreaper() -> SysResult<()> {
+    // SAFETY: plain integer arguments.
+    check(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } as libc::c_long).map(drop)
+}
+
+/// Is the effective user root?
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
