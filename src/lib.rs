@@ -8,11 +8,13 @@
 //! → [`daemon`]; [`prebake`], [`dump`] and [`restore`] are the flows that
 //! string them together.
 
+pub mod bench;
 pub mod control;
 pub mod criu;
 pub mod daemon;
 pub mod doctor;
 pub mod dump;
+pub mod experiment;
 pub mod explain;
 pub mod images;
 pub mod instance;
