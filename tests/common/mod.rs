@@ -1,0 +1,193 @@
+//! Shared helpers of the integration tests: prerequisites (root, CRIU),
+//! a process-wide lock, ports, HTTP, payload paths, temporary state dirs.
+//!
+//! Privileged tests call [`require_privileged`] first: on a developer
+//! laptop without root or CRIU they skip with a printed reason; when
+//! `CI=true` a missing prerequisite is a failure, never a silent skip.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+static LOCK: Mutex<()> = Mutex::new(());
+
+/// Serialises tests that fork, trace, mount or run CRIU within one test binary.
+pub fn lock() -> MutexGuard<'static, ()> {
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub fn in_ci() -> bool {
+    std::env::var("CI").map(|v| v == "true" || v == "1").unwrap_or(false)
+}
+
+/// The CRIU the tests use: $MIEHISTO_CRIU, else the set-up step's.
+pub fn criu_path() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("MIEHISTO_CRIU").filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".deps/criu/sbin/criu");
+    p.is_file().then_some(p)
+}
+
+/// Returns false (after printing why) when the test must skip; panics in CI.
+pub fn require_privileged(test: &str) -> bool {
+    let mut missing = Vec::new();
+    if !nix::unistd::geteuid().is_root() {
+        missing.push("root".to_string());
+    }
+    match criu_path() {
+        None => missing.push("CRIU (run `bash setup/install.sh`)".to_string()),
+        Some(p) => {
+            if let Err(e) = miehisto::criu::Criu::at(&p) {
+                missing.push(format!("a usable CRIU: {e}"));
+            }
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!("{test}: needs {}", missing.join(", "));
+    if in_ci() {
+        panic!("{msg} (CI=true: a missing prerequisite is a failure)");
+    }
+    eprintln!("SKIP {msg}");
+    false
+}
+
+pub fn runmh() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_runmh"))
+}
+
+pub fn payload(name: &str) -> PathBuf {
+    Path::new(env!("MIEHISTO_PAYLOAD_DIR")).join(name)
+}
+
+pub fn python_payload() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/http_server.py")
+}
+
+/// Debian's python3 (installed by the set-up step), else the one on PATH.
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("MIEHISTO_PYTHON").filter(|v| !v.is_empty()) {
+        return PathBuf::from(p);
+    }
+    let p = PathBuf::from("/usr/bin/python3");
+    if p.exists() { p } else { PathBuf::from("python3") }
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    l.local_addr().expect("local addr").port()
+}
+
+/// A fresh temporary directory on the root filesystem (the sandbox root is
+/// a bind of `/`, so state and logs must live there, not on another mount).
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "mh-test-{tag}-{}-{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos() ^ (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0))
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("create temp dir");
+    d
+}
+
+/// One HTTP/1.0 GET; returns (status code, body).
+pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let code = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((code, body))
+}
+
+/// Polls until a GET answers 200, up to `timeout`.
+pub fn wait_http(port: u16, timeout: Duration) -> Result<String, String> {
+    let t0 = Instant::now();
+    let mut last = String::new();
+    while t0.elapsed() < timeout {
+        match http_get(port, "/") {
+            Ok((200, body)) => return Ok(body),
+            Ok((c, _)) => last = format!("status {c}"),
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(format!("no HTTP 200 on port {port} within {timeout:?}: {last}"))
+}
+
+/// `runmh` with the test's state dir and CRIU.
+pub fn runmh_cmd(state: &Path) -> Command {
+    let mut c = Command::new(runmh());
+    c.arg("--state-dir").arg(state);
+    if let Some(p) = criu_path() {
+        c.arg("--criu").arg(p);
+    }
+    c.stdin(Stdio::null());
+    c
+}
+
+/// Waits for a child with a deadline; kills it when the deadline passes.
+pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let t0 = Instant::now();
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        if t0.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The single log directory under `state/logs` (for services started by
+/// runmh with the default log location).
+pub fn only_log_dir(state: &Path) -> PathBuf {
+    let mut dirs: Vec<_> = std::fs::read_dir(state.join("logs"))
+        .map(|r| r.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect())
+        .unwrap_or_default();
+    dirs.sort();
+    dirs.pop().expect("a log directory")
+}
+
+pub fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+/// Mount points whose path mentions the state dir: must be none after a test.
+pub fn mounts_under(dir: &Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().to_string();
+    read(Path::new("/proc/self/mountinfo"))
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.contains(&needle))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The parent pid of `pid`, from /proc.
+pub fn ppid_of(pid: i32) -> Option<i32> {
+    let s = read(Path::new(&format!("/proc/{pid}/stat")));
+    s.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+}
+
+pub fn comm_of(pid: i32) -> String {
+    read(Path::new(&format!("/proc/{pid}/comm"))).trim().to_string()
+}
+
+/// Count of log lines containing `needle`.
+pub fn count_lines(text: &str, needle: &str) -> usize {
+    text.lines().filter(|l| l.contains(needle)).count()
+}
