@@ -168,7 +168,7 @@ mod tests {
         assert_eq!(resolve_program("sh", "/nonexistent:/bin").unwrap(), PathBuf::from("/bin/sh"));
         let e = resolve_program("definitely-not-a-command-xyz", "/bin:/usr/bin").unwrap_err();
         assert!(e.to_string().contains("command not found"), "{e}");
-        assert!(resolve_program("/etc/hostname", "").is_err(), "not executable");
+        assert!(resolve_program("/etc/passwd", "").is_err(), "not executable");
     }
 
     #[test]
