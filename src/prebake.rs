@@ -170,10 +170,14 @@ fn start(spec: &SandboxSpec, state_dir: &Path, inst: Instance, stop: Option<&Pre
                 log::warn!("{}: {e}; trying the next backend", b.kind().as_str());
             }
             Err(e) => {
+                let early = spawned.early_failure();
                 spawned.abort();
                 let _ = exit.recv_timeout(Duration::from_secs(5));
                 inst.remove();
-                return Err(e.into());
+                return Err(match early {
+                    Some(child) => child.into(),
+                    None => e.into(),
+                });
             }
         }
     }

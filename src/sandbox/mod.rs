@@ -16,7 +16,7 @@ use nix::errno::Errno;
 use nix::libc;
 use nix::unistd::Pid;
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -260,30 +260,41 @@ pub fn spawn(spec: &SandboxSpec, root: &Path, variants: &[Variant]) -> Result<Sp
     })
 }
 
+/// Reads the child's `(step, errno)` report; `None` at EOF (exec happened).
+fn read_child_error(fd: RawFd, program: &Path, pid: Pid) -> Result<Option<SandboxError>, SandboxError> {
+    let mut msg = [0u8; 8];
+    let mut got = 0;
+    while got < msg.len() {
+        match sys::read(fd, &mut msg[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(source) => return Err(SandboxError::Release { pid, source }),
+        }
+    }
+    if got == msg.len() {
+        let step = Step::from_u8(msg[0]).unwrap_or(Step::Exec);
+        let errno = Errno::from_raw(i32::from_ne_bytes([msg[4], msg[5], msg[6], msg[7]]));
+        return Ok(Some(SandboxError::ChildStep { step, program: program.to_path_buf(), source: errno }));
+    }
+    if got != 0 {
+        return Ok(Some(SandboxError::ChildVanished { pid, program: program.to_path_buf() }));
+    }
+    Ok(None)
+}
+
 impl Spawned {
     /// Lets the child load variant `index`'s filter and exec; returns once
     /// the exec happened (or the child reported which step failed).
     pub fn release(self, index: usize) -> Result<Released, SandboxError> {
         let pid = self.pid;
-        sys::write_all(self.sync_write.as_raw_fd(), &[index as u8]).map_err(|source| SandboxError::Release { pid, source })?;
+        // A child that already failed has closed its end: the write fails
+        // (EPIPE), and its report is waiting in the error pipe below.
+        let wrote = sys::write_all(self.sync_write.as_raw_fd(), &[index as u8]);
         drop(self.sync_write);
-        let mut msg = [0u8; 8];
-        let mut got = 0;
-        while got < msg.len() {
-            match sys::read(self.error_read.as_raw_fd(), &mut msg[got..]) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(source) => return Err(SandboxError::Release { pid, source }),
-            }
+        if let Some(e) = read_child_error(self.error_read.as_raw_fd(), &self.program, pid)? {
+            return Err(e);
         }
-        if got == msg.len() {
-            let step = Step::from_u8(msg[0]).unwrap_or(Step::Exec);
-            let errno = Errno::from_raw(i32::from_ne_bytes([msg[4], msg[5], msg[6], msg[7]]));
-            return Err(SandboxError::ChildStep { step, program: self.program, source: errno });
-        }
-        if got != 0 {
-            return Err(SandboxError::ChildVanished { pid, program: self.program });
-        }
+        wrote.map_err(|source| SandboxError::Release { pid, source })?;
         let listener = if self.wants_listener.get(index).copied().unwrap_or(false) {
             match sys::recv_fd(self.listener_read.as_raw_fd()) {
                 Ok(Some(fd)) => Some(fd),
@@ -294,6 +305,17 @@ impl Spawned {
             None
         };
         Ok(Released { pid, started: self.started, listener })
+    }
+
+    /// The child's own report, if it already failed a setup step (used when
+    /// attaching to it failed: the real cause is usually the child's).
+    pub fn early_failure(&self) -> Option<SandboxError> {
+        let fd = self.error_read.as_fd();
+        let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(200u16)) {
+            Ok(n) if n > 0 => read_child_error(self.error_read.as_raw_fd(), &self.program, self.pid).ok().flatten(),
+            _ => None,
+        }
     }
 
     /// Tells the child to give up (it exits 126 without running anything).
