@@ -166,7 +166,9 @@ fn start(spec: &SandboxSpec, state_dir: &Path, inst: Instance, stop: Option<&Pre
                 break;
             }
             Err(e) if candidates_len_gt(stop, i) => {
-                why_not = e.to_string();
+                // With its cause: "cannot ptrace-seize task N" alone does not
+                // say why ptrace is unavailable, and the reason is recorded.
+                why_not = error_chain(&e);
                 log::warn!("{}: {e}; trying the next backend", b.kind().as_str());
             }
             Err(e) => {
@@ -236,6 +238,18 @@ fn start(spec: &SandboxSpec, state_dir: &Path, inst: Instance, stop: Option<&Pre
     Ok(Started { running, arrival, backend, t0 })
 }
 
+/// An error and its causes, joined like anyhow's `{:#}`.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
 fn candidates_len_gt(stop: Option<&PrebakeOpts>, i: usize) -> bool {
     // Only `auto` has a second candidate to fall back to.
     stop.is_some_and(|o| o.backend == BackendChoice::Auto) && i == 0
@@ -250,9 +264,13 @@ pub fn run_cold(spec: &SandboxSpec, state_dir: &Path, inst: Instance) -> Result<
 fn timeout_hint(kind: Option<BackendKind>, program: &Path, stop_at: &str) -> String {
     match kind {
         Some(BackendKind::Notify) => {
-            let static_note = if is_static_elf(program) { " — and it is statically linked" } else { "" };
+            let why = if is_static_elf(program) {
+                format!("{} is statically linked, so the wrapper is never loaded and never sends it", program.display())
+            } else {
+                "a static binary, a direct syscall(2) or a program without libc (Go) never sends it".to_string()
+            };
             format!(
-                ": the NOTIFY backend only sees {stop_at}() calls that go through libc's dynamic symbol (its LD_PRELOAD wrapper sends the marker); a static binary{static_note}, a direct syscall(2) or a program without libc (Go) never sends it — use --backend trace, which traps the syscall itself"
+                ": the NOTIFY backend only sees {stop_at}() calls that go through libc's dynamic symbol (its LD_PRELOAD wrapper sends the marker); {why} — use --backend trace, which traps the syscall itself"
             )
         }
         _ => String::new(),
@@ -277,7 +295,16 @@ pub fn prebake(spec: &SandboxSpec, state_dir: &Path, inst: Instance, criu: &Criu
     let hit = select! {
         recv(arrival) -> a => match a {
             Ok(Arrival::Stopped(hit)) => hit,
-            Ok(Arrival::Failed(e)) => return Err(abort(running, e.into())),
+            Ok(Arrival::Failed(e)) => {
+                // A NOTIFY listener fails as soon as the last task holding
+                // its filter exits, often before the tracer has reaped the
+                // target: the exit status is then the real story.
+                if let Ok(status) = running.exit.recv_timeout(Duration::from_secs(1)) {
+                    running.instance.remove();
+                    return Err(BootError::TargetExited { status, stop_at: stop_name, log_dir: spec.log_dir.clone() });
+                }
+                return Err(abort(running, e.into()));
+            }
             Err(_) => return Err(abort(running, StopError::Notify("the stop channel closed".into()).into())),
         },
         recv(running.exit) -> st => {

@@ -16,6 +16,16 @@ use crate::sandbox::{Released, Variant};
 use crossbeam_channel::Receiver;
 use nix::unistd::Pid;
 
+/// Test-only switch: when set to `1`, `TraceBackend::attach` fails with
+/// EPERM as if ptrace were forbidden (a seccomp'd container, Yama scope 3),
+/// so the integration tests can exercise `--backend auto`'s fallback to
+/// NOTIFY on a machine where ptrace works. Not for production use.
+pub const TEST_DENY_PTRACE_ENV: &str = "MIEHISTO_TEST_DENY_PTRACE";
+
+fn ptrace_denied_for_test() -> bool {
+    std::env::var_os(TEST_DENY_PTRACE_ENV).is_some_and(|v| v == "1")
+}
+
 pub struct TraceBackend {
     stop_at: StopSyscall,
     /// Research switch: stay attached at the stop (the talk's 2018 tracer).
@@ -50,6 +60,9 @@ impl StopBackend for TraceBackend {
     }
 
     fn attach(&mut self, child: Pid, tracer: &Tracer) -> Result<(), StopError> {
+        if ptrace_denied_for_test() {
+            return Err(super::tracer::TracerError::Seize { pid: child, source: nix::errno::Errno::EPERM }.into());
+        }
         let policy = if self.hold { Policy::Hold(self.stop_at) } else { Policy::Armed(self.stop_at) };
         tracer.seize(child, self.how, policy)?;
         Ok(())

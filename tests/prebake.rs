@@ -1,0 +1,672 @@
+//! Issue 3 acceptance: `runmh prebake` with the TRACE and NOTIFY backends,
+//! for real: the payloads are held right before their first listen(2),
+//! dumped by CRIU, published, and restored (three times in a row) into
+//! servers that answer HTTP; plus the faults that must fail cleanly.
+
+mod common;
+
+use miehisto::images::Metadata;
+use miehisto::instance::{Instance, InstanceRecord};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Generous deadlines: they only keep a broken run from hanging forever.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// One test's world: a fresh state dir, and a tag put into every service's
+/// environment so that leftover processes can be found in /proc (without
+/// pgrep, and without ever touching another test's processes).
+struct Case {
+    state: PathBuf,
+    tag: String,
+}
+
+impl Case {
+    fn new(name: &str) -> Case {
+        let state = common::temp_dir(name);
+        let tag = format!(
+            "MH_TEST_TAG={}",
+            state.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        );
+        Case { state, tag }
+    }
+
+    /// `runmh prebake --images IMG --backend B [opts] -e TAG -- argv`.
+    fn prebake(&self, img: &Path, backend: &str, opts: &[&str], argv: &[String]) -> Command {
+        self.prebake_with(&common::criu_path().expect("criu"), img, backend, opts, argv)
+    }
+
+    fn prebake_with(&self, criu: &Path, img: &Path, backend: &str, opts: &[&str], argv: &[String]) -> Command {
+        let mut c = Command::new(common::runmh());
+        c.arg("--state-dir").arg(&self.state).arg("--criu").arg(criu).stdin(Stdio::null());
+        c.args(["prebake", "--backend", backend, "--images"]).arg(img).args(opts);
+        c.arg("-e").arg(&self.tag).arg("--").args(argv);
+        c
+    }
+
+    fn restore_cmd(&self, img: &Path) -> Command {
+        let mut c = common::runmh_cmd(&self.state);
+        c.arg("restore").arg("--images").arg(img);
+        c
+    }
+
+    /// Spawns a long-running runmh with its output going to files in the
+    /// state dir (a pipe nobody reads could block it).
+    fn spawn(&self, mut cmd: Command, label: &str) -> Child {
+        let out = std::fs::File::create(self.state.join(format!("{label}.out"))).expect("create out file");
+        let err = std::fs::File::create(self.state.join(format!("{label}.err"))).expect("create err file");
+        cmd.stdout(out).stderr(err).spawn().expect("spawn runmh")
+    }
+
+    fn stderr_of(&self, label: &str) -> String {
+        common::read(&self.state.join(format!("{label}.err")))
+    }
+
+    fn instances(&self) -> Vec<(Instance, InstanceRecord)> {
+        Instance::list(&self.state)
+    }
+
+    fn instance_dirs(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.state.join("instances"))
+            .map(|r| r.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Processes of this test still alive: services carrying the tag in
+    /// their environment, runmh and CRIU processes naming the state dir.
+    fn leftovers(&self) -> Vec<(i32, String)> {
+        let me = std::process::id() as i32;
+        let state = self.state.to_string_lossy().into_owned();
+        let mut found = Vec::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            if pid == me {
+                continue;
+            }
+            let environ = std::fs::read(e.path().join("environ")).unwrap_or_default();
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let has_tag = environ.split(|b| *b == 0).any(|v| v == self.tag.as_bytes());
+            if has_tag || String::from_utf8_lossy(&cmdline).contains(&state) {
+                found.push((pid, String::from_utf8_lossy(&cmdline).replace('\0', " ")));
+            }
+        }
+        found
+    }
+
+    /// No process, mount or instance directory of this test is left.
+    fn assert_clean(&self) {
+        let t0 = Instant::now();
+        while t0.elapsed() < DEADLINE && (!self.leftovers().is_empty() || !self.instance_dirs().is_empty()) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(self.leftovers(), Vec::<(i32, String)>::new(), "processes left behind");
+        assert_eq!(common::mounts_under(&self.state), Vec::<String>::new(), "mounts left behind");
+        assert_eq!(self.instance_dirs(), Vec::<PathBuf>::new(), "instance directories left behind");
+    }
+}
+
+impl Drop for Case {
+    fn drop(&mut self) {
+        // Only processes this test started carry its tag or state path.
+        for (pid, _) in self.leftovers() {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}
+
+fn wait_exit(child: &mut Child, what: &str) -> ExitStatus {
+    common::wait_child(child, DEADLINE).unwrap_or_else(|| panic!("{what} did not exit within {DEADLINE:?}"))
+}
+
+/// A payload: its log name and command line.
+struct Payload {
+    name: &'static str,
+    argv: Vec<String>,
+    port: u16,
+}
+
+fn payload(which: &str) -> Payload {
+    let port = common::free_port();
+    let (name, mut argv) = match which {
+        "python" => (
+            "python",
+            vec![
+                common::python().to_string_lossy().into_owned(),
+                common::python_payload().to_string_lossy().into_owned(),
+            ],
+        ),
+        bin => {
+            let name = match bin {
+                "threaded_server" => "threaded",
+                "forking_server" => "forking",
+                "simple_server" => "simple",
+                "simple_server_static" => "simple_static",
+                "direct_syscall_server" => "direct_syscall",
+                other => panic!("unknown payload {other}"),
+            };
+            (name, vec![common::payload(bin).to_string_lossy().into_owned()])
+        }
+    };
+    argv.extend(["--port".to_string(), port.to_string()]);
+    Payload { name, argv, port }
+}
+
+/// A CRIU wrapper that, on `dump`, announces the target pid in `at-dump`
+/// and waits for `go` before it execs the real CRIU: the test looks at the
+/// held process while it sits at its stop point, just before CRIU seizes it.
+fn observing_criu(c: &Case) -> PathBuf {
+    let real = common::criu_path().expect("criu");
+    let dir = c.state.join("observe");
+    std::fs::create_dir_all(&dir).expect("mkdir observe");
+    let script = dir.join("criu");
+    let text = format!(
+        "#!/bin/sh\n\
+         if [ \"$1\" = dump ]; then\n\
+         \techo \"$3\" > '{d}/at-dump.tmp' && mv '{d}/at-dump.tmp' '{d}/at-dump'\n\
+         \twhile [ ! -e '{d}/go' ]; do sleep 0.01; done\n\
+         \trm -f '{d}/go' '{d}/at-dump'\n\
+         fi\n\
+         exec '{real}' \"$@\"\n",
+        d = dir.display(),
+        real = real.display()
+    );
+    std::fs::write(&script, text).expect("write criu wrapper");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    script
+}
+
+/// The inodes of every TCP socket the kernel lists as listening or
+/// connected, and whether some socket listens on `port`.
+fn tcp_table(port: u16) -> (Vec<String>, bool) {
+    let mut inodes = Vec::new();
+    let mut listening = false;
+    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for l in common::read(Path::new(f)).lines().skip(1) {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            if cols.len() < 10 {
+                continue;
+            }
+            let local_port = cols[1].rsplit(':').next().and_then(|h| u16::from_str_radix(h, 16).ok());
+            if local_port == Some(port) && cols[3] == "0A" {
+                listening = true;
+            }
+            inodes.push(cols[9].to_string());
+        }
+    }
+    (inodes, listening)
+}
+
+/// Prebakes through [`observing_criu`] and checks, while the target is
+/// held at its stop, that its socket is bound but not listening.
+fn prebake_observed(c: &Case, img: &Path, backend: &str, p: &Payload) -> Metadata {
+    let criu = observing_criu(c);
+    let dir = criu.parent().expect("observe dir").to_path_buf();
+    let mut child = c.spawn(c.prebake_with(&criu, img, backend, &[], &p.argv), "prebake");
+    let t0 = Instant::now();
+    let pid: i32 = loop {
+        if let Ok(text) = std::fs::read_to_string(dir.join("at-dump")) {
+            break text.trim().parse().expect("pid from the criu wrapper");
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("prebake exited ({st}) before its dump: {}", c.stderr_of("prebake"));
+        }
+        assert!(t0.elapsed() < DEADLINE, "no dump within {DEADLINE:?}: {}", c.stderr_of("prebake"));
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let log = common::read(&c.instances().first().expect("the prebaking instance").1.spec.stdout_log());
+    let fd = bound_fd(&log, p.name, p.port);
+    let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).expect("the bound fd of the held process");
+    let link = link.to_string_lossy().into_owned();
+    let inode = link
+        .strip_prefix("socket:[")
+        .and_then(|r| r.strip_suffix(']'))
+        .unwrap_or_else(|| panic!("fd {fd} is {link}"));
+    let (inodes, listening) = tcp_table(p.port);
+    // A bound TCP socket that never listened is in neither the listening
+    // nor the established table; after listen(2) it would be.
+    assert!(!inodes.iter().any(|i| i == inode), "the held socket {inode} is not listening");
+    assert!(!listening, "nothing listens on port {} at the stop", p.port);
+    let refused = std::net::TcpStream::connect(("127.0.0.1", p.port)).map(drop).map_err(|e| e.kind());
+    assert_eq!(refused, Err(std::io::ErrorKind::ConnectionRefused), "connect at the stop");
+    // Bound all the same: a socket without SO_REUSEADDR cannot take the port.
+    let probe = Command::new(common::python())
+        .args([
+            "-c",
+            "import socket,sys; socket.socket().bind(('127.0.0.1', int(sys.argv[1])))",
+            &p.port.to_string(),
+        ])
+        .output()
+        .expect("run the bind probe");
+    let probe_err = String::from_utf8_lossy(&probe.stderr);
+    assert!(
+        !probe.status.success() && probe_err.contains("Errno 98"),
+        "the port is taken (EADDRINUSE): {probe_err}"
+    );
+    let state = common::read(Path::new(&format!("/proc/{pid}/stat")))
+        .rsplit_once(')')
+        .and_then(|(_, r)| r.split_whitespace().next().map(str::to_string))
+        .unwrap_or_default();
+    match backend {
+        // Group-stop, no tracer: what CRIU wants to seize.
+        "trace" => assert_eq!(state, "T", "a TRACE stop is a group-stop"),
+        // Blocked inside the marker kill(2), waiting for the listener.
+        _ => assert_eq!(state, "S", "a NOTIFY stop sleeps in the kernel"),
+    }
+    assert_eq!(
+        common::read(Path::new(&format!("/proc/{pid}/status")))
+            .lines()
+            .find(|l| l.starts_with("TracerPid:"))
+            .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string()),
+        Some("0".to_string()),
+        "no tracer holds the target when CRIU starts"
+    );
+    std::fs::write(dir.join("go"), b"").expect("release the wrapper");
+    let st = wait_exit(&mut child, "prebake");
+    assert!(st.success(), "prebake {} with {backend}: {}", p.name, c.stderr_of("prebake"));
+    c.assert_clean();
+    Metadata::read(img).expect("published image has valid metadata")
+}
+
+/// Prebakes `p` with `backend`; asserts success and returns the metadata.
+fn prebake_ok(c: &Case, img: &Path, backend: &str, opts: &[&str], p: &Payload) -> Metadata {
+    let out = c.prebake(img, backend, opts, &p.argv).output().expect("runmh prebake");
+    assert!(
+        out.status.success(),
+        "prebake {} with {backend}: {}",
+        p.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The tree was dumped and killed: nothing runs until a restore.
+    c.assert_clean();
+    Metadata::read(img).expect("published image has valid metadata")
+}
+
+/// The `fd=N` of the payload's `bound` line.
+fn bound_fd(log: &str, name: &str, port: u16) -> u64 {
+    let prefix = format!("MHLOG {name} bound port={port} fd=");
+    let lines: Vec<&str> = log.lines().filter_map(|l| l.strip_prefix(&prefix)).collect();
+    assert_eq!(lines.len(), 1, "one bound line: {log}");
+    lines[0].trim().parse().expect("fd number")
+}
+
+/// Checks that the image was taken right before the first listen(2):
+/// the payload bound its socket and never logged a listen; the stop event
+/// is the one each backend traps.
+fn assert_stopped_before_listen(md: &Metadata, backend: &str, p: &Payload) {
+    let log = common::read(&md.spec.stdout_log());
+    let fd = bound_fd(&log, p.name, p.port);
+    assert_eq!(common::count_lines(&log, "listen"), 0, "no listen before the dump: {log}");
+    assert_eq!(md.backend.kind, backend);
+    let stop = md.stop.as_ref().expect("a prebaked image records its stop");
+    assert_eq!(stop.syscall, "listen");
+    let hit = &stop.hit;
+    match backend {
+        "trace" => {
+            assert_eq!(hit.syscall, "listen", "{hit:?}");
+            assert_eq!(hit.nr, syscalls::Sysno::listen as i64, "{hit:?}");
+            assert_eq!(hit.args[0], fd, "the trapped listen is on the socket the payload bound: {hit:?}");
+            assert!(!hit.held, "the tracer detached before CRIU seized");
+            let processes = if p.name == "forking" { 2 } else { 1 };
+            assert_eq!(hit.frozen.len(), processes, "the whole tree was frozen: {hit:?}");
+            assert!(hit.frozen.contains(&hit.tgid), "{hit:?}");
+            assert_eq!(md.backend.marker_signal, None);
+        }
+        "notify" => {
+            let marker = md.backend.marker_signal.expect("a NOTIFY image records its marker signal");
+            assert_eq!(hit.syscall, "kill", "{hit:?}");
+            assert_eq!(hit.nr, syscalls::Sysno::kill as i64, "{hit:?}");
+            assert_eq!(hit.args[1], marker as u64, "the trapped kill carries the marker: {hit:?}");
+            assert!(
+                md.spec.env.iter().any(|(k, _)| k == "LD_PRELOAD"),
+                "the recorded environment carries the preload library: {:?}",
+                md.spec.env
+            );
+            // The marker never returned before the dump: no preload line yet.
+            let err = common::read(&md.spec.stderr_log());
+            assert_eq!(common::count_lines(&err, "miehisto-preload:"), 0, "{err}");
+        }
+        other => panic!("unknown backend {other}"),
+    }
+}
+
+/// Restores `img` in the foreground and waits for HTTP 200. Checks the
+/// restored service's first action was its listen, that it is a child of
+/// runmh, then stops it with SIGTERM to the front process.
+fn restore_serve_stop(c: &Case, img: &Path, md: &Metadata, p: &Payload, round: usize) {
+    let log_path = md.spec.stdout_log();
+    let len_before = common::read(&log_path).len();
+    let label = format!("restore{round}");
+    let mut front = c.spawn(c.restore_cmd(img), &label);
+    let t0 = Instant::now();
+    let rec = loop {
+        if let Ok(Some(st)) = front.try_wait() {
+            panic!("restore {round} exited early ({st}): {}", c.stderr_of(&label));
+        }
+        if let Some((_, r)) = c.instances().into_iter().find(|(_, r)| r.root_pid > 0 && r.state == "running") {
+            break r;
+        }
+        assert!(t0.elapsed() < DEADLINE, "restore {round} never ran: {}", c.stderr_of(&label));
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let body = common::wait_http(p.port, DEADLINE).unwrap_or_else(|e| panic!("restore {round}: {e}; {}", c.stderr_of(&label)));
+    assert!(body.starts_with(&format!("payload={} pid=1 ", p.name)), "{body}");
+    if p.name == "forking" {
+        assert!(!body.contains("helper=-1"), "the forked helper came back with its pipe: {body}");
+    }
+    let ppid = common::ppid_of(rec.root_pid).expect("ppid of the restored service");
+    assert_eq!(common::comm_of(ppid), "runmh", "the restored service's parent is runmh");
+
+    let log = common::read(&log_path);
+    let new = &log[len_before..];
+    // A forked helper may still have been about to log its start when the
+    // tree was frozen; the main process's first line is what counts.
+    assert_eq!(
+        new.lines().find(|l| !l.starts_with(&format!("MHLOG {} helper ", p.name))),
+        Some(format!("MHLOG {} listen ret=0 errno=0", p.name).as_str()),
+        "restore {round}: the restored process's first action is its listen: {new}"
+    );
+    assert_eq!(
+        common::count_lines(&log, "listen ret=0 errno=0"),
+        round,
+        "one successful listen per restore: {log}"
+    );
+    assert_eq!(common::count_lines(new, "listen ret=-1"), 0, "no failed listen (ENOSYS): {log}");
+    if md.backend.kind == "notify" {
+        // After a restore the marker returns ENOSYS, which the wrapper ignores.
+        let err = common::read(&md.spec.stderr_log());
+        let marker = md.backend.marker_signal.expect("marker");
+        let line = format!("miehisto-preload: marker sig={marker} before listen ret=-1 errno=38");
+        assert_eq!(common::count_lines(&err, &line), round, "{err}");
+    }
+
+    kill(Pid::from_raw(front.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    let st = wait_exit(&mut front, "runmh restore after SIGTERM");
+    assert_eq!(
+        st.code(),
+        Some(128 + 15),
+        "the service ended through its SIGTERM handler: {}",
+        c.stderr_of(&label)
+    );
+    // (A forking payload's helper may log its own exit after the parent's.)
+    let log = common::read(&log_path);
+    assert_eq!(
+        common::count_lines(&log[len_before..], &format!("MHLOG {} exit signal=15", p.name)),
+        1,
+        "{log}"
+    );
+    c.assert_clean();
+}
+
+fn payload_cycle(backend: &str, which: &str) {
+    let c = Case::new(&format!("pb-{backend}-{which}"));
+    let p = payload(which);
+    let img = c.state.join("img");
+    let md = prebake_observed(&c, &img, backend, &p);
+    assert_eq!(md.backend.reason, "requested");
+    assert_eq!(md.spec.argv, p.argv);
+    assert_stopped_before_listen(&md, backend, &p);
+    for round in 1..=3 {
+        restore_serve_stop(&c, &img, &md, &p, round);
+        Metadata::read(&img).expect("the image stays valid after a restore");
+    }
+}
+
+#[test]
+fn trace_python() {
+    let _g = common::lock();
+    if common::require_privileged("trace_python") {
+        payload_cycle("trace", "python");
+    }
+}
+
+#[test]
+fn trace_threaded() {
+    let _g = common::lock();
+    if common::require_privileged("trace_threaded") {
+        payload_cycle("trace", "threaded_server");
+    }
+}
+
+#[test]
+fn trace_forking() {
+    let _g = common::lock();
+    if common::require_privileged("trace_forking") {
+        payload_cycle("trace", "forking_server");
+    }
+}
+
+#[test]
+fn notify_python() {
+    let _g = common::lock();
+    if common::require_privileged("notify_python") {
+        payload_cycle("notify", "python");
+    }
+}
+
+#[test]
+fn notify_threaded() {
+    let _g = common::lock();
+    if common::require_privileged("notify_threaded") {
+        payload_cycle("notify", "threaded_server");
+    }
+}
+
+#[test]
+fn notify_forking() {
+    let _g = common::lock();
+    if common::require_privileged("notify_forking") {
+        payload_cycle("notify", "forking_server");
+    }
+}
+
+#[test]
+fn trace_without_reseize_reproduces_enosys() {
+    let _g = common::lock();
+    if !common::require_privileged("trace_without_reseize_reproduces_enosys") {
+        return;
+    }
+    let c = Case::new("pb-enosys");
+    let p = payload("simple_server");
+    let img = c.state.join("img");
+    let md = prebake_ok(&c, &img, "trace", &[], &p);
+    let log_path = md.spec.stdout_log();
+
+    let mut cmd = c.restore_cmd(&img);
+    cmd.arg("--no-reseize");
+    let mut front = c.spawn(cmd, "noreseize");
+    let st = wait_exit(&mut front, "restore --no-reseize");
+    let log = common::read(&log_path);
+    assert_eq!(
+        common::count_lines(&log, "MHLOG simple listen ret=-1 errno=38"),
+        1,
+        "the talk's ENOSYS: {log}"
+    );
+    assert_eq!(common::count_lines(&log, "MHLOG simple fatal listen failed"), 1, "{log}");
+    assert_eq!(
+        st.code(),
+        Some(3),
+        "the payload's exit status for a failed listen: {}",
+        c.stderr_of("noreseize")
+    );
+    c.assert_clean();
+    Metadata::read(&img).expect("the image stays valid");
+
+    // The same image with the re-seize: the replayed listen succeeds.
+    let len_before = log.len();
+    restore_serve_stop(
+        &c,
+        &img,
+        &md,
+        &Payload {
+            name: p.name,
+            argv: p.argv.clone(),
+            port: p.port,
+        },
+        1,
+    );
+    let after = common::read(&log_path);
+    assert_eq!(common::count_lines(&after[len_before..], "errno=38"), 0, "{after}");
+}
+
+#[test]
+fn auto_picks_trace() {
+    let _g = common::lock();
+    if !common::require_privileged("auto_picks_trace") {
+        return;
+    }
+    let c = Case::new("pb-auto");
+    let p = payload("simple_server");
+    let img = c.state.join("img");
+    let md = prebake_ok(&c, &img, "auto", &[], &p);
+    assert_eq!(md.backend.kind, "trace");
+    assert!(md.backend.reason.contains("auto"), "{}", md.backend.reason);
+    assert_stopped_before_listen(&md, "trace", &p);
+    restore_serve_stop(&c, &img, &md, &p, 1);
+}
+
+#[test]
+fn auto_falls_back_to_notify_without_ptrace() {
+    let _g = common::lock();
+    if !common::require_privileged("auto_falls_back_to_notify_without_ptrace") {
+        return;
+    }
+    let c = Case::new("pb-auto-notify");
+    let p = payload("simple_server");
+    let img = c.state.join("img");
+    let mut cmd = c.prebake(&img, "auto", &[], &p.argv);
+    cmd.env(miehisto::stop::trace::TEST_DENY_PTRACE_ENV, "1");
+    let out = cmd.output().expect("runmh prebake");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    c.assert_clean();
+    let md = Metadata::read(&img).expect("metadata");
+    assert_eq!(md.backend.kind, "notify");
+    let reason = &md.backend.reason;
+    assert!(reason.contains("auto") && reason.contains("ptrace"), "{reason}");
+    assert!(
+        reason.contains("EPERM") || reason.contains("Operation not permitted"),
+        "the reason names the failure: {reason}"
+    );
+    assert_eq!(md.backend.marker_signal, Some(miehisto::sys::sigrtmax()));
+    assert_stopped_before_listen(&md, "notify", &p);
+    restore_serve_stop(&c, &img, &md, &p, 1);
+}
+
+/// A prebake that must fail: one `runmh: error:` line, nothing published,
+/// nothing left running or mounted.
+fn prebake_fails(c: &Case, backend: &str, opts: &[&str], argv: &[String]) -> String {
+    let img = c.state.join("img");
+    let out: Output = c.prebake(&img, backend, opts, argv).output().expect("runmh prebake");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "expected failure: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("runmh: error: ")).collect();
+    assert_eq!(lines.len(), 1, "one error line: {err}");
+    assert!(!img.exists(), "no image published after: {err}");
+    let staging: Vec<_> = std::fs::read_dir(&c.state)
+        .expect("read state dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("staging") || n.contains("img"))
+        .collect();
+    assert_eq!(staging, Vec::<String>::new(), "no staging directory left");
+    c.assert_clean();
+    lines[0].to_string()
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn faults_fail_cleanly() {
+    let _g = common::lock();
+    if !common::require_privileged("faults_fail_cleanly") {
+        return;
+    }
+    let c = Case::new("pb-faults");
+    for backend in ["trace", "notify"] {
+        let line = prebake_fails(&c, backend, &[], &strings(&["/bin/sh", "-c", "exit 7"]));
+        assert!(
+            line.contains("exited") && line.contains("exit status 7") && line.contains("listen"),
+            "{backend}: {line}"
+        );
+
+        let line = prebake_fails(&c, backend, &["--timeout", "2"], &strings(&["/bin/sleep", "100"]));
+        assert!(line.contains("within 2s") && line.contains("--timeout"), "{backend}: {line}");
+    }
+    let line = prebake_fails(&c, "trace", &["--stop-at", "nosuchcall"], &strings(&["/bin/sleep", "100"]));
+    assert!(line.contains("nosuchcall") && line.contains("unknown syscall"), "{line}");
+}
+
+#[test]
+fn static_binary_needs_trace() {
+    let _g = common::lock();
+    if !common::require_privileged("static_binary_needs_trace") {
+        return;
+    }
+    let bin = common::payload("simple_server_static");
+    if !bin.is_file() {
+        assert!(!common::in_ci(), "simple_server_static was not built (no libc.a?)");
+        eprintln!("SKIP static_binary_needs_trace: {} was not built (no libc.a)", bin.display());
+        return;
+    }
+    assert!(miehisto::prebake::is_static_elf(&bin));
+    let c = Case::new("pb-static");
+    let p = payload("simple_server_static");
+    let line = prebake_fails(&c, "notify", &["--timeout", "3"], &p.argv);
+    assert!(
+        line.contains("within 3s") && line.contains("statically linked") && line.contains("--backend trace"),
+        "{line}"
+    );
+
+    let img = c.state.join("img");
+    let md = prebake_ok(&c, &img, "trace", &[], &p);
+    assert_stopped_before_listen(&md, "trace", &p);
+    restore_serve_stop(&c, &img, &md, &p, 1);
+}
+
+#[test]
+fn direct_syscall_needs_trace() {
+    let _g = common::lock();
+    if !common::require_privileged("direct_syscall_needs_trace") {
+        return;
+    }
+    let c = Case::new("pb-direct");
+    let p = payload("direct_syscall_server");
+    let line = prebake_fails(&c, "notify", &["--timeout", "3"], &p.argv);
+    assert!(line.contains("within 3s") && line.contains("--backend trace"), "{line}");
+
+    let img = c.state.join("img");
+    let md = prebake_ok(&c, &img, "trace", &[], &p);
+    assert_stopped_before_listen(&md, "trace", &p);
+    restore_serve_stop(&c, &img, &md, &p, 1);
+}
+
+#[test]
+fn notify_marker_signal_option() {
+    let _g = common::lock();
+    if !common::require_privileged("notify_marker_signal_option") {
+        return;
+    }
+    let c = Case::new("pb-marker");
+    let p = payload("simple_server");
+    let img = c.state.join("img");
+    let md = prebake_ok(&c, &img, "notify", &["--marker-signal", "SIGRTMAX-4"], &p);
+    let want = miehisto::sys::sigrtmax() - 4;
+    assert_eq!(md.backend.marker_signal, Some(want));
+    assert!(
+        md.spec
+            .env
+            .iter()
+            .any(|(k, v)| k == "MIEHISTO_MARKER_SIG" && v == &want.to_string()),
+        "the wrapper was told the marker: {:?}",
+        md.spec.env
+    );
+    assert_stopped_before_listen(&md, "notify", &p);
+    restore_serve_stop(&c, &img, &md, &p, 1);
+}
