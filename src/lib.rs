@@ -12,6 +12,7 @@ pub mod bench;
 pub mod control;
 pub mod criu;
 pub mod daemon;
+pub mod demo;
 pub mod doctor;
 pub mod dump;
 pub mod experiment;

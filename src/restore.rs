@@ -132,8 +132,32 @@ pub fn restore(criu: &Criu, opts: &RestoreOpts) -> Result<Restored, RestoreError
     }
 }
 
+static SUPERVISOR_EXE: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+/// Sets the program CRIU execs into after a restore. It runs as
+/// `<program> __supervise ...`, so it must be runmh: callers that are not
+/// runmh themselves (mhctl's research matrix, tests) set it.
+pub fn set_supervisor_exe(path: &Path) {
+    *SUPERVISOR_EXE.lock().unwrap_or_else(|p| p.into_inner()) = Some(path.to_path_buf());
+}
+
+/// The set program, else `runmh` beside the current executable (mhctl and
+/// runmh are installed together), else the current executable.
+fn supervisor_exe() -> std::io::Result<PathBuf> {
+    if let Some(p) = SUPERVISOR_EXE.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+        return Ok(p);
+    }
+    let me = std::env::current_exe()?;
+    if me.file_name().is_some_and(|n| n != "runmh") {
+        if let Some(sibling) = me.parent().map(|d| d.join("runmh")).filter(|p| p.is_file()) {
+            return Ok(sibling);
+        }
+    }
+    Ok(me)
+}
+
 fn spawn_criu(criu: &Criu, opts: &RestoreOpts, inst: &Instance, md: &Metadata) -> Result<(Pid, Pid), RestoreError> {
-    let exe = std::env::current_exe().map_err(|e| RestoreError::Prepare { path: "/proc/self/exe".into(), source: e })?;
+    let exe = supervisor_exe().map_err(|e| RestoreError::Prepare { path: "/proc/self/exe".into(), source: e })?;
     let (ready_r, ready_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|source| RestoreError::Fork { step: "pipe", source })?;
     let mut exec_cmd: Vec<std::ffi::OsString> = vec![

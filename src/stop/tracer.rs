@@ -516,7 +516,13 @@ impl State {
         explain::say("freeze", &format!("SIGSTOP to process(es) {tgids:?}: group-stop, so that nothing runs between our detach and CRIU's seize"));
         if let Some(t) = hit {
             // It dequeues the pending SIGSTOP on its way back to user space,
-            // before re-executing the rewound syscall.
+            // before re-executing the rewound syscall. Thread-directed too:
+            // in a multi-threaded process another (traced) thread may take
+            // the process-directed one into its signal-delivery-stop, and
+            // this one would re-execute the syscall untraced: ENOSYS before
+            // the dump (threaded_server, about one run in six).
+            let tgid = self.tasks.get(&t).map(|x| x.tgid).unwrap_or(t);
+            let _ = sys::tgkill(tgid, t, libc::SIGSTOP);
             let _ = sys::ptrace_detach(t, 0);
             self.tasks.remove(&t);
         }
