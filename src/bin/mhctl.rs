@@ -1,1 +1,632 @@
-fn main() {}
+//! mhctl — the client of miehistod, and the front door to the research
+//! matrix and the benchmarks (which need no daemon).
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use miehisto::daemon::api::{self, ImageInfo, Reply, Request, ServiceInfo};
+use miehisto::daemon::client::Client;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(
+    name = "mhctl",
+    version,
+    about = "Control miehistod: services, their images, experiments and benchmarks"
+)]
+struct Cli {
+    /// miehistod's socket [default: /run/miehisto/miehistod.sock].
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// CRIU binary for `experiment` and `bench`.
+    #[arg(long, value_name = "PATH")]
+    criu: Option<PathBuf>,
+    /// Working directory of `experiment` and `bench` (default
+    /// /var/lib/miehisto/mhctl-runs as root, else a temporary directory).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Narrate each step for an audience (`experiment`, `bench`).
+    #[arg(long)]
+    explain: bool,
+    /// With --explain: do not pause between steps.
+    #[arg(long)]
+    no_pause: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create, prebake, start, dump, stop and delete services.
+    Service(ServiceArgs),
+    /// List, inspect and remove image generations.
+    Image(ImageArgs),
+    /// Check that miehistod answers.
+    Ping {
+        #[arg(long)]
+        json: bool,
+        /// miehistod's socket.
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
+    /// Run the research matrix (no daemon needed).
+    Experiment(miehisto::experiment::ExperimentArgs),
+    /// Run the benchmarks (no daemon needed).
+    Bench(miehisto::bench::BenchArgs),
+}
+
+#[derive(Args)]
+struct ServiceArgs {
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    /// miehistod's socket (here or before the command group).
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: ServiceCmd,
+}
+
+#[derive(Subcommand)]
+enum ServiceCmd {
+    /// Declare a service: a name and the command that runs it.
+    Create {
+        name: String,
+        /// How a prebake stops the service.
+        #[arg(long, default_value = "auto", value_name = "trace|notify|auto")]
+        backend: String,
+        /// The syscall a prebake stops before.
+        #[arg(long, default_value = "listen", value_name = "SYSCALL")]
+        stop_at: String,
+        /// Environment variable for the service (repeatable).
+        #[arg(short = 'e', long = "env", value_name = "K=V")]
+        env: Vec<String>,
+        /// Working directory of the service (default: the current one).
+        #[arg(short = 'C', long = "cwd", value_name = "DIR")]
+        cwd: Option<PathBuf>,
+        /// The command and its arguments (never run through a shell).
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Boot the service to its stop point, dump it, publish a new image generation.
+    Prebake { name: String },
+    /// Restore the newest image (or boot cold when there is none, or with --cold).
+    Start {
+        name: String,
+        #[arg(long)]
+        cold: bool,
+    },
+    /// Dump the running service into a new image generation.
+    Dump {
+        name: String,
+        /// Keep the service running after the dump.
+        #[arg(long)]
+        leave_running: bool,
+    },
+    /// Stop the running service.
+    Stop { name: String },
+    /// Delete a stopped service with its images and logs.
+    Delete { name: String },
+    /// Show the services: state, pid, image generation, uptime.
+    List,
+    /// Show the service's stdout and stderr.
+    Logs {
+        name: String,
+        /// Keep printing what is appended.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Bytes from the end of each log to show first.
+        #[arg(long, value_name = "BYTES")]
+        tail: Option<u64>,
+    },
+}
+
+#[derive(Args)]
+struct ImageArgs {
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    /// miehistod's socket (here or before the command group).
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: ImageCmd,
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// List image generations (of one service, or all).
+    List { name: Option<String> },
+    /// Show an image's metadata (the newest generation without @GEN).
+    Inspect {
+        #[arg(value_name = "NAME[@GEN]")]
+        image: String,
+    },
+    /// Remove one image generation.
+    Rm {
+        #[arg(value_name = "NAME@GEN")]
+        image: String,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_timestamp(None)
+        .init();
+    if cli.explain {
+        miehisto::explain::enable(!cli.no_pause);
+    }
+    match real_main(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("mhctl: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn runs_dir(explicit: Option<PathBuf>) -> Result<PathBuf> {
+    let dir = match explicit {
+        Some(d) => d,
+        None if miehisto::sys::is_root() => {
+            PathBuf::from(api::DEFAULT_STATE_DIR).join("mhctl-runs")
+        }
+        None => std::env::temp_dir().join(format!("mhctl-runs-{}", nix::unistd::getuid())),
+    };
+    let dir =
+        std::path::absolute(&dir).with_context(|| format!("bad --state-dir {}", dir.display()))?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
+}
+
+fn real_main(cli: Cli) -> Result<i32> {
+    // Not a global option: `experiment` and `bench` have their own flags,
+    // and a clash would break every invocation.
+    let top = cli.socket;
+    let client = |here: Option<PathBuf>| {
+        Client::new(
+            &here
+                .or(top.clone())
+                .unwrap_or_else(|| PathBuf::from(api::DEFAULT_SOCKET)),
+        )
+    };
+    match cli.cmd {
+        Cmd::Service(a) => service(&client(a.socket), a.cmd, a.json),
+        Cmd::Image(a) => image(&client(a.socket), a.cmd, a.json),
+        Cmd::Ping { json, socket } => {
+            let client = client(socket);
+            let r = client.call(&Request::Ping)?;
+            if json {
+                print_json(&r)?;
+            } else if let Reply::Pong {
+                daemon_version,
+                api_version,
+                pid,
+                state_dir,
+            } = r
+            {
+                println!(
+                    "miehistod {daemon_version} (API v{api_version}), pid {pid}, state in {}",
+                    state_dir.display()
+                );
+            }
+            Ok(0)
+        }
+        Cmd::Experiment(args) => {
+            let dir = runs_dir(cli.state_dir)?;
+            Ok(miehisto::experiment::cli(&args, cli.criu.as_deref(), &dir)?)
+        }
+        Cmd::Bench(args) => {
+            let dir = runs_dir(cli.state_dir)?;
+            Ok(miehisto::bench::cli(&args, cli.criu.as_deref(), &dir)?)
+        }
+    }
+}
+
+/// Shows elapsed seconds on stderr while `f` runs, when stderr is a terminal.
+fn with_progress<T>(label: &str, f: impl FnOnce() -> T) -> T {
+    if !std::io::stderr().is_terminal() {
+        return f();
+    }
+    let done = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&done);
+    let label = label.to_string();
+    let spinner = std::thread::spawn(move || {
+        let t0 = Instant::now();
+        let frames = ['|', '/', '-', '\\'];
+        let mut i = 0;
+        while !flag.load(Ordering::Relaxed) {
+            eprint!(
+                "\r{} {label} {:.1}s ",
+                frames[i % frames.len()],
+                t0.elapsed().as_secs_f64()
+            );
+            let _ = std::io::stderr().flush();
+            i += 1;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprint!("\r\x1b[2K");
+        let _ = std::io::stderr().flush();
+    });
+    let r = f();
+    done.store(true, Ordering::Relaxed);
+    let _ = spinner.join();
+    r
+}
+
+/// The interesting part of a reply as JSON: the list itself for lists.
+fn print_json(r: &Reply) -> Result<()> {
+    let out = match r {
+        Reply::Services { services } => serde_json::to_value(services)?,
+        Reply::Images { images } => serde_json::to_value(images)?,
+        other => {
+            let mut v = serde_json::to_value(other)?;
+            if let Some(o) = v.as_object_mut() {
+                o.remove("kind");
+            }
+            v
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+fn cwd_for(cwd: Option<PathBuf>) -> Result<PathBuf> {
+    match cwd {
+        Some(c) => std::path::absolute(&c).with_context(|| format!("bad -C {}", c.display())),
+        None => std::env::current_dir().context("cannot tell the current directory; give -C DIR"),
+    }
+}
+
+fn service(client: &Client, cmd: ServiceCmd, json: bool) -> Result<i32> {
+    let reply = match cmd {
+        ServiceCmd::Create {
+            name,
+            backend,
+            stop_at,
+            env,
+            cwd,
+            command,
+        } => {
+            let cwd = cwd_for(cwd)?;
+            client.call(&Request::ServiceCreate(api::CreateService {
+                name,
+                command,
+                env,
+                cwd,
+                backend,
+                stop_at,
+            }))?
+        }
+        ServiceCmd::Prebake { name } => {
+            let req = Request::ServicePrebake(api::Named { name: name.clone() });
+            with_progress(&format!("prebaking {name}"), || client.call(&req))?
+        }
+        ServiceCmd::Start { name, cold } => {
+            let req = Request::ServiceStart(api::StartService {
+                name: name.clone(),
+                cold,
+            });
+            with_progress(&format!("starting {name}"), || client.call(&req))?
+        }
+        ServiceCmd::Dump {
+            name,
+            leave_running,
+        } => {
+            let req = Request::ServiceDump(api::DumpService {
+                name: name.clone(),
+                leave_running,
+            });
+            with_progress(&format!("dumping {name}"), || client.call(&req))?
+        }
+        ServiceCmd::Stop { name } => {
+            let req = Request::ServiceStop(api::Named { name: name.clone() });
+            with_progress(&format!("stopping {name}"), || client.call(&req))?
+        }
+        ServiceCmd::Delete { name } => client.call(&Request::ServiceDelete(api::Named { name }))?,
+        ServiceCmd::List => client.call(&Request::ServiceList)?,
+        ServiceCmd::Logs { name, follow, tail } => return logs(client, name, follow, tail, json),
+    };
+    if json {
+        print_json(&reply)?;
+        return Ok(0);
+    }
+    match reply {
+        Reply::Service(s) => println!("{}", describe_service(&s)),
+        Reply::Services { services } => print_services(&services),
+        Reply::Image(i) => println!("{}", describe_image(&i)),
+        Reply::Done { message } => println!("{message}"),
+        other => print_json(&other)?,
+    }
+    Ok(0)
+}
+
+fn logs(client: &Client, name: String, follow: bool, tail: Option<u64>, json: bool) -> Result<i32> {
+    let mut ex = client.send(&Request::ServiceLogs(api::LogsRequest {
+        name,
+        follow,
+        tail_bytes: tail,
+    }))?;
+    loop {
+        match ex.read_reply()? {
+            Reply::Log { stream, text } => {
+                if json {
+                    println!("{}", serde_json::json!({ "stream": stream, "text": text }));
+                } else if stream == "stderr" {
+                    eprint!("{text}");
+                } else {
+                    print!("{text}");
+                    let _ = std::io::stdout().flush();
+                }
+            }
+            Reply::LogEnd => return Ok(0),
+            other => bail!("unexpected reply to service logs: {other:?}"),
+        }
+    }
+}
+
+fn parse_ref(s: &str, need_gen: bool) -> Result<(String, Option<u64>)> {
+    match s.split_once('@') {
+        Some((n, g)) => {
+            let g: u64 = g.parse().with_context(|| format!("{s:?}: the generation after @ must be a number, e.g. {n}@1"))?;
+            Ok((n.to_string(), Some(g)))
+        }
+        None if need_gen => bail!("{s:?} names no generation: write NAME@GEN, e.g. {s}@1 (`mhctl image list {s}` shows them)"),
+        None => Ok((s.to_string(), None)),
+    }
+}
+
+fn image(client: &Client, cmd: ImageCmd, json: bool) -> Result<i32> {
+    let reply = match cmd {
+        ImageCmd::List { name } => client.call(&Request::ImageList(api::MaybeNamed { name }))?,
+        ImageCmd::Inspect { image } => {
+            let (name, generation) = parse_ref(&image, false)?;
+            client.call(&Request::ImageInspect(api::ImageRef { name, generation }))?
+        }
+        ImageCmd::Rm { image } => {
+            let (name, generation) = parse_ref(&image, true)?;
+            client.call(&Request::ImageRm(api::ImageRm {
+                name,
+                generation: generation.unwrap_or_default(),
+            }))?
+        }
+    };
+    if json {
+        print_json(&reply)?;
+        return Ok(0);
+    }
+    match reply {
+        Reply::Images { images } => print_images(&images),
+        Reply::ImageDetail { image, metadata } => print_inspect(&image, &metadata),
+        Reply::Done { message } => println!("{message}"),
+        other => print_json(&other)?,
+    }
+    Ok(0)
+}
+
+fn human_bytes(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}
+
+fn human_duration(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        s if s >= 86400 => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+        s if s >= 3600 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        s if s >= 60 => format!("{}m{:02}s", s / 60, s % 60),
+        s => format!("{s}s"),
+    }
+}
+
+fn age(unix_ms: u64) -> String {
+    if unix_ms == 0 {
+        return "-".into();
+    }
+    format!(
+        "{} ago",
+        human_duration(miehisto::instance::unix_ms().saturating_sub(unix_ms))
+    )
+}
+
+/// Prints rows as columns padded to the widest cell.
+fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let n = cells.len();
+        let s: Vec<String> = cells
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i + 1 == n {
+                    c
+                } else {
+                    format!("{c:<w$}", w = widths[i])
+                }
+            })
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn describe_service(s: &ServiceInfo) -> String {
+    let mut out = format!("{}: {}", s.name, s.state);
+    if let (Some(pid), Some(sup)) = (s.pid, s.supervisor_pid) {
+        let from = match s.generation {
+            Some(g) => format!("restored from image generation {g}"),
+            None => "started cold".to_string(),
+        };
+        out.push_str(&format!(" (pid {pid} under runmh {sup}, {from})"));
+    } else if let Some(e) = &s.last_exit {
+        out.push_str(&format!(" ({e})"));
+    }
+    out
+}
+
+fn print_services(list: &[ServiceInfo]) {
+    if list.is_empty() {
+        println!("no services; create one with `mhctl service create NAME -- CMD...`");
+        return;
+    }
+    let rows = list
+        .iter()
+        .map(|s| {
+            let state = match &s.busy {
+                Some(op) => format!("{} ({op})", s.state),
+                None => s.state.clone(),
+            };
+            let image = match (s.state.as_str(), s.generation) {
+                ("running", Some(g)) => format!("gen {g}"),
+                ("running", None) => "cold".into(),
+                _ => "-".into(),
+            };
+            vec![
+                s.name.clone(),
+                state,
+                s.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                image,
+                s.uptime_ms
+                    .map(human_duration)
+                    .unwrap_or_else(|| "-".into()),
+                match s.latest_generation {
+                    Some(g) => format!("{} (newest {g})", s.images),
+                    None => "0".into(),
+                },
+                s.backend.clone(),
+                s.command.join(" "),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME", "STATE", "PID", "IMAGE", "UPTIME", "IMAGES", "BACKEND", "COMMAND",
+        ],
+        rows,
+    );
+}
+
+fn describe_image(i: &ImageInfo) -> String {
+    let stop = i
+        .stop_syscall
+        .as_ref()
+        .map(|s| format!(", stopped before {s}"))
+        .unwrap_or_default();
+    format!(
+        "{}@{}: published at {} (backend {}{stop}, dump {} ms, {})",
+        i.service,
+        i.generation,
+        i.path.display(),
+        i.backend,
+        i.dump_ms,
+        human_bytes(i.bytes)
+    )
+}
+
+fn print_images(list: &[ImageInfo]) {
+    if list.is_empty() {
+        println!(
+            "no images; make one with `mhctl service prebake NAME` or `mhctl service dump NAME`"
+        );
+        return;
+    }
+    let rows = list
+        .iter()
+        .map(|i| {
+            if !i.valid {
+                let problem = i.problem.clone().unwrap_or_default();
+                return vec![
+                    format!("{}@{}", i.service, i.generation),
+                    "-".into(),
+                    "INVALID".into(),
+                    "-".into(),
+                    human_bytes(i.bytes),
+                    "-".into(),
+                    problem,
+                ];
+            }
+            vec![
+                format!("{}@{}", i.service, i.generation),
+                age(i.created_unix_ms),
+                i.backend.clone(),
+                i.stop_syscall.clone().unwrap_or_else(|| "-".into()),
+                human_bytes(i.bytes),
+                format!("{} ms", i.dump_ms),
+                i.path.display().to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "IMAGE", "CREATED", "BACKEND", "STOP", "SIZE", "DUMP", "PATH",
+        ],
+        rows,
+    );
+}
+
+fn print_inspect(i: &ImageInfo, md: &miehisto::images::Metadata) {
+    let kv = |k: &str, v: String| println!("{k:<14} {v}");
+    kv("image", format!("{}@{}", i.service, i.generation));
+    kv("path", i.path.display().to_string());
+    kv("created", age(md.created_unix_ms));
+    kv(
+        "size",
+        format!("{} in {} files", human_bytes(i.bytes), i.files),
+    );
+    kv(
+        "backend",
+        format!("{} ({})", md.backend.kind, md.backend.reason),
+    );
+    if let Some(sig) = md.backend.marker_signal {
+        kv("marker signal", sig.to_string());
+    }
+    match &md.stop {
+        Some(s) => kv(
+            "stop event",
+            format!(
+                "before {}() {} ms after start (tid {}, args {:?})",
+                s.syscall,
+                s.since_start_ms,
+                s.hit.tid,
+                &s.hit.args[..3]
+            ),
+        ),
+        None => kv("stop event", "none: dumped while running".into()),
+    }
+    kv(
+        "dump",
+        format!(
+            "{} ms{}",
+            md.dump_ms,
+            if md.leave_running {
+                ", service left running"
+            } else {
+                ""
+            }
+        ),
+    );
+    kv("command", md.spec.argv.join(" "));
+    kv("program", md.spec.program.display().to_string());
+    kv("cwd", md.spec.cwd.display().to_string());
+    kv("logs", md.spec.log_dir.display().to_string());
+    kv("user", format!("{}:{}", md.spec.uid, md.spec.gid));
+    kv("criu", md.criu_version.clone());
+    kv("kernel", md.kernel.clone());
+    kv("miehisto", md.miehisto_version.clone());
+}

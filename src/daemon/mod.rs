@@ -1,1 +1,85 @@
-//! The daemon (miehistod) and its client API; see issue 4.
+//! The daemon, `miehistod`, and its client library (used by `mhctl`).
+//!
+//! # miehistod and mhctl
+//!
+//! `miehistod` manages services and their images; `mhctl` talks to it.
+//! Every step runs `runmh` as the daemon's child, so the process tree is
+//! `miehistod → runmh → service` whether the service booted cold or came
+//! back from an image (a restored runmh supervisor is re-parented to the
+//! daemon, which is a child subreaper).
+//!
+//! ```text
+//! sudo miehistod &                                   # socket /run/miehisto/miehistod.sock
+//! sudo mhctl service create web -- python3 examples/http_server.py --port 8080
+//! sudo mhctl service prebake web                     # boot to the first listen(2), dump: generation 1
+//! sudo mhctl service start web                       # restore the newest generation
+//! sudo mhctl service list                            # NAME STATE PID IMAGE UPTIME ...
+//! sudo mhctl service dump web --leave-running        # generation 2, from the running service
+//! sudo mhctl service stop web
+//! sudo mhctl service start web --cold                # boot the command instead
+//! sudo mhctl image list web; sudo mhctl image inspect web@1; sudo mhctl image rm web@1
+//! sudo mhctl service logs web -f
+//! ```
+//!
+//! Every `mhctl` command prints a table or a few lines, or JSON with
+//! `--json`; `prebake`, `dump` and `start` show elapsed seconds on stderr
+//! when it is a terminal. `mhctl experiment ...` and `mhctl bench ...` run
+//! the research matrix and the benchmarks without a daemon (`mhctl --criu
+//! PATH --state-dir DIR experiment ...`).
+//!
+//! ## Daemon options
+//! * `--socket PATH` (default `/run/miehisto/miehistod.sock`), created with
+//!   `--socket-mode` (default `0600`).
+//! * `--allow-uid UID`, `--allow-gid GID` (repeatable): who may connect
+//!   besides root; each peer is checked with `SO_PEERCRED` (its uid, gid and
+//!   supplementary groups). A refused client gets a `forbidden` reply. To
+//!   let a group in, widen the socket too: `--allow-gid 50 --socket-mode 0660`
+//!   with the socket's directory group-accessible.
+//! * `--state-dir DIR` (default `/var/lib/miehisto`): `services/<name>.json`
+//!   (the registry, one file per service, replaced atomically),
+//!   `images/<name>/<generation>/` (CRIU images + `miehisto.json`),
+//!   `logs/<name>/` (the service's `stdout.log`, `stderr.log`, and runmh's
+//!   own output in `runmh.log`), `runmh/` (runmh's instance records),
+//!   `miehistod.lock` (one daemon per state directory).
+//! * `--runmh PATH` (default: `runmh` beside `miehistod`), `--criu PATH`
+//!   (passed to runmh), `--stop-timeout SECS` (SIGTERM to SIGKILL on stop).
+//!
+//! ## Guarantees
+//! * **Restart-safe.** runmh runs in its own process group, without a
+//!   parent-death signal, its output in a file: stopping or killing the
+//!   daemon stops no service. A new daemon finds the running services in
+//!   runmh's instance records (each service has its own log directory) and
+//!   /proc, and manages them as before (list, dump, stop).
+//! * **Atomic images.** A generation directory appears by one `rename(2)`
+//!   of a staging directory, or not at all; a failed prebake or dump
+//!   leaves no generation (runmh keeps CRIU's log as `<gen>.dump-failed.log`).
+//!   Removing a generation hides it by rename before deleting it.
+//! * **One request per service at a time.** A second request on the same
+//!   service waits for the first to finish: two concurrent `prebake`s make
+//!   two generations, one after the other. Different services proceed in
+//!   parallel. `service list` never waits; it shows the step in progress.
+//! * **Validated input.** Service names are `[A-Za-z0-9][A-Za-z0-9_.-]{0,63}`
+//!   (no `/`, no `..`); commands are argv, never a shell line; requests are
+//!   limited to 64 KiB; a malformed request gets an error reply and the
+//!   daemon goes on serving.
+//!
+//! ## API
+//! JSON lines over the UNIX socket, versioned: see [`api`] for the full
+//! table. Example with a plain tool:
+//! `printf '{"v":1,"op":"service.list"}\n' | sudo socat - UNIX-CONNECT:/run/miehisto/miehistod.sock`.
+//!
+//! The modules: [`api`] (the wire types), [`server`] (socket, peer check,
+//! one thread per connection), [`service`] (the lifecycle), [`registry`]
+//! (persistent services), [`store`] (image generations), [`children`]
+//! (subreaper and reaping), [`logs`] (log streaming), [`procfs`],
+//! [`client`].
+
+pub mod api;
+pub mod children;
+pub mod client;
+pub mod logs;
+pub mod procfs;
+pub mod registry;
+pub mod server;
+pub mod service;
+pub mod store;

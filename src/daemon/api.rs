@@ -1,0 +1,418 @@
+//! The daemon's wire protocol, version 1: JSON lines over a UNIX stream
+//! socket.
+//!
+//! Every request is one JSON object on one line (at most
+//! [`MAX_REQUEST_BYTES`] bytes, newline included), carrying the API version
+//! `"v": 1` and an operation `"op"`; every reply is one JSON object on one
+//! line with `"v"`, `"ok"` and either `"result"` or `"error"`. A connection
+//! may carry several requests, one after the other; replies come in order.
+//!
+//! ```text
+//! → {"v":1,"op":"service.start","name":"web","cold":false}
+//! ← {"v":1,"ok":true,"result":{"kind":"service","name":"web","state":"running",...}}
+//! → {"v":1,"op":"service.stop","name":"nope"}
+//! ← {"v":1,"ok":false,"error":{"code":"not_found","message":"no service named \"nope\"; ..."}}
+//! ```
+//!
+//! | `op`              | fields                                                        | `result.kind`   |
+//! |-------------------|---------------------------------------------------------------|-----------------|
+//! | `ping`            |                                                               | `pong`          |
+//! | `service.create`  | `name`, `command` [argv], `env` [K=V], `cwd`, `backend` (trace\|notify\|auto), `stop_at` | `service` |
+//! | `service.prebake` | `name`                                                        | `image`         |
+//! | `service.start`   | `name`, `cold` (bool)                                         | `service`       |
+//! | `service.dump`    | `name`, `leave_running` (bool)                                | `image`         |
+//! | `service.stop`    | `name`                                                        | `service`       |
+//! | `service.delete`  | `name`                                                        | `done`          |
+//! | `service.list`    |                                                               | `services`      |
+//! | `service.logs`    | `name`, `follow` (bool), `tail_bytes`                         | `log`… then `log_end` |
+//! | `image.list`      | `name` (optional)                                             | `images`        |
+//! | `image.inspect`   | `name`, `generation` (optional: newest)                       | `image_detail`  |
+//! | `image.rm`        | `name`, `generation`                                          | `done`          |
+//!
+//! Unknown fields are refused, so a typo is an error, not a silent default.
+//! `service.logs` is the only streaming operation: it answers with any
+//! number of `log` results (`stream` is `stdout` or `stderr`) and, unless
+//! `follow` is set, a final `log_end`; with `follow` it streams until the
+//! client closes the connection.
+//!
+//! Error codes: `bad_request` (malformed JSON, unknown op or field, invalid
+//! name), `too_large` (request over the limit; the connection is then
+//! closed), `unsupported_version`, `forbidden` (the peer's uid/gid is not
+//! allowed; the connection is then closed), `not_found`, `exists`,
+//! `conflict` (e.g. starting a running service), `failed` (runmh or CRIU
+//! failed; the message carries runmh's error line), `unavailable` (too many
+//! connections), `internal`.
+
+use crate::images::Metadata;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+pub const API_VERSION: u32 = 1;
+/// The longest request line accepted, newline included.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+pub const DEFAULT_SOCKET: &str = "/run/miehisto/miehistod.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/miehisto";
+
+/// What a client asks for (the `"op"` field selects the variant).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op")]
+pub enum Request {
+    #[serde(rename = "ping")]
+    Ping,
+    #[serde(rename = "service.create")]
+    ServiceCreate(CreateService),
+    #[serde(rename = "service.prebake")]
+    ServicePrebake(Named),
+    #[serde(rename = "service.start")]
+    ServiceStart(StartService),
+    #[serde(rename = "service.dump")]
+    ServiceDump(DumpService),
+    #[serde(rename = "service.stop")]
+    ServiceStop(Named),
+    #[serde(rename = "service.delete")]
+    ServiceDelete(Named),
+    #[serde(rename = "service.list")]
+    ServiceList,
+    #[serde(rename = "service.logs")]
+    ServiceLogs(LogsRequest),
+    #[serde(rename = "image.list")]
+    ImageList(MaybeNamed),
+    #[serde(rename = "image.inspect")]
+    ImageInspect(ImageRef),
+    #[serde(rename = "image.rm")]
+    ImageRm(ImageRm),
+}
+
+impl Request {
+    /// The `"op"` name.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::Ping => "ping",
+            Request::ServiceCreate(_) => "service.create",
+            Request::ServicePrebake(_) => "service.prebake",
+            Request::ServiceStart(_) => "service.start",
+            Request::ServiceDump(_) => "service.dump",
+            Request::ServiceStop(_) => "service.stop",
+            Request::ServiceDelete(_) => "service.delete",
+            Request::ServiceList => "service.list",
+            Request::ServiceLogs(_) => "service.logs",
+            Request::ImageList(_) => "image.list",
+            Request::ImageInspect(_) => "image.inspect",
+            Request::ImageRm(_) => "image.rm",
+        }
+    }
+
+    /// The service a request is about, if any.
+    pub fn service(&self) -> Option<&str> {
+        match self {
+            Request::ServiceCreate(c) => Some(&c.name),
+            Request::ServicePrebake(n) | Request::ServiceStop(n) | Request::ServiceDelete(n) => {
+                Some(&n.name)
+            }
+            Request::ServiceStart(s) => Some(&s.name),
+            Request::ServiceDump(d) => Some(&d.name),
+            Request::ServiceLogs(l) => Some(&l.name),
+            Request::ImageList(m) => m.name.as_deref(),
+            Request::ImageInspect(i) => Some(&i.name),
+            Request::ImageRm(i) => Some(&i.name),
+            Request::Ping | Request::ServiceList => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Named {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaybeNamed {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateService {
+    pub name: String,
+    /// argv of the service; never run through a shell.
+    pub command: Vec<String>,
+    /// `KEY=VALUE` settings added to the service's environment.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Absolute working directory (the client sends its own when none is given).
+    pub cwd: PathBuf,
+    /// `trace`, `notify` or `auto`.
+    #[serde(default = "default_backend")]
+    pub backend: String,
+    /// The syscall a prebake stops before.
+    #[serde(default = "default_stop_at")]
+    pub stop_at: String,
+}
+
+pub fn default_backend() -> String {
+    "auto".into()
+}
+pub fn default_stop_at() -> String {
+    "listen".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartService {
+    pub name: String,
+    /// Boot the command instead of restoring the newest image.
+    #[serde(default)]
+    pub cold: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DumpService {
+    pub name: String,
+    #[serde(default)]
+    pub leave_running: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogsRequest {
+    pub name: String,
+    #[serde(default)]
+    pub follow: bool,
+    /// How much of the end of each log to send first (default 1 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageRef {
+    pub name: String,
+    /// None: the newest generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageRm {
+    pub name: String,
+    pub generation: u64,
+}
+
+/// A request line as sent: the version next to the operation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Envelope<'a> {
+    pub v: u32,
+    #[serde(flatten)]
+    pub req: &'a Request,
+}
+
+/// One reply line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub v: u32,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Reply>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ApiError>,
+}
+
+impl Response {
+    pub fn ok(result: Reply) -> Response {
+        Response {
+            v: API_VERSION,
+            ok: true,
+            result: Some(result),
+            error: None,
+        }
+    }
+    pub fn err(code: ErrorCode, message: impl Into<String>) -> Response {
+        Response {
+            v: API_VERSION,
+            ok: false,
+            result: None,
+            error: Some(ApiError {
+                code,
+                message: message.into(),
+            }),
+        }
+    }
+    /// The reply as one line, newline included.
+    pub fn to_line(&self) -> String {
+        let mut s = serde_json::to_string(self).unwrap_or_else(|e| {
+            format!(r#"{{"v":{API_VERSION},"ok":false,"error":{{"code":"internal","message":"cannot encode the reply: {e}"}}}}"#)
+        });
+        s.push('\n');
+        s
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    TooLarge,
+    UnsupportedVersion,
+    Forbidden,
+    NotFound,
+    Exists,
+    Conflict,
+    Failed,
+    Unavailable,
+    Internal,
+}
+
+/// What a successful request returns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Reply {
+    Pong {
+        daemon_version: String,
+        api_version: u32,
+        pid: i32,
+        state_dir: PathBuf,
+    },
+    Service(ServiceInfo),
+    Services {
+        services: Vec<ServiceInfo>,
+    },
+    Image(ImageInfo),
+    Images {
+        images: Vec<ImageInfo>,
+    },
+    ImageDetail {
+        image: ImageInfo,
+        metadata: Box<Metadata>,
+    },
+    Done {
+        message: String,
+    },
+    Log {
+        stream: String,
+        text: String,
+    },
+    LogEnd,
+}
+
+/// A service as `service.list` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceInfo {
+    pub name: String,
+    /// `running` or `stopped`.
+    pub state: String,
+    /// The operation in progress (`prebake`, `start`, `dump`, ...), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub busy: Option<String>,
+    /// Host pid of the service (the sandbox's PID 1) while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i32>,
+    /// Host pid of the runmh that supervises it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supervisor_pid: Option<i32>,
+    /// The image generation it was restored from; None when started cold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+    /// `restored` or `cold` while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_ms: Option<u64>,
+    /// How the last run ended, as far as the daemon saw it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
+    pub images: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_generation: Option<u64>,
+    pub command: Vec<String>,
+    pub cwd: PathBuf,
+    pub env: Vec<String>,
+    pub backend: String,
+    pub stop_at: String,
+    pub log_dir: PathBuf,
+    pub created_unix_ms: u64,
+}
+
+/// One published image generation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    pub service: String,
+    pub generation: u64,
+    pub path: PathBuf,
+    /// Whether the metadata read and validated; when not, `problem` says why.
+    pub valid: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+    pub created_unix_ms: u64,
+    /// `trace`, `notify` or `none` (a dump at any moment).
+    pub backend: String,
+    /// The syscall the service was stopped before (prebaked images).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_syscall: Option<String>,
+    /// Bytes on disk, metadata included.
+    pub bytes: u64,
+    pub files: u64,
+    pub dump_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_with_version() {
+        let req = Request::ServiceStart(StartService {
+            name: "web".into(),
+            cold: true,
+        });
+        let line = serde_json::to_string(&Envelope {
+            v: API_VERSION,
+            req: &req,
+        })
+        .unwrap();
+        assert_eq!(
+            line,
+            r#"{"v":1,"op":"service.start","name":"web","cold":true}"#
+        );
+        let mut v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        v.as_object_mut().unwrap().remove("v");
+        assert_eq!(serde_json::from_value::<Request>(v).unwrap(), req);
+        let list: Request = serde_json::from_str(r#"{"op":"service.list"}"#).unwrap();
+        assert_eq!(list, Request::ServiceList);
+    }
+
+    #[test]
+    fn unknown_fields_and_ops_are_refused() {
+        assert!(serde_json::from_str::<Request>(
+            r#"{"op":"service.dump","name":"a","leave_runing":true}"#
+        )
+        .is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"op":"service.explode","name":"a"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"op":"service.stop"}"#).is_err());
+    }
+
+    #[test]
+    fn replies_round_trip() {
+        let r = Response::err(ErrorCode::Forbidden, "no");
+        let line = r.to_line();
+        assert!(line.ends_with('\n'));
+        assert_eq!(serde_json::from_str::<Response>(line.trim()).unwrap(), r);
+        let ok = Response::ok(Reply::Done {
+            message: "x".into(),
+        });
+        assert_eq!(
+            serde_json::from_str::<Response>(ok.to_line().trim()).unwrap(),
+            ok
+        );
+    }
+}

@@ -1,0 +1,944 @@
+//! Service lifecycle: every step runs `runmh` as a child of the daemon, so
+//! the tree is miehistod → runmh → service whether it booted cold or came
+//! back from an image.
+//!
+//! * prebake: `runmh prebake --images <state>/images/<svc>/<gen> ...`
+//!   (runmh stages the dump beside that path and publishes it by rename);
+//! * start: `runmh restore --images <newest gen> --detach` (the restored
+//!   supervisor is re-parented to the daemon, a child subreaper, when the
+//!   front process exits), or `runmh run ...` cold;
+//! * dump: `runmh dump --pid <service> --images <next gen> [--leave-running]`;
+//! * stop: SIGTERM to the supervisor, which forwards it to the service and
+//!   escalates to SIGKILL after `--stop-timeout`.
+//!
+//! runmh runs in its own process group with no parent-death signal and its
+//! output in a file, so nothing ties it to the daemon's life: a daemon that
+//! restarts finds its services in runmh's instance records (each service
+//! has its own log directory, which the records carry) and in /proc.
+//!
+//! Two requests on one service are serialized: the second waits until the
+//! first is done (a second `prebake` then makes the next generation).
+//! Requests on different services run in parallel.
+
+use super::api::{CreateService, ErrorCode, ImageInfo, ServiceInfo};
+use super::children::{Children, ChildrenError, ExitInfo};
+use super::procfs;
+use super::registry::{self, Registry, RegistryError, ServiceConfig, ServiceRecord};
+use super::store::{self, ImageStore, ImageStoreError};
+use crate::images::{Metadata, MetadataError};
+use crate::instance::{self, Instance, InstanceRecord};
+use crate::stop::filter::StopSyscall;
+use crate::stop::BackendChoice;
+use crate::sys;
+use nix::libc;
+use nix::unistd::Pid;
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// The longest a runmh step may take before the daemon gives up on it
+/// (runmh has its own, shorter limits for the stop point and CRIU).
+const STEP_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a cold start may take to report its service running.
+const COLD_START_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Store(#[from] ImageStoreError),
+    #[error(transparent)]
+    Children(#[from] ChildrenError),
+    #[error("no service named {0:?}; `mhctl service list` shows the services")]
+    NotFound(String),
+    #[error("a service named {0:?} already exists; delete it first or choose another name")]
+    Exists(String),
+    #[error(
+        "{name} is already running (pid {pid}); stop it first with `mhctl service stop {name}`"
+    )]
+    Running { name: String, pid: i32 },
+    #[error("{name} is not running; start it with `mhctl service start {name}`")]
+    NotRunning { name: String },
+    #[error("{name} is running (pid {pid}) and a prebake boots a second copy, whose ports would collide; stop it first, or dump the running one with `mhctl service dump {name} --leave-running`")]
+    PrebakeWhileRunning { name: String, pid: i32 },
+    #[error("invalid service definition: {0}")]
+    BadSpec(String),
+    #[error("the state directory {path} is too long ({len} bytes): runmh's control sockets under it would exceed the {max}-byte limit of a UNIX socket path; use a shorter --state-dir")]
+    StateDirTooLong {
+        path: PathBuf,
+        len: usize,
+        max: usize,
+    },
+    #[error("cannot prepare {path}")]
+    Prepare {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("runmh {op} failed for {name}: {detail} (runmh's output: {log})")]
+    Runmh {
+        op: &'static str,
+        name: String,
+        detail: String,
+        log: PathBuf,
+    },
+    #[error("runmh {op} for {name} did not finish within {secs} s and was interrupted (runmh's output: {log})")]
+    Timeout {
+        op: &'static str,
+        name: String,
+        secs: u64,
+        log: PathBuf,
+    },
+    #[error("runmh published {path}, but it does not read back as an image")]
+    BadImage {
+        path: PathBuf,
+        #[source]
+        source: MetadataError,
+    },
+}
+
+impl ServiceError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ServiceError::NotFound(_) => ErrorCode::NotFound,
+            ServiceError::Store(
+                ImageStoreError::NoGeneration { .. } | ImageStoreError::NoImage { .. },
+            ) => ErrorCode::NotFound,
+            ServiceError::Exists(_) => ErrorCode::Exists,
+            ServiceError::Running { .. }
+            | ServiceError::NotRunning { .. }
+            | ServiceError::PrebakeWhileRunning { .. } => ErrorCode::Conflict,
+            ServiceError::BadSpec(_) | ServiceError::Registry(RegistryError::BadName { .. }) => {
+                ErrorCode::BadRequest
+            }
+            ServiceError::Runmh { .. }
+            | ServiceError::Timeout { .. }
+            | ServiceError::BadImage { .. } => ErrorCode::Failed,
+            _ => ErrorCode::Internal,
+        }
+    }
+}
+
+/// The daemon's settings that concern services.
+#[derive(Debug, Clone)]
+pub struct ServicesConfig {
+    /// Absolute state directory.
+    pub state_dir: PathBuf,
+    pub runmh: PathBuf,
+    pub criu: Option<PathBuf>,
+    /// Passed to runmh: seconds between SIGTERM and SIGKILL on stop.
+    pub stop_timeout: u64,
+}
+
+/// A running service, as runmh's instance record and /proc tell it.
+#[derive(Debug, Clone)]
+pub struct Live {
+    pub instance: Instance,
+    pub record: InstanceRecord,
+}
+
+/// The operations in progress, by service; doubles as the per-service lock.
+#[derive(Default)]
+struct Ops {
+    busy: Mutex<HashMap<String, (String, Instant)>>,
+    freed: Condvar,
+}
+
+/// Holds a service's lock until dropped.
+pub struct OpGuard<'a> {
+    ops: &'a Ops,
+    name: String,
+}
+
+impl Drop for OpGuard<'_> {
+    fn drop(&mut self) {
+        let mut b = self.ops.busy.lock().unwrap_or_else(|p| p.into_inner());
+        b.remove(&self.name);
+        drop(b);
+        self.ops.freed.notify_all();
+    }
+}
+
+pub struct Services {
+    cfg: ServicesConfig,
+    registry: Registry,
+    store: ImageStore,
+    children: Children,
+    runmh_state: PathBuf,
+    records: Mutex<BTreeMap<String, ServiceRecord>>,
+    ops: Ops,
+    /// The supervisor pid of each service the daemon started or took
+    /// back, to tell how it ended once it is gone.
+    watched: Mutex<HashMap<String, i32>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// States of a runmh instance whose service is up (a dump in progress
+/// included).
+fn is_up(state: &str) -> bool {
+    matches!(state, "running" | "frozen" | "dumping")
+}
+
+fn describe_end(info: Option<ExitInfo>) -> String {
+    match info {
+        Some(ExitInfo::Exited(c)) => {
+            format!("exited (runmh reported the service's exit status {c})")
+        }
+        Some(i) => format!("ended: runmh {i}"),
+        None => "ended (not a child of this daemon: status unknown)".to_string(),
+    }
+}
+
+impl Services {
+    /// Opens the state directory and takes back the services that still run.
+    pub fn open(cfg: ServicesConfig, children: Children) -> Result<Services, ServiceError> {
+        let registry = Registry::open(&cfg.state_dir)?;
+        let store = ImageStore::open(&cfg.state_dir)?;
+        let runmh_state = cfg.state_dir.join("runmh");
+        // runmh puts a control socket at runmh/instances/<ms>-<pid>/control.sock.
+        let longest = runmh_state
+            .join("instances")
+            .join(format!("{}-{}", 9_999_999_999_999u64, 4_194_304))
+            .join("control.sock");
+        let max = 107;
+        if longest.as_os_str().len() > max {
+            return Err(ServiceError::StateDirTooLong {
+                path: cfg.state_dir.clone(),
+                len: cfg.state_dir.as_os_str().len(),
+                max,
+            });
+        }
+        for dir in [runmh_state.clone(), cfg.state_dir.join("logs")] {
+            std::fs::create_dir_all(&dir).map_err(|source| ServiceError::Prepare {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let (recs, errs) = registry.load_all();
+        for e in errs {
+            log::warn!("skipping a service: {e}");
+        }
+        for p in store.clean_stale() {
+            log::info!(
+                "removed {}, left by an interrupted image write",
+                p.display()
+            );
+        }
+        // Instance records of supervisors that died without cleaning up
+        // (killed with SIGKILL, machine crash) would shadow nothing, but
+        // they pile up: remove those whose supervisor is certainly gone.
+        for (inst, rec) in Instance::list(&runmh_state) {
+            if rec.supervisor_pid > 0 && !procfs::alive(rec.supervisor_pid) {
+                log::info!(
+                    "removing the stale runmh instance {} (its supervisor {} is gone)",
+                    inst.id,
+                    rec.supervisor_pid
+                );
+                inst.remove();
+            }
+        }
+        let me = Services {
+            cfg,
+            registry,
+            store,
+            children,
+            runmh_state,
+            records: Mutex::new(
+                recs.into_iter()
+                    .map(|r| (r.config.name.clone(), r))
+                    .collect(),
+            ),
+            ops: Ops::default(),
+            watched: Mutex::new(HashMap::new()),
+        };
+        let names: Vec<String> = lock(&me.records).keys().cloned().collect();
+        for name in names {
+            if let Some(live) = me.live(&name) {
+                log::info!(
+                    "took back {name}: service pid {} under runmh pid {}",
+                    live.record.root_pid,
+                    live.record.supervisor_pid
+                );
+                lock(&me.watched).insert(name, live.record.supervisor_pid);
+            }
+        }
+        Ok(me)
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.cfg.state_dir
+    }
+
+    pub fn store(&self) -> &ImageStore {
+        &self.store
+    }
+
+    pub fn log_dir(&self, name: &str) -> PathBuf {
+        self.cfg.state_dir.join("logs").join(name)
+    }
+
+    fn runmh_log(&self, name: &str) -> PathBuf {
+        self.log_dir(name).join("runmh.log")
+    }
+
+    /// Takes the service's lock, waiting while another request holds it.
+    fn begin(&self, name: &str, op: &str) -> Result<OpGuard<'_>, ServiceError> {
+        registry::validate_name(name)?;
+        let mut b = lock(&self.ops.busy);
+        while b.contains_key(name) {
+            b = self.ops.freed.wait(b).unwrap_or_else(|p| p.into_inner());
+        }
+        b.insert(name.to_string(), (op.to_string(), Instant::now()));
+        Ok(OpGuard {
+            ops: &self.ops,
+            name: name.to_string(),
+        })
+    }
+
+    fn record(&self, name: &str) -> Result<ServiceRecord, ServiceError> {
+        registry::validate_name(name)?;
+        lock(&self.records)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ServiceError::NotFound(name.to_string()))
+    }
+
+    fn update(&self, name: &str, f: impl FnOnce(&mut ServiceRecord)) -> Result<(), ServiceError> {
+        let mut recs = lock(&self.records);
+        let rec = recs
+            .get_mut(name)
+            .ok_or_else(|| ServiceError::NotFound(name.to_string()))?;
+        let mut next = rec.clone();
+        f(&mut next);
+        self.registry.save(&next)?;
+        *rec = next;
+        Ok(())
+    }
+
+    /// The service's running instance: a live supervisor whose record is
+    /// up, with the service as its child (a recycled pid would not be).
+    pub fn live(&self, name: &str) -> Option<Live> {
+        let log_dir = self.log_dir(name);
+        Instance::list(&self.runmh_state)
+            .into_iter()
+            .filter(|(_, r)| r.spec.log_dir == log_dir && is_up(&r.state))
+            .filter(|(_, r)| {
+                r.supervisor_pid > 0
+                    && procfs::alive(r.supervisor_pid)
+                    && procfs::alive(r.root_pid)
+                    && procfs::ppid(r.root_pid) == Some(r.supervisor_pid)
+            })
+            .max_by_key(|(_, r)| r.started_unix_ms)
+            .map(|(instance, record)| Live { instance, record })
+    }
+
+    /// Notes how a watched service ended once it is gone.
+    fn settle(&self, name: &str, live: &Option<Live>) {
+        if live.is_some() {
+            return;
+        }
+        let Some(pid) = lock(&self.watched).remove(name) else {
+            return;
+        };
+        let end = describe_end(self.children.take(pid));
+        let _ = self.update(name, |r| r.last_exit = Some(end));
+    }
+
+    fn generation_of(&self, name: &str, image: Option<&Path>) -> Option<u64> {
+        let image = image?;
+        if image.parent()? != self.store.service_dir(name) {
+            return None;
+        }
+        image.file_name()?.to_str()?.parse().ok()
+    }
+
+    pub fn info(&self, name: &str) -> Result<ServiceInfo, ServiceError> {
+        let live = self.live(name);
+        self.settle(name, &live);
+        let rec = self.record(name)?;
+        let busy = lock(&self.ops.busy).get(name).map(|(op, _)| op.clone());
+        let gens = self.store.generations(name);
+        let c = &rec.config;
+        let mut info = ServiceInfo {
+            name: c.name.clone(),
+            state: "stopped".into(),
+            busy,
+            pid: None,
+            supervisor_pid: None,
+            generation: None,
+            started_from: None,
+            uptime_ms: None,
+            last_exit: rec.last_exit.clone(),
+            images: gens.len() as u64,
+            latest_generation: gens.last().copied(),
+            command: c.command.clone(),
+            cwd: c.cwd.clone(),
+            env: c.env.clone(),
+            backend: c.backend.clone(),
+            stop_at: c.stop_at.clone(),
+            log_dir: self.log_dir(name),
+            created_unix_ms: c.created_unix_ms,
+        };
+        if let Some(l) = live {
+            info.state = "running".into();
+            info.pid = Some(l.record.root_pid);
+            info.supervisor_pid = Some(l.record.supervisor_pid);
+            info.generation = self.generation_of(name, l.record.image.as_deref());
+            info.started_from = Some(
+                if l.record.image.is_some() {
+                    "restored"
+                } else {
+                    "cold"
+                }
+                .into(),
+            );
+            info.uptime_ms = Some(instance::unix_ms().saturating_sub(l.record.started_unix_ms));
+        }
+        Ok(info)
+    }
+
+    pub fn list(&self) -> Vec<ServiceInfo> {
+        let names: Vec<String> = lock(&self.records).keys().cloned().collect();
+        names.iter().filter_map(|n| self.info(n).ok()).collect()
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        lock(&self.records).keys().cloned().collect()
+    }
+
+    pub fn exists(&self, name: &str) -> Result<(), ServiceError> {
+        self.record(name).map(drop)
+    }
+
+    pub fn create(&self, req: &CreateService) -> Result<ServiceInfo, ServiceError> {
+        let name = req.name.as_str();
+        let g = self.begin(name, "create")?;
+        if lock(&self.records).contains_key(name) {
+            return Err(ServiceError::Exists(name.to_string()));
+        }
+        let cfg = validate_create(req)?;
+        // What a delete interrupted by a crash may have left behind under
+        // this name belongs to no service.
+        self.store.remove_service(name)?;
+        let _ = std::fs::remove_dir_all(self.log_dir(name));
+        let rec = ServiceRecord::new(cfg);
+        self.registry.save(&rec)?;
+        lock(&self.records).insert(name.to_string(), rec);
+        drop(g);
+        self.info(name)
+    }
+
+    pub fn delete(&self, name: &str) -> Result<String, ServiceError> {
+        let _g = self.begin(name, "delete")?;
+        self.record(name)?;
+        if let Some(l) = self.live(name) {
+            return Err(ServiceError::Running {
+                name: name.to_string(),
+                pid: l.record.root_pid,
+            });
+        }
+        let n = self.store.generations(name).len();
+        // The record goes last: until then, a crash leaves a service that
+        // a second delete finishes removing.
+        self.store.remove_service(name)?;
+        let _ = std::fs::remove_dir_all(self.log_dir(name));
+        self.registry.remove(name)?;
+        lock(&self.records).remove(name);
+        lock(&self.watched).remove(name);
+        Ok(format!("deleted {name} and its {n} image generation(s)"))
+    }
+
+    /// A runmh command line: our state, CRIU, own process group, quiet stdin.
+    fn runmh(&self, cwd: &Path) -> Command {
+        let mut c = Command::new(&self.cfg.runmh);
+        c.arg("--state-dir").arg(&self.runmh_state);
+        if let Some(criu) = &self.cfg.criu {
+            c.arg("--criu").arg(criu);
+        }
+        // Its own process group: a terminal's ^C to the daemon is not for
+        // the services; and no parent-death signal, so they outlive us.
+        c.current_dir(cwd).stdin(Stdio::null()).process_group(0);
+        c
+    }
+
+    fn sandbox_args(&self, c: &mut Command, cfg: &ServiceConfig) {
+        c.arg(format!("--log-dir={}", self.log_dir(&cfg.name).display()));
+        c.arg(format!("--cwd={}", cfg.cwd.display()));
+        c.arg(format!("--stop-timeout={}", self.cfg.stop_timeout));
+        for e in &cfg.env {
+            c.arg(format!("--env={e}"));
+        }
+        c.arg("--").args(&cfg.command);
+    }
+
+    /// Points runmh's output at the service's runmh.log; returns where this
+    /// step's output starts.
+    fn attach_log(&self, name: &str, op: &str, c: &mut Command) -> Result<u64, ServiceError> {
+        let dir = self.log_dir(name);
+        std::fs::create_dir_all(&dir).map_err(|source| ServiceError::Prepare {
+            path: dir.clone(),
+            source,
+        })?;
+        let path = self.runmh_log(name);
+        let prep = |source| ServiceError::Prepare {
+            path: path.clone(),
+            source,
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(prep)?;
+        writeln!(
+            f,
+            "--- miehistod {}: runmh {op} ({} ms since the epoch)",
+            std::process::id(),
+            instance::unix_ms()
+        )
+        .map_err(prep)?;
+        let offset = f.metadata().map_err(prep)?.len();
+        let err = f.try_clone().map_err(prep)?;
+        c.stdout(f).stderr(err);
+        Ok(offset)
+    }
+
+    /// runmh's output since `offset`.
+    fn runmh_output(&self, name: &str, offset: u64) -> Vec<String> {
+        let mut text = String::new();
+        if let Ok(mut f) = std::fs::File::open(self.runmh_log(name)) {
+            if f.seek(SeekFrom::Start(offset)).is_ok() {
+                let _ = f.take(1 << 20).read_to_string(&mut text);
+            }
+        }
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The last `runmh: error:` line since `offset`.
+    fn runmh_error_line(&self, name: &str, offset: u64) -> Option<String> {
+        self.runmh_output(name, offset)
+            .iter()
+            .rev()
+            .find_map(|l| l.strip_prefix("runmh: error: ").map(str::to_string))
+    }
+
+    /// What to tell about a failed runmh step.
+    fn runmh_error(&self, name: &str, offset: u64, status: Option<ExitInfo>) -> String {
+        if let Some(l) = self.runmh_error_line(name, offset) {
+            return l;
+        }
+        let status = status
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "no status".into());
+        match self.runmh_output(name, offset).last() {
+            Some(l) => format!("runmh ended with {status} after: {l}"),
+            None => format!("runmh ended with {status}"),
+        }
+    }
+
+    /// Runs one runmh step to its end.
+    fn run_step(&self, name: &str, op: &'static str, mut c: Command) -> Result<(), ServiceError> {
+        let offset = self.attach_log(name, op, &mut c)?;
+        let pid = self.children.spawn(&mut c)?;
+        match self.children.wait(pid, STEP_TIMEOUT) {
+            Some(s) if s.success() => Ok(()),
+            Some(s) => Err(ServiceError::Runmh {
+                op,
+                name: name.into(),
+                detail: self.runmh_error(name, offset, Some(s)),
+                log: self.runmh_log(name),
+            }),
+            None => {
+                // runmh cleans up (its staging directory, the service) on SIGTERM.
+                let _ = sys::kill(Pid::from_raw(pid), libc::SIGTERM);
+                if self.children.wait(pid, Duration::from_secs(30)).is_none() {
+                    let _ = sys::kill(Pid::from_raw(pid), libc::SIGKILL);
+                }
+                Err(ServiceError::Timeout {
+                    op,
+                    name: name.into(),
+                    secs: STEP_TIMEOUT.as_secs(),
+                    log: self.runmh_log(name),
+                })
+            }
+        }
+    }
+
+    /// Hands out the next generation number, recorded before use so it is
+    /// never handed out twice.
+    fn next_generation(&self, name: &str) -> Result<(u64, PathBuf), ServiceError> {
+        let rec = self.record(name)?;
+        let gen = self.store.next_generation(name, rec.last_generation)?;
+        self.update(name, |r| r.last_generation = gen)?;
+        Ok((gen, self.store.generation_path(name, gen)))
+    }
+
+    fn published(&self, name: &str, gen: u64, path: PathBuf) -> Result<ImageInfo, ServiceError> {
+        let md = Metadata::read(&path).map_err(|source| ServiceError::BadImage {
+            path: path.clone(),
+            source,
+        })?;
+        let (bytes, files) = crate::images::dir_usage(&path);
+        Ok(store::info_of(name, gen, path, &md, bytes, files))
+    }
+
+    pub fn prebake(&self, name: &str) -> Result<ImageInfo, ServiceError> {
+        let _g = self.begin(name, "prebake")?;
+        let rec = self.record(name)?;
+        if let Some(l) = self.live(name) {
+            return Err(ServiceError::PrebakeWhileRunning {
+                name: name.into(),
+                pid: l.record.root_pid,
+            });
+        }
+        let (gen, dest) = self.next_generation(name)?;
+        let cfg = &rec.config;
+        let mut c = self.runmh(&cfg.cwd);
+        c.arg("prebake")
+            .arg("--images")
+            .arg(&dest)
+            .arg("--backend")
+            .arg(&cfg.backend)
+            .arg("--stop-at")
+            .arg(&cfg.stop_at);
+        self.sandbox_args(&mut c, cfg);
+        self.run_step(name, "prebake", c)?;
+        self.published(name, gen, dest)
+    }
+
+    pub fn dump(&self, name: &str, leave_running: bool) -> Result<ImageInfo, ServiceError> {
+        let _g = self.begin(name, "dump")?;
+        self.record(name)?;
+        let live = self
+            .live(name)
+            .ok_or_else(|| ServiceError::NotRunning { name: name.into() })?;
+        let (gen, dest) = self.next_generation(name)?;
+        let mut c = self.runmh(Path::new("/"));
+        c.arg("dump")
+            .arg("--pid")
+            .arg(live.record.root_pid.to_string())
+            .arg("--images")
+            .arg(&dest);
+        if leave_running {
+            c.arg("--leave-running");
+        }
+        self.run_step(name, "dump", c)?;
+        let info = self.published(name, gen, dest)?;
+        if !leave_running {
+            // CRIU killed the tree; its supervisor follows.
+            let sup = live.record.supervisor_pid;
+            wait_gone(sup, Duration::from_secs(30));
+            lock(&self.watched).remove(name);
+            let _ = self.children.wait(sup, Duration::from_millis(500));
+            let _ = self.update(name, |r| {
+                r.last_exit = Some(format!("dumped into image generation {gen}"))
+            });
+        }
+        Ok(info)
+    }
+
+    pub fn start(&self, name: &str, cold: bool) -> Result<ServiceInfo, ServiceError> {
+        let g = self.begin(name, "start")?;
+        let rec = self.record(name)?;
+        if let Some(l) = self.live(name) {
+            return Err(ServiceError::Running {
+                name: name.into(),
+                pid: l.record.root_pid,
+            });
+        }
+        let image = if cold {
+            None
+        } else {
+            self.store.newest_valid(name)
+        };
+        let sup = match image {
+            Some((gen, _)) => self.restore(name, &rec.config, gen)?,
+            None => self.start_cold(name, &rec.config)?,
+        };
+        lock(&self.watched).insert(name.to_string(), sup);
+        let _ = self.update(name, |r| r.last_exit = None);
+        drop(g);
+        self.info(name)
+    }
+
+    fn restore(&self, name: &str, cfg: &ServiceConfig, gen: u64) -> Result<i32, ServiceError> {
+        let mut c = self.runmh(&cfg.cwd);
+        c.arg("restore")
+            .arg("--images")
+            .arg(self.store.generation_path(name, gen))
+            .arg("--detach");
+        c.arg(format!("--stop-timeout={}", self.cfg.stop_timeout));
+        let offset = self.attach_log(name, "restore", &mut c)?;
+        let front = self.children.spawn(&mut c)?;
+        let status = self.children.wait(front, STEP_TIMEOUT);
+        let fail = |detail: String| ServiceError::Runmh {
+            op: "restore",
+            name: name.into(),
+            detail,
+            log: self.runmh_log(name),
+        };
+        match status {
+            Some(s) if s.success() => {}
+            Some(s) => return Err(fail(self.runmh_error(name, offset, Some(s)))),
+            None => {
+                let _ = sys::kill(Pid::from_raw(front), libc::SIGTERM);
+                return Err(ServiceError::Timeout {
+                    op: "restore",
+                    name: name.into(),
+                    secs: STEP_TIMEOUT.as_secs(),
+                    log: self.runmh_log(name),
+                });
+            }
+        }
+        // The front process named the instance after itself.
+        let suffix = format!("-{front}");
+        Instance::list(&self.runmh_state)
+            .into_iter()
+            .find(|(i, r)| i.id.ends_with(&suffix) && r.supervisor_pid > 0)
+            .map(|(_, r)| r.supervisor_pid)
+            .ok_or_else(|| fail("the restore reported success but left no running instance".into()))
+    }
+
+    fn start_cold(&self, name: &str, cfg: &ServiceConfig) -> Result<i32, ServiceError> {
+        let mut c = self.runmh(&cfg.cwd);
+        c.arg("run");
+        self.sandbox_args(&mut c, cfg);
+        let offset = self.attach_log(name, "run", &mut c)?;
+        let pid = self.children.spawn(&mut c)?;
+        let suffix = format!("-{pid}");
+        let t0 = Instant::now();
+        loop {
+            if let Some(s) = self.children.take(pid) {
+                let detail = match self.runmh_error_line(name, offset) {
+                    Some(l) => l,
+                    None => format!("the service ended as soon as it started (runmh {s}); `mhctl service logs {name}` shows its output"),
+                };
+                return Err(ServiceError::Runmh {
+                    op: "run",
+                    name: name.into(),
+                    detail,
+                    log: self.runmh_log(name),
+                });
+            }
+            let up = Instance::list(&self.runmh_state)
+                .into_iter()
+                .any(|(i, r)| i.id.ends_with(&suffix) && r.state == "running" && r.root_pid > 0);
+            if up {
+                return Ok(pid);
+            }
+            if t0.elapsed() > COLD_START_TIMEOUT {
+                let _ = sys::kill(Pid::from_raw(pid), libc::SIGTERM);
+                return Err(ServiceError::Timeout {
+                    op: "run",
+                    name: name.into(),
+                    secs: COLD_START_TIMEOUT.as_secs(),
+                    log: self.runmh_log(name),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    pub fn stop(&self, name: &str) -> Result<ServiceInfo, ServiceError> {
+        let g = self.begin(name, "stop")?;
+        self.record(name)?;
+        let live = self
+            .live(name)
+            .ok_or_else(|| ServiceError::NotRunning { name: name.into() })?;
+        let sup = live.record.supervisor_pid;
+        let root = live.record.root_pid;
+        // The supervisor forwards SIGTERM and escalates to SIGKILL itself
+        // after --stop-timeout; the daemon only steps in if it does not.
+        let _ = sys::kill(Pid::from_raw(sup), libc::SIGTERM);
+        let grace = Duration::from_secs(self.cfg.stop_timeout + 10);
+        let mut how = String::from("stopped on request");
+        if !wait_gone(sup, grace) {
+            log::warn!("{name}: runmh {sup} did not stop within {} s; killing the service and its supervisor", grace.as_secs());
+            let _ = sys::kill(Pid::from_raw(root), libc::SIGKILL);
+            if !wait_gone(sup, Duration::from_secs(10)) {
+                let _ = sys::kill(Pid::from_raw(sup), libc::SIGKILL);
+                wait_gone(sup, Duration::from_secs(10));
+            }
+            how = "killed on request (it did not stop in time)".into();
+        }
+        lock(&self.watched).remove(name);
+        if let Some(ExitInfo::Exited(c)) = self.children.wait(sup, Duration::from_millis(500)) {
+            how = format!("{how}; exit status {c}");
+        }
+        let _ = self.update(name, |r| r.last_exit = Some(how));
+        drop(g);
+        self.info(name)
+    }
+
+    pub fn image_rm(&self, name: &str, generation: u64) -> Result<String, ServiceError> {
+        let _g = self.begin(name, "image rm")?;
+        self.record(name)?;
+        self.store.remove_generation(name, generation)?;
+        Ok(format!("removed image generation {generation} of {name}"))
+    }
+
+    /// The log files `service logs` shows.
+    pub fn log_files(&self, name: &str) -> Result<Vec<(&'static str, PathBuf)>, ServiceError> {
+        self.record(name)?;
+        let d = self.log_dir(name);
+        Ok(vec![
+            ("stdout", d.join("stdout.log")),
+            ("stderr", d.join("stderr.log")),
+        ])
+    }
+}
+
+/// Polls until `pid` is gone (zombies count as gone); false on timeout.
+fn wait_gone(pid: i32, timeout: Duration) -> bool {
+    let t0 = Instant::now();
+    while procfs::alive(pid) {
+        if t0.elapsed() > timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// Checks a `service.create` request the way runmh will see it, so a typo
+/// fails now rather than at the first prebake.
+fn validate_create(req: &CreateService) -> Result<ServiceConfig, ServiceError> {
+    let bad = |s: String| Err(ServiceError::BadSpec(s));
+    registry::validate_name(&req.name)?;
+    let Some(first) = req.command.first() else {
+        return bad("no command given: put it after `--`, e.g. `mhctl service create web -- python3 -m http.server`".into());
+    };
+    if req.command.iter().any(|a| a.contains('\0')) {
+        return bad("an argument contains a NUL byte".into());
+    }
+    if let Err(e) = req.backend.parse::<BackendChoice>() {
+        return bad(e);
+    }
+    if let Err(e) = StopSyscall::parse(&req.stop_at) {
+        return bad(format!("--stop-at {:?}: {e}", req.stop_at));
+    }
+    if !req.cwd.is_absolute() {
+        return bad(format!(
+            "the working directory {} is not absolute",
+            req.cwd.display()
+        ));
+    }
+    if !req.cwd.is_dir() {
+        return bad(format!(
+            "the working directory {} does not exist or is not a directory",
+            req.cwd.display()
+        ));
+    }
+    let mut path = std::env::var("PATH").unwrap_or_else(|_| crate::spec::DEFAULT_PATH.into());
+    for kv in &req.env {
+        let (k, v) =
+            crate::spec::parse_env(kv).map_err(|e| ServiceError::BadSpec(e.to_string()))?;
+        if k == "PATH" {
+            path = v;
+        }
+    }
+    // runmh resolves a relative program path against its working
+    // directory, which is the service's.
+    let resolved = if first.contains('/') {
+        crate::spec::resolve_program(&req.cwd.join(first).to_string_lossy(), &path)
+    } else {
+        crate::spec::resolve_program(first, &path)
+    };
+    if let Err(e) = resolved {
+        return bad(e.to_string());
+    }
+    Ok(ServiceConfig {
+        name: req.name.clone(),
+        command: req.command.clone(),
+        env: req.env.clone(),
+        cwd: req.cwd.clone(),
+        backend: req.backend.clone(),
+        stop_at: req.stop_at.clone(),
+        created_unix_ms: instance::unix_ms(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(name: &str, command: &[&str]) -> CreateService {
+        CreateService {
+            name: name.into(),
+            command: command.iter().map(|s| s.to_string()).collect(),
+            env: vec![],
+            cwd: "/".into(),
+            backend: "auto".into(),
+            stop_at: "listen".into(),
+        }
+    }
+
+    #[test]
+    fn create_requests_are_validated() {
+        assert!(validate_create(&req("web", &["sh", "-c", "true"])).is_ok());
+        let cases: Vec<(CreateService, &str)> = vec![
+            (req("../x", &["sh"]), "invalid service name"),
+            (req("web", &[]), "no command given"),
+            (
+                req("web", &["definitely-not-a-command-xyz"]),
+                "command not found",
+            ),
+            (
+                CreateService {
+                    backend: "magic".into(),
+                    ..req("web", &["sh"])
+                },
+                "unknown backend",
+            ),
+            (
+                CreateService {
+                    stop_at: "nosuchcall".into(),
+                    ..req("web", &["sh"])
+                },
+                "--stop-at",
+            ),
+            (
+                CreateService {
+                    cwd: "relative".into(),
+                    ..req("web", &["sh"])
+                },
+                "not absolute",
+            ),
+            (
+                CreateService {
+                    cwd: "/nonexistent-dir-xyz".into(),
+                    ..req("web", &["sh"])
+                },
+                "does not exist",
+            ),
+            (
+                CreateService {
+                    env: vec!["NOVALUE".into()],
+                    ..req("web", &["sh"])
+                },
+                "KEY=VALUE",
+            ),
+        ];
+        for (r, want) in cases {
+            let e = validate_create(&r).unwrap_err();
+            assert!(e.to_string().contains(want), "{r:?}: {e}");
+        }
+        // A relative program path is taken from the service's directory.
+        assert!(validate_create(&CreateService {
+            cwd: "/bin".into(),
+            ..req("web", &["./sh"])
+        })
+        .is_ok());
+    }
+}

@@ -1,0 +1,651 @@
+//! miehistod and mhctl end to end: a real daemon (a child process) on a
+//! temporary socket and state directory, real runmh, real CRIU, a Python
+//! HTTP server as the service.
+
+mod common;
+
+use miehisto::images::Metadata;
+use miehisto::instance::Instance;
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn miehistod() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_miehistod"))
+}
+
+fn mhctl_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_mhctl"))
+}
+
+fn alive(pid: i32) -> bool {
+    let stat = common::read(Path::new(&format!("/proc/{pid}/stat")));
+    match stat.rsplit_once(')') {
+        Some((_, rest)) => !matches!(rest.split_whitespace().next(), Some("Z") | Some("X") | None),
+        None => false,
+    }
+}
+
+/// One test's daemon, socket and state; everything goes when dropped.
+struct Case {
+    dir: PathBuf,
+    socket: PathBuf,
+    state: PathBuf,
+    daemon: Option<Child>,
+    starts: u32,
+}
+
+impl Case {
+    fn new(tag: &str) -> Case {
+        let dir = common::temp_dir(tag);
+        Case {
+            socket: dir.join("miehistod.sock"),
+            state: dir.join("state"),
+            dir,
+            daemon: None,
+            starts: 0,
+        }
+    }
+
+    fn start_daemon(&mut self, extra: &[&str]) {
+        assert!(self.daemon.is_none(), "a daemon is already running");
+        self.starts += 1;
+        let log = self.dir.join(format!("daemon-{}.log", self.starts));
+        let out = std::fs::File::create(&log).expect("daemon log");
+        let err = out.try_clone().expect("daemon log");
+        let mut c = Command::new(miehistod());
+        c.arg("--socket")
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(&self.state);
+        if let Some(criu) = common::criu_path() {
+            c.arg("--criu").arg(criu);
+        }
+        c.args(extra).stdin(Stdio::null()).stdout(out).stderr(err);
+        let mut child = c.spawn().expect("spawn miehistod");
+        // Ready when it answers.
+        for _ in 0..500 {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("miehistod exited early ({st}): {}", common::read(&log));
+            }
+            if self.mhctl(&["ping"]).status.success() {
+                self.daemon = Some(child);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "miehistod did not answer on {}: {}",
+            self.socket.display(),
+            common::read(&log)
+        );
+    }
+
+    fn daemon_pid(&self) -> i32 {
+        self.daemon.as_ref().expect("daemon running").id() as i32
+    }
+
+    /// Ends the daemon with `sig` and waits for it.
+    fn stop_daemon(&mut self, sig: nix::sys::signal::Signal) {
+        let mut child = self.daemon.take().expect("daemon running");
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig);
+        assert!(
+            common::wait_child(&mut child, Duration::from_secs(20)).is_some(),
+            "miehistod did not exit on {sig}"
+        );
+    }
+
+    fn mhctl(&self, args: &[&str]) -> Output {
+        Command::new(mhctl_bin())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run mhctl")
+    }
+
+    /// Runs mhctl and insists on success; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.mhctl(args);
+        assert!(
+            out.status.success(),
+            "mhctl {args:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        // Right after the command group: anything after `--` would be argv.
+        let mut a = args.to_vec();
+        a.insert(1, "--json");
+        let text = self.ok(&a);
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("mhctl {args:?} --json printed no JSON ({e}): {text}"))
+    }
+
+    fn service(&self, name: &str) -> Value {
+        let list = self.json(&["service", "list"]);
+        list.as_array()
+            .and_then(|a| a.iter().find(|s| s["name"] == name).cloned())
+            .unwrap_or_else(|| panic!("{name} is not in the list: {list}"))
+    }
+
+    fn create_python(&self, name: &str, backend: &str, port: u16) {
+        let python = common::python();
+        let payload = common::python_payload();
+        let port = port.to_string();
+        let created = self.json(&[
+            "service",
+            "create",
+            name,
+            "--backend",
+            backend,
+            "-C",
+            env!("CARGO_MANIFEST_DIR"),
+            "--",
+            python.to_str().expect("utf-8 path"),
+            payload.to_str().expect("utf-8 path"),
+            "--port",
+            &port,
+        ]);
+        assert_eq!(created["name"], name);
+        assert_eq!(created["state"], "stopped");
+        assert_eq!(created["backend"], backend);
+    }
+
+    fn images_dir(&self, name: &str) -> PathBuf {
+        self.state.join("images").join(name)
+    }
+
+    /// Services still alive according to runmh's records.
+    fn leftovers(&self) -> Vec<i32> {
+        Instance::list(&self.state.join("runmh"))
+            .into_iter()
+            .flat_map(|(_, r)| [r.root_pid, r.supervisor_pid])
+            .filter(|&p| p > 0 && alive(p))
+            .collect()
+    }
+}
+
+impl Drop for Case {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The directory is about to go: show what explains the failure.
+            let mut logs: Vec<PathBuf> = (1..=self.starts)
+                .map(|i| self.dir.join(format!("daemon-{i}.log")))
+                .collect();
+            if let Ok(rd) = std::fs::read_dir(self.state.join("logs")) {
+                for d in rd.flatten() {
+                    logs.extend(
+                        ["runmh.log", "stdout.log", "stderr.log"]
+                            .iter()
+                            .map(|f| d.path().join(f)),
+                    );
+                }
+            }
+            for l in logs {
+                eprintln!("===== {}\n{}", l.display(), common::read(&l));
+            }
+        }
+        for pid in self.leftovers() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        if let Some(mut d) = self.daemon.take() {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+        for _ in 0..250 {
+            if self.leftovers().is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn pid_of(v: &Value, key: &str) -> i32 {
+    v[key].as_i64().unwrap_or_else(|| panic!("no {key} in {v}")) as i32
+}
+
+/// The restored (or cold) service is miehistod → runmh → service.
+fn assert_chain(c: &Case, svc: &Value) {
+    let pid = pid_of(svc, "pid");
+    let sup = pid_of(svc, "supervisor_pid");
+    assert_eq!(
+        common::ppid_of(pid),
+        Some(sup),
+        "the service's parent is its runmh: {svc}"
+    );
+    assert_eq!(common::comm_of(sup), "runmh", "the supervisor is runmh");
+    assert_eq!(
+        common::ppid_of(sup),
+        Some(c.daemon_pid()),
+        "runmh's parent is the daemon"
+    );
+}
+
+fn wait_gone(pid: i32) {
+    for _ in 0..1000 {
+        if !alive(pid) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("pid {pid} is still alive");
+}
+
+fn lifecycle(backend: &str) {
+    // Short tags: runmh's control sockets live under the state directory,
+    // and a UNIX socket path has at most 107 bytes.
+    let mut c = Case::new(&format!("dl{backend}"));
+    c.start_daemon(&[]);
+    let port = common::free_port();
+    c.create_python("web", backend, port);
+
+    let img = c.json(&["service", "prebake", "web"]);
+    assert_eq!(img["generation"], 1, "{img}");
+    assert_eq!(img["backend"], backend, "{img}");
+    assert_eq!(img["stop_syscall"], "listen", "{img}");
+    assert_eq!(img["valid"], true, "{img}");
+    Metadata::read(&c.images_dir("web").join("1")).expect("generation 1 is a valid image");
+    assert_eq!(
+        c.service("web")["state"],
+        "stopped",
+        "prebake leaves nothing running"
+    );
+    assert!(
+        common::http_get(port, "/").is_err(),
+        "nothing listens after the prebake"
+    );
+
+    let mut pids = Vec::new();
+    for round in 1..=2 {
+        let started = c.json(&["service", "start", "web"]);
+        assert_eq!(started["state"], "running", "{started}");
+        assert_eq!(started["started_from"], "restored", "{started}");
+        assert_eq!(
+            started["generation"], 1,
+            "round {round} restores generation 1: {started}"
+        );
+        let body =
+            common::wait_http(port, Duration::from_secs(20)).expect("the restored service answers");
+        assert!(body.starts_with("payload=python pid=1 "), "{body}");
+        let listed = c.service("web");
+        assert_eq!(listed["pid"], started["pid"]);
+        assert_chain(&c, &listed);
+        pids.push(pid_of(&listed, "pid"));
+
+        // A running service is not started twice, nor prebaked beside itself.
+        let again = c.mhctl(&["service", "start", "web"]);
+        assert!(!again.status.success());
+        assert!(
+            String::from_utf8_lossy(&again.stderr).contains("already running"),
+            "{again:?}"
+        );
+
+        let stopped = c.json(&["service", "stop", "web"]);
+        assert_eq!(stopped["state"], "stopped", "{stopped}");
+        wait_gone(pids[round - 1]);
+        assert!(
+            common::http_get(port, "/").is_err(),
+            "the stopped service no longer answers"
+        );
+    }
+    assert_ne!(pids[0], pids[1], "the second start is a new restore");
+
+    // Each restore replayed the held listen(2) once, successfully.
+    let logs = c.ok(&["service", "logs", "web"]);
+    assert_eq!(
+        common::count_lines(&logs, "MHLOG python listen ret=0 errno=0"),
+        2,
+        "{logs}"
+    );
+
+    let gone = c.ok(&["service", "delete", "web"]);
+    assert!(gone.contains("deleted web"), "{gone}");
+    assert_eq!(c.json(&["service", "list"]), serde_json::json!([]));
+    assert!(
+        !c.images_dir("web").exists(),
+        "the images went with the service"
+    );
+    assert!(c.leftovers().is_empty());
+    c.stop_daemon(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        !c.socket.exists(),
+        "the daemon removes its socket on SIGTERM"
+    );
+    assert!(common::mounts_under(&c.dir).is_empty());
+}
+
+#[test]
+fn lifecycle_trace() {
+    let _g = common::lock();
+    if !common::require_privileged("lifecycle_trace") {
+        return;
+    }
+    lifecycle("trace");
+}
+
+#[test]
+fn lifecycle_notify() {
+    let _g = common::lock();
+    if !common::require_privileged("lifecycle_notify") {
+        return;
+    }
+    lifecycle("notify");
+}
+
+#[test]
+fn daemon_restart_keeps_services() {
+    let _g = common::lock();
+    if !common::require_privileged("daemon_restart_keeps_services") {
+        return;
+    }
+    let mut c = Case::new("drs");
+    c.start_daemon(&[]);
+    let port = common::free_port();
+    c.create_python("web", "trace", port);
+    c.ok(&["service", "prebake", "web"]);
+    let started = c.json(&["service", "start", "web"]);
+    common::wait_http(port, Duration::from_secs(20)).expect("the service answers");
+    let pid = pid_of(&started, "pid");
+    let sup = pid_of(&started, "supervisor_pid");
+
+    // Poll the service all through two restarts: a clean one and a crash.
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    let poller = std::thread::spawn(move || {
+        let (mut ok, mut failed) = (0u32, Vec::new());
+        while !flag.load(Ordering::Relaxed) {
+            match common::http_get(port, "/") {
+                Ok((200, _)) => ok += 1,
+                other => failed.push(format!("{other:?}")),
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (ok, failed)
+    });
+    for sig in [
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGKILL,
+    ] {
+        let old = c.daemon_pid();
+        c.stop_daemon(sig);
+        assert!(
+            alive(pid) && alive(sup),
+            "the service and its runmh outlive the daemon ({sig})"
+        );
+        c.start_daemon(&[]);
+        assert_ne!(c.daemon_pid(), old);
+        let listed = c.service("web");
+        assert_eq!(listed["state"], "running", "after {sig}: {listed}");
+        assert_eq!(pid_of(&listed, "pid"), pid, "the same service, taken back");
+        assert_eq!(pid_of(&listed, "supervisor_pid"), sup);
+        assert_eq!(listed["generation"], 1);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = poller.join().expect("poller");
+    assert!(
+        failed.is_empty(),
+        "the service failed to answer during the restarts: {failed:?}"
+    );
+    assert!(ok > 0, "the poller got answers");
+
+    // The new daemon manages it as before.
+    let img = c.json(&["service", "dump", "web", "--leave-running"]);
+    assert_eq!(img["generation"], 2, "{img}");
+    common::wait_http(port, Duration::from_secs(20))
+        .expect("still answers after a dump that leaves it running");
+    let stopped = c.json(&["service", "stop", "web"]);
+    assert_eq!(stopped["state"], "stopped", "{stopped}");
+    wait_gone(pid);
+    wait_gone(sup);
+    assert!(common::http_get(port, "/").is_err());
+    assert!(c.leftovers().is_empty());
+    assert!(common::mounts_under(&c.dir).is_empty());
+}
+
+/// Sends raw bytes on a fresh connection; returns the reply lines read
+/// until the daemon closes or `replies` lines arrived.
+fn raw(socket: &Path, bytes: &[u8], replies: usize) -> Vec<Value> {
+    let mut s = UnixStream::connect(socket).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    s.write_all(bytes).expect("write");
+    let mut r = BufReader::new(s);
+    let mut out = Vec::new();
+    while out.len() < replies {
+        let mut line = String::new();
+        if r.read_line(&mut line).expect("read reply") == 0 {
+            break;
+        }
+        out.push(
+            serde_json::from_str(line.trim())
+                .unwrap_or_else(|e| panic!("reply is not JSON ({e}): {line}")),
+        );
+    }
+    out
+}
+
+fn error_code(v: &Value) -> &str {
+    assert_eq!(v["ok"], false, "{v}");
+    v["error"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error code: {v}"))
+}
+
+#[test]
+fn refusals_and_bad_requests() {
+    let _g = common::lock();
+    if !common::require_privileged("refusals_and_bad_requests") {
+        return;
+    }
+    let mut c = Case::new("drf");
+    // The socket is opened to everyone so that only SO_PEERCRED decides.
+    c.start_daemon(&["--socket-mode", "0666"]);
+    let as_nobody = |c: &Case, args: &[&str]| -> Output {
+        Command::new("setpriv")
+            .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+            .arg(mhctl_bin())
+            .arg("--socket")
+            .arg(&c.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run setpriv")
+    };
+    let out = as_nobody(&c, &["service", "list"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("mhctl: error: permission denied: uid 65534"),
+        "{err}"
+    );
+    assert!(err.contains("may not use miehistod"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
+
+    // Garbage on a connection gets an error reply, and the same connection
+    // still serves a proper request.
+    let replies = raw(&c.socket, b"{this is not json\n\xff\xfe\n[1]\n{\"v\":99,\"op\":\"ping\"}\n{\"v\":1,\"op\":\"service.stop\"}\n{\"v\":1,\"op\":\"ping\"}\n", 6);
+    assert_eq!(replies.len(), 6, "{replies:?}");
+    for (r, want) in replies.iter().zip([
+        "bad_request",
+        "bad_request",
+        "bad_request",
+        "unsupported_version",
+        "bad_request",
+    ]) {
+        assert_eq!(error_code(r), want, "{r}");
+    }
+    assert!(
+        replies[0]["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("malformed request"),
+        "{}",
+        replies[0]
+    );
+    assert_eq!(replies[5]["ok"], true, "{}", replies[5]);
+    assert_eq!(replies[5]["result"]["kind"], "pong");
+
+    // An oversized request: an error reply, then the connection is closed.
+    let mut big = vec![b'a'; 200 * 1024];
+    big.push(b'\n');
+    let replies = raw(&c.socket, &big, 2);
+    assert_eq!(
+        replies.len(),
+        1,
+        "one reply, then the daemon hangs up: {replies:?}"
+    );
+    assert_eq!(error_code(&replies[0]), "too_large");
+
+    // Invalid names are refused before anything touches the disk.
+    for bad in ["../etc", "a/b", ".hidden", "x..y"] {
+        let out = c.mhctl(&["service", "create", bad, "--", "true"]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("invalid service name"), "{bad}: {err}");
+    }
+    assert_eq!(
+        std::fs::read_dir(c.state.join("services"))
+            .map(|r| r.count())
+            .unwrap_or(0),
+        0
+    );
+
+    // The daemon still serves everyone it should.
+    c.ok(&["ping"]);
+    assert_eq!(c.json(&["service", "list"]), serde_json::json!([]));
+
+    // And an allowed non-root uid gets through.
+    c.stop_daemon(nix::sys::signal::Signal::SIGTERM);
+    c.start_daemon(&["--socket-mode", "0666", "--allow-uid", "65534"]);
+    let out = as_nobody(&c, &["service", "list", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&out.stdout).expect("json"),
+        serde_json::json!([])
+    );
+}
+
+#[test]
+fn concurrent_prebakes_make_whole_generations() {
+    let _g = common::lock();
+    if !common::require_privileged("concurrent_prebakes_make_whole_generations") {
+        return;
+    }
+    let mut c = Case::new("dpb");
+    c.start_daemon(&[]);
+    let port = common::free_port();
+    c.create_python("web", "notify", port);
+    let spawn = |c: &Case| {
+        Command::new(mhctl_bin())
+            .arg("--socket")
+            .arg(&c.socket)
+            .args(["service", "prebake", "web", "--json"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mhctl")
+    };
+    let children = [spawn(&c), spawn(&c)];
+    let outs: Vec<Output> = children
+        .into_iter()
+        .map(|ch| ch.wait_with_output().expect("mhctl"))
+        .collect();
+    // Requests on one service wait for each other: both succeed, in turn.
+    let mut gens: Vec<u64> = outs
+        .iter()
+        .map(|o| {
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let v: Value = serde_json::from_slice(&o.stdout).expect("json");
+            v["generation"].as_u64().expect("generation")
+        })
+        .collect();
+    gens.sort_unstable();
+    assert_eq!(gens, vec![1, 2]);
+
+    let listed = c.json(&["image", "list", "web"]);
+    let listed: Vec<u64> = listed
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|i| i["generation"].as_u64().expect("gen"))
+        .collect();
+    assert_eq!(
+        listed, gens,
+        "exactly one generation per successful prebake"
+    );
+    let mut entries: Vec<String> = std::fs::read_dir(c.images_dir("web"))
+        .expect("images dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    entries.sort();
+    assert_eq!(
+        entries,
+        vec!["1", "2"],
+        "no staging directory or other leftover"
+    );
+    for g in &gens {
+        let md = Metadata::read(&c.images_dir("web").join(g.to_string())).expect("a whole image");
+        assert_eq!(md.backend.kind, "notify");
+        assert!(md.stop.is_some());
+    }
+    // The second runmh started only after the first had published.
+    let log = common::read(&c.state.join("logs/web/runmh.log"));
+    let steps: Vec<&str> = log
+        .lines()
+        .filter_map(|l| {
+            if l.starts_with("--- miehistod") {
+                Some("start")
+            } else if l.starts_with("runmh: image published") {
+                Some("published")
+            } else {
+                None
+            }
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        vec!["start", "published", "start", "published"],
+        "{log}"
+    );
+
+    // Inspect and remove through the daemon.
+    let detail = c.json(&["image", "inspect", "web@2"]);
+    assert_eq!(detail["image"]["generation"], 2);
+    assert_eq!(detail["metadata"]["backend"]["kind"], "notify");
+    c.ok(&["image", "rm", "web@1"]);
+    let left: Vec<u64> = c
+        .json(&["image", "list", "web"])
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|i| i["generation"].as_u64())
+        .collect();
+    assert_eq!(left, vec![2]);
+    let out = c.mhctl(&["image", "rm", "web@1"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no image generation 1"),
+        "{out:?}"
+    );
+    assert!(c.leftovers().is_empty());
+    assert!(common::mounts_under(&c.dir).is_empty());
+}
