@@ -83,6 +83,9 @@ pub struct Incoming {
 /// Listens on `path` in a background thread; requests arrive on `tx`.
 pub fn serve(path: &Path, tx: Sender<Incoming>) -> Result<(), ControlError> {
     let _ = std::fs::remove_file(path);
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
     let listener = UnixListener::bind(path).map_err(|source| ControlError::Listen { path: path.to_path_buf(), source })?;
     // Only root may steer a supervisor.
     let _ = std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600));

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/miehisto/runmh";
 const RECORD: &str = "instance.json";
+/// Where control sockets go when the state directory's path is too long.
+pub const SHORT_SOCKET_DIR: &str = "/run/miehisto/ctl";
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
@@ -49,6 +51,21 @@ pub struct InstanceRecord {
     pub started_unix_ms: u64,
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_socket_path_always_fits_a_unix_address() {
+        let short = Instance::open(Path::new("/tmp/s/instances/1-2"));
+        assert_eq!(short.control_socket(), Path::new("/tmp/s/instances/1-2/control.sock"));
+        let deep = "/tmp/".to_string() + &"d".repeat(120) + "/instances/1795-42";
+        let long = Instance::open(Path::new(&deep));
+        assert_eq!(long.control_socket(), Path::new("/run/miehisto/ctl/1795-42.sock"));
+        assert!(long.control_socket().as_os_str().len() < 100);
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Instance {
     pub id: String,
@@ -78,8 +95,16 @@ impl Instance {
     pub fn root(&self) -> PathBuf {
         self.dir.join("root")
     }
+    /// The supervisor's control socket: in the instance directory when the
+    /// path fits a UNIX socket address (108 bytes with the NUL), otherwise
+    /// under /run/miehisto/ctl, named by the (machine-unique) instance id.
     pub fn control_socket(&self) -> PathBuf {
-        self.dir.join("control.sock")
+        let local = self.dir.join("control.sock");
+        if local.as_os_str().len() < 100 {
+            local
+        } else {
+            Path::new(SHORT_SOCKET_DIR).join(format!("{}.sock", self.id))
+        }
     }
     /// Where CRIU writes the restored root's host pid.
     pub fn restored_pidfile(&self) -> PathBuf {
@@ -111,6 +136,10 @@ impl Instance {
     pub fn remove(&self) {
         if let Ok(c) = std::ffi::CString::new(self.root().as_os_str().as_encoded_bytes()) {
             let _ = crate::sys::umount2(&c, nix::libc::MNT_DETACH);
+        }
+        let sock = self.control_socket();
+        if !sock.starts_with(&self.dir) {
+            let _ = std::fs::remove_file(&sock);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
