@@ -9,6 +9,7 @@
 //! "ready" over an inherited pipe, and supervises it. A failed restore
 //! leaves the image untouched: CRIU only reads it, and logs go elsewhere.
 
+use crate::criu::kdat::{self, KdatCache};
 use crate::criu::{Criu, CriuError, RestoreArgs};
 use crate::explain;
 use crate::images::{Metadata, MetadataError};
@@ -161,7 +162,7 @@ fn spawn_criu(criu: &Criu, opts: &RestoreOpts, inst: &Instance, md: &Metadata) -
     let (ready_r, ready_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|source| RestoreError::Fork { step: "pipe", source })?;
     let mut exec_cmd: Vec<std::ffi::OsString> = vec![
-        exe.into_os_string(),
+        exe.clone().into_os_string(),
         "__supervise".into(),
         "--instance".into(),
         inst.dir.clone().into_os_string(),
@@ -205,10 +206,12 @@ fn spawn_criu(criu: &Criu, opts: &RestoreOpts, inst: &Instance, md: &Metadata) -
     envp.push(std::ptr::null());
     let root = cstring(inst.root());
     let write_fd = ready_w.as_raw_fd();
+    let kdat = kdat_plan(criu, opts, md, &exe);
+    let kdat_child = kdat.as_ref().map(|(_, data)| data.as_deref());
     // SAFETY: the child only calls async-signal-safe wrappers on the data
     // prepared above and ends in execve or _exit.
     let child = match unsafe { sys::fork_raw() } {
-        Ok(0) => restore_child(write_fd, &root, &prog, &argv, &envp),
+        Ok(0) => restore_child(write_fd, &root, kdat_child, &prog, &argv, &envp),
         Ok(pid) => Pid::from_raw(pid),
         Err(source) => return Err(RestoreError::Fork { step: "fork", source }),
     };
@@ -221,6 +224,15 @@ fn spawn_criu(criu: &Criu, opts: &RestoreOpts, inst: &Instance, md: &Metadata) -
     };
     if let Some(pid) = reply.strip_prefix("R ") {
         let root = pid.trim().parse().map(Pid::from_raw).unwrap_or(Pid::from_raw(0));
+        if let Some((cache, None)) = &kdat {
+            // CRIU probed the kernel and wrote its cache into our tmpfs; the
+            // supervisor it exec'd still lives in that mount namespace.
+            match cache.save_from(child.as_raw()) {
+                Ok(true) => log::debug!("saved CRIU's kdat cache to {}", cache.file.display()),
+                Ok(false) => log::debug!("CRIU wrote no kdat cache"),
+                Err(e) => log::warn!("{e}; CRIU will probe the kernel again next time"),
+            }
+        }
         return Ok((child, root));
     }
     // Failure: reap the child (CRIU, or the supervisor that failed).
@@ -273,7 +285,31 @@ fn child_fail(fd: RawFd, step: &str, e: nix::errno::Errno) -> ! {
     sys::exit_now(127)
 }
 
-fn restore_child(ready: RawFd, root: &CString, prog: &CString, argv: &[*const libc::c_char], envp: &[*const libc::c_char]) -> ! {
+/// The kdat cache for this restore (the cache and its saved bytes, if
+/// usable), or None when CRIU keeps its own or a tmpfs over `/run` would
+/// hide something the restore needs.
+fn kdat_plan(criu: &Criu, opts: &RestoreOpts, md: &Metadata, exe: &Path) -> Option<(KdatCache, Option<Vec<u8>>)> {
+    let paths = [opts.state_dir.as_path(), opts.images.as_path(), criu.path.as_path(), exe, md.spec.log_dir.as_path()];
+    if kdat::would_hide(&paths) {
+        log::debug!("a path of this restore is under {}: no kdat cache", kdat::RUN_DIR);
+        return None;
+    }
+    let cache = KdatCache::for_state_dir(&opts.state_dir, &criu.path)?;
+    let data = cache.load().unwrap_or_else(|e| {
+        log::debug!("{e}");
+        None
+    });
+    Some((cache, data))
+}
+
+fn restore_child(
+    ready: RawFd,
+    root: &CString,
+    kdat: Option<Option<&[u8]>>,
+    prog: &CString,
+    argv: &[*const libc::c_char],
+    envp: &[*const libc::c_char],
+) -> ! {
     sys::unblock_all_signals();
     if let Err(e) = sys::unshare(libc::CLONE_NEWNS) {
         child_fail(ready, "unshare_the_mount_namespace", e);
@@ -284,6 +320,12 @@ fn restore_child(ready: RawFd, root: &CString, prog: &CString, argv: &[*const li
     // --root must be a mount point holding the tree the image expects.
     if let Err(e) = sys::mount(Some(c"/"), root, None, libc::MS_BIND) {
         child_fail(ready, "bind_the_host_root", e);
+    }
+    // After the non-recursive bind above, so the restored tree's root never
+    // sees this tmpfs; only CRIU and the supervisor it execs do. Best
+    // effort: without it CRIU just probes the kernel.
+    if let Some(data) = kdat {
+        let _ = kdat::install_in_child(data);
     }
     // The ready pipe must survive into CRIU and, through --exec-cmd, into
     // the supervisor: clear its close-on-exec flag.

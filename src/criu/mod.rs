@@ -2,6 +2,7 @@
 //! it, and turns its log into typed errors that quote the decisive line.
 
 pub mod argv;
+pub mod kdat;
 pub mod log;
 
 use std::path::{Path, PathBuf};
@@ -74,10 +75,69 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
 }
 
+/// A one-line identity of a binary: its canonical path, device, inode,
+/// size and times. Replacing or rebuilding the binary changes it.
+pub fn binary_identity(path: &Path) -> std::io::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let exe = std::fs::canonicalize(path)?;
+    let m = std::fs::metadata(&exe)?;
+    // Debug formatting quotes the path: the identity stays on one line.
+    Ok(format!(
+        "{:?} dev={} ino={} size={} mtime={}.{} ctime={}.{}",
+        exe,
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec()
+    ))
+}
+
+/// Name of the version cache [`Criu::discover_cached`] keeps in its directory.
+pub const VERSION_CACHE: &str = "criu-version";
+
 impl Criu {
     /// Finds CRIU: `explicit` (--criu), then `MIEHISTO_CRIU`, then the
     /// set-up step's private prefix, then `PATH`; checks its version.
     pub fn discover(explicit: Option<&Path>) -> Result<Criu, CriuError> {
+        Criu::at(&Criu::locate(explicit)?)
+    }
+
+    /// Like [`Criu::discover`], but remembers the version of the binary in
+    /// `cache_dir`, keyed by [`binary_identity`]: running `criu --version`
+    /// costs about 10 ms, which every restore paid before its CRIU started.
+    /// The same checks apply; a replaced binary is run and checked again.
+    pub fn discover_cached(explicit: Option<&Path>, cache_dir: &Path) -> Result<Criu, CriuError> {
+        let path = Criu::locate(explicit)?;
+        let Ok(id) = binary_identity(&path) else { return Criu::at(&path) };
+        let file = cache_dir.join(VERSION_CACHE);
+        let cached = std::fs::read_to_string(&file).ok().and_then(|text| {
+            let (key, version) = text.split_once('\n')?;
+            (key == id).then(|| Version::parse_output(version)).flatten()
+        });
+        if let Some(version) = cached {
+            if version < MIN_VERSION {
+                return Err(CriuError::TooOld { path, found: version });
+            }
+            return Ok(Criu { path, version });
+        }
+        let criu = Criu::at(&path)?;
+        // Best effort: without the cache the next run asks CRIU again.
+        let tmp = cache_dir.join(format!(".{VERSION_CACHE}.{}.tmp", std::process::id()));
+        let saved = std::fs::create_dir_all(cache_dir)
+            .and_then(|_| std::fs::write(&tmp, format!("{id}\nVersion: {}\n", criu.version)))
+            .and_then(|_| std::fs::rename(&tmp, &file));
+        if let Err(e) = saved {
+            let _ = std::fs::remove_file(&tmp);
+            ::log::debug!("cannot save CRIU's version to {}: {e}", file.display());
+        }
+        Ok(criu)
+    }
+
+    /// Where [`Criu::discover`] finds CRIU, unchecked.
+    fn locate(explicit: Option<&Path>) -> Result<PathBuf, CriuError> {
         let mut looked = Vec::new();
         let candidate = if let Some(p) = explicit {
             Some(p.to_path_buf())
@@ -95,8 +155,7 @@ impl Criu {
                 find_on_path("criu")
             }
         };
-        let path = candidate.ok_or_else(|| CriuError::NotFound { looked: looked.join(", ") })?;
-        Criu::at(&path)
+        candidate.ok_or_else(|| CriuError::NotFound { looked: looked.join(", ") })
     }
 
     /// Checks the CRIU at `path`.
@@ -143,6 +202,30 @@ mod tests {
         assert_eq!(Version::parse_output("Version: 3.17.1"), Some(Version(3, 17, 1)));
         assert_eq!(Version::parse_output("nothing"), None);
         assert!(Version(3, 17, 1) < MIN_VERSION && Version(4, 1, 1) < MIN_VERSION && Version(4, 3, 0) >= MIN_VERSION);
+    }
+
+    #[test]
+    fn cached_version_is_used_only_for_the_same_binary() {
+        let dir = std::env::temp_dir().join(format!("mh-criuver-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let fake = dir.join("criu");
+        let write = |v: &str| {
+            std::fs::write(&fake, format!("#!/bin/sh\necho 'Version: {v}'\n")).unwrap();
+            std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        };
+        write("4.2.1");
+        let cache = dir.join("cache");
+        assert_eq!(Criu::discover_cached(Some(&fake), &cache).unwrap().version, Version(4, 2, 1));
+        assert!(cache.join(VERSION_CACHE).is_file());
+        // The cached answer is used while the binary is the same file...
+        std::fs::write(cache.join(VERSION_CACHE), format!("{}\nVersion: 4.3.0\n", binary_identity(&fake).unwrap())).unwrap();
+        assert_eq!(Criu::discover_cached(Some(&fake), &cache).unwrap().version, Version(4, 3, 0));
+        // ...and a replaced binary is asked again, and checked.
+        write("3.17.1.0");
+        let e = Criu::discover_cached(Some(&fake), &cache).unwrap_err();
+        assert!(matches!(e, CriuError::TooOld { found: Version(3, 17, 1), .. }), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -1,0 +1,478 @@
+//! The benchmark's results: samples per measurement, min/median/max, the
+//! targets with PASS or MISS, as a text table, JSON, and an SVG chart drawn
+//! by hand (no plotting crate).
+
+use serde::Serialize;
+use std::fmt::Write as _;
+
+/// What a series measures; the keys are stable (JSON, targets, chart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kind {
+    pub key: &'static str,
+    pub label: &'static str,
+    pub unit: &'static str,
+    /// Drawn in the chart (times to first response and to the stop).
+    pub chart: bool,
+}
+
+macro_rules! kinds {
+    ($($name:ident = $key:literal, $label:literal, $unit:literal, $chart:literal;)*) => {
+        $(pub const $name: Kind = Kind { key: $key, label: $label, unit: $unit, chart: $chart };)*
+        /// Every kind, in table order.
+        pub const ALL: &[Kind] = &[$($name),*];
+    };
+}
+
+kinds! {
+    COLD_RUNMH = "cold_runmh_ms", "cold boot under `runmh run` -> first response", "ms", true;
+    COLD_PLAIN = "cold_plain_ms", "cold boot, plain spawn -> first response", "ms", true;
+    PLAIN_LISTEN = "plain_listen_ms", "plain spawn -> port accepts (listen)", "ms", false;
+    PREBAKE_TRACE_STOP = "prebake_trace_stop_ms", "`runmh prebake` trace: start -> stopped before listen", "ms", true;
+    PREBAKE_TRACE_DUMP = "prebake_trace_dump_ms", "`runmh prebake` trace: criu dump", "ms", false;
+    PREBAKE_NOTIFY_STOP = "prebake_notify_stop_ms", "`runmh prebake` notify: start -> stopped before listen", "ms", false;
+    PREBAKE_NOTIFY_DUMP = "prebake_notify_dump_ms", "`runmh prebake` notify: criu dump", "ms", false;
+    RESTORE_TRACE = "restore_trace_ms", "`runmh restore` trace image -> first response", "ms", true;
+    RESTORE_TRACE_CRIU = "restore_trace_criu_ms", "  of which criu restore (its log)", "ms", false;
+    RESTORE_NOTIFY = "restore_notify_ms", "`runmh restore` notify image -> first response", "ms", true;
+    RESTORE_NOTIFY_CRIU = "restore_notify_criu_ms", "  of which criu restore (its log)", "ms", false;
+    BARE = "bare_criu_ms", "bare `criu restore -d` notify image -> first response", "ms", true;
+    BARE_CRIU = "bare_criu_log_ms", "  of which criu restore (its log)", "ms", false;
+    IMAGE_TRACE = "image_trace_mib", "image size, trace", "MiB", false;
+    IMAGE_NOTIFY = "image_notify_mib", "image size, notify", "MiB", false;
+    RSS_COLD = "rss_cold_mib", "RSS after first response, `runmh run`", "MiB", false;
+    RSS_PLAIN = "rss_plain_mib", "RSS after first response, plain spawn", "MiB", false;
+    RSS_RESTORED = "rss_restored_mib", "RSS after first response, `runmh restore` (trace)", "MiB", false;
+    RSS_BARE = "rss_bare_mib", "RSS after first response, bare criu restore", "MiB", false;
+    RPS_PLAIN = "rps_plain", "steady state without runmh (plain twin)", "req/s", false;
+    RPS_TRACE = "rps_trace", "steady state, restored under TRACE supervision", "req/s", false;
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    pub n: usize,
+    pub min: f64,
+    pub median: f64,
+    pub max: f64,
+}
+
+impl Stats {
+    pub fn of(samples: &[f64]) -> Option<Stats> {
+        let mut v: Vec<f64> = samples.iter().copied().filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        let n = v.len();
+        let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
+        Some(Stats { n, min: v[0], median, max: v[n - 1] })
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Series {
+    pub key: &'static str,
+    pub label: &'static str,
+    pub unit: &'static str,
+    pub samples: Vec<f64>,
+    pub stats: Option<Stats>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkloadReport {
+    pub name: String,
+    pub about: String,
+    pub port: u16,
+    pub series: Vec<Series>,
+    /// Measurements that failed, one line each.
+    pub errors: Vec<String>,
+}
+
+impl WorkloadReport {
+    pub fn new(name: &str, about: &str, port: u16) -> WorkloadReport {
+        let series = ALL.iter().map(|k| Series { key: k.key, label: k.label, unit: k.unit, samples: Vec::new(), stats: None }).collect();
+        WorkloadReport { name: name.to_string(), about: about.to_string(), port, series, errors: Vec::new() }
+    }
+
+    pub fn push(&mut self, kind: Kind, value: Option<f64>) {
+        if let (Some(v), Some(s)) = (value, self.series.iter_mut().find(|s| s.key == kind.key)) {
+            s.samples.push(v);
+        }
+    }
+
+    pub fn finish(&mut self) {
+        for s in &mut self.series {
+            s.stats = Stats::of(&s.samples);
+        }
+    }
+
+    pub fn median(&self, kind: Kind) -> Option<f64> {
+        self.series.iter().find(|s| s.key == kind.key)?.stats.as_ref().map(|s| s.median)
+    }
+
+    pub fn stats(&self, kind: Kind) -> Option<&Stats> {
+        self.series.iter().find(|s| s.key == kind.key)?.stats.as_ref()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Verdict {
+    #[serde(rename = "PASS")]
+    Pass,
+    #[serde(rename = "MISS")]
+    Miss,
+    /// Not measured (a failed measurement, or load switched off).
+    #[serde(rename = "n/a")]
+    NotMeasured,
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Verdict::Pass => "PASS",
+            Verdict::Miss => "MISS",
+            Verdict::NotMeasured => "n/a",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    pub workload: String,
+    pub name: &'static str,
+    pub numerator: &'static str,
+    pub denominator: &'static str,
+    pub ratio: Option<f64>,
+    /// ">=" or "<=".
+    pub op: &'static str,
+    pub goal: f64,
+    pub verdict: Verdict,
+}
+
+struct TargetDef {
+    name: &'static str,
+    num: Kind,
+    den: Kind,
+    op: &'static str,
+    goal: f64,
+    /// Only for this workload (None: every workload).
+    only: Option<&'static str>,
+}
+
+const TARGETS: &[TargetDef] = &[
+    TargetDef { name: "cold boot / runmh restore", num: COLD_RUNMH, den: RESTORE_TRACE, op: ">=", goal: 10.0, only: Some("django") },
+    TargetDef { name: "runmh restore / bare criu restore", num: RESTORE_NOTIFY, den: BARE, op: "<=", goal: 1.25, only: None },
+    TargetDef { name: "req/s TRACE-supervised / without runmh", num: RPS_TRACE, den: RPS_PLAIN, op: ">=", goal: 0.97, only: None },
+    TargetDef {
+        name: "prebake time to stop / plain boot to listen",
+        num: PREBAKE_TRACE_STOP,
+        den: PLAIN_LISTEN,
+        op: "<=",
+        goal: 1.15,
+        only: None,
+    },
+];
+
+/// Ratios shown for information only (no target).
+const INFO: &[(&str, Kind, Kind)] = &[
+    ("cold boot (plain) / runmh restore", COLD_PLAIN, RESTORE_TRACE),
+    ("cold boot / runmh restore (notify image)", COLD_RUNMH, RESTORE_NOTIFY),
+];
+
+pub fn targets(w: &WorkloadReport) -> Vec<Target> {
+    TARGETS
+        .iter()
+        .filter(|t| t.only.map_or(true, |o| o == w.name))
+        .map(|t| {
+            let ratio = match (w.median(t.num), w.median(t.den)) {
+                (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+                _ => None,
+            };
+            let verdict = match ratio {
+                None => Verdict::NotMeasured,
+                Some(r) if (t.op == ">=" && r >= t.goal) || (t.op == "<=" && r <= t.goal) => Verdict::Pass,
+                Some(_) => Verdict::Miss,
+            };
+            Target {
+                workload: w.name.clone(),
+                name: t.name,
+                numerator: t.num.key,
+                denominator: t.den.key,
+                ratio,
+                op: t.op,
+                goal: t.goal,
+                verdict,
+            }
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub runs: u32,
+    pub warmup: u32,
+    pub kernel: String,
+    pub criu: String,
+    pub cpus: usize,
+    /// "runmh's kdat cache", "CRIU's own (/run is a tmpfs)" or "none".
+    pub kdat_cache: String,
+    pub load_client: String,
+    pub load_secs: u64,
+    pub workloads: Vec<WorkloadReport>,
+    pub targets: Vec<Target>,
+}
+
+fn fmt_num(v: f64) -> String {
+    if v >= 1000.0 {
+        format!("{v:.0}")
+    } else if v >= 100.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+impl Report {
+    /// The text table: per workload, min/median/max of every series, then
+    /// the targets.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "miehisto bench: {} run(s) after {} warm-up; kernel {}; CRIU {}; {} CPUs; kdat cache: {}; load: {} for {}s",
+            self.runs, self.warmup, self.kernel, self.criu, self.cpus, self.kdat_cache, self.load_client, self.load_secs
+        );
+        for w in &self.workloads {
+            let _ = writeln!(out, "\n== {} — {} (port {})", w.name, w.about, w.port);
+            let _ = writeln!(out, "{:<58} {:>6} {:>9} {:>9} {:>9}", "measurement", "unit", "min", "median", "max");
+            for s in &w.series {
+                match &s.stats {
+                    Some(st) => {
+                        let _ = writeln!(
+                            out,
+                            "{:<58} {:>6} {:>9} {:>9} {:>9}",
+                            s.label,
+                            s.unit,
+                            fmt_num(st.min),
+                            fmt_num(st.median),
+                            fmt_num(st.max)
+                        );
+                    }
+                    None => {
+                        let _ = writeln!(out, "{:<58} {:>6} {:>9} {:>9} {:>9}", s.label, s.unit, "-", "-", "-");
+                    }
+                }
+            }
+            for (name, a, b) in INFO {
+                if let (Some(x), Some(y)) = (w.median(*a), w.median(*b)) {
+                    let _ = writeln!(out, "{:<58} {:>6} {:>9} {:>9.2}", format!("ratio: {name}"), "x", "", x / y);
+                }
+            }
+            for e in &w.errors {
+                let _ = writeln!(out, "error: {e}");
+            }
+        }
+        let _ = writeln!(out, "\ntargets (medians of one run of this benchmark):");
+        for t in &self.targets {
+            let r = t.ratio.map(|r| format!("{r:.2}")).unwrap_or_else(|| "-".into());
+            let _ = writeln!(out, "  {:<5} {:<9} {:<44} {:>7} {} {}", t.verdict.to_string(), t.workload, t.name, r, t.op, t.goal);
+        }
+        out
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+    }
+
+    /// A chart of the time series marked `chart`: one panel per workload,
+    /// bars at the median with min-max whiskers, its own linear scale, the
+    /// targets underneath.
+    pub fn svg(&self) -> String {
+        let kinds: Vec<Kind> = ALL.iter().copied().filter(|k| k.chart).collect();
+        let colors = ["#8c564b", "#bcbd22", "#7f7f7f", "#1f77b4", "#17becf", "#2ca02c"];
+        let (width, left, right) = (900.0_f64, 330.0_f64, 110.0_f64);
+        let bar_h = 16.0;
+        let gap = 6.0;
+        let mut y = 50.0;
+        let mut body = String::new();
+        for w in &self.workloads {
+            let tg = targets(w);
+            let max = kinds.iter().filter_map(|k| w.stats(*k).map(|s| s.max)).fold(0.0_f64, f64::max);
+            let scale = nice_ceiling(max.max(1.0));
+            let plot_w = width - left - right;
+            let _ = writeln!(body, r#"<text x="20" y="{:.1}" class="h">{} — {}</text>"#, y, esc(&w.name), esc(&w.about));
+            y += 14.0;
+            let top = y;
+            for (i, k) in kinds.iter().enumerate() {
+                let cy = y + i as f64 * (bar_h + gap);
+                let _ = writeln!(
+                    body,
+                    r#"<text x="{:.1}" y="{:.1}" class="l" text-anchor="end">{}</text>"#,
+                    left - 8.0,
+                    cy + bar_h * 0.75,
+                    esc(&k.label.replace('`', ""))
+                );
+                if let Some(s) = w.stats(*k) {
+                    let x = |v: f64| left + plot_w * (v / scale);
+                    let _ = writeln!(
+                        body,
+                        r#"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{}: median {:.1} ms (min {:.1}, max {:.1}, n={})</title></rect>"#,
+                        left,
+                        cy,
+                        (x(s.median) - left).max(1.0),
+                        bar_h,
+                        colors[i % colors.len()],
+                        esc(k.label),
+                        s.median,
+                        s.min,
+                        s.max,
+                        s.n
+                    );
+                    let my = cy + bar_h / 2.0;
+                    let _ = writeln!(
+                        body,
+                        r#"<path d="M{:.1} {:.1}H{:.1}M{:.1} {:.1}V{:.1}M{:.1} {:.1}V{:.1}" class="w"/>"#,
+                        x(s.min),
+                        my,
+                        x(s.max),
+                        x(s.min),
+                        my - 4.0,
+                        my + 4.0,
+                        x(s.max),
+                        my - 4.0,
+                        my + 4.0
+                    );
+                    let _ = writeln!(
+                        body,
+                        r#"<text x="{:.1}" y="{:.1}" class="v">{} ms</text>"#,
+                        x(s.max) + 6.0,
+                        cy + bar_h * 0.75,
+                        fmt_num(s.median)
+                    );
+                } else {
+                    let _ = writeln!(body, r#"<text x="{:.1}" y="{:.1}" class="v">not measured</text>"#, left + 4.0, cy + bar_h * 0.75);
+                }
+            }
+            let bottom = y + kinds.len() as f64 * (bar_h + gap);
+            // Axis with five ticks.
+            for t in 0..=4 {
+                let v = scale * t as f64 / 4.0;
+                let x = left + plot_w * t as f64 / 4.0;
+                let _ = writeln!(body, r#"<path d="M{x:.1} {:.1}V{:.1}" class="g"/>"#, top - 2.0, bottom);
+                let _ = writeln!(body, r#"<text x="{x:.1}" y="{:.1}" class="t" text-anchor="middle">{}</text>"#, bottom + 12.0, fmt_num(v));
+            }
+            let _ = writeln!(body, r#"<text x="{:.1}" y="{:.1}" class="t">ms</text>"#, left + plot_w + 14.0, bottom + 12.0);
+            y = bottom + 30.0;
+            for t in &tg {
+                let r = t.ratio.map(|r| format!("{r:.2}")).unwrap_or_else(|| "-".into());
+                let class = match t.verdict {
+                    Verdict::Pass => "pass",
+                    Verdict::Miss => "miss",
+                    Verdict::NotMeasured => "na",
+                };
+                let _ = writeln!(
+                    body,
+                    r#"<text x="40" y="{y:.1}" class="{class}">{} {} = {} (target {} {})</text>"#,
+                    t.verdict,
+                    esc(t.name),
+                    r,
+                    esc(t.op),
+                    t.goal
+                );
+                y += 15.0;
+            }
+            y += 22.0;
+        }
+        let height = y + 10.0;
+        let mut svg = String::new();
+        let _ = writeln!(
+            svg,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" viewBox="0 0 {width:.0} {height:.0}" font-family="DejaVu Sans, Helvetica, Arial, sans-serif">"#
+        );
+        let _ = writeln!(
+            svg,
+            "<style>.h{{font-size:14px;font-weight:bold}}.l{{font-size:11px}}.v{{font-size:11px;fill:#333}}.t{{font-size:10px;fill:#555}}.g{{stroke:#ddd;stroke-width:1}}.w{{stroke:#000;stroke-width:1.2;fill:none}}.pass{{font-size:12px;fill:#1a7f37}}.miss{{font-size:12px;fill:#c62828;font-weight:bold}}.na{{font-size:12px;fill:#777}}</style>"
+        );
+        let _ = writeln!(svg, r##"<rect width="100%" height="100%" fill="#fff"/>"##);
+        let _ = writeln!(
+            svg,
+            r#"<text x="20" y="24" font-size="16" font-weight="bold">miehisto: start to first HTTP response (bar: median, whiskers: min-max; {} runs)</text>"#,
+            self.runs
+        );
+        let _ = writeln!(
+            svg,
+            r##"<text x="20" y="40" font-size="11" fill="#555">Linux {}, CRIU {}, {} CPUs, kdat cache: {}</text>"##,
+            esc(&self.kernel),
+            esc(&self.criu),
+            self.cpus,
+            esc(&self.kdat_cache)
+        );
+        svg.push_str(&body);
+        svg.push_str("</svg>\n");
+        svg
+    }
+}
+
+/// 1, 2 or 5 times a power of ten, at least `v`.
+fn nice_ceiling(v: f64) -> f64 {
+    let p = 10f64.powf(v.log10().floor());
+    [1.0, 2.0, 2.5, 5.0, 10.0].iter().map(|m| m * p).find(|c| *c >= v).unwrap_or(10.0 * p)
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_and_targets() {
+        let s = Stats::of(&[3.0, 1.0, 2.0, f64::NAN]).unwrap();
+        assert_eq!((s.n, s.min, s.median, s.max), (3, 1.0, 2.0, 3.0));
+        assert_eq!(Stats::of(&[1.0, 4.0]).unwrap().median, 2.5);
+        assert!(Stats::of(&[]).is_none());
+
+        let mut w = WorkloadReport::new("django", "x", 1);
+        w.push(COLD_RUNMH, Some(1000.0));
+        w.push(RESTORE_TRACE, Some(50.0));
+        w.push(RESTORE_NOTIFY, Some(60.0));
+        w.push(BARE, Some(40.0));
+        w.finish();
+        let t = targets(&w);
+        assert_eq!(t.len(), 4);
+        assert_eq!(t[0].verdict, Verdict::Pass);
+        assert_eq!(t[0].ratio, Some(20.0));
+        assert_eq!(t[1].verdict, Verdict::Miss, "60/40 = 1.5 > 1.25");
+        assert_eq!(t[2].verdict, Verdict::NotMeasured);
+        let other = WorkloadReport::new("python", "x", 1);
+        assert_eq!(targets(&other).len(), 3, "the cold/restore target is Django's");
+        assert_eq!(nice_ceiling(430.0), 500.0);
+        assert_eq!(nice_ceiling(1.2), 2.0);
+    }
+
+    #[test]
+    fn svg_is_well_formed_enough() {
+        let mut w = WorkloadReport::new("python", "a <b> & c", 1);
+        w.push(COLD_RUNMH, Some(300.0));
+        w.push(RESTORE_TRACE, Some(30.0));
+        w.finish();
+        let r = Report {
+            runs: 1,
+            warmup: 0,
+            kernel: "6".into(),
+            criu: "4".into(),
+            cpus: 2,
+            kdat_cache: "x".into(),
+            load_client: "y".into(),
+            load_secs: 0,
+            targets: targets(&w),
+            workloads: vec![w],
+        };
+        let svg = r.svg();
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert!(svg.contains("a &lt;b&gt; &amp; c"));
+        assert_eq!(svg.matches("<text").count(), svg.matches("</text>").count());
+        assert!(r.table().contains("not measured") || r.table().contains(" - "));
+    }
+}
