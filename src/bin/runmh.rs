@@ -58,6 +58,8 @@ struct SandboxArgs {
 enum Cmd {
     /// Check that this machine can run miehisto.
     Doctor,
+    /// The whole story for an audience: cold boot, prebake, restore, the ENOSYS and its fix.
+    Demo(miehisto::demo::DemoArgs),
     /// Start a command in the CRIU-ready sandbox and supervise it.
     Run(SandboxArgs),
     /// Boot a command to just before its first stop syscall, dump it, publish the image.
@@ -192,6 +194,13 @@ fn real_main(cli: Cli) -> Result<i32> {
                 }
             }
             Ok(if failed { 1 } else { 0 })
+        }
+        Cmd::Demo(a) => {
+            require_root()?;
+            miehisto::stop::tracer::block_supervisor_signals().context("cannot block signals")?;
+            // The demo narrates whether or not --explain was given.
+            explain::enable(!cli.no_pause);
+            Ok(miehisto::demo::run(&a, cli.criu.as_deref(), &state_dir, !cli.no_pause)?)
         }
         Cmd::Run(a) => {
             require_root()?;

@@ -132,6 +132,7 @@ impl StopBackend for NotifyBackend {
         let (release_tx, release_rx) = crossbeam_channel::bounded::<()>(1);
         self.release = Some(release_tx);
         self._listener = Some(listener.clone());
+        let direct = self.direct;
         std::thread::Builder::new()
             .name("notify".into())
             .spawn(move || {
@@ -143,8 +144,10 @@ impl StopBackend for NotifyBackend {
                         return;
                     }
                 };
-                explain::say("notify", &format!("task {} called the marker kill({}, {}): it is blocked inside the kernel (seccomp_do_user_notification), neither stopped by a signal nor traced", first.pid, first.data.args[0] as i64, first.data.args[1]));
-                let _ = tx.send(Arrival::Stopped(to_hit(&first)));
+                let hit = to_hit(&first);
+                let what = if direct { "called" } else { "called the marker" };
+                explain::say("notify", &format!("task {} {what} {}({}, {}): it is blocked inside the kernel (seccomp_do_user_notification), neither stopped by a signal nor traced", first.pid, hit.syscall, first.data.args[0] as i64, first.data.args[1]));
+                let _ = tx.send(Arrival::Stopped(hit));
                 // Hold it until the dump is over (or forever, if the dump
                 // kills the tree); then let every marker through.
                 if release_rx.recv().is_err() {
