@@ -206,7 +206,7 @@ fn spawn_criu(criu: &Criu, opts: &RestoreOpts, inst: &Instance, md: &Metadata) -
     envp.push(std::ptr::null());
     let root = cstring(inst.root());
     let write_fd = ready_w.as_raw_fd();
-    let kdat = kdat_plan(criu, opts, md, &exe);
+    let kdat = kdat_plan(criu, opts, md, &[exe.as_path(), inst.control_socket().as_path()]);
     let kdat_child = kdat.as_ref().map(|(_, data)| data.as_deref());
     // SAFETY: the child only calls async-signal-safe wrappers on the data
     // prepared above and ends in execve or _exit.
@@ -287,9 +287,11 @@ fn child_fail(fd: RawFd, step: &str, e: nix::errno::Errno) -> ! {
 
 /// The kdat cache for this restore (the cache and its saved bytes, if
 /// usable), or None when CRIU keeps its own or a tmpfs over `/run` would
-/// hide something the restore needs.
-fn kdat_plan(criu: &Criu, opts: &RestoreOpts, md: &Metadata, exe: &Path) -> Option<(KdatCache, Option<Vec<u8>>)> {
-    let paths = [opts.state_dir.as_path(), opts.images.as_path(), criu.path.as_path(), exe, md.spec.log_dir.as_path()];
+/// hide something the restore or the supervisor needs (`more`: the
+/// supervisor's program and its control socket, which may live under /run).
+fn kdat_plan(criu: &Criu, opts: &RestoreOpts, md: &Metadata, more: &[&Path]) -> Option<(KdatCache, Option<Vec<u8>>)> {
+    let mut paths = vec![opts.state_dir.as_path(), opts.images.as_path(), criu.path.as_path(), md.spec.log_dir.as_path()];
+    paths.extend_from_slice(more);
     if kdat::would_hide(&paths) {
         log::debug!("a path of this restore is under {}: no kdat cache", kdat::RUN_DIR);
         return None;

@@ -197,9 +197,11 @@ fn one_run(ctx: &Ctx, wl: &workloads::Workload, port: u16, run: u32, rep: &mut W
     // The two restores of the NOTIFY image alternate which goes first, so
     // neither always meets the colder page cache.
     let notify = |rep: &mut WorkloadReport| -> Result<(), BenchError> {
-        let rn = ctx.runmh_restore(&img_n, port, wl.path, &format!("notify-{tag}"), None)?;
+        let rn = ctx.runmh_restore(&img_n, port, wl.path, &format!("notify-{tag}"), Some(wl))?;
         push(rep, RESTORE_NOTIFY, Some(millis(rn.first_response)));
         push(rep, RESTORE_NOTIFY_CRIU, rn.criu_ms);
+        push(rep, RPS_NOTIFY, rn.rps);
+        push(rep, RPS_PLAIN_N, rn.twin_rps);
         Ok(())
     };
     let bare = |rep: &mut WorkloadReport| -> Result<(), BenchError> {

@@ -45,6 +45,8 @@ kinds! {
     RSS_BARE = "rss_bare_mib", "RSS after first response, bare criu restore", "MiB", false;
     RPS_PLAIN = "rps_plain", "steady state without runmh (plain twin)", "req/s", false;
     RPS_TRACE = "rps_trace", "steady state, restored under TRACE supervision", "req/s", false;
+    RPS_NOTIFY = "rps_notify", "steady state, restored NOTIFY image (no tracer)", "req/s", false;
+    RPS_PLAIN_N = "rps_plain_notify_pair", "steady state without runmh (twin of the NOTIFY run)", "req/s", false;
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -176,7 +178,29 @@ const TARGETS: &[TargetDef] = &[
 const INFO: &[(&str, Kind, Kind)] = &[
     ("cold boot (plain) / runmh restore", COLD_PLAIN, RESTORE_TRACE),
     ("cold boot / runmh restore (notify image)", COLD_RUNMH, RESTORE_NOTIFY),
+    ("bare criu restore: cold boot / restore", COLD_RUNMH, BARE),
 ];
+
+/// Pairs measured side by side in every run: the median of the per-run
+/// ratios cancels what the machine's other load does to both (information;
+/// the targets use the ratio of medians).
+const PAIRED: &[(&str, Kind, Kind)] = &[
+    ("req/s TRACE / plain twin, median of per-run ratios", RPS_TRACE, RPS_PLAIN),
+    ("req/s NOTIFY / plain twin, median of per-run ratios", RPS_NOTIFY, RPS_PLAIN_N),
+    ("runmh restore / bare criu, median of per-run ratios", RESTORE_NOTIFY, BARE),
+];
+
+/// The median of per-run ratios of two series, when they pair up (same
+/// number of samples and no failed measurement).
+pub fn paired_median(w: &WorkloadReport, num: Kind, den: Kind) -> Option<f64> {
+    let a = &w.series.iter().find(|s| s.key == num.key)?.samples;
+    let b = &w.series.iter().find(|s| s.key == den.key)?.samples;
+    if a.is_empty() || a.len() != b.len() || !w.errors.is_empty() {
+        return None;
+    }
+    let ratios: Vec<f64> = a.iter().zip(b).filter(|(_, y)| **y > 0.0).map(|(x, y)| x / y).collect();
+    Stats::of(&ratios).map(|s| s.median)
+}
 
 pub fn targets(w: &WorkloadReport) -> Vec<Target> {
     TARGETS
@@ -267,6 +291,11 @@ impl Report {
                     let _ = writeln!(out, "{:<58} {:>6} {:>9} {:>9.2}", format!("ratio: {name}"), "x", "", x / y);
                 }
             }
+            for (name, a, b) in PAIRED {
+                if let Some(r) = paired_median(w, *a, *b) {
+                    let _ = writeln!(out, "{:<58} {:>6} {:>9} {:>9.2}", format!("ratio: {name}"), "x", "", r);
+                }
+            }
             for e in &w.errors {
                 let _ = writeln!(out, "error: {e}");
             }
@@ -292,7 +321,7 @@ impl Report {
         let (width, left, right) = (900.0_f64, 330.0_f64, 110.0_f64);
         let bar_h = 16.0;
         let gap = 6.0;
-        let mut y = 50.0;
+        let mut y = 72.0;
         let mut body = String::new();
         for w in &self.workloads {
             let tg = targets(w);
@@ -302,6 +331,16 @@ impl Report {
             let _ = writeln!(body, r#"<text x="20" y="{:.1}" class="h">{} — {}</text>"#, y, esc(&w.name), esc(&w.about));
             y += 14.0;
             let top = y;
+            let bottom = y + kinds.len() as f64 * (bar_h + gap);
+            // Grid and axis first, so the bars are drawn over them.
+            for t in 0..=4 {
+                let v = scale * t as f64 / 4.0;
+                let x = left + plot_w * t as f64 / 4.0;
+                let _ = writeln!(body, r#"<path d="M{x:.1} {:.1}V{:.1}" class="g"/>"#, top - 2.0, bottom);
+                let label = if v.fract() == 0.0 { format!("{v:.0}") } else { fmt_num(v) };
+                let _ = writeln!(body, r#"<text x="{x:.1}" y="{:.1}" class="t" text-anchor="middle">{label}</text>"#, bottom + 12.0);
+            }
+            let _ = writeln!(body, r#"<text x="{:.1}" y="{:.1}" class="t">ms</text>"#, left + plot_w + 22.0, bottom + 12.0);
             for (i, k) in kinds.iter().enumerate() {
                 let cy = y + i as f64 * (bar_h + gap);
                 let _ = writeln!(
@@ -353,14 +392,6 @@ impl Report {
                 }
             }
             let bottom = y + kinds.len() as f64 * (bar_h + gap);
-            // Axis with five ticks.
-            for t in 0..=4 {
-                let v = scale * t as f64 / 4.0;
-                let x = left + plot_w * t as f64 / 4.0;
-                let _ = writeln!(body, r#"<path d="M{x:.1} {:.1}V{:.1}" class="g"/>"#, top - 2.0, bottom);
-                let _ = writeln!(body, r#"<text x="{x:.1}" y="{:.1}" class="t" text-anchor="middle">{}</text>"#, bottom + 12.0, fmt_num(v));
-            }
-            let _ = writeln!(body, r#"<text x="{:.1}" y="{:.1}" class="t">ms</text>"#, left + plot_w + 14.0, bottom + 12.0);
             y = bottom + 30.0;
             for t in &tg {
                 let r = t.ratio.map(|r| format!("{r:.2}")).unwrap_or_else(|| "-".into());
