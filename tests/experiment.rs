@@ -27,18 +27,36 @@ fn args(state: &Path) -> ExperimentArgs {
     }
 }
 
-/// Processes started from the payload directory or the state directory
-/// (payloads, the Go build, runmh supervisors of this state dir).
+/// Processes of this test: a runmh or CRIU working in the state directory,
+/// a payload built there, or a payload logging there (stdout is its log),
+/// still there after a grace period for those being killed right now.
+/// Payloads of other tests running on the machine do not count.
 fn leftovers(state: &Path) -> Vec<String> {
-    let payloads = env!("MIEHISTO_PAYLOAD_DIR");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        let found = leftovers_now(state);
+        if found.is_empty() || std::time::Instant::now() > deadline {
+            return found;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn leftovers_now(state: &Path) -> Vec<String> {
     let state = state.to_string_lossy().to_string();
     let mut found = Vec::new();
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
         let exe = std::fs::read_link(e.path().join("exe")).map(|p| p.to_string_lossy().to_string()).unwrap_or_default();
         let cmdline = common::read(&e.path().join("cmdline")).replace('\0', " ");
-        if exe.starts_with(payloads) || exe.starts_with(&state) || cmdline.contains(&state) {
-            found.push(format!("{pid} {exe} {cmdline}"));
+        let stdout = std::fs::read_link(e.path().join("fd/1")).map(|p| p.to_string_lossy().to_string()).unwrap_or_default();
+        if exe.starts_with(&state) || cmdline.contains(&state) || stdout.starts_with(&state) {
+            let stat = common::read(&e.path().join("stat"));
+            found.push(format!(
+                "{pid} [{}] ppid {:?} {exe} {cmdline}",
+                stat.rsplit_once(')').map(|(_, r)| r.trim().chars().next().unwrap_or('?')).unwrap_or('?'),
+                common::ppid_of(pid)
+            ));
         }
     }
     found
@@ -227,7 +245,8 @@ fn matrix_matches_the_talk_and_the_notes() {
     markdown_matches_json(&md, &report);
 
     // Nothing left behind: no process, no mount, no instance, no scratch.
-    assert!(leftovers(&state).is_empty(), "processes left: {:?}", leftovers(&state));
+    let left = leftovers(&state);
+    assert!(left.is_empty(), "processes left: {left:?}");
     assert!(common::mounts_under(&state).is_empty(), "mounts left: {:?}", common::mounts_under(&state));
     let instances: Vec<PathBuf> =
         std::fs::read_dir(state.join("instances")).map(|r| r.flatten().map(|e| e.path()).collect()).unwrap_or_default();
@@ -252,6 +271,10 @@ fn unknown_scenario_ids_and_bad_counts_are_refused() {
     a.repeat = 0;
     let e = experiment::cli(&a, common::criu_path().as_deref(), &state).expect_err("repeat 0");
     assert!(matches!(e, ExperimentError::BadRepeat), "{e}");
+    a.repeat = 1;
+    a.json = Some(state.join("missing-dir").join("matrix.json"));
+    let e = experiment::cli(&a, common::criu_path().as_deref(), &state).expect_err("report directory missing");
+    assert!(matches!(e, ExperimentError::ReportDir { .. }), "{e}");
     assert!(!state.join("matrix.json").exists() && !state.join("matrix.md").exists(), "no report on bad input");
     std::fs::remove_dir_all(&state).expect("remove the state dir");
 }
@@ -276,7 +299,8 @@ fn demo_tells_the_story_with_both_backends() {
         assert_eq!((f.ret, f.errno), (-1, ENOSYS), "{backend:?}: the talk's ENOSYS");
         assert!(s.restore_to_answer_ms.iter().all(|&ms| ms > 0), "{backend:?}: both restores answered HTTP: {s:?}");
         assert!(s.cold_boot_ms > 0, "{backend:?}: the cold boot answered");
-        assert!(leftovers(&state).is_empty(), "processes left: {:?}", leftovers(&state));
+        let left = leftovers(&state);
+        assert!(left.is_empty(), "{backend:?}: processes left: {left:?}");
         assert!(common::mounts_under(&state).is_empty());
         let left: Vec<PathBuf> = std::fs::read_dir(&state)
             .map(|r| {

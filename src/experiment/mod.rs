@@ -81,6 +81,8 @@ pub enum ExperimentError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot write the {what} report to {path}: its directory does not exist; create it or pick another path")]
+    ReportDir { what: &'static str, path: PathBuf },
     #[error("cannot write the {what} report to {path}")]
     WriteReport {
         what: &'static str,
@@ -240,6 +242,15 @@ pub fn prepare(args: &ExperimentArgs, criu: Option<&Path>, state_dir: &Path) -> 
     }
     if args.stop_timeout == 0 {
         return Err(ExperimentError::BadTimeout);
+    }
+    // Checked before the matrix runs for minutes, not after.
+    for (what, path) in [("JSON", &args.json), ("markdown", &args.markdown)] {
+        if let Some(p) = path {
+            let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            if !dir.is_dir() {
+                return Err(ExperimentError::ReportDir { what, path: p.clone() });
+            }
+        }
     }
     let all = scenarios::all(args.criu_patched.is_some());
     let known = all.iter().map(|s| s.id.clone()).collect::<Vec<_>>().join(", ");

@@ -148,6 +148,11 @@ pub fn stop_supervisor(supervisor: Pid, root: Pid, grace: Duration) {
     let _ = sys::kill(root, libc::SIGKILL);
     let _ = sys::kill(supervisor, libc::SIGKILL);
     reaped(true);
+    // The service is not our child: wait until it is really gone.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/proc/{root}")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Restores `images`, watches the service get past its stop point (its
@@ -371,14 +376,12 @@ pub fn run_scenario(sc: &Scenario, attempt: u32, ctx: &mut Ctx<'_>) -> Row {
     row.dumped = Some(true);
     row.time_to_stop_ms = Some(baked.time_to_stop.as_millis() as u64);
     row.dump_ms = Some(baked.dumped.metadata.dump_ms);
-    explain::say(
-        "restore",
-        &format!(
-            "restoring with {}; TRACE images are {}",
-            criu.path.display(),
-            if sc.reseize { "re-seized before they run" } else { "resumed with a plain SIGCONT, no tracer" }
-        ),
-    );
+    let resume = match (sc.backend, sc.reseize) {
+        (crate::stop::BackendChoice::Trace, true) => "runmh re-seizes the restored tasks before they run",
+        (crate::stop::BackendChoice::Trace, false) => "runmh resumes the restored tasks with a plain SIGCONT, no tracer",
+        _ => "runmh resumes the restored tasks; nothing listens on the restored filter",
+    };
+    explain::say("restore", &format!("restoring with {}; {resume}", criu.path.display()));
     let w = restore_and_watch(criu, &images, ctx.state_dir, &spec, sc.reseize, port, Duration::from_secs(5));
     let _ = std::fs::remove_dir_all(&images);
     row.restored = Some(w.restored);

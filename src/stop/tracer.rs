@@ -529,10 +529,15 @@ impl State {
         for t in self.tasks.keys() {
             let _ = sys::ptrace_interrupt(*t);
         }
+        // Tasks already detached in this freeze, the trapped one included:
+        // a new thread can report its first stops (and be detached) before
+        // its parent's CLONE event names it, which must not bring it back
+        // as one to wait for.
+        let mut released: std::collections::HashSet<Pid> = hit.into_iter().collect();
         let deadline = Instant::now() + Duration::from_secs(5);
         while !self.tasks.is_empty() {
             match sys::waitpid(-1, libc::WNOHANG) {
-                Ok(Some(w)) => self.freeze_step(w),
+                Ok(Some(w)) => self.freeze_step(w, &mut released),
                 Ok(None) | Err(_) => {
                     if Instant::now() > deadline {
                         return Err(TracerError::FreezeTimeout { pending: self.tasks.keys().copied().collect(), secs: 5 });
@@ -563,7 +568,7 @@ impl State {
         Ok(tgids.into_iter().collect())
     }
 
-    fn freeze_step(&mut self, w: Wait) {
+    fn freeze_step(&mut self, w: Wait, released: &mut std::collections::HashSet<Pid>) {
         let (pid, sig, event) = match w {
             Wait::Stopped { pid, sig, event } => (pid, sig, event),
             Wait::Exited(..) | Wait::Signaled(..) | Wait::Continued(_) => return self.on_wait(w),
@@ -585,10 +590,12 @@ impl State {
                 if let Ok(new) = sys::ptrace_geteventmsg(pid) {
                     let new = Pid::from_raw(new as i32);
                     let tgid = if event == libc::PTRACE_EVENT_CLONE { self.tasks[&pid].tgid } else { new };
-                    if tgid == new {
-                        let _ = sys::kill(new, libc::SIGSTOP);
+                    if !released.contains(&new) {
+                        if tgid == new {
+                            let _ = sys::kill(new, libc::SIGSTOP);
+                        }
+                        self.tasks.entry(new).or_insert(Task { tgid, resume_on_stop: false });
                     }
-                    self.tasks.entry(new).or_insert(Task { tgid, resume_on_stop: false });
                 }
                 0
             }
@@ -596,5 +603,6 @@ impl State {
         };
         let _ = sys::ptrace_detach(pid, inject);
         self.tasks.remove(&pid);
+        released.insert(pid);
     }
 }
