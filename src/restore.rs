@@ -371,7 +371,15 @@ pub fn supervise_restored(dir: &Path, ready_fd: RawFd, reseize: bool, stop_timeo
     let mut ready = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(ready_fd) });
     let result = supervise_setup(dir, reseize);
     let running = match result {
-        Ok(r) => r,
+        Ok(Setup::Running(r)) => r,
+        Ok(Setup::Ended { root, status, inst }) => {
+            // Restored, but it ended at once (e.g. the talk's ENOSYS): the
+            // restore worked; the service's own status tells the rest.
+            let _ = writeln!(ready, "R {root}");
+            log::warn!("the restored service (pid {root}) ended right away: {status}");
+            inst.remove();
+            return Ok(Outcome { status, dumped: false });
+        }
         Err(e) => {
             let _ = writeln!(ready, "E {e}");
             return Err(e);
@@ -384,7 +392,12 @@ pub fn supervise_restored(dir: &Path, ready_fd: RawFd, reseize: bool, stop_timeo
     Ok(outcome)
 }
 
-fn supervise_setup(dir: &Path, reseize: bool) -> Result<Running, RestoreError> {
+enum Setup {
+    Running(Running),
+    Ended { root: Pid, status: ExitStatus, inst: Instance },
+}
+
+fn supervise_setup(dir: &Path, reseize: bool) -> Result<Setup, RestoreError> {
     let inst = Instance::open(dir);
     let mut rec = inst.read_record()?;
     let pidfile = inst.restored_pidfile();
@@ -398,6 +411,11 @@ fn supervise_setup(dir: &Path, reseize: bool) -> Result<Running, RestoreError> {
     let exit = tracer.watch(root)?;
     let kind = BackendKind::parse(&rec.backend.kind).unwrap_or(BackendKind::None);
     if let Err(e) = stop::resume_restored(kind, root, &tracer, reseize) {
+        // CRIU resumes the tree before it execs us: a service that fails
+        // at once may already have been reaped by our tracer thread.
+        if let Ok(status) = exit.recv_timeout(Duration::from_millis(200)) {
+            return Ok(Setup::Ended { root, status, inst });
+        }
         let _ = sys::kill(root, libc::SIGKILL);
         return Err(e.into());
     }
@@ -407,7 +425,7 @@ fn supervise_setup(dir: &Path, reseize: bool) -> Result<Running, RestoreError> {
     inst.write_record(&rec)?;
     explain::say("ready", &format!("restored tree root is host pid {root}; its parent is this runmh (pid {})", std::process::id()));
     let traced = kind == BackendKind::Trace && reseize;
-    Ok(Running { tracer, instance: inst, record: rec, root, exit, traced })
+    Ok(Setup::Running(Running { tracer, instance: inst, record: rec, root, exit, traced }))
 }
 
 /// Exit status of a service for display.

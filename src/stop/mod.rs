@@ -117,7 +117,11 @@ pub fn continue_tree(root: Pid) -> Result<Vec<Pid>, StopError> {
     let tree = tracer::tree_tasks(root)?;
     let mut pids = Vec::new();
     for (pid, _) in tree {
-        crate::sys::kill(pid, nix::libc::SIGCONT).map_err(|source| StopError::Resume { pid, source })?;
+        match crate::sys::kill(pid, nix::libc::SIGCONT) {
+            // Exited meanwhile: its end is reported by the exit watch.
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+            Err(source) => return Err(StopError::Resume { pid, source }),
+        }
         pids.push(pid);
     }
     Ok(pids)

@@ -251,7 +251,12 @@ pub fn tree_tasks(root: Pid) -> Result<Vec<(Pid, Vec<Pid>)>, TracerError> {
     let mut out = Vec::new();
     let mut queue = vec![root];
     while let Some(pid) = queue.pop() {
-        let dir = std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|source| TracerError::ListTasks { pid, source })?;
+        let dir = match std::fs::read_dir(format!("/proc/{pid}/task")) {
+            Ok(d) => d,
+            // A descendant that exited between the listing and now.
+            Err(e) if pid != root && e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(TracerError::ListTasks { pid, source }),
+        };
         let mut tids = Vec::new();
         for e in dir.flatten() {
             if let Some(tid) = e.file_name().to_str().and_then(|s| s.parse().ok()) {
@@ -358,7 +363,14 @@ impl State {
         for (pid, tids) in &tree {
             for tid in tids {
                 let stopped = task_state(*pid, *tid) == Some('T');
-                sys::ptrace_seize(*tid, PTRACE_OPTIONS).map_err(|source| TracerError::Seize { pid: *tid, source })?;
+                if let Err(source) = sys::ptrace_seize(*tid, PTRACE_OPTIONS) {
+                    // A task that is exiting (or a zombie) cannot be seized
+                    // and needs no tracer any more; its exit is reaped as usual.
+                    if matches!(task_state(*pid, *tid), None | Some('Z') | Some('X')) {
+                        continue;
+                    }
+                    return Err(TracerError::Seize { pid: *tid, source });
+                }
                 self.tasks.insert(*tid, Task { tgid: *pid, resume_on_stop: stopped });
             }
         }
