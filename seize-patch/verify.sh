@@ -41,6 +41,7 @@ SUP=$MIEHISTO_HANDOFF_SUPERVISOR
 WORK=$(mktemp -d /var/tmp/seize-patch-verify.XXXXXX)
 SUP_PIDS=()
 RESTORED=()
+# shellcheck disable=SC2317 # called through the EXIT trap
 cleanup() {
     local p
     for p in "${RESTORED[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
@@ -63,8 +64,8 @@ free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1
 
 # wait_for FILE REGEX [N]: waits (up to ~10 s) until FILE has N (default 1) lines matching REGEX.
 wait_for() {
-    local i n=${3:-1}
-    for i in $(seq 200); do
+    local n=${3:-1}
+    for _ in $(seq 200); do
         [[ $(grep -cE "$2" "$1" 2>/dev/null || true) -ge $n ]] && return 0
         sleep 0.05
     done
@@ -80,6 +81,7 @@ restore() {
     local criu=$1 img=$2 w=$3
     shift 3
     mkdir -p "$w/rr"
+    # shellcheck disable=SC2016 # $0 and $@ are the inner shell's
     unshare -m --propagation private -- /bin/sh -c 'mount --bind / "$0" && exec "$@"' "$w/rr" \
         "$criu" restore -D "$img" -W "$w" -o restore.log -v4 --root "$w/rr" \
         --external 'mnt[dev]:/dev' --external 'mnt[devpts]:/dev/pts' --external 'mnt[devshm]:/dev/shm' \
@@ -124,7 +126,7 @@ run_payload() {
         kill -CONT "${RESTORED[-1]}"
         wait_for "$d/logs/stdout.log" 'listen ret=' $((before + 1)) || true
         grep 'listen ret=' "$d/logs/stdout.log" | tail -n 1 | grep -q 'ret=-1 errno=38' && rc=0 || rc=1
-        check "$name: plain restore: listen fails with ENOSYS (the talk's failure)" $rc "$(tail -n 2 "$d/logs/stdout.log")"
+        check "$name: plain restore: listen fails with ENOSYS (the talk's failure)" "$rc" "$(tail -n 2 "$d/logs/stdout.log")"
     else
         check "$name: plain restore" 1 "see $d/w-plain/restore.log"
     fi
@@ -139,7 +141,7 @@ run_payload() {
         tracer=$(awk '/^TracerPid:/ { print $2 }' "/proc/$rp/status" 2>/dev/null || echo '?')
         [[ $rc == 0 && $code == 200 && $tracer == 0 ]] && rc=0 || rc=1
         check "$name: restore --seccomp-neutralize-traps: listen ret=0, HTTP $code, TracerPid $tracer" \
-            $rc "$(tail -n 2 "$d/logs/stdout.log")"
+            "$rc" "$(tail -n 2 "$d/logs/stdout.log")"
         kill -TERM "$rp" 2>/dev/null || true
     else
         check "$name: restore --seccomp-neutralize-traps" 1 "see $d/w-neutral/restore.log"
