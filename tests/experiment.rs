@@ -314,3 +314,59 @@ fn demo_tells_the_story_with_both_backends() {
         std::fs::remove_dir_all(&state).expect("remove the state dir");
     }
 }
+
+/// The patched CRIU of seize-patch/ (built by `seize-patch/build.sh`;
+/// `.deps/criu-patched/env.sh` exports the path). Required in CI.
+fn patched_criu() -> Option<PathBuf> {
+    std::env::var_os("MIEHISTO_CRIU_PATCHED").filter(|v| !v.is_empty()).map(PathBuf::from).or_else(|| {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".deps/criu-patched/sbin/criu");
+        p.is_file().then_some(p)
+    })
+}
+
+#[test]
+fn patched_criu_rows_show_the_handoff_and_the_neutralized_restore() {
+    let _g = common::lock();
+    if !common::require_privileged("patched_criu_rows") {
+        return;
+    }
+    let Some(patched) = patched_criu() else {
+        let msg = "patched_criu_rows: needs the patched CRIU (bash seize-patch/build.sh)";
+        assert!(!common::in_ci(), "{msg} (CI=true: a missing prerequisite is a failure)");
+        eprintln!("SKIP {msg}");
+        return;
+    };
+    let state = common::temp_dir("experiment-patched");
+    let mut a = args(&state);
+    a.criu_patched = Some(patched);
+    // Row 1 and its patched twin (the patched binary without the new
+    // options behaves like stock CRIU), and the rows that use the options.
+    a.only = vec!["1".into(), "8".into()];
+    let code = experiment::cli(&a, common::criu_path().as_deref(), &state).expect("the matrix runs");
+    let report: Report =
+        serde_json::from_str(&std::fs::read_to_string(state.join("matrix.json")).expect("JSON report")).expect("JSON parses");
+    for r in &report.rows {
+        assert_ne!(r.status, Status::Error, "row {}: the harness failed: {}", r.id, r.evidence);
+    }
+    assert_eq!(code, 0);
+    // Without the hand-off the 2018 flow still cannot dump, stock or patched.
+    for id in ["1", "1-patched"] {
+        let r = row(&report, id);
+        ran(r);
+        assert_eq!(r.dumped, Some(false), "row {id}: {}", r.evidence);
+    }
+    // With the hand-off it dumps, and the image restores into a serving process.
+    let h = row(&report, "8-handoff");
+    ran(h);
+    assert_eq!((h.stopped, h.dumped, h.restored), (Some(true), Some(true), Some(true)), "8-handoff: {}", h.evidence);
+    assert_eq!(h.served_http, Some(true), "8-handoff: {}", h.evidence);
+    // Trap actions neutralized on restore: no tracer, no marker, no ENOSYS.
+    for id in ["8-neutralize-trace", "8-neutralize-notify"] {
+        let r = row(&report, id);
+        works(r);
+        assert!(r.evidence.contains("TracerPid 0"), "row {id} runs without a supervisor: {}", r.evidence);
+        assert!(r.evidence.contains("neutralized"), "row {id}: {}", r.evidence);
+    }
+    assert!(leftovers(&state).is_empty(), "leftovers: {:?}", leftovers(&state));
+    let _ = std::fs::remove_dir_all(&state);
+}

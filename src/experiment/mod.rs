@@ -10,6 +10,7 @@
 //! * [`payloads`] — the C payloads build.rs made, the Go one built here;
 //! * [`report`] — the results as a table, markdown and JSON.
 
+pub mod patched;
 pub mod payloads;
 pub mod report;
 pub mod run;
@@ -95,6 +96,8 @@ pub enum ExperimentError {
 /// Everything a matrix run needs, already validated.
 pub struct MatrixOpts {
     pub scenarios: Vec<scenarios::Scenario>,
+    /// Rows that need the patched CRIU's new options (seize-patch/).
+    pub patched: Vec<patched::PatchedScenario>,
     pub repeat: u32,
     pub criu: Criu,
     pub criu_patched: Option<Criu>,
@@ -156,7 +159,7 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<MatrixRun, ExperimentError> {
         stop_timeout: opts.stop_timeout,
         resolver: &mut resolver,
     };
-    let total = opts.scenarios.len() * opts.repeat as usize;
+    let total = (opts.scenarios.len() + opts.patched.len()) * opts.repeat as usize;
     let mut rows = Vec::new();
     let mut interrupted = false;
     let signals = crate::supervisor::signals();
@@ -168,6 +171,17 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<MatrixRun, ExperimentError> {
             rows.push(row);
             // A signal that arrived during the restore phase (or stopped a
             // prebake) ends the matrix; the rows so far are still reported.
+            if let Ok(sig) = signals.try_recv() {
+                eprintln!("mhctl: interrupted by {}; reporting the rows so far", crate::stop::tracer::signal_name(sig));
+                interrupted = true;
+                break 'outer;
+            }
+        }
+        for sc in &opts.patched {
+            eprintln!("mhctl: [{}/{total}] {} — {}", rows.len() + 1, sc.id, sc.technique);
+            let row = patched::run_patched(sc, attempt, &mut ctx);
+            eprintln!("mhctl:     {}", summary(&row));
+            rows.push(row);
             if let Ok(sig) = signals.try_recv() {
                 eprintln!("mhctl: interrupted by {}; reporting the rows so far", crate::stop::tracer::signal_name(sig));
                 interrupted = true;
@@ -253,8 +267,23 @@ pub fn prepare(args: &ExperimentArgs, criu: Option<&Path>, state_dir: &Path) -> 
         }
     }
     let all = scenarios::all(args.criu_patched.is_some());
-    let known = all.iter().map(|s| s.id.clone()).collect::<Vec<_>>().join(", ");
-    let scenarios = scenarios::select(all, &args.only).map_err(|id| ExperimentError::UnknownId { id, known })?;
+    let patched_all = if args.criu_patched.is_some() { patched::all() } else { Vec::new() };
+    let known = all.iter().map(|s| s.id.clone()).chain(patched_all.iter().map(|s| s.id.to_string())).collect::<Vec<_>>().join(", ");
+    // An id may select plain rows, patched rows, or both; each must select something.
+    for w in &args.only {
+        let hits_plain = all.iter().any(|s| scenarios::selects(w, &s.id));
+        let hits_patched = patched_all.iter().any(|s| scenarios::selects(w, s.id));
+        if !hits_plain && !hits_patched {
+            return Err(ExperimentError::UnknownId { id: w.clone(), known });
+        }
+    }
+    let plain_only: Vec<String> = args.only.iter().filter(|w| all.iter().any(|s| scenarios::selects(w, &s.id))).cloned().collect();
+    let scenarios = if !args.only.is_empty() && plain_only.is_empty() {
+        Vec::new()
+    } else {
+        scenarios::select(all, &plain_only).map_err(|id| ExperimentError::UnknownId { id, known: known.clone() })?
+    };
+    let patched = if args.criu_patched.is_some() { patched::selected(&args.only) } else { Vec::new() };
     let criu = Criu::discover(criu)?;
     let criu_patched = match &args.criu_patched {
         Some(p) => Some(Criu::at(p).map_err(ExperimentError::PatchedCriu)?),
@@ -264,6 +293,7 @@ pub fn prepare(args: &ExperimentArgs, criu: Option<&Path>, state_dir: &Path) -> 
     crate::restore::set_supervisor_exe(&runmh);
     Ok(MatrixOpts {
         scenarios,
+        patched,
         repeat: args.repeat,
         criu,
         criu_patched,
