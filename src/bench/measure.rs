@@ -172,6 +172,23 @@ fn finish(child: &mut Child, grace: Duration) {
     let _ = child.wait();
 }
 
+/// The workload's command without runmh, with the environment runmh gives
+/// a sandboxed service (`SandboxSpec` keeps PATH, HOME, LANG and TERM):
+/// the caller's other variables change boot times (Node.js, for one,
+/// loads the certificates NODE_EXTRA_CA_CERTS names), so a plain spawn
+/// with the full environment would not be the same boot.
+fn plain_command(wl: &Workload, port: u16) -> Command {
+    let argv = wl.command(port);
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]).current_dir(&wl.cwd).stdin(Stdio::null()).env_clear();
+    for k in ["PATH", "HOME", "LANG", "TERM"] {
+        if let Some(v) = std::env::var_os(k) {
+            cmd.env(k, v);
+        }
+    }
+    cmd
+}
+
 fn log_file(path: &Path) -> Result<std::fs::File, BenchError> {
     std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|source| BenchError::Io { path: path.to_path_buf(), source })
 }
@@ -213,9 +230,8 @@ impl Ctx {
     fn paired_load(&self, wl: &Workload, port: u16, tag: &str) -> Result<(f64, f64), BenchError> {
         let twin_port = super::free_port()?;
         let log = self.work.join(format!("twin-{tag}.log"));
-        let argv = wl.command(twin_port);
-        let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..]).current_dir(&wl.cwd).stdin(Stdio::null()).stdout(log_file(&log)?);
+        let mut cmd = plain_command(wl, twin_port);
+        cmd.stdout(log_file(&log)?);
         let t0 = Instant::now();
         let mut twin = self.spawn("plain twin", &mut cmd, &log)?;
         let result =
@@ -276,9 +292,8 @@ impl Ctx {
     /// (b) plain spawn → first response (and → first accepted connection); RSS.
     pub fn cold_plain(&self, wl: &Workload, port: u16, tag: &str) -> Result<Boot, BenchError> {
         let log = self.work.join(format!("plain-{tag}.log"));
-        let argv = wl.command(port);
-        let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..]).current_dir(&wl.cwd).stdin(Stdio::null()).stdout(log_file(&log)?);
+        let mut cmd = plain_command(wl, port);
+        cmd.stdout(log_file(&log)?);
         let t0 = Instant::now();
         let mut child = self.spawn("plain spawn", &mut cmd, &log)?;
         let r = wait_first_response("plain spawn", port, wl.path, t0, self.timeout, || child_alive(&mut child, &log));
