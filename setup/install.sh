@@ -446,3 +446,5 @@ ensure_packages
 ensure_criu
 write_env
 summary
+# The benchmark workloads (Django, Express) into git-ignored folders.
+bash "$SCRIPT_DIR/workloads.sh"

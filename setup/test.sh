@@ -16,8 +16,13 @@ cd -- "$REPO_ROOT"
 
 # Run install.sh as its own process so its traps and lock stay its own.
 bash "$SCRIPT_DIR/install.sh"
+# The CRIU of seize-patch/ (the research rows that compare it need it;
+# everything else uses the unpatched CRIU of .deps/env.sh).
+bash "$REPO_ROOT/seize-patch/build.sh"
 # shellcheck source=/dev/null
 . "$REPO_ROOT/.deps/env.sh"
+# shellcheck source=/dev/null
+. "$REPO_ROOT/.deps/criu-patched/env.sh"
 
 # rustup installs cargo in ~/.cargo/bin, which a non-login CI shell may not
 # have on PATH.
