@@ -26,3 +26,16 @@ pub mod spec;
 pub mod stop;
 pub mod supervisor;
 pub mod sys;
+
+/// An error and its causes on one line, joined like anyhow's `{:#}`: for
+/// records and reports that keep the reason as text.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}

@@ -168,7 +168,7 @@ fn start(spec: &SandboxSpec, state_dir: &Path, inst: Instance, stop: Option<&Pre
             Err(e) if candidates_len_gt(stop, i) => {
                 // With its cause: "cannot ptrace-seize task N" alone does not
                 // say why ptrace is unavailable, and the reason is recorded.
-                why_not = error_chain(&e);
+                why_not = crate::error_chain(&e);
                 log::warn!("{}: {e}; trying the next backend", b.kind().as_str());
             }
             Err(e) => {
@@ -238,17 +238,6 @@ fn start(spec: &SandboxSpec, state_dir: &Path, inst: Instance, stop: Option<&Pre
     Ok(Started { running, arrival, backend, t0 })
 }
 
-/// An error and its causes, joined like anyhow's `{:#}`.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
-}
 
 fn candidates_len_gt(stop: Option<&PrebakeOpts>, i: usize) -> bool {
     // Only `auto` has a second candidate to fall back to.

@@ -163,25 +163,28 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<MatrixRun, ExperimentError> {
     let mut rows = Vec::new();
     let mut interrupted = false;
     let signals = crate::supervisor::signals();
+    // Plain scenarios, then the patched-CRIU ones, in one sequence.
+    enum Job<'a> {
+        Plain(&'a scenarios::Scenario),
+        Patched(&'a patched::PatchedScenario),
+    }
+    let jobs: Vec<Job> =
+        opts.scenarios.iter().map(Job::Plain).chain(opts.patched.iter().map(Job::Patched)).collect();
     'outer: for attempt in 1..=opts.repeat {
-        for sc in &opts.scenarios {
-            eprintln!("mhctl: [{}/{total}] {} — {}", rows.len() + 1, sc.id, sc.technique);
-            let row = run::run_scenario(sc, attempt, &mut ctx);
+        for job in &jobs {
+            let (id, technique) = match job {
+                Job::Plain(sc) => (sc.id.as_str(), sc.technique.as_str()),
+                Job::Patched(sc) => (sc.id, sc.technique),
+            };
+            eprintln!("mhctl: [{}/{total}] {id} — {technique}", rows.len() + 1);
+            let row = match job {
+                Job::Plain(sc) => run::run_scenario(sc, attempt, &mut ctx),
+                Job::Patched(sc) => patched::run_patched(sc, attempt, &mut ctx),
+            };
             eprintln!("mhctl:     {}", summary(&row));
             rows.push(row);
             // A signal that arrived during the restore phase (or stopped a
             // prebake) ends the matrix; the rows so far are still reported.
-            if let Ok(sig) = signals.try_recv() {
-                eprintln!("mhctl: interrupted by {}; reporting the rows so far", crate::stop::tracer::signal_name(sig));
-                interrupted = true;
-                break 'outer;
-            }
-        }
-        for sc in &opts.patched {
-            eprintln!("mhctl: [{}/{total}] {} — {}", rows.len() + 1, sc.id, sc.technique);
-            let row = patched::run_patched(sc, attempt, &mut ctx);
-            eprintln!("mhctl:     {}", summary(&row));
-            rows.push(row);
             if let Ok(sig) = signals.try_recv() {
                 eprintln!("mhctl: interrupted by {}; reporting the rows so far", crate::stop::tracer::signal_name(sig));
                 interrupted = true;

@@ -32,16 +32,9 @@ pub struct Ctx<'a> {
     pub resolver: &'a mut Resolver,
 }
 
-/// Last error and its causes on one line, like anyhow's `{:#}`.
+/// An error and its causes on one line.
 pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
+    crate::error_chain(e)
 }
 
 /// A TCP port that was free a moment ago on 127.0.0.1.
