@@ -689,6 +689,11 @@ fn restore_and_watch(
         })
         .unwrap_or_else(|| "?".into());
     stop_restored(root);
+    // The server can answer before our last look at its log caught the
+    // listen line it wrote just before: look once more.
+    if w.listen.is_none() {
+        w.listen = run::parse_listen(&run::read_from(stdout_log, out_at)).map(|(r, _)| r);
+    }
     let listen_line = run::parse_listen(&run::read_from(stdout_log, out_at))
         .map(|(_, l)| l)
         .unwrap_or_else(|| "the payload logged no listen line after the restore".into());
