@@ -6,6 +6,8 @@
 //! `CI=true` a missing prerequisite is a failure, never a silent skip.
 #![allow(dead_code)]
 
+pub mod case;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -76,7 +78,11 @@ pub fn python() -> PathBuf {
         return PathBuf::from(p);
     }
     let p = PathBuf::from("/usr/bin/python3");
-    if p.exists() { p } else { PathBuf::from("python3") }
+    if p.exists() {
+        p
+    } else {
+        PathBuf::from("python3")
+    }
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released).
@@ -91,7 +97,8 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!(
         "mh-test-{tag}-{}-{}",
         std::process::id(),
-        Instant::now().elapsed().as_nanos() ^ (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0))
+        Instant::now().elapsed().as_nanos()
+            ^ (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0))
     ));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("create temp dir");
@@ -155,9 +162,8 @@ pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<std::process::
 /// The single log directory under `state/logs` (for services started by
 /// runmh with the default log location).
 pub fn only_log_dir(state: &Path) -> PathBuf {
-    let mut dirs: Vec<_> = std::fs::read_dir(state.join("logs"))
-        .map(|r| r.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect())
-        .unwrap_or_default();
+    let mut dirs: Vec<_> =
+        std::fs::read_dir(state.join("logs")).map(|r| r.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect()).unwrap_or_default();
     dirs.sort();
     dirs.pop().expect("a log directory")
 }
