@@ -331,8 +331,9 @@ fn restore_child(
     }
     // The ready pipe must survive into CRIU and, through --exec-cmd, into
     // the supervisor: clear its close-on-exec flag.
-    // SAFETY: fcntl on a descriptor we own; async-signal-safe.
-    unsafe { libc::fcntl(ready, libc::F_SETFD, 0) };
+    if let Err(e) = sys::clear_cloexec(ready) {
+        child_fail(ready, "keep_the_ready_pipe_open", e);
+    }
     let e = sys::execve(prog, argv, envp);
     child_fail(ready, "execute_criu", e)
 }

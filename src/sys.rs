@@ -105,6 +105,12 @@ pub fn dup2(old: RawFd, new: RawFd) -> SysResult<()> {
     check(unsafe { libc::dup2(old, new) } as libc::c_long).map(drop)
 }
 
+/// Async-signal-safe: clears FD_CLOEXEC so `fd` survives `execve`.
+pub fn clear_cloexec(fd: RawFd) -> SysResult<()> {
+    // SAFETY: fcntl(F_SETFD) only changes the descriptor's flags.
+    check(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } as libc::c_long).map(drop)
+}
+
 /// Async-signal-safe `close(2)`; errors are irrelevant to the callers.
 pub fn close(fd: RawFd) {
     // SAFETY: closing a descriptor number has no memory-safety impact; the
