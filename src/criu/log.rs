@@ -6,7 +6,11 @@ use std::path::Path;
 /// (platform.md: the RLIMIT_NOFILE one appears on every run).
 const HARMLESS: &[&str] = &["Can't setup RLIMIT_NOFILE for self"];
 
-/// The first error line that matters, without CRIU's timestamp prefix.
+/// The first error line that matters, without CRIU's timestamp prefix,
+/// preceded by the warning that explains it when one comes just before:
+/// compel reports a refused `PTRACE_SEIZE` as a warning ("Unable to
+/// interrupt task ... Operation not permitted"), and the error that follows
+/// ("Unable to detach") is only its consequence.
 /// CRIU's log lines look like `(00.012345) Error (criu/files-reg.c:12): msg`.
 pub fn decisive_line(text: &str) -> Option<String> {
     let is_err = |l: &str| l.contains("Error (") || l.starts_with("Error") || l.contains("] Error");
@@ -15,13 +19,21 @@ pub fn decisive_line(text: &str) -> Option<String> {
         let l = if l.starts_with('(') { l.split_once(')').map(|(_, r)| r.trim()).unwrap_or(l) } else { l };
         l.to_string()
     };
-    let errors: Vec<String> =
-        text.lines().filter(|l| is_err(l) && !HARMLESS.iter().any(|h| l.contains(h))).map(strip).collect();
+    let lines: Vec<&str> = text.lines().collect();
     // The first error is usually the cause; later ones ("Dumping FAILED")
     // only summarise it.
-    errors.into_iter().next().or_else(|| {
-        text.lines().rev().find(|l| l.contains("FAILED") || l.contains("failed")).map(strip)
-    })
+    let first = lines.iter().position(|l| is_err(l) && !HARMLESS.iter().any(|h| l.contains(h)));
+    match first {
+        Some(at) => {
+            let error = strip(lines[at]);
+            let warn = lines[at.saturating_sub(5)..at].iter().rev().map(|l| strip(l)).find(|l| l.starts_with("Warn"));
+            Some(match warn {
+                Some(w) => format!("{w} → {error}"),
+                None => error,
+            })
+        }
+        None => lines.iter().rev().find(|l| l.contains("FAILED") || l.contains("failed")).map(|l| strip(l)),
+    }
 }
 
 /// Reads a CRIU log file and finds its decisive line.
@@ -46,7 +58,11 @@ mod tests {
 (00.010100) Error (criu/seize.c:45): Can't seize 7
 (00.020000) Error (criu/cr-dump.c:2000): Dumping FAILED.
 ";
-        assert_eq!(decisive_line(log).unwrap(), "Error (criu/seize.c:45): Can't seize 7");
+        assert_eq!(
+            decisive_line(log).unwrap(),
+            "Warn  (compel/src/lib/infect.c:123): Unable to interrupt task: 7 (Operation not permitted) → Error (criu/seize.c:45): Can't seize 7"
+        );
+        assert_eq!(decisive_line("(00.1) Error (a.c:1): alone\n").unwrap(), "Error (a.c:1): alone");
         assert_eq!(decisive_line("(00.1) Dumping finished successfully"), None);
     }
 }

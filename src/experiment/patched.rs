@@ -408,7 +408,7 @@ fn handoff_steps(
     if !status.success() {
         row.dumped = Some(false);
         let line = criu_log::decisive_line(&dump_log).unwrap_or_else(|| format!("criu dump exited with {status}"));
-        row.evidence = format!("{}; supervisor: {done}", run::with_cause(&dump_log, &line));
+        row.evidence = format!("{line}; supervisor: {done}");
         return Ok(());
     }
     row.dumped = Some(true);
@@ -473,10 +473,10 @@ fn neutralize_row(
             row.evidence = format!("the target ended ({status}) without stopping");
             return Ok(());
         }
-        Err(BootError::Criu(crate::criu::CriuError::DumpFailed { line, log, .. })) => {
+        Err(BootError::Criu(crate::criu::CriuError::DumpFailed { line, .. })) => {
             row.stopped = Some(true);
             row.dumped = Some(false);
-            row.evidence = run::with_cause(&run::read_from(&log, 0), &line);
+            row.evidence = line;
             return Ok(());
         }
         Err(e) => return Err(PatchedError::Prebake(e)),

@@ -228,20 +228,6 @@ pub fn restore_and_watch(
     w
 }
 
-/// CRIU's first error line, preceded by the warning that explains it when
-/// one comes just before: compel reports a failed `PTRACE_SEIZE` as a
-/// warning ("Unable to interrupt task"), and the error that follows is
-/// only its consequence.
-pub fn with_cause(log: &str, line: &str) -> String {
-    let strip = |l: &str| l.trim().split_once(") ").map(|(_, r)| r.to_string()).unwrap_or_else(|| l.trim().to_string());
-    let lines: Vec<&str> = log.lines().collect();
-    let Some(at) = lines.iter().position(|l| strip(l) == line) else { return line.to_string() };
-    let warn = lines[at.saturating_sub(5)..at].iter().rev().find(|l| strip(l).starts_with("Warn"));
-    match warn {
-        Some(w) => format!("{} → {line}", strip(w)),
-        None => line.to_string(),
-    }
-}
 
 /// A sandbox spec for a payload listening on `port`, logging into `log_dir`.
 pub fn payload_spec(program: &Path, args: &[String], log_dir: &Path) -> Result<SandboxSpec, crate::spec::SpecError> {
@@ -355,11 +341,11 @@ pub fn run_scenario(sc: &Scenario, attempt: u32, ctx: &mut Ctx<'_>) -> Row {
             explain::say("result", &row.evidence);
             return row;
         }
-        Err(BootError::Criu(CriuError::DumpFailed { line, log, .. })) => {
+        Err(BootError::Criu(CriuError::DumpFailed { line, .. })) => {
             // The dump is only attempted once the target stopped.
             row.stopped = Some(true);
             row.dumped = Some(false);
-            row.evidence = with_cause(&read_from(&log, 0), &line);
+            row.evidence = line;
             explain::say("result", &format!("the dump failed: {}", row.evidence));
             return row;
         }
@@ -427,10 +413,9 @@ mod tests {
 (00.057052) Error (compel/src/lib/infect.c:417): Unable to detach from 7: No such process\n";
         let line = crate::criu::log::decisive_line(log).unwrap();
         assert_eq!(
-            with_cause(log, &line),
+            line,
             "Warn  (compel/src/lib/infect.c:132): Unable to interrupt task: 7 (Operation not permitted) → Error (compel/src/lib/infect.c:417): Unable to detach from 7: No such process"
         );
-        assert_eq!(with_cause("", "x"), "x");
     }
 
     #[test]
