@@ -31,7 +31,6 @@ use crate::sys;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use nix::libc;
 use nix::unistd::Pid;
-use std::ffi::OsString;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -579,19 +578,18 @@ fn restore_and_watch(
     mkdir(&rr)?;
     let pidfile = dir.join("restored.pid");
     let _ = std::fs::remove_file(&pidfile);
-    let mut criu_argv: Vec<OsString> = vec!["restore".into(), "-D".into(), images.into(), "-W".into(), dir.into()];
-    criu_argv.extend([
-        "-o".into(),
-        "restore.log".into(),
-        "-v4".into(),
-        "--root".into(),
-        rr.clone().into_os_string(),
-    ]);
-    for e in externals {
-        criu_argv.push("--external".into());
-        criu_argv.push(format!("mnt[{}]:{}", e.key, e.path.display()).into());
+    // runmh's own restore command line, detached instead of --exec-cmd.
+    let mut criu_argv = crate::criu::RestoreArgs {
+        images_dir: images.to_path_buf(),
+        work_dir: dir.to_path_buf(),
+        log_name: "restore.log".into(),
+        root: rr.clone(),
+        externals: externals.to_vec(),
+        pidfile: pidfile.clone(),
+        exec_cmd: Vec::new(),
     }
-    criu_argv.extend(["-d".into(), "--pidfile".into(), pidfile.clone().into_os_string()]);
+    .argv();
+    criu_argv.push("-d".into());
     criu_argv.push("--seccomp-neutralize-traps".into());
     explain::say(
         "criu",
