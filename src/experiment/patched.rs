@@ -658,26 +658,9 @@ fn restore_and_watch(
         served: None,
         evidence: String::new(),
     };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        if w.listen.is_none() {
-            w.listen = run::parse_listen(&run::read_from(stdout_log, out_at)).map(|(r, _)| r);
-        }
-        if w.listen.is_some_and(|l| l.ret != 0) {
-            break;
-        }
-        if matches!(run::http_get(port), Ok(200)) {
-            w.served = Some(true);
-            break;
-        }
-        if Instant::now() > deadline {
-            if w.listen.is_some() {
-                w.served = Some(false);
-            }
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let k = run::knock(stdout_log, out_at, port, Duration::from_secs(5));
+    w.listen = k.listen.map(|(r, _)| r);
+    w.served = k.served;
     let tracer = std::fs::read_to_string(format!("/proc/{root}/status"))
         .ok()
         .and_then(|s| {
@@ -687,11 +670,6 @@ fn restore_and_watch(
         })
         .unwrap_or_else(|| "?".into());
     stop_restored(root);
-    // The server can answer before our last look at its log caught the
-    // listen line it wrote just before: look once more.
-    if w.listen.is_none() {
-        w.listen = run::parse_listen(&run::read_from(stdout_log, out_at)).map(|(r, _)| r);
-    }
     let listen_line = run::parse_listen(&run::read_from(stdout_log, out_at))
         .map(|(_, l)| l)
         .unwrap_or_else(|| "the payload logged no listen line after the restore".into());

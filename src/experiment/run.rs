@@ -64,6 +64,47 @@ pub fn file_len(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
 
+/// What a restored payload did once it ran: its listen line, and whether
+/// (and when) it answered HTTP.
+pub struct Knock {
+    pub listen: Option<(SyscallResult, String)>,
+    pub served: Option<bool>,
+    pub answered_at: Option<Instant>,
+}
+
+/// Watches the payload's log (from `out_at`) for its listen line and
+/// knocks on `port` until it answers, its listen failed, or `wait` passed.
+pub fn knock(out: &Path, out_at: u64, port: u16, wait: Duration) -> Knock {
+    let mut k = Knock { listen: None, served: None, answered_at: None };
+    let deadline = Instant::now() + wait;
+    loop {
+        if k.listen.is_none() {
+            k.listen = parse_listen(&read_from(out, out_at));
+        }
+        if k.listen.as_ref().is_some_and(|(l, _)| l.ret != 0) {
+            break;
+        }
+        if matches!(http_get(port), Ok(200)) {
+            k.answered_at = Some(Instant::now());
+            k.served = Some(true);
+            break;
+        }
+        if Instant::now() > deadline {
+            if k.listen.is_some() {
+                k.served = Some(false);
+            }
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The server can answer before the last look at its log caught the
+    // listen line it wrote just before: look once more.
+    if k.listen.is_none() {
+        k.listen = parse_listen(&read_from(out, out_at));
+    }
+    k
+}
+
 /// The payload's own report of its listen: `MHLOG <name> listen ret=R errno=E`.
 pub fn parse_listen(text: &str) -> Option<(SyscallResult, String)> {
     text.lines().rev().find_map(|l| {
@@ -184,27 +225,10 @@ pub fn restore_and_watch(
             let restore_ms = r.took.as_millis() as u64;
             w.restore_ms = Some(restore_ms);
             explain::say("watch", &format!("restored in {restore_ms} ms; now watching the payload's own log for its listen line, and knocking on port {port}"));
-            let deadline = Instant::now() + wait;
-            loop {
-                if w.listen.is_none() {
-                    w.listen = parse_listen(&read_from(&out, out_at));
-                }
-                if w.listen.as_ref().is_some_and(|(l, _)| l.ret != 0) {
-                    break;
-                }
-                if matches!(http_get(port), Ok(200)) {
-                    w.first_response_ms = Some(t0.elapsed().as_millis() as u64);
-                    w.served = Some(true);
-                    break;
-                }
-                if Instant::now() > deadline {
-                    if w.listen.is_some() {
-                        w.served = Some(false);
-                    }
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            let k = knock(&out, out_at, port, wait);
+            w.listen = k.listen;
+            w.served = k.served;
+            w.first_response_ms = k.answered_at.map(|t| t.duration_since(t0).as_millis() as u64);
             stop_supervisor(r.supervisor, r.root, Duration::from_secs(10));
             // The supervisor removes its instance directory when it ends normally.
             r.instance.remove();
