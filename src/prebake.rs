@@ -165,7 +165,7 @@ fn start(spec: &SandboxSpec, state_dir: &Path, inst: Instance, stop: Option<&Pre
                 chosen = Some((i, reason));
                 break;
             }
-            Err(e) if candidates_len_gt(stop, i) => {
+            Err(e) if has_fallback_after(stop, i) => {
                 // With its cause: "cannot ptrace-seize task N" alone does not
                 // say why ptrace is unavailable, and the reason is recorded.
                 why_not = crate::error_chain(&e);
@@ -239,7 +239,7 @@ fn start(spec: &SandboxSpec, state_dir: &Path, inst: Instance, stop: Option<&Pre
 }
 
 
-fn candidates_len_gt(stop: Option<&PrebakeOpts>, i: usize) -> bool {
+fn has_fallback_after(stop: Option<&PrebakeOpts>, i: usize) -> bool {
     // Only `auto` has a second candidate to fall back to.
     stop.is_some_and(|o| o.backend == BackendChoice::Auto) && i == 0
 }
