@@ -173,9 +173,7 @@ fn start(spec: &SandboxSpec, state_dir: &Path, inst: Instance, stop: Option<&Pre
             }
             Err(e) => {
                 let early = spawned.early_failure();
-                spawned.abort();
-                let _ = exit.recv_timeout(Duration::from_secs(5));
-                inst.remove();
+                give_up(spawned, &exit, &inst);
                 return Err(match early {
                     Some(child) => child.into(),
                     None => e.into(),
@@ -193,9 +191,7 @@ fn start(spec: &SandboxSpec, state_dir: &Path, inst: Instance, stop: Option<&Pre
     };
     if let (Some(b), Some(o)) = (&backend, stop) {
         if b.kind() == BackendKind::Notify && o.backend == BackendChoice::Auto && is_static_elf(&spec.program) {
-            spawned.abort();
-            let _ = exit.recv_timeout(Duration::from_secs(5));
-            inst.remove();
+            give_up(spawned, &exit, &inst);
             return Err(BootError::Unstoppable { program: spec.program.clone(), why: why_not });
         }
     }
@@ -238,6 +234,14 @@ fn start(spec: &SandboxSpec, state_dir: &Path, inst: Instance, stop: Option<&Pre
     Ok(Started { running, arrival, backend, t0 })
 }
 
+
+/// Lets a child that never ran its command go (it exits 126), reaps it and
+/// removes the instance.
+fn give_up(spawned: sandbox::Spawned, exit: &Receiver<ExitStatus>, inst: &Instance) {
+    spawned.abort();
+    let _ = exit.recv_timeout(Duration::from_secs(5));
+    inst.remove();
+}
 
 fn has_fallback_after(stop: Option<&PrebakeOpts>, i: usize) -> bool {
     // Only `auto` has a second candidate to fall back to.
