@@ -140,7 +140,7 @@ fn start(spec: &SandboxSpec, state_dir: &Path, inst: Instance, stop: Option<&Pre
     }
     for v in &variants {
         if let Some(f) = &v.filter {
-            explain::say("filter", &format!("seccomp filter the child loads as its last step before exec ({:?}), as libseccomp renders it:", f.rule));
+            explain::say("filter", &format!("seccomp filter the child loads as its last step before exec ({}), as libseccomp renders it:", f.rule));
             explain::block(f.pfc.trim());
             explain::say("filter", "and as the kernel gets it, classic BPF:");
             explain::block(f.bpf_listing().trim_end());

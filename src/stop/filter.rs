@@ -57,6 +57,18 @@ pub enum FilterRule {
     NotifyDirect { syscall: StopSyscall },
 }
 
+impl std::fmt::Display for FilterRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FilterRule::Trace { syscall } => write!(f, "SECCOMP_RET_TRACE on {}(2)", syscall.name()),
+            FilterRule::NotifyMarker { sig } => {
+                write!(f, "SECCOMP_RET_USER_NOTIF on kill(*, {})", crate::stop::tracer::signal_name(*sig))
+            }
+            FilterRule::NotifyDirect { syscall } => write!(f, "SECCOMP_RET_USER_NOTIF on {}(2)", syscall.name()),
+        }
+    }
+}
+
 /// The value our TRACE rule puts in SECCOMP_RET_DATA; `PTRACE_GETEVENTMSG`
 /// returns it at the stop, so the tracer can tell our trap from any other
 /// filter the target might install itself.

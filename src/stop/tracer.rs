@@ -99,7 +99,11 @@ pub fn signal_name(sig: i32) -> String {
     nix::sys::signal::Signal::try_from(sig).map(|s| s.as_str().to_string()).unwrap_or_else(|_| {
         let (min, max) = (sys::sigrtmin(), sys::sigrtmax());
         if sig >= min && sig <= max {
-            if max - sig <= 8 { format!("SIGRTMAX-{}", max - sig) } else { format!("SIGRTMIN+{}", sig - min) }
+            match max - sig {
+                0 => "SIGRTMAX".to_string(),
+                d if d <= 8 => format!("SIGRTMAX-{d}"),
+                _ => format!("SIGRTMIN+{}", sig - min),
+            }
         } else {
             format!("signal {sig}")
         }
@@ -525,7 +529,10 @@ impl State {
         for g in &tgids {
             let _ = sys::kill(*g, libc::SIGSTOP);
         }
-        explain::say("freeze", &format!("SIGSTOP to process(es) {tgids:?}: group-stop, so that nothing runs between our detach and CRIU's seize"));
+        if explain::enabled() {
+            let list: Vec<String> = tgids.iter().map(|p| p.to_string()).collect();
+            explain::say("freeze", &format!("SIGSTOP to process(es) {}: group-stop, so that nothing runs between our detach and CRIU's seize", list.join(", ")));
+        }
         if let Some(t) = hit {
             // It dequeues the pending SIGSTOP on its way back to user space,
             // before re-executing the rewound syscall. Thread-directed too:
