@@ -625,3 +625,28 @@ impl State {
         released.insert(pid);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_and_exit_statuses_read_as_people_write_them() {
+        assert_eq!(signal_name(libc::SIGTERM), "SIGTERM");
+        assert_eq!(signal_name(sys::sigrtmax()), "SIGRTMAX");
+        assert_eq!(signal_name(sys::sigrtmax() - 4), "SIGRTMAX-4");
+        assert_eq!(signal_name(sys::sigrtmin() + 1), "SIGRTMIN+1");
+        assert_eq!(ExitStatus::Exited(3).code(), 3);
+        assert_eq!(ExitStatus::Signaled(9).code(), 137);
+        assert_eq!(ExitStatus::Signaled(15).to_string(), "killed by signal 15 (SIGTERM)");
+    }
+
+    #[test]
+    fn task_listing_of_this_process() {
+        let me = nix::unistd::getpid();
+        let tree = tree_tasks(me).unwrap();
+        assert_eq!(tree[0].0, me);
+        assert!(tree[0].1.contains(&me), "the main thread is listed");
+        assert!(matches!(task_state(me, me), Some('R') | Some('S')));
+    }
+}
