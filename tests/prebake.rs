@@ -583,3 +583,70 @@ fn notify_marker_signal_option() {
     assert_stopped_before_listen(&md, "notify", &p);
     restore_serve_stop(&c, &img, &md, &p, 1);
 }
+
+/// Field of /proc/PID/status, e.g. "TracerPid".
+fn status_field(pid: i32, field: &str) -> Option<String> {
+    common::read(Path::new(&format!("/proc/{pid}/status")))
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")).map(|v| v.trim().to_string()))
+}
+
+/// The process whose thread traces `pid` (TracerPid names the tracer
+/// thread, and runmh's tracer is a thread of its own).
+fn tracer_process(pid: i32) -> Option<String> {
+    let tid: i32 = status_field(pid, "TracerPid")?.parse().ok()?;
+    if tid == 0 {
+        return Some("0".into());
+    }
+    status_field(tid, "Tgid")
+}
+
+/// A restored TRACE service is dumped at any moment (`runmh dump
+/// --leave-running`): its supervisor freezes the tree and lets go of it for
+/// CRIU, then takes it back as its tracer; the new image restores too, and
+/// the filter left in the process never costs the service an ENOSYS.
+#[test]
+fn restored_trace_service_dumped_at_any_moment() {
+    let _g = common::lock();
+    if !common::require_privileged("restored_trace_service_dumped_at_any_moment") {
+        return;
+    }
+    let c = Case::new("pb-redump");
+    let p = payload("simple_server");
+    let img = c.state.join("img");
+    let md = prebake_ok(&c, &img, "trace", &[], &p);
+    let log_path = md.spec.stdout_log();
+
+    let mut front = c.spawn(c.restore_cmd(&img), "first");
+    common::wait_http(p.port, DEADLINE).unwrap_or_else(|e| panic!("{e}; {}", c.stderr_of("first")));
+    let rec = c.instances().into_iter().map(|(_, r)| r).find(|r| r.root_pid > 0).expect("the restored instance");
+    let tracer = tracer_process(rec.root_pid).expect("service status");
+    assert_eq!(tracer, rec.supervisor_pid.to_string(), "the supervisor traces the restored service");
+
+    let img2 = c.state.join("img2");
+    let out = common::runmh_cmd(&c.state)
+        .args(["dump", "--leave-running", "--pid"])
+        .arg(rec.root_pid.to_string())
+        .arg("--images")
+        .arg(&img2)
+        .output()
+        .expect("run runmh dump");
+    assert!(out.status.success(), "dump failed: {}", String::from_utf8_lossy(&out.stderr));
+    let md2 = Metadata::read(&img2).expect("the second image is published");
+    assert_eq!(md2.backend.kind, "trace", "the image keeps the backend it needs after a restore");
+    // Taken back: traced again, and still serving.
+    assert_eq!(common::http_get(p.port, "/").map(|(code, _)| code).ok(), Some(200));
+    let tracer = tracer_process(rec.root_pid).expect("service status");
+    assert_eq!(tracer, rec.supervisor_pid.to_string(), "re-seized after the dump");
+
+    nix::sys::signal::kill(Pid::from_raw(front.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    wait_exit(&mut front, "first restore");
+    let mut second = c.spawn(c.restore_cmd(&img2), "second");
+    common::wait_http(p.port, DEADLINE).unwrap_or_else(|e| panic!("{e}; {}", c.stderr_of("second")));
+    nix::sys::signal::kill(Pid::from_raw(second.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    wait_exit(&mut second, "second restore");
+    let log = common::read(&log_path);
+    assert_eq!(common::count_lines(&log, "errno=38"), 0, "no ENOSYS at any point: {log}");
+    assert_eq!(common::count_lines(&log, "MHLOG simple listen ret=0 errno=0"), 1, "listen ran once, in the first restore: {log}");
+    c.assert_clean();
+}
