@@ -45,6 +45,10 @@ pub struct InstanceRecord {
     #[serde(default)]
     pub image: Option<PathBuf>,
     pub supervisor_pid: i32,
+    /// For a restore: the `runmh restore` process that started it (it waits
+    /// for the supervisor unless detached), so a user may name either.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub front_pid: Option<i32>,
     /// Host pid of the sandbox's PID 1 (0 until known).
     pub root_pid: i32,
     pub state: String,
@@ -160,7 +164,7 @@ impl Instance {
     pub fn find_by_pid(state_dir: &Path, pid: i32) -> Result<(Instance, InstanceRecord), InstanceError> {
         Instance::list(state_dir)
             .into_iter()
-            .find(|(_, r)| r.root_pid == pid || r.supervisor_pid == pid)
+            .find(|(_, r)| r.root_pid == pid || r.supervisor_pid == pid || r.front_pid == Some(pid))
             .ok_or_else(|| InstanceError::NotFound { pid, state_dir: state_dir.to_path_buf() })
     }
 }

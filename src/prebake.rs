@@ -211,6 +211,7 @@ fn start(spec: &SandboxSpec, state_dir: &Path, inst: Instance, stop: Option<&Pre
         backend: backend_record(kind, reason, marker),
         image: None,
         supervisor_pid: std::process::id() as i32,
+        front_pid: None,
         root_pid: pid.as_raw(),
         state: "starting".into(),
         started_unix_ms: instance::unix_ms(),

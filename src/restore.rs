@@ -119,6 +119,7 @@ pub fn restore(criu: &Criu, opts: &RestoreOpts) -> Result<Restored, RestoreError
         backend: md.backend.clone(),
         image: Some(std::path::absolute(&opts.images).unwrap_or(opts.images.clone())),
         supervisor_pid: 0,
+        front_pid: Some(std::process::id() as i32),
         root_pid: 0,
         state: "restoring".into(),
         started_unix_ms: instance::unix_ms(),
