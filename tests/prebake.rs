@@ -525,7 +525,9 @@ fn static_binary_needs_trace() {
     let bin = common::payload("simple_server_static");
     if !bin.is_file() {
         assert!(!common::in_ci(), "simple_server_static was not built (no libc.a?)");
-        eprintln!("SKIP static_binary_needs_trace: {} was not built (no libc.a)", bin.display());
+        let msg = format!("static_binary_needs_trace: {} was not built (no libc.a)", bin.display());
+        assert!(!common::in_ci(), "{msg} (CI=true: a missing prerequisite is a failure)");
+        eprintln!("SKIP {msg}");
         return;
     }
     assert!(miehisto::prebake::is_static_elf(&bin));
