@@ -63,10 +63,7 @@ impl NotifyBackend {
 
 fn to_hit(req: &ScmpNotifReq) -> StopHit {
     let tid = Pid::from_raw(req.pid as i32);
-    let tgid = std::fs::read_to_string(format!("/proc/{tid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Tgid:").and_then(|v| v.trim().parse().ok())))
-        .unwrap_or(tid.as_raw());
+    let tgid = super::tracer::tgid_of(tid).as_raw();
     let nr = i32::from(req.data.syscall) as i64;
     StopHit {
         tid: tid.as_raw(),
@@ -74,10 +71,7 @@ fn to_hit(req: &ScmpNotifReq) -> StopHit {
         syscall: syscalls::Sysno::new(nr as usize).map(|s| s.name().to_string()).unwrap_or_default(),
         nr,
         args: req.data.args,
-        at_unix_ms: std::time::SystemTime::now()
-            .duration_since(std::time::SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
+        at_unix_ms: crate::instance::unix_ms(),
         frozen: Vec::new(),
         held: false,
     }

@@ -13,7 +13,7 @@ use nix::libc;
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TracerError {
@@ -235,7 +235,8 @@ struct State {
     shutdown: bool,
 }
 
-fn tgid_of(tid: Pid) -> Pid {
+/// The thread group (process) a task belongs to, from /proc.
+pub fn tgid_of(tid: Pid) -> Pid {
     std::fs::read_to_string(format!("/proc/{tid}/status"))
         .ok()
         .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Tgid:").map(|v| v.trim().parse().ok())).flatten())
@@ -279,10 +280,6 @@ pub fn tree_tasks(root: Pid) -> Result<Vec<(Pid, Vec<Pid>)>, TracerError> {
 
 fn is_stop_signal(sig: i32) -> bool {
     matches!(sig, libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU)
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 impl State {
@@ -425,9 +422,7 @@ impl State {
             0 => sys::ptrace_cont(pid, sig), // signal-delivery-stop: deliver it
             libc::PTRACE_EVENT_SECCOMP => return self.on_seccomp(pid),
             libc::PTRACE_EVENT_CLONE | libc::PTRACE_EVENT_FORK | libc::PTRACE_EVENT_VFORK => {
-                if let Ok(new) = sys::ptrace_geteventmsg(pid) {
-                    let new = Pid::from_raw(new as i32);
-                    let tgid = if event == libc::PTRACE_EVENT_CLONE { self.tasks[&pid].tgid } else { new };
+                if let Some((new, tgid)) = self.created_by(pid, event) {
                     self.tasks.entry(new).or_insert(Task { tgid, resume_on_stop: false });
                 }
                 sys::ptrace_cont(pid, 0)
@@ -477,7 +472,7 @@ impl State {
             syscall: syscall.name(),
             nr: syscall.nr,
             args: [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9],
-            at_unix_ms: unix_ms(),
+            at_unix_ms: crate::instance::unix_ms(),
             frozen: Vec::new(),
             held: false,
         };
@@ -587,6 +582,18 @@ impl State {
         Ok(tgids.into_iter().collect())
     }
 
+    /// The task a `PTRACE_EVENT_CLONE`/`FORK`/`VFORK` of `pid` created,
+    /// and its thread group: the parent's for a thread, its own otherwise.
+    fn created_by(&self, pid: Pid, event: i32) -> Option<(Pid, Pid)> {
+        let new = Pid::from_raw(sys::ptrace_geteventmsg(pid).ok()? as i32);
+        let tgid = if event == libc::PTRACE_EVENT_CLONE {
+            self.tasks.get(&pid).map(|t| t.tgid).unwrap_or_else(|| tgid_of(pid))
+        } else {
+            new
+        };
+        Some((new, tgid))
+    }
+
     fn freeze_step(&mut self, w: Wait, released: &mut std::collections::HashSet<Pid>) {
         let (pid, sig, event) = match w {
             Wait::Stopped { pid, sig, event } => (pid, sig, event),
@@ -606,9 +613,7 @@ impl State {
                 0
             }
             libc::PTRACE_EVENT_CLONE | libc::PTRACE_EVENT_FORK | libc::PTRACE_EVENT_VFORK => {
-                if let Ok(new) = sys::ptrace_geteventmsg(pid) {
-                    let new = Pid::from_raw(new as i32);
-                    let tgid = if event == libc::PTRACE_EVENT_CLONE { self.tasks[&pid].tgid } else { new };
+                if let Some((new, tgid)) = self.created_by(pid, event) {
                     if !released.contains(&new) {
                         if tgid == new {
                             let _ = sys::kill(new, libc::SIGSTOP);
