@@ -514,21 +514,11 @@ impl Watched {
     }
 }
 
-/// Every process of the tree rooted at `root` (children from /proc).
+/// Every process of the tree rooted at `root` (just `root` once it is gone).
 fn tree_pids(root: i32) -> Vec<i32> {
-    let mut out = vec![root];
-    let mut i = 0;
-    while i < out.len() {
-        let p = out[i];
-        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
-            for t in tasks.flatten() {
-                let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
-                out.extend(children.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
-            }
-        }
-        i += 1;
-    }
-    out
+    crate::stop::tracer::tree_tasks(Pid::from_raw(root))
+        .map(|tree| tree.into_iter().map(|(pid, _)| pid.as_raw()).collect())
+        .unwrap_or_else(|_| vec![root])
 }
 
 /// Is `pid` gone (or a zombie nobody reaped yet)?
@@ -648,9 +638,8 @@ fn restore_and_watch(
         "resume",
         &format!("restored as pid {root}; {rewritten} trap return(s) rewritten to SECCOMP_RET_ALLOW; SIGCONT, and nobody else touches it"),
     );
-    for p in tree_pids(root) {
-        let _ = sys::kill(Pid::from_raw(p), libc::SIGCONT);
-    }
+    // Dumped in group-stop, restored stopped: resume it, with no tracer.
+    let _ = crate::stop::continue_tree(Pid::from_raw(root));
     let mut w = Watched {
         restored: true,
         restore_ms: Some(restore_ms),
