@@ -29,17 +29,40 @@ struct Payload {
 }
 
 const PAYLOADS: &[Payload] = &[
-    Payload { name: "simple_server", src: "examples/simple_server.c", static_link: false },
-    Payload { name: "simple_server_static", src: "examples/simple_server.c", static_link: true },
-    Payload { name: "threaded_server", src: "examples/threaded_server.c", static_link: false },
-    Payload { name: "forking_server", src: "examples/forking_server.c", static_link: false },
-    Payload { name: "direct_syscall_server", src: "examples/direct_syscall_server.c", static_link: false },
+    Payload {
+        name: "simple_server",
+        src: "examples/simple_server.c",
+        static_link: false,
+    },
+    Payload {
+        name: "simple_server_static",
+        src: "examples/simple_server.c",
+        static_link: true,
+    },
+    Payload {
+        name: "threaded_server",
+        src: "examples/threaded_server.c",
+        static_link: false,
+    },
+    Payload {
+        name: "forking_server",
+        src: "examples/forking_server.c",
+        static_link: false,
+    },
+    Payload {
+        name: "direct_syscall_server",
+        src: "examples/direct_syscall_server.c",
+        static_link: false,
+    },
 ];
 
 fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
-    let cc = env::var("CC").ok().filter(|s| !s.trim().is_empty()).unwrap_or_else(|| "gcc".into());
+    let cc = env::var("CC")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| "gcc".into());
 
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=CC");
@@ -81,7 +104,10 @@ fn main() {
             if p.static_link {
                 // Most likely no static libc (libc.a) on this machine.
                 let _ = fs::remove_file(&bin);
-                println!("cargo:warning=static build of {} skipped (no static libc?)", p.name);
+                println!(
+                    "cargo:warning=static build of {} skipped (no static libc?)",
+                    p.name
+                );
                 for line in msg.lines().filter(|l| !l.trim().is_empty()).take(6) {
                     println!("cargo:warning=  {line}");
                 }
@@ -92,7 +118,10 @@ fn main() {
     }
 
     println!("cargo:rustc-env=MIEHISTO_PRELOAD_SO={}", path_str(&so));
-    println!("cargo:rustc-env=MIEHISTO_PAYLOAD_DIR={}", path_str(&payload_dir));
+    println!(
+        "cargo:rustc-env=MIEHISTO_PAYLOAD_DIR={}",
+        path_str(&payload_dir)
+    );
 }
 
 /// Run `cc args...`. On success, forward any compiler diagnostics as cargo
@@ -106,7 +135,10 @@ fn compile(cc: &str, args: &[String]) -> Result<(), String> {
     let stderr = String::from_utf8_lossy(&out.stderr);
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
-        return Err(format!("`{cmdline}` exited with {}\n{stdout}{stderr}", out.status));
+        return Err(format!(
+            "`{cmdline}` exited with {}\n{stdout}{stderr}",
+            out.status
+        ));
     }
     for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
         println!("cargo:warning={line}");

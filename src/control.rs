@@ -18,7 +18,9 @@ pub enum Request {
     Freeze,
     /// The dump is over; `alive` says whether the tree was left running
     /// (or survived a failed dump).
-    Thaw { alive: bool },
+    Thaw {
+        alive: bool,
+    },
     Status,
 }
 
@@ -35,39 +37,69 @@ pub struct Response {
 
 impl Response {
     pub fn ok() -> Self {
-        Response { ok: true, ..Default::default() }
+        Response {
+            ok: true,
+            ..Default::default()
+        }
     }
     pub fn err(e: impl std::fmt::Display) -> Self {
-        Response { ok: false, error: Some(e.to_string()), ..Default::default() }
+        Response {
+            ok: false,
+            error: Some(e.to_string()),
+            ..Default::default()
+        }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error("cannot reach the supervisor at {path}")]
-    Connect { path: PathBuf, #[source] source: std::io::Error },
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the supervisor at {path} did not answer")]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the supervisor at {path} sent a malformed reply: {detail}")]
     Malformed { path: PathBuf, detail: String },
     #[error("the supervisor refused: {0}")]
     Refused(String),
     #[error("cannot listen on {path}")]
-    Listen { path: PathBuf, #[source] source: std::io::Error },
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Sends one request and waits for its reply.
 pub fn call(path: &Path, req: &Request, timeout: Duration) -> Result<Response, ControlError> {
-    let io = |source| ControlError::Io { path: path.to_path_buf(), source };
-    let mut s = UnixStream::connect(path).map_err(|source| ControlError::Connect { path: path.to_path_buf(), source })?;
+    let io = |source| ControlError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut s = UnixStream::connect(path).map_err(|source| ControlError::Connect {
+        path: path.to_path_buf(),
+        source,
+    })?;
     s.set_read_timeout(Some(timeout)).map_err(io)?;
     let mut line = serde_json::to_string(req).map_err(|e| io(e.into()))?;
     line.push('\n');
     s.write_all(line.as_bytes()).map_err(io)?;
     let mut reply = String::new();
-    BufReader::new(s.take(MAX_LINE)).read_line(&mut reply).map_err(io)?;
-    let resp: Response = serde_json::from_str(reply.trim())
-        .map_err(|e| ControlError::Malformed { path: path.to_path_buf(), detail: e.to_string() })?;
+    BufReader::new(s.take(MAX_LINE))
+        .read_line(&mut reply)
+        .map_err(io)?;
+    let resp: Response =
+        serde_json::from_str(reply.trim()).map_err(|e| ControlError::Malformed {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
     if !resp.ok {
         return Err(ControlError::Refused(resp.error.unwrap_or_default()));
     }
@@ -86,7 +118,10 @@ pub fn serve(path: &Path, tx: Sender<Incoming>) -> Result<(), ControlError> {
     if let Some(dir) = path.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
-    let listener = UnixListener::bind(path).map_err(|source| ControlError::Listen { path: path.to_path_buf(), source })?;
+    let listener = UnixListener::bind(path).map_err(|source| ControlError::Listen {
+        path: path.to_path_buf(),
+        source,
+    })?;
     // Only root may steer a supervisor.
     let _ = std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600));
     std::thread::Builder::new()
@@ -96,7 +131,10 @@ pub fn serve(path: &Path, tx: Sender<Incoming>) -> Result<(), ControlError> {
                 let _ = handle(conn, &tx);
             }
         })
-        .map_err(|source| ControlError::Listen { path: path.to_path_buf(), source })?;
+        .map_err(|source| ControlError::Listen {
+            path: path.to_path_buf(),
+            source,
+        })?;
     Ok(())
 }
 
@@ -111,7 +149,8 @@ fn handle(conn: UnixStream, tx: &Sender<Incoming>) -> std::io::Result<()> {
             if tx.send(Incoming { req, reply }).is_err() {
                 Response::err("the supervisor is shutting down")
             } else {
-                r.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| Response::err("the supervisor did not answer in time"))
+                r.recv_timeout(Duration::from_secs(30))
+                    .unwrap_or_else(|_| Response::err("the supervisor did not answer in time"))
             }
         }
     };
@@ -132,17 +171,49 @@ mod tests {
         std::thread::spawn(move || {
             while let Ok(inc) = rx.recv() {
                 let resp = match inc.req {
-                    Request::Freeze => Response { ok: true, pids: vec![7], ..Default::default() },
-                    Request::Thaw { alive } => if alive { Response::ok() } else { Response::err("no") },
-                    Request::Status => Response { ok: true, state: Some("running".into()), ..Default::default() },
+                    Request::Freeze => Response {
+                        ok: true,
+                        pids: vec![7],
+                        ..Default::default()
+                    },
+                    Request::Thaw { alive } => {
+                        if alive {
+                            Response::ok()
+                        } else {
+                            Response::err("no")
+                        }
+                    }
+                    Request::Status => Response {
+                        ok: true,
+                        state: Some("running".into()),
+                        ..Default::default()
+                    },
                 };
                 let _ = inc.reply.send(resp);
             }
         });
-        assert_eq!(call(&path, &Request::Freeze, Duration::from_secs(5)).unwrap().pids, vec![7]);
-        assert!(call(&path, &Request::Thaw { alive: true }, Duration::from_secs(5)).is_ok());
-        let e = call(&path, &Request::Thaw { alive: false }, Duration::from_secs(5)).unwrap_err();
-        assert!(matches!(e, ControlError::Refused(ref m) if m == "no"), "{e}");
+        assert_eq!(
+            call(&path, &Request::Freeze, Duration::from_secs(5))
+                .unwrap()
+                .pids,
+            vec![7]
+        );
+        assert!(call(
+            &path,
+            &Request::Thaw { alive: true },
+            Duration::from_secs(5)
+        )
+        .is_ok());
+        let e = call(
+            &path,
+            &Request::Thaw { alive: false },
+            Duration::from_secs(5),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, ControlError::Refused(ref m) if m == "no"),
+            "{e}"
+        );
         let mut raw = UnixStream::connect(&path).unwrap();
         raw.write_all(b"{garbage\n").unwrap();
         let mut reply = String::new();

@@ -86,7 +86,11 @@ pub enum DemoError {
     #[error("the cold-booted server did not answer HTTP on port {port} within {secs}s; see {log}")]
     ColdTimeout { port: u16, secs: u64, log: PathBuf },
     #[error("the restored server did not answer HTTP on port {port} ({what}); see {log}")]
-    NotServing { port: u16, what: String, log: PathBuf },
+    NotServing {
+        port: u16,
+        what: String,
+        log: PathBuf,
+    },
 }
 
 fn headline(n: u32, of: u32, text: &str) {
@@ -108,7 +112,10 @@ fn default_python() -> PathBuf {
 fn cold_boot(spec: &SandboxSpec, state_dir: &Path, port: u16) -> Result<u64, DemoError> {
     let inst = Instance::create(state_dir)?;
     let t0 = Instant::now();
-    let running = prebake::run_cold(spec, state_dir, inst).map_err(|source| DemoError::Boot { step: "cold boot", source })?;
+    let running = prebake::run_cold(spec, state_dir, inst).map_err(|source| DemoError::Boot {
+        step: "cold boot",
+        source,
+    })?;
     let deadline = t0 + Duration::from_secs(60);
     let mut answered = None;
     while Instant::now() < deadline {
@@ -129,10 +136,18 @@ fn cold_boot(spec: &SandboxSpec, state_dir: &Path, port: u16) -> Result<u64, Dem
     }
     running.instance.remove();
     drop(running);
-    answered.ok_or(DemoError::ColdTimeout { port, secs: 60, log: spec.stdout_log() })
+    answered.ok_or(DemoError::ColdTimeout {
+        port,
+        secs: 60,
+        log: spec.stdout_log(),
+    })
 }
 
-fn prebake_opts(images: &Path, backend: BackendChoice, research: Research) -> Result<PrebakeOpts, DemoError> {
+fn prebake_opts(
+    images: &Path,
+    backend: BackendChoice,
+    research: Research,
+) -> Result<PrebakeOpts, DemoError> {
     Ok(PrebakeOpts {
         images: images.to_path_buf(),
         backend,
@@ -151,12 +166,21 @@ fn listen_words(w: &Watched) -> String {
     }
 }
 
-fn must_serve(w: Watched, port: u16, spec: &SandboxSpec, step: &'static str) -> Result<Watched, DemoError> {
+fn must_serve(
+    w: Watched,
+    port: u16,
+    spec: &SandboxSpec,
+    step: &'static str,
+) -> Result<Watched, DemoError> {
     if let Some(e) = w.error {
         return Err(DemoError::Restore { step, source: e });
     }
     if w.served != Some(true) {
-        return Err(DemoError::NotServing { port, what: listen_words(&w), log: spec.stdout_log() });
+        return Err(DemoError::NotServing {
+            port,
+            what: listen_words(&w),
+            log: spec.stdout_log(),
+        });
     }
     Ok(w)
 }
@@ -175,12 +199,22 @@ pub struct DemoSummary {
 
 /// Runs the demo. `pause` adds the pauses an audience can follow (off with
 /// `--no-pause`). Returns the exit code.
-pub fn run(args: &DemoArgs, criu: Option<&Path>, state_dir: &Path, pause: bool) -> Result<i32, DemoError> {
+pub fn run(
+    args: &DemoArgs,
+    criu: Option<&Path>,
+    state_dir: &Path,
+    pause: bool,
+) -> Result<i32, DemoError> {
     run_story(args, criu, state_dir, pause).map(|_| 0)
 }
 
 /// [`run`], returning what happened.
-pub fn run_story(args: &DemoArgs, criu: Option<&Path>, state_dir: &Path, pause: bool) -> Result<DemoSummary, DemoError> {
+pub fn run_story(
+    args: &DemoArgs,
+    criu: Option<&Path>,
+    state_dir: &Path,
+    pause: bool,
+) -> Result<DemoSummary, DemoError> {
     if !sys::is_root() {
         return Err(DemoError::NotRoot);
     }
@@ -189,7 +223,10 @@ pub fn run_story(args: &DemoArgs, criu: Option<&Path>, state_dir: &Path, pause: 
     if !python.is_file() {
         return Err(DemoError::NoPython { path: python });
     }
-    let script = args.script.clone().unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/http_server.py"));
+    let script = args
+        .script
+        .clone()
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/http_server.py"));
     if !script.is_file() {
         return Err(DemoError::NoScript { path: script });
     }
@@ -200,9 +237,24 @@ pub fn run_story(args: &DemoArgs, criu: Option<&Path>, state_dir: &Path, pause: 
     crate::stop::tracer::block_supervisor_signals().map_err(DemoError::Signals)?;
     explain::enable(pause);
     let state_dir = std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
-    let work = state_dir.join(format!("demo-{}-{}", crate::instance::unix_ms(), std::process::id()));
-    std::fs::create_dir_all(&work).map_err(|source| DemoError::WorkDir { path: work.clone(), source })?;
-    let result = story(args.backend, &criu, &state_dir, &work, &python, &script, port);
+    let work = state_dir.join(format!(
+        "demo-{}-{}",
+        crate::instance::unix_ms(),
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&work).map_err(|source| DemoError::WorkDir {
+        path: work.clone(),
+        source,
+    })?;
+    let result = story(
+        args.backend,
+        &criu,
+        &state_dir,
+        &work,
+        &python,
+        &script,
+        port,
+    );
     let _ = std::fs::remove_dir_all(&work);
     result
 }
@@ -217,7 +269,12 @@ fn story(
     port: u16,
 ) -> Result<DemoSummary, DemoError> {
     const STEPS: u32 = 5;
-    let argv = [script.display().to_string(), "--boot-imports".into(), "--port".into(), port.to_string()];
+    let argv = [
+        script.display().to_string(),
+        "--boot-imports".into(),
+        "--port".into(),
+        port.to_string(),
+    ];
     let spec_in = |name: &str| xrun::payload_spec(python, &argv, &work.join(name).join("logs"));
     let (choice, bname) = match backend {
         DemoBackend::Trace => (BackendChoice::Trace, "TRACE"),
@@ -230,7 +287,11 @@ fn story(
         criu.version,
         criu.path.display()
     ));
-    line(&format!("the server: {} {}", python.display(), argv.join(" ")));
+    line(&format!(
+        "the server: {} {}",
+        python.display(),
+        argv.join(" ")
+    ));
     line("it imports a pile of stdlib modules first: a slow, open()/stat()-heavy boot, like a framework's");
     explain::pause(4);
 
@@ -239,18 +300,34 @@ fn story(
     let cold = spec_in("cold")?;
     let cold_ms = cold_boot(&cold, state_dir, port)?;
     line(&format!("cold boot to the first HTTP answer: {cold_ms} ms"));
-    if let Some(l) = xrun::read_from(&cold.stdout_log(), 0).lines().find(|l| l.contains("boot-imports")) {
+    if let Some(l) = xrun::read_from(&cold.stdout_log(), 0)
+        .lines()
+        .find(|l| l.contains("boot-imports"))
+    {
         line(&format!("(the payload says: {l})"));
     }
     explain::pause(4);
 
-    headline(2, STEPS, &format!("prebake: boot to just before listen(2), stop there ({bname}), dump"));
+    headline(
+        2,
+        STEPS,
+        &format!("prebake: boot to just before listen(2), stop there ({bname}), dump"),
+    );
     explain::say("plan", "boot again, but this time stop right before the first listen(2) — the moment with the least state: everything imported, nothing connected — and dump it with CRIU");
     let baked_spec = spec_in("prebake")?;
     let images = work.join("image");
     let inst = Instance::create(state_dir)?;
-    let baked = prebake::prebake(&baked_spec, state_dir, inst, criu, &prebake_opts(&images, choice, Research::default())?)
-        .map_err(|source| DemoError::Boot { step: "prebake", source })?;
+    let baked = prebake::prebake(
+        &baked_spec,
+        state_dir,
+        inst,
+        criu,
+        &prebake_opts(&images, choice, Research::default())?,
+    )
+    .map_err(|source| DemoError::Boot {
+        step: "prebake",
+        source,
+    })?;
     let md = &baked.dumped.metadata;
     line(&format!(
         "stopped before listen after {} ms; criu dump took {} ms; image {:.1} MB at {}",
@@ -263,16 +340,30 @@ fn story(
 
     headline(3, STEPS, "restore it, and time it");
     explain::say("plan", "bring the image back with criu restore; runmh becomes the restored server's parent, gets it past its stop point, and we time it until it answers HTTP");
-    let w = xrun::restore_and_watch(criu, &images, state_dir, &baked_spec, true, port, Duration::from_secs(30));
+    let w = xrun::restore_and_watch(
+        criu,
+        &images,
+        state_dir,
+        &baked_spec,
+        true,
+        port,
+        Duration::from_secs(30),
+    );
     let w = must_serve(w, port, &baked_spec, "restore")?;
     let first = w.first_response_ms.unwrap_or(0);
-    line(&format!("restored in {} ms; first HTTP answer {first} ms after the restore started", w.restore_ms.unwrap_or(0)));
+    line(&format!(
+        "restored in {} ms; first HTTP answer {first} ms after the restore started",
+        w.restore_ms.unwrap_or(0)
+    ));
     line(&format!("listen after the restore: {}", listen_words(&w)));
     if let Some(p) = &w.preload {
         line(&format!("the preload wrapper says: {p}"));
     }
     if first > 0 {
-        line(&format!("cold boot {cold_ms} ms → restore {first} ms ({:.1}× faster)", cold_ms as f64 / first as f64));
+        line(&format!(
+            "cold boot {cold_ms} ms → restore {first} ms ({:.1}× faster)",
+            cold_ms as f64 / first as f64
+        ));
     }
     explain::pause(4);
 
@@ -283,23 +374,54 @@ fn story(
                 "plan",
                 "the same image, restored the way the 2018 attempt ended up: resumed with a plain SIGCONT and no tracer attached",
             );
-            xrun::restore_and_watch(criu, &images, state_dir, &baked_spec, false, port, Duration::from_secs(10))
+            xrun::restore_and_watch(
+                criu,
+                &images,
+                state_dir,
+                &baked_spec,
+                false,
+                port,
+                Duration::from_secs(10),
+            )
         }
         DemoBackend::Notify => {
             explain::say("plan", "a second image, made the way the talk first tried NOTIFY: the filter traps listen(2) itself instead of a harmless marker");
             let direct_spec = spec_in("direct")?;
             let direct_images = work.join("image-direct");
             let inst = Instance::create(state_dir)?;
-            let research = Research { notify_direct: true, ..Research::default() };
-            prebake::prebake(&direct_spec, state_dir, inst, criu, &prebake_opts(&direct_images, choice, research)?)
-                .map_err(|source| DemoError::Boot { step: "prebake with NOTIFY on listen", source })?;
+            let research = Research {
+                notify_direct: true,
+                ..Research::default()
+            };
+            prebake::prebake(
+                &direct_spec,
+                state_dir,
+                inst,
+                criu,
+                &prebake_opts(&direct_images, choice, research)?,
+            )
+            .map_err(|source| DemoError::Boot {
+                step: "prebake with NOTIFY on listen",
+                source,
+            })?;
             line("dumped fine, as in the talk; now the restore:");
-            let w = xrun::restore_and_watch(criu, &direct_images, state_dir, &direct_spec, true, port, Duration::from_secs(10));
+            let w = xrun::restore_and_watch(
+                criu,
+                &direct_images,
+                state_dir,
+                &direct_spec,
+                true,
+                port,
+                Duration::from_secs(10),
+            );
             let _ = std::fs::remove_dir_all(&direct_images);
             w
         }
     };
-    line(&format!("listen after the restore: {}", listen_words(&failed)));
+    line(&format!(
+        "listen after the restore: {}",
+        listen_words(&failed)
+    ));
     if let Some(e) = &failed.error {
         line(&format!("(runmh: {})", xrun::chain(e)));
     }
@@ -316,9 +438,20 @@ fn story(
         DemoBackend::Notify => "NOTIFY: trap only a harmless marker, kill(self, SIGRTMAX) with SIGRTMAX ignored, sent by an LD_PRELOAD wrapper of listen; after the restore the marker gets ENOSYS, the wrapper ignores it, and the real listen runs",
     };
     line(fix);
-    let w = xrun::restore_and_watch(criu, &images, state_dir, &baked_spec, true, port, Duration::from_secs(30));
+    let w = xrun::restore_and_watch(
+        criu,
+        &images,
+        state_dir,
+        &baked_spec,
+        true,
+        port,
+        Duration::from_secs(30),
+    );
     let w = must_serve(w, port, &baked_spec, "second restore")?;
-    line(&format!("restored again (an image can be restored many times): {}", listen_words(&w)));
+    line(&format!(
+        "restored again (an image can be restored many times): {}",
+        listen_words(&w)
+    ));
     if let Some(p) = &w.preload {
         line(&format!("the preload wrapper says: {p}"));
     }
@@ -326,12 +459,23 @@ fn story(
 
     println!("\n=== summary ===");
     line(&format!("cold boot to first answer   {cold_ms:>6} ms"));
-    line(&format!("stop before listen          {:>6} ms", baked.time_to_stop.as_millis()));
+    line(&format!(
+        "stop before listen          {:>6} ms",
+        baked.time_to_stop.as_millis()
+    ));
     line(&format!("criu dump                   {:>6} ms", md.dump_ms));
-    line(&format!("restore to first answer     {:>6} ms (then {} ms)", first, w.first_response_ms.unwrap_or(0)));
+    line(&format!(
+        "restore to first answer     {:>6} ms (then {} ms)",
+        first,
+        w.first_response_ms.unwrap_or(0)
+    ));
     line(&format!(
         "without the fix             {}",
-        failed.listen.as_ref().map(|(r, _)| r.render()).unwrap_or_else(|| "no listen line".into())
+        failed
+            .listen
+            .as_ref()
+            .map(|(r, _)| r.render())
+            .unwrap_or_else(|| "no listen line".into())
     ));
     Ok(DemoSummary {
         cold_boot_ms: cold_ms,

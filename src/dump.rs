@@ -22,7 +22,11 @@ pub enum DumpError {
     #[error(transparent)]
     Criu(#[from] CriuError),
     #[error("the supervisor of pid {pid} could not prepare the dump")]
-    Control { pid: i32, #[source] source: control::ControlError },
+    Control {
+        pid: i32,
+        #[source]
+        source: control::ControlError,
+    },
 }
 
 /// What a finished dump produced.
@@ -54,13 +58,19 @@ pub fn criu_dump(
     explain::say("criu", "the dump command line; CRIU seizes every task with PTRACE_SEIZE + PTRACE_INTERRUPT, so no other tracer may hold them:");
     explain::block(&crate::criu::argv::shell_words(&criu.path, &argv));
     let mut cmd = criu.command();
-    cmd.args(&argv).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    cmd.args(&argv)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     let t0 = Instant::now();
     let ok = match tracer {
         Some(t) => t.run(&mut cmd).map(|st| st.code() == 0),
         None => cmd.status().map(|st| st.success()),
     }
-    .map_err(|source| CriuError::Spawn { path: criu.path.clone(), source })?;
+    .map_err(|source| CriuError::Spawn {
+        path: criu.path.clone(),
+        source,
+    })?;
     let took = t0.elapsed();
     if ok {
         explain::say("criu", &format!("dump finished in {} ms", took.as_millis()));
@@ -71,7 +81,11 @@ pub fn criu_dump(
     let log = staged.dir.join("dump.log");
     let kept = PathBuf::from(format!("{}.dump-failed.log", staged.dest().display()));
     let line = crate::criu::log::decisive_line_of(&log);
-    let log = if std::fs::rename(&log, &kept).is_ok() { kept } else { log };
+    let log = if std::fs::rename(&log, &kept).is_ok() {
+        kept
+    } else {
+        log
+    };
     Err(CriuError::DumpFailed { pid, line, log })
 }
 
@@ -112,19 +126,35 @@ pub fn publish(staged: Staged, facts: DumpFacts<'_>) -> Result<Dumped, StoreErro
 
 /// `runmh dump`: dumps the service of a runmh instance at any moment.
 /// `pid` is the service's host pid or its supervisor's.
-pub fn dump_instance(criu: &Criu, state_dir: &Path, pid: i32, images: &Path, leave_running: bool) -> Result<Dumped, DumpError> {
+pub fn dump_instance(
+    criu: &Criu,
+    state_dir: &Path,
+    pid: i32,
+    images: &Path,
+    leave_running: bool,
+) -> Result<Dumped, DumpError> {
     let (inst, rec) = Instance::find_by_pid(state_dir, pid)?;
     let staged = Staged::new(images)?;
     let sock = inst.control_socket();
     let timeout = Duration::from_secs(30);
-    control::call(&sock, &Request::Freeze, timeout).map_err(|source| DumpError::Control { pid, source })?;
-    let result = criu_dump(criu, rec.root_pid, &staged, &rec.externals, leave_running, None);
+    control::call(&sock, &Request::Freeze, timeout)
+        .map_err(|source| DumpError::Control { pid, source })?;
+    let result = criu_dump(
+        criu,
+        rec.root_pid,
+        &staged,
+        &rec.externals,
+        leave_running,
+        None,
+    );
     // CRIU leaves the tree running when a dump fails.
     let alive = leave_running || result.is_err();
     let thaw = control::call(&sock, &Request::Thaw { alive }, timeout);
     let took = result?;
     match thaw {
-        Err(e) if alive => log::warn!("the supervisor did not take the tree back after the dump: {e}"),
+        Err(e) if alive => {
+            log::warn!("the supervisor did not take the tree back after the dump: {e}")
+        }
         // After a killing dump the supervisor may already be gone.
         _ => {}
     }

@@ -16,11 +16,23 @@ pub const SHORT_SOCKET_DIR: &str = "/run/miehisto/ctl";
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
     #[error("cannot create the instance directory {path}")]
-    Create { path: PathBuf, #[source] source: std::io::Error },
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot write {path}")]
-    Write { path: PathBuf, #[source] source: std::io::Error },
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot read {path}")]
-    Read { path: PathBuf, #[source] source: std::io::Error },
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path} is corrupt: {detail}")]
     Corrupt { path: PathBuf, detail: String },
     #[error("pid {pid} is not a runmh sandbox: no instance under {state_dir} has it as its service or supervisor (dump only works on services started by runmh run, prebake or restore; pass the same --state-dir)")]
@@ -31,7 +43,11 @@ pub enum InstanceError {
 pub fn state_dir(explicit: Option<&Path>) -> PathBuf {
     explicit
         .map(Path::to_path_buf)
-        .or_else(|| std::env::var_os("MIEHISTO_STATE_DIR").filter(|v| !v.is_empty()).map(PathBuf::from))
+        .or_else(|| {
+            std::env::var_os("MIEHISTO_STATE_DIR")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
         .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR))
 }
 
@@ -62,10 +78,16 @@ mod tests {
     #[test]
     fn control_socket_path_always_fits_a_unix_address() {
         let short = Instance::open(Path::new("/tmp/s/instances/1-2"));
-        assert_eq!(short.control_socket(), Path::new("/tmp/s/instances/1-2/control.sock"));
+        assert_eq!(
+            short.control_socket(),
+            Path::new("/tmp/s/instances/1-2/control.sock")
+        );
         let deep = "/tmp/".to_string() + &"d".repeat(120) + "/instances/1795-42";
         let long = Instance::open(Path::new(&deep));
-        assert_eq!(long.control_socket(), Path::new("/run/miehisto/ctl/1795-42.sock"));
+        assert_eq!(
+            long.control_socket(),
+            Path::new("/run/miehisto/ctl/1795-42.sock")
+        );
         assert!(long.control_socket().as_os_str().len() < 100);
     }
 }
@@ -87,13 +109,22 @@ impl Instance {
     pub fn create(state_dir: &Path) -> Result<Instance, InstanceError> {
         let id = format!("{}-{}", unix_ms(), std::process::id());
         let dir = state_dir.join("instances").join(&id);
-        std::fs::create_dir_all(dir.join("root")).map_err(|source| InstanceError::Create { path: dir.clone(), source })?;
+        std::fs::create_dir_all(dir.join("root")).map_err(|source| InstanceError::Create {
+            path: dir.clone(),
+            source,
+        })?;
         Ok(Instance { id, dir })
     }
 
     pub fn open(dir: &Path) -> Instance {
-        let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        Instance { id, dir: dir.to_path_buf() }
+        let id = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Instance {
+            id,
+            dir: dir.to_path_buf(),
+        }
     }
 
     pub fn root(&self) -> PathBuf {
@@ -122,15 +153,27 @@ impl Instance {
     pub fn write_record(&self, rec: &InstanceRecord) -> Result<(), InstanceError> {
         let path = self.dir.join(RECORD);
         let tmp = self.dir.join(".instance.json.tmp");
-        let text = serde_json::to_vec_pretty(rec).map_err(|e| InstanceError::Write { path: path.clone(), source: e.into() })?;
-        std::fs::write(&tmp, text).map_err(|source| InstanceError::Write { path: tmp.clone(), source })?;
+        let text = serde_json::to_vec_pretty(rec).map_err(|e| InstanceError::Write {
+            path: path.clone(),
+            source: e.into(),
+        })?;
+        std::fs::write(&tmp, text).map_err(|source| InstanceError::Write {
+            path: tmp.clone(),
+            source,
+        })?;
         std::fs::rename(&tmp, &path).map_err(|source| InstanceError::Write { path, source })
     }
 
     pub fn read_record(&self) -> Result<InstanceRecord, InstanceError> {
         let path = self.dir.join(RECORD);
-        let bytes = std::fs::read(&path).map_err(|source| InstanceError::Read { path: path.clone(), source })?;
-        serde_json::from_slice(&bytes).map_err(|e| InstanceError::Corrupt { path, detail: e.to_string() })
+        let bytes = std::fs::read(&path).map_err(|source| InstanceError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| InstanceError::Corrupt {
+            path,
+            detail: e.to_string(),
+        })
     }
 
     /// Removes the instance directory. The root mount point is only ever
@@ -150,7 +193,9 @@ impl Instance {
 
     /// Every instance under the state directory.
     pub fn list(state_dir: &Path) -> Vec<(Instance, InstanceRecord)> {
-        let Ok(rd) = std::fs::read_dir(state_dir.join("instances")) else { return Vec::new() };
+        let Ok(rd) = std::fs::read_dir(state_dir.join("instances")) else {
+            return Vec::new();
+        };
         rd.flatten()
             .filter_map(|e| {
                 let inst = Instance::open(&e.path());
@@ -161,10 +206,16 @@ impl Instance {
     }
 
     /// The instance whose service root or supervisor has host pid `pid`.
-    pub fn find_by_pid(state_dir: &Path, pid: i32) -> Result<(Instance, InstanceRecord), InstanceError> {
+    pub fn find_by_pid(
+        state_dir: &Path,
+        pid: i32,
+    ) -> Result<(Instance, InstanceRecord), InstanceError> {
         Instance::list(state_dir)
             .into_iter()
             .find(|(_, r)| r.root_pid == pid || r.supervisor_pid == pid || r.front_pid == Some(pid))
-            .ok_or_else(|| InstanceError::NotFound { pid, state_dir: state_dir.to_path_buf() })
+            .ok_or_else(|| InstanceError::NotFound {
+                pid,
+                state_dir: state_dir.to_path_buf(),
+            })
     }
 }

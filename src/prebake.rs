@@ -30,10 +30,20 @@ pub enum BootError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Criu(#[from] CriuError),
-    #[error("the target exited ({status}) before it reached {stop_at}(2); see its log in {log_dir}")]
-    TargetExited { status: ExitStatus, stop_at: String, log_dir: PathBuf },
+    #[error(
+        "the target exited ({status}) before it reached {stop_at}(2); see its log in {log_dir}"
+    )]
+    TargetExited {
+        status: ExitStatus,
+        stop_at: String,
+        log_dir: PathBuf,
+    },
     #[error("the target did not reach {stop_at}(2) within {secs}s{hint}; raise --timeout if it is just slow")]
-    Timeout { stop_at: String, secs: u64, hint: String },
+    Timeout {
+        stop_at: String,
+        secs: u64,
+        hint: String,
+    },
     #[error("cannot stop {program}: ptrace is unavailable ({why}) and the program is statically linked, so the NOTIFY backend's LD_PRELOAD wrapper cannot reach it")]
     Unstoppable { program: PathBuf, why: String },
     #[error("interrupted by {0} before the stop point; nothing was published")]
@@ -73,7 +83,9 @@ pub struct Prebaked {
 
 /// Is `path` an ELF executable without a program interpreter (static)?
 pub fn is_static_elf(path: &Path) -> bool {
-    let Ok(data) = std::fs::read(path) else { return false };
+    let Ok(data) = std::fs::read(path) else {
+        return false;
+    };
     if data.len() < 64 || &data[..4] != b"\x7fELF" || data[4] != 2 {
         return false;
     }
@@ -82,7 +94,9 @@ pub fn is_static_elf(path: &Path) -> bool {
     let (phoff, phentsize, phnum) = (u64at(0x20), u16at(0x36), u16at(0x38));
     !(0..phnum).any(|i| {
         let o = phoff + i * phentsize;
-        o + 4 <= data.len() && u32::from_le_bytes([data[o], data[o + 1], data[o + 2], data[o + 3]]) == 3 // PT_INTERP
+        o + 4 <= data.len()
+            && u32::from_le_bytes([data[o], data[o + 1], data[o + 2], data[o + 3]]) == 3
+        // PT_INTERP
     })
 }
 
@@ -91,7 +105,11 @@ fn preload_dir(state_dir: &Path) -> PathBuf {
 }
 
 fn backend_record(kind: BackendKind, reason: String, marker: Option<i32>) -> BackendRecord {
-    BackendRecord { kind: kind.as_str().to_string(), reason, marker_signal: marker }
+    BackendRecord {
+        kind: kind.as_str().to_string(),
+        reason,
+        marker_signal: marker,
+    }
 }
 
 struct Started {
@@ -103,7 +121,12 @@ struct Started {
 
 /// Clones the sandbox, attaches the stop backend (deciding `auto`), and
 /// lets the child exec.
-fn start(spec: &SandboxSpec, state_dir: &Path, inst: Instance, stop: Option<&PrebakeOpts>) -> Result<Started, BootError> {
+fn start(
+    spec: &SandboxSpec,
+    state_dir: &Path,
+    inst: Instance,
+    stop: Option<&PrebakeOpts>,
+) -> Result<Started, BootError> {
     let tracer = Tracer::start()?;
     let externals = sandbox::host_externals()?;
     let mut candidates: Vec<Box<dyn StopBackend>> = Vec::new();
@@ -116,7 +139,11 @@ fn start(spec: &SandboxSpec, state_dir: &Path, inst: Instance, stop: Option<&Pre
             }
         };
         let notify = || -> Result<Box<dyn StopBackend>, BootError> {
-            let mut n = stop::notify::NotifyBackend::new(o.stop_at, o.marker_signal, &preload_dir(state_dir))?;
+            let mut n = stop::notify::NotifyBackend::new(
+                o.stop_at,
+                o.marker_signal,
+                &preload_dir(state_dir),
+            )?;
             if o.research.notify_direct {
                 n = n.direct();
             }
@@ -134,9 +161,15 @@ fn start(spec: &SandboxSpec, state_dir: &Path, inst: Instance, stop: Option<&Pre
             }
         }
     }
-    let mut variants: Vec<Variant> = candidates.iter().map(|b| b.variant()).collect::<Result<_, _>>()?;
+    let mut variants: Vec<Variant> = candidates
+        .iter()
+        .map(|b| b.variant())
+        .collect::<Result<_, _>>()?;
     if variants.is_empty() {
-        variants.push(Variant { filter: None, extra_env: Vec::new() });
+        variants.push(Variant {
+            filter: None,
+            extra_env: Vec::new(),
+        });
     }
     for v in &variants {
         if let Some(f) = &v.filter {
@@ -158,8 +191,12 @@ fn start(spec: &SandboxSpec, state_dir: &Path, inst: Instance, stop: Option<&Pre
         match b.attach(pid, &tracer) {
             Ok(()) => {
                 let reason = match (stop.map(|o| o.backend), b.kind()) {
-                    (Some(BackendChoice::Auto), BackendKind::Trace) => "auto: the supervisor can ptrace the target".to_string(),
-                    (Some(BackendChoice::Auto), _) => format!("auto: ptrace is unavailable ({why_not}), fell back to NOTIFY"),
+                    (Some(BackendChoice::Auto), BackendKind::Trace) => {
+                        "auto: the supervisor can ptrace the target".to_string()
+                    }
+                    (Some(BackendChoice::Auto), _) => {
+                        format!("auto: ptrace is unavailable ({why_not}), fell back to NOTIFY")
+                    }
                     _ => "requested".to_string(),
                 };
                 chosen = Some((i, reason));
@@ -184,19 +221,34 @@ fn start(spec: &SandboxSpec, state_dir: &Path, inst: Instance, stop: Option<&Pre
     let (index, reason, backend) = match chosen {
         Some((i, reason)) => {
             let b = candidates.swap_remove(i);
-            explain::say("backend", &format!("{} — chosen because: {reason}", b.describe()));
+            explain::say(
+                "backend",
+                &format!("{} — chosen because: {reason}", b.describe()),
+            );
             (i, reason, Some(b))
         }
         None => (0, "no stop backend: cold start".to_string(), None),
     };
     if let (Some(b), Some(o)) = (&backend, stop) {
-        if b.kind() == BackendKind::Notify && o.backend == BackendChoice::Auto && is_static_elf(&spec.program) {
+        if b.kind() == BackendKind::Notify
+            && o.backend == BackendChoice::Auto
+            && is_static_elf(&spec.program)
+        {
             give_up(spawned, &exit, &inst);
-            return Err(BootError::Unstoppable { program: spec.program.clone(), why: why_not });
+            return Err(BootError::Unstoppable {
+                program: spec.program.clone(),
+                why: why_not,
+            });
         }
     }
-    let marker = backend.as_ref().filter(|b| b.kind() == BackendKind::Notify).and(stop.map(|o| o.marker_signal));
-    let kind = backend.as_ref().map(|b| b.kind()).unwrap_or(BackendKind::None);
+    let marker = backend
+        .as_ref()
+        .filter(|b| b.kind() == BackendKind::Notify)
+        .and(stop.map(|o| o.marker_signal));
+    let kind = backend
+        .as_ref()
+        .map(|b| b.kind())
+        .unwrap_or(BackendKind::None);
     // Record the environment the service really got (LD_PRELOAD and the
     // marker settings for NOTIFY): a restore needs the preload library back.
     let mut effective = spec.clone();
@@ -225,16 +277,33 @@ fn start(spec: &SandboxSpec, state_dir: &Path, inst: Instance, stop: Option<&Pre
             return Err(e.into());
         }
     };
-    explain::say("exec", &format!("the sandbox's PID 1 (host pid {pid}) exec'd {}", spec.program.display()));
+    explain::say(
+        "exec",
+        &format!(
+            "the sandbox's PID 1 (host pid {pid}) exec'd {}",
+            spec.program.display()
+        ),
+    );
     let mut backend = backend;
     let arrival = match backend.as_mut() {
         Some(b) => Some(b.arm(&mut released, &tracer)?),
         None => None,
     };
-    let running = Running { tracer, instance: inst, record, root: pid, exit, traced: false };
-    Ok(Started { running, arrival, backend, t0 })
+    let running = Running {
+        tracer,
+        instance: inst,
+        record,
+        root: pid,
+        exit,
+        traced: false,
+    };
+    Ok(Started {
+        running,
+        arrival,
+        backend,
+        t0,
+    })
 }
-
 
 /// Lets a child that never ran its command go (it exits 126), reaps it and
 /// removes the instance.
@@ -250,7 +319,11 @@ fn has_fallback_after(stop: Option<&PrebakeOpts>, i: usize) -> bool {
 }
 
 /// `runmh run`: boots the command in the sandbox, under supervision.
-pub fn run_cold(spec: &SandboxSpec, state_dir: &Path, inst: Instance) -> Result<Running, BootError> {
+pub fn run_cold(
+    spec: &SandboxSpec,
+    state_dir: &Path,
+    inst: Instance,
+) -> Result<Running, BootError> {
     let s = start(spec, state_dir, inst, None)?;
     Ok(s.running)
 }
@@ -259,9 +332,13 @@ fn timeout_hint(kind: Option<BackendKind>, program: &Path, stop_at: &str) -> Str
     match kind {
         Some(BackendKind::Notify) => {
             let why = if is_static_elf(program) {
-                format!("{} is statically linked, so the wrapper is never loaded and never sends it", program.display())
+                format!(
+                    "{} is statically linked, so the wrapper is never loaded and never sends it",
+                    program.display()
+                )
             } else {
-                "a static binary, a direct syscall(2) or a program without libc (Go) never sends it".to_string()
+                "a static binary, a direct syscall(2) or a program without libc (Go) never sends it"
+                    .to_string()
             };
             format!(
                 ": the NOTIFY backend only sees {stop_at}() calls that go through libc's dynamic symbol (its LD_PRELOAD wrapper sends the marker); {why} — use --backend trace, which traps the syscall itself"
@@ -272,10 +349,21 @@ fn timeout_hint(kind: Option<BackendKind>, program: &Path, stop_at: &str) -> Str
 }
 
 /// `runmh prebake`: boots to the stop point, dumps, publishes.
-pub fn prebake(spec: &SandboxSpec, state_dir: &Path, inst: Instance, criu: &Criu, opts: &PrebakeOpts) -> Result<Prebaked, BootError> {
+pub fn prebake(
+    spec: &SandboxSpec,
+    state_dir: &Path,
+    inst: Instance,
+    criu: &Criu,
+    opts: &PrebakeOpts,
+) -> Result<Prebaked, BootError> {
     let staged = Staged::new(&opts.images)?;
     let s = start(spec, state_dir, inst, Some(opts))?;
-    let Started { mut running, arrival, mut backend, t0 } = s;
+    let Started {
+        mut running,
+        arrival,
+        mut backend,
+        t0,
+    } = s;
     let arrival = arrival.ok_or(StopError::NoListener)?;
     let kind = backend.as_ref().map(|b| b.kind());
     let stop_name = opts.stop_at.name();
@@ -316,7 +404,13 @@ pub fn prebake(spec: &SandboxSpec, state_dir: &Path, inst: Instance, criu: &Criu
         },
     };
     let since_start = t0.elapsed();
-    explain::say("stopped", &format!("held before {stop_name}() after {} ms", since_start.as_millis()));
+    explain::say(
+        "stopped",
+        &format!(
+            "held before {stop_name}() after {} ms",
+            since_start.as_millis()
+        ),
+    );
     explain::pause(2);
     if hit.held {
         // The 2018 flow: the tracer still holds the task, CRIU will collide.
@@ -324,12 +418,23 @@ pub fn prebake(spec: &SandboxSpec, state_dir: &Path, inst: Instance, criu: &Criu
     }
     running.record.state = "stopped".into();
     let _ = running.instance.write_record(&running.record);
-    let dump = dump::criu_dump(criu, running.root.as_raw(), &staged, &running.record.externals, opts.leave_running, Some(&running.tracer));
+    let dump = dump::criu_dump(
+        criu,
+        running.root.as_raw(),
+        &staged,
+        &running.record.externals,
+        opts.leave_running,
+        Some(&running.tracer),
+    );
     let took = match dump {
         Ok(t) => t,
         Err(e) => return Err(abort(running, e.into())),
     };
-    let stop = StopRecord { syscall: stop_name.clone(), since_start_ms: since_start.as_millis() as u64, hit: hit.clone() };
+    let stop = StopRecord {
+        syscall: stop_name.clone(),
+        since_start_ms: since_start.as_millis() as u64,
+        hit: hit.clone(),
+    };
     let facts = DumpFacts {
         criu,
         spec: &running.record.spec,
@@ -344,17 +449,33 @@ pub fn prebake(spec: &SandboxSpec, state_dir: &Path, inst: Instance, criu: &Criu
         Ok(d) => d,
         Err(e) => return Err(abort(running, e.into())),
     };
-    explain::say("publish", &format!("image published atomically (rename) at {}", dumped.image.display()));
+    explain::say(
+        "publish",
+        &format!(
+            "image published atomically (rename) at {}",
+            dumped.image.display()
+        ),
+    );
     if opts.leave_running {
         if let Some(b) = backend.as_mut() {
             b.resume_after_dump(running.root, &running.tracer)?;
         }
         running.traced = kind == Some(BackendKind::Trace);
-        return Ok(Prebaked { dumped, hit, time_to_stop: since_start, running: Some(running) });
+        return Ok(Prebaked {
+            dumped,
+            hit,
+            time_to_stop: since_start,
+            running: Some(running),
+        });
     }
     // CRIU killed the tree; reap it and clean up.
     let _ = running.exit.recv_timeout(Duration::from_secs(10));
     running.instance.remove();
     drop(backend);
-    Ok(Prebaked { dumped, hit, time_to_stop: since_start, running: None })
+    Ok(Prebaked {
+        dumped,
+        hit,
+        time_to_stop: since_start,
+        running: None,
+    })
 }

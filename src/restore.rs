@@ -42,15 +42,31 @@ pub enum RestoreError {
     #[error(transparent)]
     Supervisor(#[from] SupervisorError),
     #[error("cannot prepare {path} for the restored service")]
-    Prepare { path: PathBuf, #[source] source: std::io::Error },
+    Prepare {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot start the restore: {step}")]
-    Fork { step: &'static str, #[source] source: nix::errno::Errno },
+    Fork {
+        step: &'static str,
+        #[source]
+        source: nix::errno::Errno,
+    },
     #[error("the restore child failed to {step}")]
-    Child { step: String, #[source] source: nix::errno::Errno },
+    Child {
+        step: String,
+        #[source]
+        source: nix::errno::Errno,
+    },
     #[error("the restored supervisor failed: {0}")]
     Supervise(String),
     #[error("cannot read the pid CRIU wrote to {path}")]
-    Pidfile { path: PathBuf, #[source] source: std::io::Error },
+    Pidfile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -84,10 +100,17 @@ fn cstring(p: impl AsRef<std::ffi::OsStr>) -> CString {
 /// files (O_APPEND, so CRIU does not check their size) and, for NOTIFY
 /// images, the preload library it had mapped.
 fn prepare_files(md: &Metadata) -> Result<(), RestoreError> {
-    let prep = |path: &Path, e: std::io::Error| RestoreError::Prepare { path: path.to_path_buf(), source: e };
+    let prep = |path: &Path, e: std::io::Error| RestoreError::Prepare {
+        path: path.to_path_buf(),
+        source: e,
+    };
     std::fs::create_dir_all(&md.spec.log_dir).map_err(|e| prep(&md.spec.log_dir, e))?;
     for log in [md.spec.stdout_log(), md.spec.stderr_log()] {
-        std::fs::OpenOptions::new().create(true).append(true).open(&log).map_err(|e| prep(&log, e))?;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(|e| prep(&log, e))?;
     }
     if let Some((_, so)) = md.spec.env.iter().find(|(k, _)| k == "LD_PRELOAD") {
         let so = Path::new(so);
@@ -108,7 +131,11 @@ pub fn restore(criu: &Criu, opts: &RestoreOpts) -> Result<Restored, RestoreError
     let t0 = Instant::now();
     let md = Metadata::read(&opts.images)?;
     if md.criu_version != criu.version.to_string() {
-        log::warn!("image made by CRIU {}, restoring with {}", md.criu_version, criu.version);
+        log::warn!(
+            "image made by CRIU {}, restoring with {}",
+            md.criu_version,
+            criu.version
+        );
     }
     prepare_files(&md)?;
     let inst = Instance::create(&opts.state_dir)?;
@@ -126,7 +153,13 @@ pub fn restore(criu: &Criu, opts: &RestoreOpts) -> Result<Restored, RestoreError
     };
     inst.write_record(&rec)?;
     match spawn_criu(criu, opts, &inst, &md) {
-        Ok((supervisor, root)) => Ok(Restored { supervisor, root, instance: inst, metadata: md, took: t0.elapsed() }),
+        Ok((supervisor, root)) => Ok(Restored {
+            supervisor,
+            root,
+            instance: inst,
+            metadata: md,
+            took: t0.elapsed(),
+        }),
         Err(e) => {
             inst.remove();
             Err(e)
@@ -146,7 +179,11 @@ pub fn set_supervisor_exe(path: &Path) {
 /// The set program, else `runmh` beside the current executable (mhctl and
 /// runmh are installed together), else the current executable.
 fn supervisor_exe() -> std::io::Result<PathBuf> {
-    if let Some(p) = SUPERVISOR_EXE.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+    if let Some(p) = SUPERVISOR_EXE
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+    {
         return Ok(p);
     }
     let me = std::env::current_exe()?;
@@ -158,10 +195,21 @@ fn supervisor_exe() -> std::io::Result<PathBuf> {
     Ok(me)
 }
 
-fn spawn_criu(criu: &Criu, opts: &RestoreOpts, inst: &Instance, md: &Metadata) -> Result<(Pid, Pid), RestoreError> {
-    let exe = supervisor_exe().map_err(|e| RestoreError::Prepare { path: "/proc/self/exe".into(), source: e })?;
+fn spawn_criu(
+    criu: &Criu,
+    opts: &RestoreOpts,
+    inst: &Instance,
+    md: &Metadata,
+) -> Result<(Pid, Pid), RestoreError> {
+    let exe = supervisor_exe().map_err(|e| RestoreError::Prepare {
+        path: "/proc/self/exe".into(),
+        source: e,
+    })?;
     let (ready_r, ready_w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|source| RestoreError::Fork { step: "pipe", source })?;
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|source| RestoreError::Fork {
+            step: "pipe",
+            source,
+        })?;
     let mut exec_cmd: Vec<std::ffi::OsString> = vec![
         exe.clone().into_os_string(),
         "__supervise".into(),
@@ -192,7 +240,9 @@ fn spawn_criu(criu: &Criu, opts: &RestoreOpts, inst: &Instance, md: &Metadata) -
     explain::block(&crate::criu::argv::shell_words(&criu.path, &argv_os));
     // Everything the child needs, built before the fork.
     let prog = cstring(&criu.path);
-    let argv_c: Vec<CString> = std::iter::once(cstring(&criu.path)).chain(argv_os.iter().map(cstring)).collect();
+    let argv_c: Vec<CString> = std::iter::once(cstring(&criu.path))
+        .chain(argv_os.iter().map(cstring))
+        .collect();
     let mut argv: Vec<*const libc::c_char> = argv_c.iter().map(|c| c.as_ptr()).collect();
     argv.push(std::ptr::null());
     let env_c: Vec<CString> = std::env::vars_os()
@@ -207,14 +257,24 @@ fn spawn_criu(criu: &Criu, opts: &RestoreOpts, inst: &Instance, md: &Metadata) -
     envp.push(std::ptr::null());
     let root = cstring(inst.root());
     let write_fd = ready_w.as_raw_fd();
-    let kdat = kdat_plan(criu, opts, md, &[exe.as_path(), inst.control_socket().as_path()]);
+    let kdat = kdat_plan(
+        criu,
+        opts,
+        md,
+        &[exe.as_path(), inst.control_socket().as_path()],
+    );
     let kdat_child = kdat.as_ref().map(|(_, data)| data.as_deref());
     // SAFETY: the child only calls async-signal-safe wrappers on the data
     // prepared above and ends in execve or _exit.
     let child = match unsafe { sys::fork_raw() } {
         Ok(0) => restore_child(write_fd, &root, kdat_child, &prog, &argv, &envp),
         Ok(pid) => Pid::from_raw(pid),
-        Err(source) => return Err(RestoreError::Fork { step: "fork", source }),
+        Err(source) => {
+            return Err(RestoreError::Fork {
+                step: "fork",
+                source,
+            })
+        }
     };
     drop(ready_w);
     let reply = {
@@ -224,7 +284,11 @@ fn spawn_criu(criu: &Criu, opts: &RestoreOpts, inst: &Instance, md: &Metadata) -
         line
     };
     if let Some(pid) = reply.strip_prefix("R ") {
-        let root = pid.trim().parse().map(Pid::from_raw).unwrap_or(Pid::from_raw(0));
+        let root = pid
+            .trim()
+            .parse()
+            .map(Pid::from_raw)
+            .unwrap_or(Pid::from_raw(0));
         if let Some((cache, None)) = &kdat {
             // CRIU probed the kernel and wrote its cache into our tmpfs; the
             // supervisor it exec'd still lives in that mount namespace.
@@ -245,16 +309,31 @@ fn spawn_criu(criu: &Criu, opts: &RestoreOpts, inst: &Instance, md: &Metadata) -
         let mut it = rest.split_whitespace();
         let step = it.next().unwrap_or("?").replace('_', " ");
         let errno = it.next().and_then(|e| e.parse().ok()).unwrap_or(0);
-        return Err(RestoreError::Child { step, source: nix::errno::Errno::from_raw(errno) });
+        return Err(RestoreError::Child {
+            step,
+            source: nix::errno::Errno::from_raw(errno),
+        });
     }
     let log = inst.dir.join("restore.log");
     let line = crate::criu::log::decisive_line_of(&log);
     // The instance directory (with the log) is removed by the caller; keep the log.
-    let kept = opts.state_dir.join("logs").join(format!("restore-failed-{}.log", inst.id));
+    let kept = opts
+        .state_dir
+        .join("logs")
+        .join(format!("restore-failed-{}.log", inst.id));
     let _ = std::fs::create_dir_all(kept.parent().unwrap_or(Path::new("/")));
-    let log = if std::fs::copy(&log, &kept).is_ok() { kept } else { log };
+    let log = if std::fs::copy(&log, &kept).is_ok() {
+        kept
+    } else {
+        log
+    };
     log::debug!("criu restore exited: {status:?}");
-    Err(CriuError::RestoreFailed { images: opts.images.clone(), line, log }.into())
+    Err(CriuError::RestoreFailed {
+        images: opts.images.clone(),
+        line,
+        log,
+    }
+    .into())
 }
 
 fn child_fail(fd: RawFd, step: &str, e: nix::errno::Errno) -> ! {
@@ -290,11 +369,24 @@ fn child_fail(fd: RawFd, step: &str, e: nix::errno::Errno) -> ! {
 /// usable), or None when CRIU keeps its own or a tmpfs over `/run` would
 /// hide something the restore or the supervisor needs (`more`: the
 /// supervisor's program and its control socket, which may live under /run).
-fn kdat_plan(criu: &Criu, opts: &RestoreOpts, md: &Metadata, more: &[&Path]) -> Option<(KdatCache, Option<Vec<u8>>)> {
-    let mut paths = vec![opts.state_dir.as_path(), opts.images.as_path(), criu.path.as_path(), md.spec.log_dir.as_path()];
+fn kdat_plan(
+    criu: &Criu,
+    opts: &RestoreOpts,
+    md: &Metadata,
+    more: &[&Path],
+) -> Option<(KdatCache, Option<Vec<u8>>)> {
+    let mut paths = vec![
+        opts.state_dir.as_path(),
+        opts.images.as_path(),
+        criu.path.as_path(),
+        md.spec.log_dir.as_path(),
+    ];
     paths.extend_from_slice(more);
     if kdat::would_hide(&paths) {
-        log::debug!("a path of this restore is under {}: no kdat cache", kdat::RUN_DIR);
+        log::debug!(
+            "a path of this restore is under {}: no kdat cache",
+            kdat::RUN_DIR
+        );
         return None;
     }
     let cache = KdatCache::for_state_dir(&opts.state_dir, &criu.path)?;
@@ -361,7 +453,12 @@ pub fn wait_supervisor(supervisor: Pid) -> i32 {
 }
 
 /// `runmh __supervise`: runs in the process CRIU exec'd into.
-pub fn supervise_restored(dir: &Path, ready_fd: RawFd, reseize: bool, stop_timeout: Duration) -> Result<Outcome, RestoreError> {
+pub fn supervise_restored(
+    dir: &Path,
+    ready_fd: RawFd,
+    reseize: bool,
+    stop_timeout: Duration,
+) -> Result<Outcome, RestoreError> {
     // CRIU leaves every signal but SIGCHLD blocked and its own fds open
     // across --exec-cmd (crtools.c, criu_signals_setup): start clean.
     sys::unblock_all_signals();
@@ -380,7 +477,10 @@ pub fn supervise_restored(dir: &Path, ready_fd: RawFd, reseize: bool, stop_timeo
             let _ = writeln!(ready, "R {root}");
             log::warn!("the restored service (pid {root}) ended right away: {status}");
             inst.remove();
-            return Ok(Outcome { status, dumped: false });
+            return Ok(Outcome {
+                status,
+                dumped: false,
+            });
         }
         Err(e) => {
             let _ = writeln!(ready, "E {e}");
@@ -396,7 +496,11 @@ pub fn supervise_restored(dir: &Path, ready_fd: RawFd, reseize: bool, stop_timeo
 
 enum Setup {
     Running(Running),
-    Ended { root: Pid, status: ExitStatus, inst: Instance },
+    Ended {
+        root: Pid,
+        status: ExitStatus,
+        inst: Instance,
+    },
 }
 
 fn supervise_setup(dir: &Path, reseize: bool) -> Result<Setup, RestoreError> {
@@ -404,10 +508,16 @@ fn supervise_setup(dir: &Path, reseize: bool) -> Result<Setup, RestoreError> {
     let mut rec = inst.read_record()?;
     let pidfile = inst.restored_pidfile();
     let root: i32 = std::fs::read_to_string(&pidfile)
-        .map_err(|source| RestoreError::Pidfile { path: pidfile.clone(), source })?
+        .map_err(|source| RestoreError::Pidfile {
+            path: pidfile.clone(),
+            source,
+        })?
         .trim()
         .parse()
-        .map_err(|_| RestoreError::Pidfile { path: pidfile.clone(), source: std::io::ErrorKind::InvalidData.into() })?;
+        .map_err(|_| RestoreError::Pidfile {
+            path: pidfile.clone(),
+            source: std::io::ErrorKind::InvalidData.into(),
+        })?;
     let root = Pid::from_raw(root);
     let tracer = Tracer::start()?;
     let exit = tracer.watch(root)?;
@@ -425,9 +535,22 @@ fn supervise_setup(dir: &Path, reseize: bool) -> Result<Setup, RestoreError> {
     rec.root_pid = root.as_raw();
     rec.state = "running".into();
     inst.write_record(&rec)?;
-    explain::say("ready", &format!("restored tree root is host pid {root}; its parent is this runmh (pid {})", std::process::id()));
+    explain::say(
+        "ready",
+        &format!(
+            "restored tree root is host pid {root}; its parent is this runmh (pid {})",
+            std::process::id()
+        ),
+    );
     let traced = kind == BackendKind::Trace && reseize;
-    Ok(Setup::Running(Running { tracer, instance: inst, record: rec, root, exit, traced }))
+    Ok(Setup::Running(Running {
+        tracer,
+        instance: inst,
+        record: rec,
+        root,
+        exit,
+        traced,
+    }))
 }
 
 /// Exit status of a service for display.

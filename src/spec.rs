@@ -89,9 +89,14 @@ pub fn parse_user(s: &str) -> Result<(u32, u32), SpecError> {
 pub fn resolve_program(name: &str, path_var: &str) -> Result<PathBuf, SpecError> {
     use std::os::unix::fs::PermissionsExt;
     let is_exec = |p: &Path| {
-        std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+        std::fs::metadata(p)
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
     };
-    let not_found = || SpecError::CommandNotFound { name: name.to_string(), path: path_var.to_string() };
+    let not_found = || SpecError::CommandNotFound {
+        name: name.to_string(),
+        path: path_var.to_string(),
+    };
     if name.contains('/') {
         let p = std::path::absolute(name).map_err(|_| not_found())?;
         return if is_exec(&p) { Ok(p) } else { Err(not_found()) };
@@ -109,7 +114,10 @@ impl SandboxSpec {
         let first = input.argv.first().ok_or(SpecError::EmptyCommand)?;
         for a in &input.argv {
             if a.contains('\0') {
-                return Err(SpecError::Nul { what: "argument", value: a.clone() });
+                return Err(SpecError::Nul {
+                    what: "argument",
+                    value: a.clone(),
+                });
             }
         }
         let mut env: Vec<(String, String)> = Vec::new();
@@ -131,10 +139,16 @@ impl SandboxSpec {
             let (k, v) = parse_env(kv)?;
             set(&k, v);
         }
-        let path_var = env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.clone()).unwrap_or_default();
+        let path_var = env
+            .iter()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
         let program = resolve_program(first, &path_var)?;
         let cwd = match input.cwd {
-            Some(c) => std::path::absolute(&c).map_err(|_| SpecError::BadCwd { path: c.clone() })?,
+            Some(c) => {
+                std::path::absolute(&c).map_err(|_| SpecError::BadCwd { path: c.clone() })?
+            }
             None => std::env::current_dir().map_err(|_| SpecError::BadCwd { path: ".".into() })?,
         };
         if !cwd.is_dir() {
@@ -142,9 +156,20 @@ impl SandboxSpec {
         }
         let (uid, gid) = match &input.user {
             Some(u) => parse_user(u)?,
-            None => (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw()),
+            None => (
+                nix::unistd::geteuid().as_raw(),
+                nix::unistd::getegid().as_raw(),
+            ),
         };
-        Ok(SandboxSpec { argv: input.argv, program, env, cwd, uid, gid, log_dir: input.log_dir })
+        Ok(SandboxSpec {
+            argv: input.argv,
+            program,
+            env,
+            cwd,
+            uid,
+            gid,
+            log_dir: input.log_dir,
+        })
     }
 }
 
@@ -165,10 +190,16 @@ mod tests {
 
     #[test]
     fn program_resolution() {
-        assert_eq!(resolve_program("sh", "/nonexistent:/bin").unwrap(), PathBuf::from("/bin/sh"));
+        assert_eq!(
+            resolve_program("sh", "/nonexistent:/bin").unwrap(),
+            PathBuf::from("/bin/sh")
+        );
         let e = resolve_program("definitely-not-a-command-xyz", "/bin:/usr/bin").unwrap_err();
         assert!(e.to_string().contains("command not found"), "{e}");
-        assert!(resolve_program("/etc/passwd", "").is_err(), "not executable");
+        assert!(
+            resolve_program("/etc/passwd", "").is_err(),
+            "not executable"
+        );
     }
 
     #[test]
@@ -184,7 +215,10 @@ mod tests {
         assert!(s.env.contains(&("X".into(), "1".into())));
         assert_eq!(s.env.iter().filter(|(k, _)| k == "PATH").count(), 1);
         assert!(matches!(
-            SandboxSpec::build(SpecInput { log_dir: "/tmp".into(), ..Default::default() }),
+            SandboxSpec::build(SpecInput {
+                log_dir: "/tmp".into(),
+                ..Default::default()
+            }),
             Err(SpecError::EmptyCommand)
         ));
     }

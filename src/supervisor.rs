@@ -76,7 +76,10 @@ fn spawn_signal_thread(tx: crossbeam_channel::Sender<i32>) -> std::io::Result<()
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || loop {
-            match sys::sigtimedwait(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT], Duration::from_secs(1)) {
+            match sys::sigtimedwait(
+                &[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT],
+                Duration::from_secs(1),
+            ) {
                 Ok(Some(sig)) => {
                     if tx.send(sig).is_err() {
                         return;
@@ -97,7 +100,12 @@ impl Running {
 
     fn on_control(&mut self, inc: Incoming, dumped: &mut bool) {
         let resp = match inc.req {
-            Request::Status => Response { ok: true, state: Some(self.record.state.clone()), pids: vec![self.root.as_raw()], ..Default::default() },
+            Request::Status => Response {
+                ok: true,
+                state: Some(self.record.state.clone()),
+                pids: vec![self.root.as_raw()],
+                ..Default::default()
+            },
             Request::Freeze => {
                 if self.traced {
                     match self.tracer.freeze() {
@@ -105,14 +113,22 @@ impl Running {
                             self.traced = false;
                             self.set_state("frozen");
                             *dumped = true;
-                            Response { ok: true, pids: pids.iter().map(|p| p.as_raw()).collect(), ..Default::default() }
+                            Response {
+                                ok: true,
+                                pids: pids.iter().map(|p| p.as_raw()).collect(),
+                                ..Default::default()
+                            }
                         }
                         Err(e) => Response::err(e),
                     }
                 } else {
                     self.set_state("dumping");
                     *dumped = true;
-                    Response { ok: true, pids: vec![self.root.as_raw()], ..Default::default() }
+                    Response {
+                        ok: true,
+                        pids: vec![self.root.as_raw()],
+                        ..Default::default()
+                    }
                 }
             }
             Request::Thaw { alive: false } => {
@@ -123,9 +139,14 @@ impl Running {
             Request::Thaw { alive: true } => {
                 *dumped = false;
                 let r = if self.record.backend.kind == BackendKind::Trace.as_str() && !self.traced {
-                    self.tracer.seize_tree_and_resume(self.root).map(|_| self.traced = true).map_err(|e| e.to_string())
+                    self.tracer
+                        .seize_tree_and_resume(self.root)
+                        .map(|_| self.traced = true)
+                        .map_err(|e| e.to_string())
                 } else {
-                    stop::continue_tree(self.root).map(drop).map_err(|e| e.to_string())
+                    stop::continue_tree(self.root)
+                        .map(drop)
+                        .map_err(|e| e.to_string())
                 };
                 self.set_state("running");
                 match r {
@@ -138,7 +159,10 @@ impl Running {
     }
 
     /// Supervises until the service ends.
-    pub fn supervise(mut self, stop_timeout: Duration) -> Result<(Outcome, Instance), SupervisorError> {
+    pub fn supervise(
+        mut self,
+        stop_timeout: Duration,
+    ) -> Result<(Outcome, Instance), SupervisorError> {
         let signals = signals();
         let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
         control::serve(&self.instance.control_socket(), ctl_tx)?;
@@ -146,7 +170,9 @@ impl Running {
         let mut dumped = false;
         let mut kill_at: Option<Instant> = None;
         loop {
-            let wait = kill_at.map(|t| t.saturating_duration_since(Instant::now())).unwrap_or(Duration::from_secs(3600));
+            let wait = kill_at
+                .map(|t| t.saturating_duration_since(Instant::now()))
+                .unwrap_or(Duration::from_secs(3600));
             select! {
                 recv(self.exit) -> st => {
                     let status = st.map_err(|_| SupervisorError::LostChild)?;

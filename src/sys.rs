@@ -229,7 +229,10 @@ pub fn send_fd(sock: RawFd, fd: RawFd) -> SysResult<()> {
     // an int is 24 on x86_64, and 64 leaves room on every ABI.
     let mut cbuf = [0u64; 8];
     let mut byte = [b'F'];
-    let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
     // SAFETY: msghdr is plain data; zeroed is a valid initial state.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
@@ -262,7 +265,10 @@ pub fn recv_fd(sock: RawFd) -> SysResult<Option<std::os::fd::OwnedFd>> {
     use std::os::fd::FromRawFd;
     let mut cbuf = [0u64; 8];
     let mut byte = [0u8];
-    let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
     // SAFETY: msghdr is plain data; zeroed is a valid initial state.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
@@ -361,7 +367,10 @@ fn sigset(signals: &[libc::c_int]) -> libc::sigset_t {
 
 /// Waits up to `timeout` for one of `signals` (which must be blocked);
 /// `Ok(None)` on timeout.
-pub fn sigtimedwait(signals: &[libc::c_int], timeout: std::time::Duration) -> SysResult<Option<libc::c_int>> {
+pub fn sigtimedwait(
+    signals: &[libc::c_int],
+    timeout: std::time::Duration,
+) -> SysResult<Option<libc::c_int>> {
     let set = sigset(signals);
     let ts = libc::timespec {
         tv_sec: timeout.as_secs() as libc::time_t,
@@ -387,7 +396,11 @@ pub enum Wait {
     Signaled(Pid, i32),
     /// A stop: `sig` is the stop signal, `event` the ptrace event (0 for a
     /// plain signal-delivery-stop).
-    Stopped { pid: Pid, sig: i32, event: i32 },
+    Stopped {
+        pid: Pid,
+        sig: i32,
+        event: i32,
+    },
     Continued(Pid),
 }
 
@@ -414,7 +427,11 @@ pub fn waitpid(pid: libc::pid_t, options: libc::c_int) -> SysResult<Option<Wait>
     } else if libc::WIFSIGNALED(status) {
         Wait::Signaled(p, libc::WTERMSIG(status))
     } else if libc::WIFSTOPPED(status) {
-        Wait::Stopped { pid: p, sig: libc::WSTOPSIG(status), event: (status >> 16) & 0xff }
+        Wait::Stopped {
+            pid: p,
+            sig: libc::WSTOPSIG(status),
+            event: (status >> 16) & 0xff,
+        }
     } else {
         Wait::Continued(p)
     };
@@ -461,7 +478,14 @@ pub fn ptrace_geteventmsg(pid: Pid) -> SysResult<libc::c_ulong> {
     let mut msg: libc::c_ulong = 0;
     // SAFETY: PTRACE_GETEVENTMSG writes one unsigned long to `data`, which
     // points at `msg` on this frame.
-    let r = unsafe { libc::ptrace(libc::PTRACE_GETEVENTMSG, pid.as_raw(), 0usize, &mut msg as *mut libc::c_ulong) };
+    let r = unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETEVENTMSG,
+            pid.as_raw(),
+            0usize,
+            &mut msg as *mut libc::c_ulong,
+        )
+    };
     if r < 0 {
         return Err(Errno::last());
     }
@@ -471,7 +495,14 @@ pub fn ptrace_getregs(pid: Pid) -> SysResult<libc::user_regs_struct> {
     // SAFETY: user_regs_struct is plain data; PTRACE_GETREGS fills all of it.
     let mut regs: libc::user_regs_struct = unsafe { std::mem::zeroed() };
     // SAFETY: `data` points at a user_regs_struct, as PTRACE_GETREGS requires.
-    let r = unsafe { libc::ptrace(libc::PTRACE_GETREGS, pid.as_raw(), 0usize, &mut regs as *mut _) };
+    let r = unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETREGS,
+            pid.as_raw(),
+            0usize,
+            &mut regs as *mut _,
+        )
+    };
     if r < 0 {
         return Err(Errno::last());
     }
@@ -489,7 +520,13 @@ pub fn ptrace_setregs(pid: Pid, regs: &libc::user_regs_struct) -> SysResult<()> 
 /// `ioctl(SECCOMP_IOCTL_NOTIF_ID_VALID)`: is the notification still pending?
 pub fn notif_id_valid(fd: RawFd, id: u64) -> bool {
     // SAFETY: the ioctl reads one u64 through the pointer, which is valid.
-    unsafe { libc::ioctl(fd, libc::SECCOMP_IOCTL_NOTIF_ID_VALID as _, &id as *const u64) == 0 }
+    unsafe {
+        libc::ioctl(
+            fd,
+            libc::SECCOMP_IOCTL_NOTIF_ID_VALID as _,
+            &id as *const u64,
+        ) == 0
+    }
 }
 
 /// `memfd_create(2)` — an anonymous file to receive libseccomp's BPF export.
@@ -512,7 +549,8 @@ pub fn unshare(flags: libc::c_int) -> SysResult<()> {
 /// restored tree whose CRIU front process exited) are re-parented to it.
 pub fn set_child_subreaper() -> SysResult<()> {
     // SAFETY: plain integer arguments.
-    check(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } as libc::c_long).map(drop)
+    check(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } as libc::c_long)
+        .map(drop)
 }
 
 /// Is the effective user root?

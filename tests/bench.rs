@@ -37,41 +37,86 @@ fn bench_python_smoke_reports_every_row_with_real_numbers() {
     a.svg = Some(svg.clone());
     let code = bench::cli(&a, common::criu_path().as_deref(), &state).expect("the benchmark runs");
 
-    let report: serde_json::Value = serde_json::from_str(&common::read(&json)).expect("the JSON report parses");
+    let report: serde_json::Value =
+        serde_json::from_str(&common::read(&json)).expect("the JSON report parses");
     let workloads = report["workloads"].as_array().expect("workloads");
     assert_eq!(workloads.len(), 1);
     let w = &workloads[0];
     assert_eq!(w["name"], "python");
-    assert_eq!(w["errors"].as_array().map(|e| e.len()), Some(0), "failed measurements: {}", w["errors"]);
+    assert_eq!(
+        w["errors"].as_array().map(|e| e.len()),
+        Some(0),
+        "failed measurements: {}",
+        w["errors"]
+    );
     assert_eq!(code, 0, "exit code 0 when every measurement succeeded");
     let series = w["series"].as_array().expect("series");
-    assert_eq!(series.len(), bench::report::ALL.len(), "one series per measurement");
+    assert_eq!(
+        series.len(),
+        bench::report::ALL.len(),
+        "one series per measurement"
+    );
     for s in series {
         let st = &s["stats"];
         assert_eq!(st["n"], 1, "{} has exactly one sample: {s}", s["key"]);
         for f in ["min", "median", "max"] {
             let v = st[f].as_f64().unwrap_or(f64::NAN);
-            assert!(v.is_finite() && v > 0.0, "{} {f} is a real positive number: {s}", s["key"]);
+            assert!(
+                v.is_finite() && v > 0.0,
+                "{} {f} is a real positive number: {s}",
+                s["key"]
+            );
         }
     }
     let targets = report["targets"].as_array().expect("targets");
-    assert_eq!(targets.len(), 3, "python has the three general targets: {targets:?}");
+    assert_eq!(
+        targets.len(),
+        3,
+        "python has the three general targets: {targets:?}"
+    );
     for t in targets {
-        assert!(t["ratio"].as_f64().is_some_and(|r| r.is_finite() && r > 0.0), "a ratio: {t}");
-        assert!(t["verdict"] == "PASS" || t["verdict"] == "MISS", "a verdict: {t}");
+        assert!(
+            t["ratio"]
+                .as_f64()
+                .is_some_and(|r| r.is_finite() && r > 0.0),
+            "a ratio: {t}"
+        );
+        assert!(
+            t["verdict"] == "PASS" || t["verdict"] == "MISS",
+            "a verdict: {t}"
+        );
     }
 
     let chart = common::read(&svg);
-    assert!(chart.starts_with("<svg") && chart.trim_end().ends_with("</svg>"), "an SVG document");
-    assert!(chart.contains("python") && chart.contains("rect"), "the chart draws the workload's bars");
+    assert!(
+        chart.starts_with("<svg") && chart.trim_end().ends_with("</svg>"),
+        "an SVG document"
+    );
+    assert!(
+        chart.contains("python") && chart.contains("rect"),
+        "the chart draws the workload's bars"
+    );
 
     // Nothing left behind: no instance, no mount, no scratch directory,
     // and nothing answering on the workload's port.
     let port = w["port"].as_u64().expect("port") as u16;
-    assert!(miehisto::instance::Instance::list(&state).is_empty(), "no instance left");
-    assert!(common::mounts_under(&state).is_empty(), "no mount left: {:?}", common::mounts_under(&state));
-    assert!(!state.join("bench").exists(), "the scratch directory is removed");
-    assert!(common::wait_http(port, Duration::from_millis(200)).is_err(), "no server left on port {port}");
+    assert!(
+        miehisto::instance::Instance::list(&state).is_empty(),
+        "no instance left"
+    );
+    assert!(
+        common::mounts_under(&state).is_empty(),
+        "no mount left: {:?}",
+        common::mounts_under(&state)
+    );
+    assert!(
+        !state.join("bench").exists(),
+        "the scratch directory is removed"
+    );
+    assert!(
+        common::wait_http(port, Duration::from_millis(200)).is_err(),
+        "no server left on port {port}"
+    );
     std::fs::remove_dir_all(&state).expect("remove the state dir");
 }
 
@@ -82,12 +127,19 @@ fn bench_rejects_an_unknown_workload_clearly() {
         return;
     }
     let state = common::temp_dir("bench-bad");
-    let e = bench::cli(&args(&["rails"]), common::criu_path().as_deref(), &state).expect_err("an unknown workload is an error");
+    let e = bench::cli(&args(&["rails"]), common::criu_path().as_deref(), &state)
+        .expect_err("an unknown workload is an error");
     assert!(matches!(e, BenchError::UnknownWorkload { .. }), "{e}");
     let msg = e.to_string();
-    assert!(msg.contains("rails") && msg.contains("python") && msg.contains("django"), "names the bad one and the choices: {msg}");
+    assert!(
+        msg.contains("rails") && msg.contains("python") && msg.contains("django"),
+        "names the bad one and the choices: {msg}"
+    );
     let mut a = args(&["python"]);
     a.runs = 0;
-    assert!(matches!(bench::cli(&a, common::criu_path().as_deref(), &state), Err(BenchError::NoRuns)));
+    assert!(matches!(
+        bench::cli(&a, common::criu_path().as_deref(), &state),
+        Err(BenchError::NoRuns)
+    ));
     std::fs::remove_dir_all(&state).expect("remove the state dir");
 }

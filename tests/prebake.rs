@@ -17,13 +17,32 @@ use std::time::{Duration, Instant};
 impl Case {
     /// `runmh prebake --images IMG --backend B [opts] -e TAG -- argv`.
     fn prebake(&self, img: &Path, backend: &str, opts: &[&str], argv: &[String]) -> Command {
-        self.prebake_with(&common::criu_path().expect("criu"), img, backend, opts, argv)
+        self.prebake_with(
+            &common::criu_path().expect("criu"),
+            img,
+            backend,
+            opts,
+            argv,
+        )
     }
 
-    fn prebake_with(&self, criu: &Path, img: &Path, backend: &str, opts: &[&str], argv: &[String]) -> Command {
+    fn prebake_with(
+        &self,
+        criu: &Path,
+        img: &Path,
+        backend: &str,
+        opts: &[&str],
+        argv: &[String],
+    ) -> Command {
         let mut c = Command::new(common::runmh());
-        c.arg("--state-dir").arg(&self.state).arg("--criu").arg(criu).stdin(Stdio::null());
-        c.args(["prebake", "--backend", backend, "--images"]).arg(img).args(opts);
+        c.arg("--state-dir")
+            .arg(&self.state)
+            .arg("--criu")
+            .arg(criu)
+            .stdin(Stdio::null());
+        c.args(["prebake", "--backend", backend, "--images"])
+            .arg(img)
+            .args(opts);
         c.arg("-e").arg(&self.tag).arg("--").args(argv);
         c
     }
@@ -33,9 +52,7 @@ impl Case {
         c.arg("restore").arg("--images").arg(img);
         c
     }
-
 }
-
 
 /// A payload: its log name and command line.
 struct Payload {
@@ -63,7 +80,10 @@ fn payload(which: &str) -> Payload {
                 "direct_syscall_server" => "direct_syscall",
                 other => panic!("unknown payload {other}"),
             };
-            (name, vec![common::payload(bin).to_string_lossy().into_owned()])
+            (
+                name,
+                vec![common::payload(bin).to_string_lossy().into_owned()],
+            )
         }
     };
     argv.extend(["--port".to_string(), port.to_string()]);
@@ -90,7 +110,8 @@ fn observing_criu(c: &Case) -> PathBuf {
         real = real.display()
     );
     std::fs::write(&script, text).expect("write criu wrapper");
-    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
     script
 }
 
@@ -105,7 +126,10 @@ fn tcp_table(port: u16) -> (Vec<String>, bool) {
             if cols.len() < 10 {
                 continue;
             }
-            let local_port = cols[1].rsplit(':').next().and_then(|h| u16::from_str_radix(h, 16).ok());
+            let local_port = cols[1]
+                .rsplit(':')
+                .next()
+                .and_then(|h| u16::from_str_radix(h, 16).ok());
             if local_port == Some(port) && cols[3] == "0A" {
                 listening = true;
             }
@@ -127,14 +151,29 @@ fn prebake_observed(c: &Case, img: &Path, backend: &str, p: &Payload) -> Metadat
             break text.trim().parse().expect("pid from the criu wrapper");
         }
         if let Ok(Some(st)) = child.try_wait() {
-            panic!("prebake exited ({st}) before its dump: {}", c.stderr_of("prebake"));
+            panic!(
+                "prebake exited ({st}) before its dump: {}",
+                c.stderr_of("prebake")
+            );
         }
-        assert!(t0.elapsed() < DEADLINE, "no dump within {DEADLINE:?}: {}", c.stderr_of("prebake"));
+        assert!(
+            t0.elapsed() < DEADLINE,
+            "no dump within {DEADLINE:?}: {}",
+            c.stderr_of("prebake")
+        );
         std::thread::sleep(Duration::from_millis(10));
     };
-    let log = common::read(&c.instances().first().expect("the prebaking instance").1.spec.stdout_log());
+    let log = common::read(
+        &c.instances()
+            .first()
+            .expect("the prebaking instance")
+            .1
+            .spec
+            .stdout_log(),
+    );
     let fd = bound_fd(&log, p.name, p.port);
-    let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).expect("the bound fd of the held process");
+    let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+        .expect("the bound fd of the held process");
     let link = link.to_string_lossy().into_owned();
     let inode = link
         .strip_prefix("socket:[")
@@ -143,10 +182,19 @@ fn prebake_observed(c: &Case, img: &Path, backend: &str, p: &Payload) -> Metadat
     let (inodes, listening) = tcp_table(p.port);
     // A bound TCP socket that never listened is in neither the listening
     // nor the established table; after listen(2) it would be.
-    assert!(!inodes.iter().any(|i| i == inode), "the held socket {inode} is not listening");
+    assert!(
+        !inodes.iter().any(|i| i == inode),
+        "the held socket {inode} is not listening"
+    );
     assert!(!listening, "nothing listens on port {} at the stop", p.port);
-    let refused = std::net::TcpStream::connect(("127.0.0.1", p.port)).map(drop).map_err(|e| e.kind());
-    assert_eq!(refused, Err(std::io::ErrorKind::ConnectionRefused), "connect at the stop");
+    let refused = std::net::TcpStream::connect(("127.0.0.1", p.port))
+        .map(drop)
+        .map_err(|e| e.kind());
+    assert_eq!(
+        refused,
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "connect at the stop"
+    );
     // Bound all the same: a socket without SO_REUSEADDR cannot take the port.
     let probe = Command::new(common::python())
         .args([
@@ -181,14 +229,22 @@ fn prebake_observed(c: &Case, img: &Path, backend: &str, p: &Payload) -> Metadat
     );
     std::fs::write(dir.join("go"), b"").expect("release the wrapper");
     let st = wait_exit(&mut child, "prebake");
-    assert!(st.success(), "prebake {} with {backend}: {}", p.name, c.stderr_of("prebake"));
+    assert!(
+        st.success(),
+        "prebake {} with {backend}: {}",
+        p.name,
+        c.stderr_of("prebake")
+    );
     c.assert_clean();
     Metadata::read(img).expect("published image has valid metadata")
 }
 
 /// Prebakes `p` with `backend`; asserts success and returns the metadata.
 fn prebake_ok(c: &Case, img: &Path, backend: &str, opts: &[&str], p: &Payload) -> Metadata {
-    let out = c.prebake(img, backend, opts, &p.argv).output().expect("runmh prebake");
+    let out = c
+        .prebake(img, backend, opts, &p.argv)
+        .output()
+        .expect("runmh prebake");
     assert!(
         out.status.success(),
         "prebake {} with {backend}: {}",
@@ -203,7 +259,10 @@ fn prebake_ok(c: &Case, img: &Path, backend: &str, opts: &[&str], p: &Payload) -
 /// The `fd=N` of the payload's `bound` line.
 fn bound_fd(log: &str, name: &str, port: u16) -> u64 {
     let prefix = format!("MHLOG {name} bound port={port} fd=");
-    let lines: Vec<&str> = log.lines().filter_map(|l| l.strip_prefix(&prefix)).collect();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .collect();
     assert_eq!(lines.len(), 1, "one bound line: {log}");
     lines[0].trim().parse().expect("fd number")
 }
@@ -214,7 +273,11 @@ fn bound_fd(log: &str, name: &str, port: u16) -> u64 {
 fn assert_stopped_before_listen(md: &Metadata, backend: &str, p: &Payload) {
     let log = common::read(&md.spec.stdout_log());
     let fd = bound_fd(&log, p.name, p.port);
-    assert_eq!(common::count_lines(&log, "listen"), 0, "no listen before the dump: {log}");
+    assert_eq!(
+        common::count_lines(&log, "listen"),
+        0,
+        "no listen before the dump: {log}"
+    );
     assert_eq!(md.backend.kind, backend);
     let stop = md.stop.as_ref().expect("a prebaked image records its stop");
     assert_eq!(stop.syscall, "listen");
@@ -223,18 +286,31 @@ fn assert_stopped_before_listen(md: &Metadata, backend: &str, p: &Payload) {
         "trace" => {
             assert_eq!(hit.syscall, "listen", "{hit:?}");
             assert_eq!(hit.nr, syscalls::Sysno::listen as i64, "{hit:?}");
-            assert_eq!(hit.args[0], fd, "the trapped listen is on the socket the payload bound: {hit:?}");
+            assert_eq!(
+                hit.args[0], fd,
+                "the trapped listen is on the socket the payload bound: {hit:?}"
+            );
             assert!(!hit.held, "the tracer detached before CRIU seized");
             let processes = if p.name == "forking" { 2 } else { 1 };
-            assert_eq!(hit.frozen.len(), processes, "the whole tree was frozen: {hit:?}");
+            assert_eq!(
+                hit.frozen.len(),
+                processes,
+                "the whole tree was frozen: {hit:?}"
+            );
             assert!(hit.frozen.contains(&hit.tgid), "{hit:?}");
             assert_eq!(md.backend.marker_signal, None);
         }
         "notify" => {
-            let marker = md.backend.marker_signal.expect("a NOTIFY image records its marker signal");
+            let marker = md
+                .backend
+                .marker_signal
+                .expect("a NOTIFY image records its marker signal");
             assert_eq!(hit.syscall, "kill", "{hit:?}");
             assert_eq!(hit.nr, syscalls::Sysno::kill as i64, "{hit:?}");
-            assert_eq!(hit.args[1], marker as u64, "the trapped kill carries the marker: {hit:?}");
+            assert_eq!(
+                hit.args[1], marker as u64,
+                "the trapped kill carries the marker: {hit:?}"
+            );
             assert!(
                 md.spec.env.iter().any(|(k, _)| k == "LD_PRELOAD"),
                 "the recorded environment carries the preload library: {:?}",
@@ -259,28 +335,51 @@ fn restore_serve_stop(c: &Case, img: &Path, md: &Metadata, p: &Payload, round: u
     let t0 = Instant::now();
     let rec = loop {
         if let Ok(Some(st)) = front.try_wait() {
-            panic!("restore {round} exited early ({st}): {}", c.stderr_of(&label));
+            panic!(
+                "restore {round} exited early ({st}): {}",
+                c.stderr_of(&label)
+            );
         }
-        if let Some((_, r)) = c.instances().into_iter().find(|(_, r)| r.root_pid > 0 && r.state == "running") {
+        if let Some((_, r)) = c
+            .instances()
+            .into_iter()
+            .find(|(_, r)| r.root_pid > 0 && r.state == "running")
+        {
             break r;
         }
-        assert!(t0.elapsed() < DEADLINE, "restore {round} never ran: {}", c.stderr_of(&label));
+        assert!(
+            t0.elapsed() < DEADLINE,
+            "restore {round} never ran: {}",
+            c.stderr_of(&label)
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
-    let body = common::wait_http(p.port, DEADLINE).unwrap_or_else(|e| panic!("restore {round}: {e}; {}", c.stderr_of(&label)));
-    assert!(body.starts_with(&format!("payload={} pid=1 ", p.name)), "{body}");
+    let body = common::wait_http(p.port, DEADLINE)
+        .unwrap_or_else(|e| panic!("restore {round}: {e}; {}", c.stderr_of(&label)));
+    assert!(
+        body.starts_with(&format!("payload={} pid=1 ", p.name)),
+        "{body}"
+    );
     if p.name == "forking" {
-        assert!(!body.contains("helper=-1"), "the forked helper came back with its pipe: {body}");
+        assert!(
+            !body.contains("helper=-1"),
+            "the forked helper came back with its pipe: {body}"
+        );
     }
     let ppid = common::ppid_of(rec.root_pid).expect("ppid of the restored service");
-    assert_eq!(common::comm_of(ppid), "runmh", "the restored service's parent is runmh");
+    assert_eq!(
+        common::comm_of(ppid),
+        "runmh",
+        "the restored service's parent is runmh"
+    );
 
     let log = common::read(&log_path);
     let new = &log[len_before..];
     // A forked helper may still have been about to log its start when the
     // tree was frozen; the main process's first line is what counts.
     assert_eq!(
-        new.lines().find(|l| !l.starts_with(&format!("MHLOG {} helper ", p.name))),
+        new.lines()
+            .find(|l| !l.starts_with(&format!("MHLOG {} helper ", p.name))),
         Some(format!("MHLOG {} listen ret=0 errno=0", p.name).as_str()),
         "restore {round}: the restored process's first action is its listen: {new}"
     );
@@ -289,7 +388,11 @@ fn restore_serve_stop(c: &Case, img: &Path, md: &Metadata, p: &Payload, round: u
         round,
         "one successful listen per restore: {log}"
     );
-    assert_eq!(common::count_lines(new, "listen ret=-1"), 0, "no failed listen (ENOSYS): {log}");
+    assert_eq!(
+        common::count_lines(new, "listen ret=-1"),
+        0,
+        "no failed listen (ENOSYS): {log}"
+    );
     if md.backend.kind == "notify" {
         // After a restore the marker returns ENOSYS, which the wrapper ignores.
         let err = common::read(&md.spec.stderr_log());
@@ -309,7 +412,10 @@ fn restore_serve_stop(c: &Case, img: &Path, md: &Metadata, p: &Payload, round: u
     // (A forking payload's helper may log its own exit after the parent's.)
     let log = common::read(&log_path);
     assert_eq!(
-        common::count_lines(&log[len_before..], &format!("MHLOG {} exit signal=15", p.name)),
+        common::count_lines(
+            &log[len_before..],
+            &format!("MHLOG {} exit signal=15", p.name)
+        ),
         1,
         "{log}"
     );
@@ -400,7 +506,11 @@ fn trace_without_reseize_reproduces_enosys() {
         1,
         "the talk's ENOSYS: {log}"
     );
-    assert_eq!(common::count_lines(&log, "MHLOG simple fatal listen failed"), 1, "{log}");
+    assert_eq!(
+        common::count_lines(&log, "MHLOG simple fatal listen failed"),
+        1,
+        "{log}"
+    );
     assert_eq!(
         st.code(),
         Some(3),
@@ -424,7 +534,11 @@ fn trace_without_reseize_reproduces_enosys() {
         1,
     );
     let after = common::read(&log_path);
-    assert_eq!(common::count_lines(&after[len_before..], "errno=38"), 0, "{after}");
+    assert_eq!(
+        common::count_lines(&after[len_before..], "errno=38"),
+        0,
+        "{after}"
+    );
 }
 
 #[test]
@@ -455,12 +569,19 @@ fn auto_falls_back_to_notify_without_ptrace() {
     let mut cmd = c.prebake(&img, "auto", &[], &p.argv);
     cmd.env(miehisto::stop::trace::TEST_DENY_PTRACE_ENV, "1");
     let out = cmd.output().expect("runmh prebake");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     c.assert_clean();
     let md = Metadata::read(&img).expect("metadata");
     assert_eq!(md.backend.kind, "notify");
     let reason = &md.backend.reason;
-    assert!(reason.contains("auto") && reason.contains("ptrace"), "{reason}");
+    assert!(
+        reason.contains("auto") && reason.contains("ptrace"),
+        "{reason}"
+    );
     assert!(
         reason.contains("EPERM") || reason.contains("Operation not permitted"),
         "the reason names the failure: {reason}"
@@ -474,10 +595,16 @@ fn auto_falls_back_to_notify_without_ptrace() {
 /// nothing left running or mounted.
 fn prebake_fails(c: &Case, backend: &str, opts: &[&str], argv: &[String]) -> String {
     let img = c.state.join("img");
-    let out: Output = c.prebake(&img, backend, opts, argv).output().expect("runmh prebake");
+    let out: Output = c
+        .prebake(&img, backend, opts, argv)
+        .output()
+        .expect("runmh prebake");
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "expected failure: {err}");
-    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("runmh: error: ")).collect();
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("runmh: error: "))
+        .collect();
     assert_eq!(lines.len(), 1, "one error line: {err}");
     assert!(!img.exists(), "no image published after: {err}");
     let staging: Vec<_> = std::fs::read_dir(&c.state)
@@ -509,11 +636,27 @@ fn faults_fail_cleanly() {
             "{backend}: {line}"
         );
 
-        let line = prebake_fails(&c, backend, &["--timeout", "2"], &strings(&["/bin/sleep", "100"]));
-        assert!(line.contains("within 2s") && line.contains("--timeout"), "{backend}: {line}");
+        let line = prebake_fails(
+            &c,
+            backend,
+            &["--timeout", "2"],
+            &strings(&["/bin/sleep", "100"]),
+        );
+        assert!(
+            line.contains("within 2s") && line.contains("--timeout"),
+            "{backend}: {line}"
+        );
     }
-    let line = prebake_fails(&c, "trace", &["--stop-at", "nosuchcall"], &strings(&["/bin/sleep", "100"]));
-    assert!(line.contains("nosuchcall") && line.contains("unknown syscall"), "{line}");
+    let line = prebake_fails(
+        &c,
+        "trace",
+        &["--stop-at", "nosuchcall"],
+        &strings(&["/bin/sleep", "100"]),
+    );
+    assert!(
+        line.contains("nosuchcall") && line.contains("unknown syscall"),
+        "{line}"
+    );
 }
 
 #[test]
@@ -524,8 +667,14 @@ fn static_binary_needs_trace() {
     }
     let bin = common::payload("simple_server_static");
     if !bin.is_file() {
-        let msg = format!("static_binary_needs_trace: {} was not built (no libc.a)", bin.display());
-        assert!(!common::in_ci(), "{msg} (CI=true: a missing prerequisite is a failure)");
+        let msg = format!(
+            "static_binary_needs_trace: {} was not built (no libc.a)",
+            bin.display()
+        );
+        assert!(
+            !common::in_ci(),
+            "{msg} (CI=true: a missing prerequisite is a failure)"
+        );
         eprintln!("SKIP {msg}");
         return;
     }
@@ -534,7 +683,9 @@ fn static_binary_needs_trace() {
     let p = payload("simple_server_static");
     let line = prebake_fails(&c, "notify", &["--timeout", "3"], &p.argv);
     assert!(
-        line.contains("within 3s") && line.contains("statically linked") && line.contains("--backend trace"),
+        line.contains("within 3s")
+            && line.contains("statically linked")
+            && line.contains("--backend trace"),
         "{line}"
     );
 
@@ -553,7 +704,10 @@ fn direct_syscall_needs_trace() {
     let c = Case::new("pb-direct");
     let p = payload("direct_syscall_server");
     let line = prebake_fails(&c, "notify", &["--timeout", "3"], &p.argv);
-    assert!(line.contains("within 3s") && line.contains("--backend trace"), "{line}");
+    assert!(
+        line.contains("within 3s") && line.contains("--backend trace"),
+        "{line}"
+    );
 
     let img = c.state.join("img");
     let md = prebake_ok(&c, &img, "trace", &[], &p);
@@ -589,7 +743,10 @@ fn notify_marker_signal_option() {
 fn status_field(pid: i32, field: &str) -> Option<String> {
     common::read(Path::new(&format!("/proc/{pid}/status")))
         .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")).map(|v| v.trim().to_string()))
+        .find_map(|l| {
+            l.strip_prefix(&format!("{field}:"))
+                .map(|v| v.trim().to_string())
+        })
 }
 
 /// The process whose thread traces `pid` (TracerPid names the tracer
@@ -620,9 +777,18 @@ fn restored_trace_service_dumped_at_any_moment() {
 
     let mut front = c.spawn(c.restore_cmd(&img), "first");
     common::wait_http(p.port, DEADLINE).unwrap_or_else(|e| panic!("{e}; {}", c.stderr_of("first")));
-    let rec = c.instances().into_iter().map(|(_, r)| r).find(|r| r.root_pid > 0).expect("the restored instance");
+    let rec = c
+        .instances()
+        .into_iter()
+        .map(|(_, r)| r)
+        .find(|r| r.root_pid > 0)
+        .expect("the restored instance");
     let tracer = tracer_process(rec.root_pid).expect("service status");
-    assert_eq!(tracer, rec.supervisor_pid.to_string(), "the supervisor traces the restored service");
+    assert_eq!(
+        tracer,
+        rec.supervisor_pid.to_string(),
+        "the supervisor traces the restored service"
+    );
 
     let img2 = c.state.join("img2");
     let out = common::runmh_cmd(&c.state)
@@ -632,22 +798,45 @@ fn restored_trace_service_dumped_at_any_moment() {
         .arg(&img2)
         .output()
         .expect("run runmh dump");
-    assert!(out.status.success(), "dump failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "dump failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let md2 = Metadata::read(&img2).expect("the second image is published");
-    assert_eq!(md2.backend.kind, "trace", "the image keeps the backend it needs after a restore");
+    assert_eq!(
+        md2.backend.kind, "trace",
+        "the image keeps the backend it needs after a restore"
+    );
     // Taken back: traced again, and still serving.
-    assert_eq!(common::http_get(p.port, "/").map(|(code, _)| code).ok(), Some(200));
+    assert_eq!(
+        common::http_get(p.port, "/").map(|(code, _)| code).ok(),
+        Some(200)
+    );
     let tracer = tracer_process(rec.root_pid).expect("service status");
-    assert_eq!(tracer, rec.supervisor_pid.to_string(), "re-seized after the dump");
+    assert_eq!(
+        tracer,
+        rec.supervisor_pid.to_string(),
+        "re-seized after the dump"
+    );
 
     nix::sys::signal::kill(Pid::from_raw(front.id() as i32), Signal::SIGTERM).expect("SIGTERM");
     wait_exit(&mut front, "first restore");
     let mut second = c.spawn(c.restore_cmd(&img2), "second");
-    common::wait_http(p.port, DEADLINE).unwrap_or_else(|e| panic!("{e}; {}", c.stderr_of("second")));
+    common::wait_http(p.port, DEADLINE)
+        .unwrap_or_else(|e| panic!("{e}; {}", c.stderr_of("second")));
     nix::sys::signal::kill(Pid::from_raw(second.id() as i32), Signal::SIGTERM).expect("SIGTERM");
     wait_exit(&mut second, "second restore");
     let log = common::read(&log_path);
-    assert_eq!(common::count_lines(&log, "errno=38"), 0, "no ENOSYS at any point: {log}");
-    assert_eq!(common::count_lines(&log, "MHLOG simple listen ret=0 errno=0"), 1, "listen ran once, in the first restore: {log}");
+    assert_eq!(
+        common::count_lines(&log, "errno=38"),
+        0,
+        "no ENOSYS at any point: {log}"
+    );
+    assert_eq!(
+        common::count_lines(&log, "MHLOG simple listen ret=0 errno=0"),
+        1,
+        "listen ran once, in the first restore: {log}"
+    );
     c.assert_clean();
 }

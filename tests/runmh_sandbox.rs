@@ -23,7 +23,11 @@ impl Case {
     /// `runmh ... run -e TAG -- ARGS`, without --criu (run needs none).
     fn run_args(&self, extra: &[&str], argv: &[&str]) -> Command {
         let mut c = Command::new(common::runmh());
-        c.arg("--state-dir").arg(&self.state).arg("run").arg("-e").arg(&self.tag);
+        c.arg("--state-dir")
+            .arg(&self.state)
+            .arg("run")
+            .arg("-e")
+            .arg(&self.tag);
         c.args(extra).arg("--").args(argv);
         c.stdin(Stdio::null());
         c
@@ -48,13 +52,11 @@ impl Case {
             self.instance_dirs()
         );
     }
-
 }
 
 fn term(child: &Child) {
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("send SIGTERM");
 }
-
 
 /// A failed command: non-zero exit, exactly one stderr line starting `runmh: error:`.
 fn assert_one_line_error(out: &Output, what: &str) -> String {
@@ -65,7 +67,11 @@ fn assert_one_line_error(out: &Output, what: &str) -> String {
         out.status
     );
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{what}: expected one stderr line, got: {err}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "{what}: expected one stderr line, got: {err}"
+    );
     assert!(lines[0].starts_with("runmh: error: "), "{what}: {err}");
     lines[0].to_string()
 }
@@ -120,18 +126,26 @@ fn restore_and_check(c: &Case, img: &Path, port: u16, label: &str) -> (Child, In
             {
                 break r;
             }
-            assert!(t0.elapsed() < DEADLINE, "restore never ran: {}", c.stderr_of(label));
+            assert!(
+                t0.elapsed() < DEADLINE,
+                "restore never ran: {}",
+                c.stderr_of(label)
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     };
-    common::wait_http(port, DEADLINE).unwrap_or_else(|e| panic!("restored service: {e}; {}", c.stderr_of(label)));
+    common::wait_http(port, DEADLINE)
+        .unwrap_or_else(|e| panic!("restored service: {e}; {}", c.stderr_of(label)));
     let ppid = common::ppid_of(rec.root_pid).expect("restored service's ppid");
     assert_eq!(
         common::comm_of(ppid),
         "runmh",
         "the restored service's parent (pid {ppid}) must be runmh"
     );
-    assert_eq!(ppid, rec.supervisor_pid, "the instance record names the parent as supervisor");
+    assert_eq!(
+        ppid, rec.supervisor_pid,
+        "the instance record names the parent as supervisor"
+    );
     assert!(
         c.leftovers().iter().any(|(p, _)| *p == rec.root_pid),
         "the leak check sees the restored service"
@@ -184,9 +198,17 @@ fn run_dump_restore_twice() {
         .arg(&img)
         .output()
         .expect("runmh dump");
-    assert!(out.status.success(), "dump failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "dump failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let st = wait_exit(&mut run, "runmh run after the dump");
-    assert!(st.success(), "a dumped service's runmh exits 0, got {st}: {}", c.stderr_of("run"));
+    assert!(
+        st.success(),
+        "a dumped service's runmh exits 0, got {st}: {}",
+        c.stderr_of("run")
+    );
     c.assert_clean();
 
     let md = Metadata::read(&img).expect("published image has valid metadata");
@@ -200,7 +222,11 @@ fn run_dump_restore_twice() {
     assert_eq!(md.kernel, miehisto::images::metadata::kernel_release());
     let criu = miehisto::criu::Criu::at(&common::criu_path().expect("criu")).expect("criu");
     assert_eq!(md.criu_version, criu.version.to_string());
-    assert!(md.externals.iter().any(|e| e.path == Path::new("/dev")), "{:?}", md.externals);
+    assert!(
+        md.externals.iter().any(|e| e.path == Path::new("/dev")),
+        "{:?}",
+        md.externals
+    );
     let log = stdout_log(&md);
     let requests_before = common::count_lines(&common::read(&log), "request n=");
     assert_eq!(requests_before, 2, "{}", common::read(&log));
@@ -212,10 +238,20 @@ fn run_dump_restore_twice() {
         let (code, body) = common::http_get(port, "/").expect("GET after restore");
         assert_eq!(code, 200);
         // The request counter lives in the restored memory: it goes on.
-        assert!(body.contains(&format!("requests={}", requests_before + 2)), "round {round}: {body}");
+        assert!(
+            body.contains(&format!("requests={}", requests_before + 2)),
+            "round {round}: {body}"
+        );
         let text = common::read(&log);
-        assert!(text.len() > len_before, "the log keeps growing after a restore");
-        assert_eq!(common::count_lines(&text[len_before..], "request n="), 2, "round {round}: {text}");
+        assert!(
+            text.len() > len_before,
+            "the log keeps growing after a restore"
+        );
+        assert_eq!(
+            common::count_lines(&text[len_before..], "request n="),
+            2,
+            "round {round}: {text}"
+        );
         assert_eq!(
             common::count_lines(&text, "listen ret="),
             1,
@@ -257,11 +293,21 @@ fn dump_by_service_pid_leave_running() {
     let img = c.state.join("img");
     let out = c
         .runmh()
-        .args(["dump", "--leave-running", "--pid", &rec.root_pid.to_string(), "--images"])
+        .args([
+            "dump",
+            "--leave-running",
+            "--pid",
+            &rec.root_pid.to_string(),
+            "--images",
+        ])
         .arg(&img)
         .output()
         .expect("runmh dump");
-    assert!(out.status.success(), "dump failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "dump failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let md = Metadata::read(&img).expect("metadata");
     assert!(md.leave_running);
     assert_eq!(md.dumped_pid, rec.root_pid);
@@ -270,7 +316,11 @@ fn dump_by_service_pid_leave_running() {
     let (code, body) = common::http_get(port, "/").expect("GET after the dump");
     assert_eq!(code, 200);
     assert!(body.contains("requests=2"), "{body}");
-    assert_eq!(run.try_wait().expect("try_wait"), None, "runmh run still supervises");
+    assert_eq!(
+        run.try_wait().expect("try_wait"),
+        None,
+        "runmh run still supervises"
+    );
     assert_eq!(common::ppid_of(rec.root_pid), Some(run.id() as i32));
 
     term(&run);
@@ -304,13 +354,19 @@ fn sigterm_stops_service_and_cleans_up() {
         "runmh exits with the service's status: {}",
         c.stderr_of("run")
     );
-    assert!(std::fs::metadata(format!("/proc/{}", rec.root_pid)).is_err(), "service gone");
+    assert!(
+        std::fs::metadata(format!("/proc/{}", rec.root_pid)).is_err(),
+        "service gone"
+    );
     let log = rec.spec.stdout_log();
     assert!(
         common::read(&log).contains("MHLOG python exit signal=15"),
         "the service got the forwarded SIGTERM"
     );
-    assert!(common::http_get(port, "/").is_err(), "nothing answers on the port any more");
+    assert!(
+        common::http_get(port, "/").is_err(),
+        "nothing answers on the port any more"
+    );
     c.assert_clean();
 }
 
@@ -322,7 +378,10 @@ fn stop_timeout_escalates_to_sigkill() {
     }
     let c = Case::new("sbx-kill");
     let mut run = c.spawn(
-        c.run_args(&["--stop-timeout", "1"], &["/bin/sh", "-c", "trap '' TERM; sleep 1000"]),
+        c.run_args(
+            &["--stop-timeout", "1"],
+            &["/bin/sh", "-c", "trap '' TERM; sleep 1000"],
+        ),
         "run",
     );
     let rec = c.wait_running(|_| true);
@@ -338,7 +397,10 @@ fn stop_timeout_escalates_to_sigkill() {
         if ign & (1 << (15 - 1)) != 0 {
             break;
         }
-        assert!(t0.elapsed() < DEADLINE, "the shell never ignored SIGTERM: {status}");
+        assert!(
+            t0.elapsed() < DEADLINE,
+            "the shell never ignored SIGTERM: {status}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     term(&run);
@@ -375,11 +437,25 @@ fn doctor_passes() {
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), checks.len(), "one line per check: {text}");
     for (line, check) in lines.iter().zip(&checks) {
-        assert!(line.starts_with("ok ") || line.starts_with("warn "), "{line}");
+        assert!(
+            line.starts_with("ok ") || line.starts_with("warn "),
+            "{line}"
+        );
         assert!(line.contains(check.name), "{line} vs {}", check.name);
     }
-    for name in ["root", "kernel", "seccomp", "ptrace", "criu", "libseccomp", "kdat"] {
-        assert!(lines.iter().any(|l| l.contains(name)), "doctor checks {name}: {text}");
+    for name in [
+        "root",
+        "kernel",
+        "seccomp",
+        "ptrace",
+        "criu",
+        "libseccomp",
+        "kdat",
+    ] {
+        assert!(
+            lines.iter().any(|l| l.contains(name)),
+            "doctor checks {name}: {text}"
+        );
     }
 }
 
@@ -388,7 +464,8 @@ fn small_image(c: &Case) -> PathBuf {
     let img = c.state.join("good-img");
     let port = common::free_port();
     let mut cmd = c.runmh();
-    cmd.args(["prebake", "--backend", "trace", "--images"]).arg(&img);
+    cmd.args(["prebake", "--backend", "trace", "--images"])
+        .arg(&img);
     cmd.arg("-e")
         .arg(&c.tag)
         .arg("--")
@@ -396,7 +473,11 @@ fn small_image(c: &Case) -> PathBuf {
         .arg("--port")
         .arg(port.to_string());
     let out = cmd.output().expect("runmh prebake");
-    assert!(out.status.success(), "prebake: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "prebake: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Metadata::read(&img).expect("metadata");
     img
 }
@@ -411,9 +492,15 @@ fn bad_input_is_one_clear_line() {
 
     // A command that does not exist.
     let missing_cmd = c.state.join("no-such-program");
-    let out = c.run_args(&[], &[&missing_cmd.to_string_lossy()]).output().expect("runmh run");
+    let out = c
+        .run_args(&[], &[&missing_cmd.to_string_lossy()])
+        .output()
+        .expect("runmh run");
     let line = assert_one_line_error(&out, "missing command");
-    assert!(line.contains("not found") && line.contains("no-such-program"), "{line}");
+    assert!(
+        line.contains("not found") && line.contains("no-such-program"),
+        "{line}"
+    );
     c.assert_clean();
 
     // restore --images: missing, empty, corrupt metadata.
@@ -426,8 +513,14 @@ fn bad_input_is_one_clear_line() {
         .output()
         .expect("runmh restore");
     let line = assert_one_line_error(&out, "missing image dir");
-    assert!(line.contains("missing-img") && line.contains("does not exist"), "{line}");
-    assert!(!missing.exists(), "a failed restore creates nothing at the image path");
+    assert!(
+        line.contains("missing-img") && line.contains("does not exist"),
+        "{line}"
+    );
+    assert!(
+        !missing.exists(),
+        "a failed restore creates nothing at the image path"
+    );
     c.assert_clean();
 
     let empty = c.state.join("empty-img");
@@ -440,7 +533,10 @@ fn bad_input_is_one_clear_line() {
         .output()
         .expect("runmh restore");
     let line = assert_one_line_error(&out, "empty image dir");
-    assert!(line.contains("empty-img") && line.contains("miehisto.json"), "{line}");
+    assert!(
+        line.contains("empty-img") && line.contains("miehisto.json"),
+        "{line}"
+    );
     assert_eq!(snapshot(&empty).len(), 0);
     c.assert_clean();
 
@@ -449,10 +545,23 @@ fn bad_input_is_one_clear_line() {
     let text = std::fs::read(&md_path).expect("read metadata");
     std::fs::write(&md_path, &text[..text.len() / 2]).expect("truncate metadata");
     let before = snapshot(&img);
-    let out = c.runmh().arg("restore").arg("--images").arg(&img).output().expect("runmh restore");
+    let out = c
+        .runmh()
+        .arg("restore")
+        .arg("--images")
+        .arg(&img)
+        .output()
+        .expect("runmh restore");
     let line = assert_one_line_error(&out, "corrupt metadata");
-    assert!(line.contains("miehisto.json") && line.contains("corrupt"), "{line}");
-    assert_eq!(snapshot(&img), before, "a failed restore leaves the image intact");
+    assert!(
+        line.contains("miehisto.json") && line.contains("corrupt"),
+        "{line}"
+    );
+    assert_eq!(
+        snapshot(&img),
+        before,
+        "a failed restore leaves the image intact"
+    );
     c.assert_clean();
     std::fs::write(&md_path, &text).expect("repair metadata");
 
@@ -460,18 +569,37 @@ fn bad_input_is_one_clear_line() {
     // for prebake (nothing starts, nothing is published).
     let fake = c.state.join("fake-criu");
     std::fs::write(&fake, "#!/bin/sh\necho 'Version: 3.17.1'\n").expect("write fake criu");
-    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
     let before = snapshot(&img);
-    for (criu, expect) in [(PathBuf::from("/nonexistent/criu"), "could not be run"), (fake.clone(), "3.17.1")] {
+    for (criu, expect) in [
+        (PathBuf::from("/nonexistent/criu"), "could not be run"),
+        (fake.clone(), "3.17.1"),
+    ] {
         let base = || {
             let mut cmd = Command::new(common::runmh());
-            cmd.arg("--state-dir").arg(&c.state).arg("--criu").arg(&criu).stdin(Stdio::null());
+            cmd.arg("--state-dir")
+                .arg(&c.state)
+                .arg("--criu")
+                .arg(&criu)
+                .stdin(Stdio::null());
             cmd
         };
-        let out = base().arg("restore").arg("--images").arg(&img).output().expect("runmh restore");
+        let out = base()
+            .arg("restore")
+            .arg("--images")
+            .arg(&img)
+            .output()
+            .expect("runmh restore");
         let line = assert_one_line_error(&out, "restore with a bad CRIU");
-        assert!(line.contains(&*criu.to_string_lossy()) && line.contains(expect), "{line}");
-        assert!(line.contains("setup/install.sh"), "names the setup command: {line}");
+        assert!(
+            line.contains(&*criu.to_string_lossy()) && line.contains(expect),
+            "{line}"
+        );
+        assert!(
+            line.contains("setup/install.sh"),
+            "names the setup command: {line}"
+        );
         assert_eq!(snapshot(&img), before);
         c.assert_clean();
 
@@ -486,7 +614,10 @@ fn bad_input_is_one_clear_line() {
             .output()
             .expect("runmh prebake");
         let line = assert_one_line_error(&out, "prebake with a bad CRIU");
-        assert!(line.contains(expect) && line.contains("setup/install.sh"), "{line}");
+        assert!(
+            line.contains(expect) && line.contains("setup/install.sh"),
+            "{line}"
+        );
         assert!(!new_img.exists(), "nothing published");
         c.assert_clean();
     }
@@ -500,7 +631,10 @@ fn bad_input_is_one_clear_line() {
         None if common::in_ci() => panic!("setpriv is needed to test the not-root error (CI=true)"),
         None => eprintln!("SKIP not-root case: setpriv is absent"),
         Some(sp) => {
-            for sub in [vec!["run", "--", "/bin/true"], vec!["restore", "--images", &*img.to_string_lossy()]] {
+            for sub in [
+                vec!["run", "--", "/bin/true"],
+                vec!["restore", "--images", &*img.to_string_lossy()],
+            ] {
                 let out = Command::new(&sp)
                     .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
                     .arg(common::runmh())

@@ -41,7 +41,14 @@ fn in_private_mount_ns(cmd: &mut Command, root: CString, tmpfs_run: bool, kdat: 
 }
 
 /// Restores `images` with bare CRIU; returns the restored root's host pid.
-pub fn restore(criu: &Criu, images: &Path, dir: &Path, md: &Metadata, tmpfs_run: bool, kdat: Option<&[u8]>) -> Result<i32, BenchError> {
+pub fn restore(
+    criu: &Criu,
+    images: &Path,
+    dir: &Path,
+    md: &Metadata,
+    tmpfs_run: bool,
+    kdat: Option<&[u8]>,
+) -> Result<i32, BenchError> {
     let args = RestoreArgs {
         images_dir: std::path::absolute(images).unwrap_or_else(|_| images.to_path_buf()),
         work_dir: dir.to_path_buf(),
@@ -53,21 +60,37 @@ pub fn restore(criu: &Criu, images: &Path, dir: &Path, md: &Metadata, tmpfs_run:
     };
     let mut argv = args.argv();
     argv.push("--restore-detached".into());
-    let root = CString::new(args.root.as_os_str().as_bytes())
-        .map_err(|_| BenchError::Io { path: args.root.clone(), source: std::io::ErrorKind::InvalidInput.into() })?;
+    let root = CString::new(args.root.as_os_str().as_bytes()).map_err(|_| BenchError::Io {
+        path: args.root.clone(),
+        source: std::io::ErrorKind::InvalidInput.into(),
+    })?;
     let mut cmd = Command::new(&criu.path);
-    cmd.args(&argv).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    cmd.args(&argv)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     in_private_mount_ns(&mut cmd, root, tmpfs_run, kdat.map(<[u8]>::to_vec));
-    let status = cmd.status().map_err(|source| BenchError::Spawn { what: "bare criu restore".into(), source })?;
+    let status = cmd.status().map_err(|source| BenchError::Spawn {
+        what: "bare criu restore".into(),
+        source,
+    })?;
     let log = dir.join("restore.log");
     if !status.success() {
         let line = crate::criu::log::decisive_line_of(&log);
-        return Err(CriuError::RestoreFailed { images: images.to_path_buf(), line, log }.into());
+        return Err(CriuError::RestoreFailed {
+            images: images.to_path_buf(),
+            line,
+            log,
+        }
+        .into());
     }
     let pid: i32 = std::fs::read_to_string(&args.pidfile)
         .ok()
         .and_then(|s| s.trim().parse().ok())
-        .ok_or_else(|| BenchError::Io { path: args.pidfile.clone(), source: std::io::ErrorKind::InvalidData.into() })?;
+        .ok_or_else(|| BenchError::Io {
+            path: args.pidfile.clone(),
+            source: std::io::ErrorKind::InvalidData.into(),
+        })?;
     // What runmh's supervisor does for a NOTIFY image: a tree dumped in
     // group-stop comes back stopped. A no-op for a running tree.
     let _ = sys::kill(Pid::from_raw(pid), libc::SIGCONT);

@@ -23,7 +23,9 @@ const MAX_REQUESTS: u64 = 5_000_000;
 
 fn wrk() -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join("wrk")).find(|p| p.is_file())
+    std::env::split_paths(&path)
+        .map(|d| d.join("wrk"))
+        .find(|p| p.is_file())
 }
 
 /// Which client [`requests_per_second`] uses.
@@ -54,20 +56,39 @@ pub fn parse_wrk(out: &str) -> Result<f64, String> {
         .ok_or_else(|| "wrk printed no Requests/sec line".to_string())
 }
 
-fn with_wrk(wrk: &std::path::Path, port: u16, path: &str, dur: Duration) -> Result<f64, BenchError> {
+fn with_wrk(
+    wrk: &std::path::Path,
+    port: u16,
+    path: &str,
+    dur: Duration,
+) -> Result<f64, BenchError> {
     let url = format!("http://127.0.0.1:{port}{path}");
     let secs = dur.as_secs().max(1);
     let out = Command::new(wrk)
-        .args(["-t1", "-c8", &format!("-d{secs}s"), "--timeout", "5s", "-H", "Connection: close", &url])
+        .args([
+            "-t1",
+            "-c8",
+            &format!("-d{secs}s"),
+            "--timeout",
+            "5s",
+            "-H",
+            "Connection: close",
+            &url,
+        ])
         .stdin(Stdio::null())
         .output()
-        .map_err(|source| BenchError::Spawn { what: "wrk".into(), source })?;
+        .map_err(|source| BenchError::Spawn {
+            what: "wrk".into(),
+            source,
+        })?;
     let text = String::from_utf8_lossy(&out.stdout);
     parse_wrk(&text).map_err(|detail| BenchError::Load { port, detail })
 }
 
 fn one_request(addr: &SocketAddr, req: &[u8], buf: &mut Vec<u8>) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(addr, Duration::from_secs(2)) else { return false };
+    let Ok(mut s) = TcpStream::connect_timeout(addr, Duration::from_secs(2)) else {
+        return false;
+    };
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
     if s.write_all(req).is_err() {
         return false;
@@ -106,7 +127,10 @@ fn own_client(port: u16, path: &str, dur: Duration) -> Result<f64, BenchError> {
     let secs = t0.elapsed().as_secs_f64();
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     if failed > 0 {
-        return Err(BenchError::Load { port, detail: format!("{failed} of {} requests failed", ok + failed) });
+        return Err(BenchError::Load {
+            port,
+            detail: format!("{failed} of {} requests failed", ok + failed),
+        });
     }
     Ok(ok as f64 / secs)
 }

@@ -68,7 +68,13 @@ pub fn millis(d: Duration) -> f64 {
 /// VmRSS of `pid` in MiB.
 pub fn rss_mib(pid: i32) -> Option<f64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: f64 = text.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()?;
+    let kib: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
     Some(kib / 1024.0)
 }
 
@@ -83,18 +89,27 @@ pub fn criu_log_span_ms(log: &Path) -> Option<f64> {
 
 /// Whether CRIU loaded its kernel-feature cache on this run.
 pub fn criu_log_loaded_kdat(log: &Path) -> bool {
-    std::fs::read_to_string(log).map(|t| t.contains("Loaded kdat cache")).unwrap_or(false)
+    std::fs::read_to_string(log)
+        .map(|t| t.contains("Loaded kdat cache"))
+        .unwrap_or(false)
 }
 
 /// One GET; Some(status) when a whole response came back.
 fn get(stream: &mut TcpStream, path: &str) -> std::io::Result<u16> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )?;
     let mut buf = Vec::with_capacity(1024);
     stream.read_to_end(&mut buf)?;
     let head = String::from_utf8_lossy(&buf[..buf.len().min(64)]).into_owned();
-    Ok(head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0))
+    Ok(head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0))
 }
 
 /// Polls until `port` answers 200 at `path`; returns (first accepted
@@ -124,7 +139,11 @@ pub fn wait_first_response(
             Err(e) => e.to_string(),
         };
         if let Err(why) = alive() {
-            return Err(BenchError::NoResponse { what: what.to_string(), port, detail: why });
+            return Err(BenchError::NoResponse {
+                what: what.to_string(),
+                port,
+                detail: why,
+            });
         }
         if t0.elapsed() > timeout {
             return Err(BenchError::NoResponse {
@@ -141,7 +160,10 @@ pub fn wait_first_response(
 
 fn child_alive(child: &mut Child, log: &Path) -> Result<(), String> {
     match child.try_wait() {
-        Ok(Some(st)) => Err(format!("it exited ({st}) before answering; {}", last_lines(log, 3))),
+        Ok(Some(st)) => Err(format!(
+            "it exited ({st}) before answering; {}",
+            last_lines(log, 3)
+        )),
         Ok(None) => Ok(()),
         Err(e) => Err(format!("cannot wait for it: {e}")),
     }
@@ -180,7 +202,10 @@ fn finish(child: &mut Child, grace: Duration) {
 fn plain_command(wl: &Workload, port: u16) -> Command {
     let argv = wl.command(port);
     let mut cmd = Command::new(&argv[0]);
-    cmd.args(&argv[1..]).current_dir(&wl.cwd).stdin(Stdio::null()).env_clear();
+    cmd.args(&argv[1..])
+        .current_dir(&wl.cwd)
+        .stdin(Stdio::null())
+        .env_clear();
     for k in ["PATH", "HOME", "LANG", "TERM"] {
         if let Some(v) = std::env::var_os(k) {
             cmd.env(k, v);
@@ -190,13 +215,23 @@ fn plain_command(wl: &Workload, port: u16) -> Command {
 }
 
 fn log_file(path: &Path) -> Result<std::fs::File, BenchError> {
-    std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|source| BenchError::Io { path: path.to_path_buf(), source })
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| BenchError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 impl Ctx {
     fn runmh_cmd(&self) -> Command {
         let mut c = Command::new(&self.runmh);
-        c.arg("--state-dir").arg(&self.state).arg("--criu").arg(&self.criu.path);
+        c.arg("--state-dir")
+            .arg(&self.state)
+            .arg("--criu")
+            .arg(&self.criu.path);
         c.stdin(Stdio::null()).stdout(Stdio::null());
         c
     }
@@ -204,17 +239,24 @@ impl Ctx {
     fn spawn(&self, what: &str, cmd: &mut Command, log: &Path) -> Result<Child, BenchError> {
         let f = log_file(log)?;
         cmd.stderr(f);
-        cmd.spawn().map_err(|source| BenchError::Spawn { what: what.to_string(), source })
+        cmd.spawn().map_err(|source| BenchError::Spawn {
+            what: what.to_string(),
+            source,
+        })
     }
 
     /// The instance of a service runmh started, once its record names the
     /// service's pid (a restored NOTIFY service may answer before its
     /// supervisor has written it).
-    fn instance_of(&self, pred: impl Fn(&crate::instance::InstanceRecord) -> bool) -> Option<(Instance, i32)> {
+    fn instance_of(
+        &self,
+        pred: impl Fn(&crate::instance::InstanceRecord) -> bool,
+    ) -> Option<(Instance, i32)> {
         let t0 = Instant::now();
         while t0.elapsed() < Duration::from_secs(5) {
-            if let Some((inst, rec)) =
-                Instance::list(&self.state).into_iter().find(|(_, r)| pred(r) && r.root_pid > 0 && r.state == "running")
+            if let Some((inst, rec)) = Instance::list(&self.state)
+                .into_iter()
+                .find(|(_, r)| pred(r) && r.root_pid > 0 && r.state == "running")
             {
                 return Some((inst, rec.root_pid));
             }
@@ -235,11 +277,18 @@ impl Ctx {
         let t0 = Instant::now();
         let mut twin = self.spawn("plain twin", &mut cmd, &log)?;
         let result =
-            wait_first_response("plain twin", twin_port, wl.path, t0, self.timeout, || child_alive(&mut twin, &log)).and_then(|_| {
+            wait_first_response("plain twin", twin_port, wl.path, t0, self.timeout, || {
+                child_alive(&mut twin, &log)
+            })
+            .and_then(|_| {
                 let slice = Duration::from_secs(1);
                 let (mut ours, mut theirs) = (0.0, 0.0);
                 for i in 0..self.load_secs {
-                    let order = if i % 2 == 0 { [port, twin_port] } else { [twin_port, port] };
+                    let order = if i % 2 == 0 {
+                        [port, twin_port]
+                    } else {
+                        [twin_port, port]
+                    };
                     for p in order {
                         let rps = load::requests_per_second(p, wl.path, slice)?;
                         if p == port {
@@ -262,16 +311,32 @@ impl Ctx {
         let logs = self.work.join("logs").join(format!("run-{tag}"));
         let err = self.work.join(format!("runmh-run-{tag}.err"));
         let mut cmd = self.runmh_cmd();
-        cmd.arg("run").arg("--log-dir").arg(&logs).arg("--stop-timeout").arg("1").arg("-C").arg(&wl.cwd).arg("--");
+        cmd.arg("run")
+            .arg("--log-dir")
+            .arg(&logs)
+            .arg("--stop-timeout")
+            .arg("1")
+            .arg("-C")
+            .arg(&wl.cwd)
+            .arg("--");
         cmd.args(wl.command(port));
         let t0 = Instant::now();
         let mut child = self.spawn("runmh run", &mut cmd, &err)?;
-        let r = wait_first_response("runmh run", port, wl.path, t0, self.timeout, || child_alive(&mut child, &err));
+        let r = wait_first_response("runmh run", port, wl.path, t0, self.timeout, || {
+            child_alive(&mut child, &err)
+        });
         let mut root = None;
         let result = r.map(|(listen, first)| {
             let sup = child.id() as i32;
-            root = self.instance_of(|rec| rec.supervisor_pid == sup).map(|(_, p)| p);
-            Boot { first_response: first, listen, rss_mib: root.and_then(rss_mib), ..Default::default() }
+            root = self
+                .instance_of(|rec| rec.supervisor_pid == sup)
+                .map(|(_, p)| p);
+            Boot {
+                first_response: first,
+                listen,
+                rss_mib: root.and_then(rss_mib),
+                ..Default::default()
+            }
         });
         self.take_down(&mut child, root);
         result
@@ -296,29 +361,57 @@ impl Ctx {
         cmd.stdout(log_file(&log)?);
         let t0 = Instant::now();
         let mut child = self.spawn("plain spawn", &mut cmd, &log)?;
-        let r = wait_first_response("plain spawn", port, wl.path, t0, self.timeout, || child_alive(&mut child, &log));
-        let result =
-            r.map(|(listen, first)| Boot { first_response: first, listen, rss_mib: rss_mib(child.id() as i32), ..Default::default() });
+        let r = wait_first_response("plain spawn", port, wl.path, t0, self.timeout, || {
+            child_alive(&mut child, &log)
+        });
+        let result = r.map(|(listen, first)| Boot {
+            first_response: first,
+            listen,
+            rss_mib: rss_mib(child.id() as i32),
+            ..Default::default()
+        });
         let _ = child.kill();
         finish(&mut child, Duration::from_secs(10));
         result
     }
 
     /// (c) `runmh prebake --backend <backend>` into `images`.
-    pub fn prebake(&self, wl: &Workload, port: u16, backend: &str, images: &Path, tag: &str) -> Result<Baked, BenchError> {
+    pub fn prebake(
+        &self,
+        wl: &Workload,
+        port: u16,
+        backend: &str,
+        images: &Path,
+        tag: &str,
+    ) -> Result<Baked, BenchError> {
         let _ = std::fs::remove_dir_all(images);
-        let logs = self.work.join("logs").join(format!("prebake-{backend}-{tag}"));
+        let logs = self
+            .work
+            .join("logs")
+            .join(format!("prebake-{backend}-{tag}"));
         let err = self.work.join(format!("runmh-prebake-{backend}-{tag}.err"));
         let mut cmd = self.runmh_cmd();
-        cmd.arg("prebake").arg("--backend").arg(backend).arg("--images").arg(images);
-        cmd.arg("--timeout").arg(self.timeout.as_secs().max(1).to_string());
-        cmd.arg("--log-dir").arg(&logs).arg("-C").arg(&wl.cwd).arg("--").args(wl.command(port));
+        cmd.arg("prebake")
+            .arg("--backend")
+            .arg(backend)
+            .arg("--images")
+            .arg(images);
+        cmd.arg("--timeout")
+            .arg(self.timeout.as_secs().max(1).to_string());
+        cmd.arg("--log-dir")
+            .arg(&logs)
+            .arg("-C")
+            .arg(&wl.cwd)
+            .arg("--")
+            .args(wl.command(port));
         let mut child = self.spawn("runmh prebake", &mut cmd, &err)?;
         let deadline = Instant::now() + self.timeout + Duration::from_secs(60);
         let status = loop {
             match child.try_wait() {
                 Ok(Some(st)) => break st,
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
                 _ => {
                     finish(&mut child, Duration::ZERO);
                     return Err(BenchError::Prebake {
@@ -329,11 +422,22 @@ impl Ctx {
             }
         };
         if !status.success() {
-            return Err(BenchError::Prebake { backend: backend.to_string(), detail: format!("{status}; {}", last_lines(&err, 2)) });
+            return Err(BenchError::Prebake {
+                backend: backend.to_string(),
+                detail: format!("{status}; {}", last_lines(&err, 2)),
+            });
         }
         let md = Metadata::read(images)?;
-        let stop_ms = md.stop.as_ref().map(|s| s.since_start_ms as f64).unwrap_or(f64::NAN);
-        Ok(Baked { stop_ms, dump_ms: md.dump_ms as f64, image_mib: md.image_bytes as f64 / (1024.0 * 1024.0) })
+        let stop_ms = md
+            .stop
+            .as_ref()
+            .map(|s| s.since_start_ms as f64)
+            .unwrap_or(f64::NAN);
+        Ok(Baked {
+            stop_ms,
+            dump_ms: md.dump_ms as f64,
+            image_mib: md.image_bytes as f64 / (1024.0 * 1024.0),
+        })
     }
 
     /// (d) `runmh restore` (foreground, as a supervisor would run it) →
@@ -349,10 +453,16 @@ impl Ctx {
     ) -> Result<Boot, BenchError> {
         let err = self.work.join(format!("runmh-restore-{tag}.err"));
         let mut cmd = self.runmh_cmd();
-        cmd.arg("restore").arg("--images").arg(images).arg("--stop-timeout").arg("1");
+        cmd.arg("restore")
+            .arg("--images")
+            .arg(images)
+            .arg("--stop-timeout")
+            .arg("1");
         let t0 = Instant::now();
         let mut child = self.spawn("runmh restore", &mut cmd, &err)?;
-        let r = wait_first_response("runmh restore", port, path, t0, self.timeout, || child_alive(&mut child, &err));
+        let r = wait_first_response("runmh restore", port, path, t0, self.timeout, || {
+            child_alive(&mut child, &err)
+        });
         let abs = std::path::absolute(images).unwrap_or_else(|_| images.to_path_buf());
         let mut root = None;
         let result = r.and_then(|(listen, first)| {
@@ -371,10 +481,19 @@ impl Ctx {
             }
             let rss = root.and_then(rss_mib);
             let (rps, twin_rps) = match load_against {
-                Some(wl) if self.load_secs > 0 => self.paired_load(wl, port, tag).map(|(a, b)| (Some(a), Some(b)))?,
+                Some(wl) if self.load_secs > 0 => self
+                    .paired_load(wl, port, tag)
+                    .map(|(a, b)| (Some(a), Some(b)))?,
                 _ => (None, None),
             };
-            Ok(Boot { first_response: first, listen, rss_mib: rss, rps, twin_rps, criu_ms })
+            Ok(Boot {
+                first_response: first,
+                listen,
+                rss_mib: rss,
+                rps,
+                twin_rps,
+                criu_ms,
+            })
         });
         self.take_down(&mut child, root);
         result
@@ -382,14 +501,30 @@ impl Ctx {
 
     /// (e) bare `criu restore --restore-detached` of the same image, with
     /// runmh's CRIU command line otherwise → first response.
-    pub fn bare_restore(&self, images: &Path, port: u16, path: &str, tag: &str) -> Result<Boot, BenchError> {
+    pub fn bare_restore(
+        &self,
+        images: &Path,
+        port: u16,
+        path: &str,
+        tag: &str,
+    ) -> Result<Boot, BenchError> {
         let dir = self.work.join(format!("bare-{tag}"));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("root")).map_err(|source| BenchError::Io { path: dir.clone(), source })?;
+        std::fs::create_dir_all(dir.join("root")).map_err(|source| BenchError::Io {
+            path: dir.clone(),
+            source,
+        })?;
         let md = Metadata::read(images)?;
         let kdat = self.kdat.as_ref().and_then(|k| k.load().ok().flatten());
         let t0 = Instant::now();
-        let restored = bare::restore(&self.criu, images, &dir, &md, self.kdat.is_some(), kdat.as_deref());
+        let restored = bare::restore(
+            &self.criu,
+            images,
+            &dir,
+            &md,
+            self.kdat.is_some(),
+            kdat.as_deref(),
+        );
         let root = match restored {
             Ok(root) => root,
             Err(e) => {
@@ -412,7 +547,10 @@ impl Ctx {
             ..Default::default()
         });
         bare::kill_tree(root);
-        let _ = std::fs::copy(dir.join("restore.log"), self.work.join(format!("restore-bare-{tag}.log")));
+        let _ = std::fs::copy(
+            dir.join("restore.log"),
+            self.work.join(format!("restore-bare-{tag}.log")),
+        );
         let _ = std::fs::remove_dir_all(&dir);
         result
     }

@@ -80,7 +80,11 @@ pub enum BenchError {
         source: std::io::Error,
     },
     #[error("{what} on port {port} gave no good HTTP response: {detail}")]
-    NoResponse { what: String, port: u16, detail: String },
+    NoResponse {
+        what: String,
+        port: u16,
+        detail: String,
+    },
     #[error("runmh prebake --backend {backend} failed: {detail}")]
     Prebake { backend: String, detail: String },
     #[error("steady-state load on port {port} failed: {detail}")]
@@ -99,7 +103,13 @@ pub enum BenchError {
 
 fn find_runmh(explicit: Option<&Path>) -> Result<PathBuf, BenchError> {
     if let Some(p) = explicit {
-        return if p.is_file() { Ok(p.to_path_buf()) } else { Err(BenchError::NoRunmh { looked: p.display().to_string() }) };
+        return if p.is_file() {
+            Ok(p.to_path_buf())
+        } else {
+            Err(BenchError::NoRunmh {
+                looked: p.display().to_string(),
+            })
+        };
     }
     let mut looked = Vec::new();
     if let Ok(me) = std::env::current_exe() {
@@ -114,17 +124,30 @@ fn find_runmh(explicit: Option<&Path>) -> Result<PathBuf, BenchError> {
         }
     }
     if let Some(path) = std::env::var_os("PATH") {
-        if let Some(p) = std::env::split_paths(&path).map(|d| d.join("runmh")).find(|p| p.is_file()) {
+        if let Some(p) = std::env::split_paths(&path)
+            .map(|d| d.join("runmh"))
+            .find(|p| p.is_file())
+        {
             return Ok(p);
         }
     }
     looked.push("PATH".into());
-    Err(BenchError::NoRunmh { looked: looked.join(", ") })
+    Err(BenchError::NoRunmh {
+        looked: looked.join(", "),
+    })
 }
 
 pub(crate) fn free_port() -> Result<u16, BenchError> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|source| BenchError::Io { path: "127.0.0.1:0".into(), source })?;
-    l.local_addr().map(|a| a.port()).map_err(|source| BenchError::Io { path: "127.0.0.1:0".into(), source })
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|source| BenchError::Io {
+        path: "127.0.0.1:0".into(),
+        source,
+    })?;
+    l.local_addr()
+        .map(|a| a.port())
+        .map_err(|source| BenchError::Io {
+            path: "127.0.0.1:0".into(),
+            source,
+        })
 }
 
 fn select_workloads(names: &[String]) -> Result<Vec<workloads::Workload>, BenchError> {
@@ -132,22 +155,35 @@ fn select_workloads(names: &[String]) -> Result<Vec<workloads::Workload>, BenchE
     if names.is_empty() {
         let (ok, missing): (Vec<_>, Vec<_>) = all.into_iter().partition(|w| w.missing.is_none());
         for w in &missing {
-            eprintln!("bench: skipping {}: {}", w.name, w.missing.as_deref().unwrap_or(""));
+            eprintln!(
+                "bench: skipping {}: {}",
+                w.name,
+                w.missing.as_deref().unwrap_or("")
+            );
         }
         if ok.is_empty() {
-            let why = missing.iter().filter_map(|w| w.missing.clone()).collect::<Vec<_>>().join("; ");
+            let why = missing
+                .iter()
+                .filter_map(|w| w.missing.clone())
+                .collect::<Vec<_>>()
+                .join("; ");
             return Err(BenchError::NothingToRun { why });
         }
         return Ok(ok);
     }
     let mut out = Vec::new();
     for n in names {
-        let w = all
-            .iter()
-            .find(|w| w.name == n.as_str())
-            .ok_or_else(|| BenchError::UnknownWorkload { name: n.clone(), known: workloads::names().join(", ") })?;
+        let w = all.iter().find(|w| w.name == n.as_str()).ok_or_else(|| {
+            BenchError::UnknownWorkload {
+                name: n.clone(),
+                known: workloads::names().join(", "),
+            }
+        })?;
         if let Some(why) = &w.missing {
-            return Err(BenchError::NotInstalled { name: n.clone(), why: why.clone() });
+            return Err(BenchError::NotInstalled {
+                name: n.clone(),
+                why: why.clone(),
+            });
         }
         if !out.iter().any(|o: &workloads::Workload| o.name == w.name) {
             out.push(w.clone());
@@ -158,7 +194,14 @@ fn select_workloads(names: &[String]) -> Result<Vec<workloads::Workload>, BenchE
 
 /// One run of every measurement for one workload. Stops at the first
 /// failure (later steps need earlier ones' images) and returns it.
-fn one_run(ctx: &Ctx, wl: &workloads::Workload, port: u16, run: u32, rep: &mut WorkloadReport, count: bool) -> Result<(), BenchError> {
+fn one_run(
+    ctx: &Ctx,
+    wl: &workloads::Workload,
+    port: u16,
+    run: u32,
+    rep: &mut WorkloadReport,
+    count: bool,
+) -> Result<(), BenchError> {
     use report::*;
     let tag = format!("{}-{run}", wl.name);
     let push = |rep: &mut WorkloadReport, k: Kind, v: Option<f64>| {
@@ -177,7 +220,10 @@ fn one_run(ctx: &Ctx, wl: &workloads::Workload, port: u16, run: u32, rep: &mut W
     push(rep, RSS_PLAIN, plain.rss_mib);
 
     let images = ctx.work.join("images");
-    let (img_t, img_n) = (images.join(format!("{}-trace", wl.name)), images.join(format!("{}-notify", wl.name)));
+    let (img_t, img_n) = (
+        images.join(format!("{}-trace", wl.name)),
+        images.join(format!("{}-notify", wl.name)),
+    );
     let t = ctx.prebake(wl, port, "trace", &img_t, &tag)?;
     push(rep, PREBAKE_TRACE_STOP, Some(t.stop_ms));
     push(rep, PREBAKE_TRACE_DUMP, Some(t.dump_ms));
@@ -237,8 +283,15 @@ pub fn cli(args: &BenchArgs, criu: Option<&Path>, state_dir: &Path) -> Result<i3
     // orphans: make that us, so it can be killed and reaped cleanly.
     crate::sys::set_child_subreaper().map_err(BenchError::Subreaper)?;
     let state = std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
-    let work = state.join("bench").join(format!("{}-{}", crate::instance::unix_ms(), std::process::id()));
-    std::fs::create_dir_all(work.join("logs")).map_err(|source| BenchError::Io { path: work.clone(), source })?;
+    let work = state.join("bench").join(format!(
+        "{}-{}",
+        crate::instance::unix_ms(),
+        std::process::id()
+    ));
+    std::fs::create_dir_all(work.join("logs")).map_err(|source| BenchError::Io {
+        path: work.clone(),
+        source,
+    })?;
     let kdat_cache = KdatCache::for_state_dir(&state, &criu.path);
     let kdat_label = if kdat_cache.is_some() {
         "runmh's (tmpfs over /run in CRIU's mount namespace)".to_string()
@@ -273,7 +326,11 @@ pub fn cli(args: &BenchArgs, criu: Option<&Path>, state_dir: &Path) -> Result<i3
     for run in 0..args.warmup + args.runs {
         let count = run >= args.warmup;
         for (wl, rep) in wls.iter().zip(reports.iter_mut()) {
-            let label = if count { format!("run {}/{}", run - args.warmup + 1, args.runs) } else { "warm-up".into() };
+            let label = if count {
+                format!("run {}/{}", run - args.warmup + 1, args.runs)
+            } else {
+                "warm-up".into()
+            };
             eprintln!("bench: {} {label}", wl.name);
             if let Err(e) = one_run(&ctx, wl, rep.port, run, rep, count) {
                 eprintln!("bench: {} {label}: {e}", wl.name);
@@ -292,9 +349,15 @@ pub fn cli(args: &BenchArgs, criu: Option<&Path>, state_dir: &Path) -> Result<i3
         warmup: args.warmup,
         kernel: crate::images::metadata::kernel_release(),
         criu: criu.version.to_string(),
-        cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
         kdat_cache: kdat_label,
-        load_client: if args.load_secs > 0 { load::client_name().to_string() } else { "off".into() },
+        load_client: if args.load_secs > 0 {
+            load::client_name().to_string()
+        } else {
+            "off".into()
+        },
         load_secs: args.load_secs,
         workloads: reports,
         targets,
@@ -302,9 +365,15 @@ pub fn cli(args: &BenchArgs, criu: Option<&Path>, state_dir: &Path) -> Result<i3
     print!("{}", report.table());
     let write = |path: &Path, text: String| -> Result<(), BenchError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| BenchError::Io { path: dir.to_path_buf(), source })?;
+            std::fs::create_dir_all(dir).map_err(|source| BenchError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
         }
-        std::fs::write(path, text).map_err(|source| BenchError::Io { path: path.to_path_buf(), source })
+        std::fs::write(path, text).map_err(|source| BenchError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
     };
     if let Some(p) = &args.json {
         write(p, report.to_json())?;

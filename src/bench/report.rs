@@ -65,8 +65,17 @@ impl Stats {
         }
         v.sort_by(|a, b| a.total_cmp(b));
         let n = v.len();
-        let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
-        Some(Stats { n, min: v[0], median, max: v[n - 1] })
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Some(Stats {
+            n,
+            min: v[0],
+            median,
+            max: v[n - 1],
+        })
     }
 }
 
@@ -91,8 +100,23 @@ pub struct WorkloadReport {
 
 impl WorkloadReport {
     pub fn new(name: &str, about: &str, port: u16) -> WorkloadReport {
-        let series = ALL.iter().map(|k| Series { key: k.key, label: k.label, unit: k.unit, samples: Vec::new(), stats: None }).collect();
-        WorkloadReport { name: name.to_string(), about: about.to_string(), port, series, errors: Vec::new() }
+        let series = ALL
+            .iter()
+            .map(|k| Series {
+                key: k.key,
+                label: k.label,
+                unit: k.unit,
+                samples: Vec::new(),
+                stats: None,
+            })
+            .collect();
+        WorkloadReport {
+            name: name.to_string(),
+            about: about.to_string(),
+            port,
+            series,
+            errors: Vec::new(),
+        }
     }
 
     pub fn push(&mut self, kind: Kind, value: Option<f64>) {
@@ -108,11 +132,20 @@ impl WorkloadReport {
     }
 
     pub fn median(&self, kind: Kind) -> Option<f64> {
-        self.series.iter().find(|s| s.key == kind.key)?.stats.as_ref().map(|s| s.median)
+        self.series
+            .iter()
+            .find(|s| s.key == kind.key)?
+            .stats
+            .as_ref()
+            .map(|s| s.median)
     }
 
     pub fn stats(&self, kind: Kind) -> Option<&Stats> {
-        self.series.iter().find(|s| s.key == kind.key)?.stats.as_ref()
+        self.series
+            .iter()
+            .find(|s| s.key == kind.key)?
+            .stats
+            .as_ref()
     }
 }
 
@@ -161,9 +194,30 @@ struct TargetDef {
 }
 
 const TARGETS: &[TargetDef] = &[
-    TargetDef { name: "cold boot / runmh restore", num: COLD_RUNMH, den: RESTORE_TRACE, op: ">=", goal: 10.0, only: Some("django") },
-    TargetDef { name: "runmh restore / bare criu restore", num: RESTORE_NOTIFY, den: BARE, op: "<=", goal: 1.25, only: None },
-    TargetDef { name: "req/s TRACE-supervised / without runmh", num: RPS_TRACE, den: RPS_PLAIN, op: ">=", goal: 0.97, only: None },
+    TargetDef {
+        name: "cold boot / runmh restore",
+        num: COLD_RUNMH,
+        den: RESTORE_TRACE,
+        op: ">=",
+        goal: 10.0,
+        only: Some("django"),
+    },
+    TargetDef {
+        name: "runmh restore / bare criu restore",
+        num: RESTORE_NOTIFY,
+        den: BARE,
+        op: "<=",
+        goal: 1.25,
+        only: None,
+    },
+    TargetDef {
+        name: "req/s TRACE-supervised / without runmh",
+        num: RPS_TRACE,
+        den: RPS_PLAIN,
+        op: ">=",
+        goal: 0.97,
+        only: None,
+    },
     TargetDef {
         name: "prebake time to stop / plain boot to listen",
         num: PREBAKE_TRACE_STOP,
@@ -176,8 +230,16 @@ const TARGETS: &[TargetDef] = &[
 
 /// Ratios shown for information only (no target).
 const INFO: &[(&str, Kind, Kind)] = &[
-    ("cold boot (plain) / runmh restore", COLD_PLAIN, RESTORE_TRACE),
-    ("cold boot / runmh restore (notify image)", COLD_RUNMH, RESTORE_NOTIFY),
+    (
+        "cold boot (plain) / runmh restore",
+        COLD_PLAIN,
+        RESTORE_TRACE,
+    ),
+    (
+        "cold boot / runmh restore (notify image)",
+        COLD_RUNMH,
+        RESTORE_NOTIFY,
+    ),
     ("bare criu restore: cold boot / restore", COLD_RUNMH, BARE),
 ];
 
@@ -185,9 +247,21 @@ const INFO: &[(&str, Kind, Kind)] = &[
 /// ratios cancels what the machine's other load does to both (information;
 /// the targets use the ratio of medians).
 const PAIRED: &[(&str, Kind, Kind)] = &[
-    ("req/s TRACE / plain twin, median of per-run ratios", RPS_TRACE, RPS_PLAIN),
-    ("req/s NOTIFY / plain twin, median of per-run ratios", RPS_NOTIFY, RPS_PLAIN_N),
-    ("runmh restore / bare criu, median of per-run ratios", RESTORE_NOTIFY, BARE),
+    (
+        "req/s TRACE / plain twin, median of per-run ratios",
+        RPS_TRACE,
+        RPS_PLAIN,
+    ),
+    (
+        "req/s NOTIFY / plain twin, median of per-run ratios",
+        RPS_NOTIFY,
+        RPS_PLAIN_N,
+    ),
+    (
+        "runmh restore / bare criu, median of per-run ratios",
+        RESTORE_NOTIFY,
+        BARE,
+    ),
 ];
 
 /// The median of per-run ratios of two series, when they pair up (same
@@ -198,7 +272,12 @@ pub fn paired_median(w: &WorkloadReport, num: Kind, den: Kind) -> Option<f64> {
     if a.is_empty() || a.len() != b.len() || !w.errors.is_empty() {
         return None;
     }
-    let ratios: Vec<f64> = a.iter().zip(b).filter(|(_, y)| **y > 0.0).map(|(x, y)| x / y).collect();
+    let ratios: Vec<f64> = a
+        .iter()
+        .zip(b)
+        .filter(|(_, y)| **y > 0.0)
+        .map(|(x, y)| x / y)
+        .collect();
     Stats::of(&ratios).map(|s| s.median)
 }
 
@@ -213,7 +292,9 @@ pub fn targets(w: &WorkloadReport) -> Vec<Target> {
             };
             let verdict = match ratio {
                 None => Verdict::NotMeasured,
-                Some(r) if (t.op == ">=" && r >= t.goal) || (t.op == "<=" && r <= t.goal) => Verdict::Pass,
+                Some(r) if (t.op == ">=" && r >= t.goal) || (t.op == "<=" && r <= t.goal) => {
+                    Verdict::Pass
+                }
                 Some(_) => Verdict::Miss,
             };
             Target {
@@ -267,7 +348,11 @@ impl Report {
         );
         for w in &self.workloads {
             let _ = writeln!(out, "\n== {} — {} (port {})", w.name, w.about, w.port);
-            let _ = writeln!(out, "{:<58} {:>6} {:>9} {:>9} {:>9}", "measurement", "unit", "min", "median", "max");
+            let _ = writeln!(
+                out,
+                "{:<58} {:>6} {:>9} {:>9} {:>9}",
+                "measurement", "unit", "min", "median", "max"
+            );
             for s in &w.series {
                 match &s.stats {
                     Some(st) => {
@@ -282,18 +367,36 @@ impl Report {
                         );
                     }
                     None => {
-                        let _ = writeln!(out, "{:<58} {:>6} {:>9} {:>9} {:>9}", s.label, s.unit, "-", "-", "-");
+                        let _ = writeln!(
+                            out,
+                            "{:<58} {:>6} {:>9} {:>9} {:>9}",
+                            s.label, s.unit, "-", "-", "-"
+                        );
                     }
                 }
             }
             for (name, a, b) in INFO {
                 if let (Some(x), Some(y)) = (w.median(*a), w.median(*b)) {
-                    let _ = writeln!(out, "{:<58} {:>6} {:>9} {:>9.2}", format!("ratio: {name}"), "x", "", x / y);
+                    let _ = writeln!(
+                        out,
+                        "{:<58} {:>6} {:>9} {:>9.2}",
+                        format!("ratio: {name}"),
+                        "x",
+                        "",
+                        x / y
+                    );
                 }
             }
             for (name, a, b) in PAIRED {
                 if let Some(r) = paired_median(w, *a, *b) {
-                    let _ = writeln!(out, "{:<58} {:>6} {:>9} {:>9.2}", format!("ratio: {name}"), "x", "", r);
+                    let _ = writeln!(
+                        out,
+                        "{:<58} {:>6} {:>9} {:>9.2}",
+                        format!("ratio: {name}"),
+                        "x",
+                        "",
+                        r
+                    );
                 }
             }
             for e in &w.errors {
@@ -302,8 +405,20 @@ impl Report {
         }
         let _ = writeln!(out, "\ntargets (medians of one run of this benchmark):");
         for t in &self.targets {
-            let r = t.ratio.map(|r| format!("{r:.2}")).unwrap_or_else(|| "-".into());
-            let _ = writeln!(out, "  {:<5} {:<9} {:<44} {:>7} {} {}", t.verdict.to_string(), t.workload, t.name, r, t.op, t.goal);
+            let r = t
+                .ratio
+                .map(|r| format!("{r:.2}"))
+                .unwrap_or_else(|| "-".into());
+            let _ = writeln!(
+                out,
+                "  {:<5} {:<9} {:<44} {:>7} {} {}",
+                t.verdict.to_string(),
+                t.workload,
+                t.name,
+                r,
+                t.op,
+                t.goal
+            );
         }
         out
     }
@@ -317,7 +432,9 @@ impl Report {
     /// targets underneath.
     pub fn svg(&self) -> String {
         let kinds: Vec<Kind> = ALL.iter().copied().filter(|k| k.chart).collect();
-        let colors = ["#8c564b", "#bcbd22", "#7f7f7f", "#1f77b4", "#17becf", "#2ca02c"];
+        let colors = [
+            "#8c564b", "#bcbd22", "#7f7f7f", "#1f77b4", "#17becf", "#2ca02c",
+        ];
         let (width, left, right) = (900.0_f64, 330.0_f64, 110.0_f64);
         let bar_h = 16.0;
         let gap = 6.0;
@@ -325,10 +442,19 @@ impl Report {
         let mut body = String::new();
         for w in &self.workloads {
             let tg = targets(w);
-            let max = kinds.iter().filter_map(|k| w.stats(*k).map(|s| s.max)).fold(0.0_f64, f64::max);
+            let max = kinds
+                .iter()
+                .filter_map(|k| w.stats(*k).map(|s| s.max))
+                .fold(0.0_f64, f64::max);
             let scale = nice_ceiling(max.max(1.0));
             let plot_w = width - left - right;
-            let _ = writeln!(body, r#"<text x="20" y="{:.1}" class="h">{} — {}</text>"#, y, esc(&w.name), esc(&w.about));
+            let _ = writeln!(
+                body,
+                r#"<text x="20" y="{:.1}" class="h">{} — {}</text>"#,
+                y,
+                esc(&w.name),
+                esc(&w.about)
+            );
             y += 14.0;
             let top = y;
             let bottom = y + kinds.len() as f64 * (bar_h + gap);
@@ -336,11 +462,29 @@ impl Report {
             for t in 0..=4 {
                 let v = scale * t as f64 / 4.0;
                 let x = left + plot_w * t as f64 / 4.0;
-                let _ = writeln!(body, r#"<path d="M{x:.1} {:.1}V{:.1}" class="g"/>"#, top - 2.0, bottom);
-                let label = if v.fract() == 0.0 { format!("{v:.0}") } else { fmt_num(v) };
-                let _ = writeln!(body, r#"<text x="{x:.1}" y="{:.1}" class="t" text-anchor="middle">{label}</text>"#, bottom + 12.0);
+                let _ = writeln!(
+                    body,
+                    r#"<path d="M{x:.1} {:.1}V{:.1}" class="g"/>"#,
+                    top - 2.0,
+                    bottom
+                );
+                let label = if v.fract() == 0.0 {
+                    format!("{v:.0}")
+                } else {
+                    fmt_num(v)
+                };
+                let _ = writeln!(
+                    body,
+                    r#"<text x="{x:.1}" y="{:.1}" class="t" text-anchor="middle">{label}</text>"#,
+                    bottom + 12.0
+                );
             }
-            let _ = writeln!(body, r#"<text x="{:.1}" y="{:.1}" class="t">ms</text>"#, left + plot_w + 22.0, bottom + 12.0);
+            let _ = writeln!(
+                body,
+                r#"<text x="{:.1}" y="{:.1}" class="t">ms</text>"#,
+                left + plot_w + 22.0,
+                bottom + 12.0
+            );
             for (i, k) in kinds.iter().enumerate() {
                 let cy = y + i as f64 * (bar_h + gap);
                 let _ = writeln!(
@@ -388,13 +532,21 @@ impl Report {
                         fmt_num(s.median)
                     );
                 } else {
-                    let _ = writeln!(body, r#"<text x="{:.1}" y="{:.1}" class="v">not measured</text>"#, left + 4.0, cy + bar_h * 0.75);
+                    let _ = writeln!(
+                        body,
+                        r#"<text x="{:.1}" y="{:.1}" class="v">not measured</text>"#,
+                        left + 4.0,
+                        cy + bar_h * 0.75
+                    );
                 }
             }
             let bottom = y + kinds.len() as f64 * (bar_h + gap);
             y = bottom + 30.0;
             for t in &tg {
-                let r = t.ratio.map(|r| format!("{r:.2}")).unwrap_or_else(|| "-".into());
+                let r = t
+                    .ratio
+                    .map(|r| format!("{r:.2}"))
+                    .unwrap_or_else(|| "-".into());
                 let class = match t.verdict {
                     Verdict::Pass => "pass",
                     Verdict::Miss => "miss",
@@ -446,11 +598,18 @@ impl Report {
 /// 1, 2 or 5 times a power of ten, at least `v`.
 fn nice_ceiling(v: f64) -> f64 {
     let p = 10f64.powf(v.log10().floor());
-    [1.0, 2.0, 2.5, 5.0, 10.0].iter().map(|m| m * p).find(|c| *c >= v).unwrap_or(10.0 * p)
+    [1.0, 2.0, 2.5, 5.0, 10.0]
+        .iter()
+        .map(|m| m * p)
+        .find(|c| *c >= v)
+        .unwrap_or(10.0 * p)
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 #[cfg(test)]
@@ -477,7 +636,11 @@ mod tests {
         assert_eq!(t[1].verdict, Verdict::Miss, "60/40 = 1.5 > 1.25");
         assert_eq!(t[2].verdict, Verdict::NotMeasured);
         let other = WorkloadReport::new("python", "x", 1);
-        assert_eq!(targets(&other).len(), 3, "the cold/restore target is Django's");
+        assert_eq!(
+            targets(&other).len(),
+            3,
+            "the cold/restore target is Django's"
+        );
         assert_eq!(nice_ceiling(430.0), 500.0);
         assert_eq!(nice_ceiling(1.2), 2.0);
     }

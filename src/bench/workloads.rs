@@ -19,7 +19,10 @@ pub struct Workload {
 
 impl Workload {
     pub fn command(&self, port: u16) -> Vec<String> {
-        self.argv.iter().map(|a| a.replace("{port}", &port.to_string())).collect()
+        self.argv
+            .iter()
+            .map(|a| a.replace("{port}", &port.to_string()))
+            .collect()
     }
 }
 
@@ -31,12 +34,17 @@ const SETUP: &str = "run `bash setup/workloads.sh`";
 
 /// Debian's python3 (the set-up step exports it), else /usr/bin/python3.
 fn python() -> PathBuf {
-    std::env::var_os("MIEHISTO_PYTHON").filter(|v| !v.is_empty()).map(PathBuf::from).unwrap_or_else(|| "/usr/bin/python3".into())
+    std::env::var_os("MIEHISTO_PYTHON")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/usr/bin/python3".into())
 }
 
 fn on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
 
 fn need(path: &Path, what: &str) -> Option<String> {
@@ -68,7 +76,8 @@ pub fn all() -> Vec<Workload> {
         },
         Workload {
             name: "django",
-            about: "Django 5.2 project (examples/django_app) under `manage.py runserver --noreload`",
+            about:
+                "Django 5.2 project (examples/django_app) under `manage.py runserver --noreload`",
             argv: vec![
                 venv_python.display().to_string(),
                 django.join("manage.py").display().to_string(),
@@ -79,17 +88,32 @@ pub fn all() -> Vec<Workload> {
             cwd: django.clone(),
             path: "/health",
             missing: need(&venv_python, "the Django venv").or_else(|| {
-                let ok = venv_python.parent().and_then(|b| b.parent()).map(|v| v.join("lib")).is_some_and(|lib| {
-                    std::fs::read_dir(lib).into_iter().flatten().flatten().any(|e| e.path().join("site-packages/django").is_dir())
-                });
-                (!ok).then(|| format!("Django is not installed in {}; {SETUP}", venv_python.display()))
+                let ok = venv_python
+                    .parent()
+                    .and_then(|b| b.parent())
+                    .map(|v| v.join("lib"))
+                    .is_some_and(|lib| {
+                        std::fs::read_dir(lib)
+                            .into_iter()
+                            .flatten()
+                            .flatten()
+                            .any(|e| e.path().join("site-packages/django").is_dir())
+                    });
+                (!ok).then(|| {
+                    format!(
+                        "Django is not installed in {}; {SETUP}",
+                        venv_python.display()
+                    )
+                })
             }),
         },
         Workload {
             name: "express",
             about: "Express 5 app (examples/express_app) on Node.js",
             argv: vec![
-                node.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "node".into()),
+                node.as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "node".into()),
                 express.join("server.js").display().to_string(),
                 "--port".into(),
                 "{port}".into(),

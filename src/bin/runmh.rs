@@ -14,7 +14,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "runmh", version, about = "Run a process CRIU-ready, stop it before a chosen syscall, dump and restore it")]
+#[command(
+    name = "runmh",
+    version,
+    about = "Run a process CRIU-ready, stop it before a chosen syscall, dump and restore it"
+)]
 struct Cli {
     /// State directory (instances, logs, the preload library).
     #[arg(long, global = true)]
@@ -126,17 +130,30 @@ fn parse_marker(s: Option<&str>) -> Result<i32> {
     let Some(s) = s else { return Ok(max) };
     let t = s.trim().trim_start_matches("SIG");
     if let Some(rest) = t.strip_prefix("RTMAX") {
-        let off: i32 = if rest.is_empty() { 0 } else { rest.trim_start_matches('-').parse().context("bad offset")? };
+        let off: i32 = if rest.is_empty() {
+            0
+        } else {
+            rest.trim_start_matches('-').parse().context("bad offset")?
+        };
         return Ok(max - off);
     }
     if let Some(rest) = t.strip_prefix("RTMIN") {
-        let off: i32 = if rest.is_empty() { 0 } else { rest.trim_start_matches('+').parse().context("bad offset")? };
+        let off: i32 = if rest.is_empty() {
+            0
+        } else {
+            rest.trim_start_matches('+').parse().context("bad offset")?
+        };
         return Ok(miehisto::sys::sigrtmin() + off);
     }
-    t.parse().with_context(|| format!("--marker-signal {s:?} is not a number, SIGRTMAX or SIGRTMAX-N"))
+    t.parse()
+        .with_context(|| format!("--marker-signal {s:?} is not a number, SIGRTMAX or SIGRTMAX-N"))
 }
 
-fn build_spec(a: &SandboxArgs, state_dir: &std::path::Path, inst: &Instance) -> Result<SandboxSpec> {
+fn build_spec(
+    a: &SandboxArgs,
+    state_dir: &std::path::Path,
+    inst: &Instance,
+) -> Result<SandboxSpec> {
     let log_dir = match &a.log_dir {
         Some(d) => std::path::absolute(d)?,
         None => Instance::default_log_dir(state_dir, &inst.id),
@@ -159,7 +176,9 @@ fn require_root() -> Result<()> {
 }
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_timestamp(None).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_timestamp(None)
+        .init();
     let cli = Cli::parse();
     if cli.explain {
         explain::enable(!cli.no_pause);
@@ -200,7 +219,12 @@ fn real_main(cli: Cli) -> Result<i32> {
             miehisto::stop::tracer::block_supervisor_signals().context("cannot block signals")?;
             // The demo narrates whether or not --explain was given.
             explain::enable(!cli.no_pause);
-            Ok(miehisto::demo::run(&a, cli.criu.as_deref(), &state_dir, !cli.no_pause)?)
+            Ok(miehisto::demo::run(
+                &a,
+                cli.criu.as_deref(),
+                &state_dir,
+                !cli.no_pause,
+            )?)
         }
         Cmd::Run(a) => {
             require_root()?;
@@ -214,12 +238,25 @@ fn real_main(cli: Cli) -> Result<i32> {
                 }
             };
             let running = prebake::run_cold(&spec, &state_dir, inst)?;
-            eprintln!("runmh: started {} as pid {} (logs in {})", spec.argv.join(" "), running.root, spec.log_dir.display());
+            eprintln!(
+                "runmh: started {} as pid {} (logs in {})",
+                spec.argv.join(" "),
+                running.root,
+                spec.log_dir.display()
+            );
             let (outcome, inst) = running.supervise(Duration::from_secs(a.stop_timeout))?;
             inst.remove();
             Ok(outcome.exit_code())
         }
-        Cmd::Prebake { images, backend, stop_at, marker_signal, timeout, leave_running, sandbox } => {
+        Cmd::Prebake {
+            images,
+            backend,
+            stop_at,
+            marker_signal,
+            timeout,
+            leave_running,
+            sandbox,
+        } => {
             require_root()?;
             let stop_at = StopSyscall::parse(&stop_at)?;
             let marker_signal = parse_marker(marker_signal.as_deref())?;
@@ -263,7 +300,11 @@ fn real_main(cli: Cli) -> Result<i32> {
                 None => Ok(0),
             }
         }
-        Cmd::Dump { pid, images, leave_running } => {
+        Cmd::Dump {
+            pid,
+            images,
+            leave_running,
+        } => {
             require_root()?;
             let criu = Criu::discover(cli.criu.as_deref())?;
             let d = dump::dump_instance(&criu, &state_dir, pid, &images, leave_running)?;
@@ -272,16 +313,30 @@ fn real_main(cli: Cli) -> Result<i32> {
                 d.image.display(),
                 d.metadata.dump_ms,
                 d.metadata.image_bytes as f64 / 1e6,
-                if leave_running { ", service left running" } else { "" }
+                if leave_running {
+                    ", service left running"
+                } else {
+                    ""
+                }
             );
             Ok(0)
         }
-        Cmd::Restore { images, detach, no_reseize, stop_timeout } => {
+        Cmd::Restore {
+            images,
+            detach,
+            no_reseize,
+            stop_timeout,
+        } => {
             require_root()?;
             // Cached version: `criu --version` would delay every restore by ~10 ms.
             let criu = Criu::discover_cached(cli.criu.as_deref(), &state_dir)?;
             miehisto::stop::tracer::block_supervisor_signals().context("cannot block signals")?;
-            let opts = RestoreOpts { images, state_dir, reseize: !no_reseize, stop_timeout: Duration::from_secs(stop_timeout) };
+            let opts = RestoreOpts {
+                images,
+                state_dir,
+                reseize: !no_reseize,
+                stop_timeout: Duration::from_secs(stop_timeout),
+            };
             let r = restore::restore(&criu, &opts)?;
             eprintln!(
                 "runmh: restored {} as pid {} under runmh pid {} in {} ms",
@@ -295,8 +350,18 @@ fn real_main(cli: Cli) -> Result<i32> {
             }
             Ok(restore::wait_supervisor(r.supervisor))
         }
-        Cmd::Supervise { instance, ready_fd, no_reseize, stop_timeout } => {
-            let outcome = restore::supervise_restored(&instance, ready_fd, !no_reseize, Duration::from_secs(stop_timeout))?;
+        Cmd::Supervise {
+            instance,
+            ready_fd,
+            no_reseize,
+            stop_timeout,
+        } => {
+            let outcome = restore::supervise_restored(
+                &instance,
+                ready_fd,
+                !no_reseize,
+                Duration::from_secs(stop_timeout),
+            )?;
             Ok(outcome.exit_code())
         }
     }

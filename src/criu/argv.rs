@@ -79,7 +79,9 @@ pub fn shell_words(prog: &std::path::Path, args: &[OsString]) -> String {
         .chain(args.iter().map(|a| a.as_os_str()))
         .map(|a| {
             let s = a.to_string_lossy();
-            if s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,@".contains(c)) {
+            if s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@".contains(c))
+            {
                 s.into_owned()
             } else {
                 format!("'{}'", s.replace('\'', r"'\''"))
@@ -95,8 +97,14 @@ mod tests {
 
     fn ext() -> Vec<ExternalMount> {
         vec![
-            ExternalMount { path: "/dev".into(), key: "dev".into() },
-            ExternalMount { path: "/dev/pts".into(), key: "devpts".into() },
+            ExternalMount {
+                path: "/dev".into(),
+                key: "dev".into(),
+            },
+            ExternalMount {
+                path: "/dev/pts".into(),
+                key: "devpts".into(),
+            },
         ]
     }
 
@@ -130,8 +138,14 @@ mod tests {
         };
         let a = r.argv();
         let s = shell_words("criu".as_ref(), &a);
-        assert!(s.contains("--root /r --external 'mnt[dev]:/dev' --external 'mnt[devpts]:/dev/pts'"), "{s}");
+        assert!(
+            s.contains("--root /r --external 'mnt[dev]:/dev' --external 'mnt[devpts]:/dev/pts'"),
+            "{s}"
+        );
         assert!(s.ends_with("--exec-cmd -- /bin/runmh __supervise"), "{s}");
-        assert!(!a.iter().any(|x| x == "-d" || x == "--restore-detached"), "exec-cmd excludes -d");
+        assert!(
+            !a.iter().any(|x| x == "-d" || x == "--restore-detached"),
+            "exec-cmd excludes -d"
+        );
     }
 }

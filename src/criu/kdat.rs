@@ -63,7 +63,9 @@ pub struct KdatCache {
 }
 
 fn is_tmpfs(p: &Path) -> bool {
-    nix::sys::statfs::statfs(p).map(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC).unwrap_or(false)
+    nix::sys::statfs::statfs(p)
+        .map(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+        .unwrap_or(false)
 }
 
 /// Whether CRIU needs our help: it keeps its own cache when `/run` is a tmpfs.
@@ -75,17 +77,28 @@ pub fn needed() -> bool {
 /// the supervisor it execs (state directory, images, binaries, logs).
 pub fn would_hide(paths: &[&Path]) -> bool {
     paths.iter().any(|p| {
-        let abs = std::fs::canonicalize(p).or_else(|_| std::path::absolute(p)).unwrap_or_else(|_| p.to_path_buf());
+        let abs = std::fs::canonicalize(p)
+            .or_else(|_| std::path::absolute(p))
+            .unwrap_or_else(|_| p.to_path_buf());
         abs.starts_with(RUN_DIR)
     })
 }
 
 fn key_for(criu: &Path) -> Result<String, KdatError> {
-    let key_err = |what: &str, source| KdatError::Key { what: what.to_string(), source };
+    let key_err = |what: &str, source| KdatError::Key {
+        what: what.to_string(),
+        source,
+    };
     let exe = super::binary_identity(criu).map_err(|e| key_err(&criu.display().to_string(), e))?;
-    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map_err(|e| key_err("the boot id", e))?;
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map_err(|e| key_err("the boot id", e))?;
     let uts = nix::sys::utsname::uname().map_err(|e| key_err("the kernel", e.into()))?;
-    Ok(format!("boot={} kernel={:?} {:?} criu={exe}", boot.trim(), uts.release(), uts.version()))
+    Ok(format!(
+        "boot={} kernel={:?} {:?} criu={exe}",
+        boot.trim(),
+        uts.release(),
+        uts.version()
+    ))
 }
 
 impl KdatCache {
@@ -96,7 +109,10 @@ impl KdatCache {
             return None;
         }
         match key_for(criu) {
-            Ok(key) => Some(KdatCache { file: state_dir.join("kdat").join(CACHE_NAME), key }),
+            Ok(key) => Some(KdatCache {
+                file: state_dir.join("kdat").join(CACHE_NAME),
+                key,
+            }),
             Err(e) => {
                 log::debug!("{e}");
                 None
@@ -110,19 +126,31 @@ impl KdatCache {
         let bytes = match std::fs::read(&self.file) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(KdatError::Read { path: self.file.clone(), source }),
+            Err(source) => {
+                return Err(KdatError::Read {
+                    path: self.file.clone(),
+                    source,
+                })
+            }
         };
         let Some(nl) = bytes.iter().position(|&b| b == b'\n') else {
-            return Err(KdatError::Corrupt { path: self.file.clone() });
+            return Err(KdatError::Corrupt {
+                path: self.file.clone(),
+            });
         };
         let expected = format!("{HEADER} {}", self.key);
         let body = &bytes[nl + 1..];
         if &bytes[..nl] != expected.as_bytes() {
-            log::debug!("kdat cache {} is from another boot, kernel or CRIU: ignored", self.file.display());
+            log::debug!(
+                "kdat cache {} is from another boot, kernel or CRIU: ignored",
+                self.file.display()
+            );
             return Ok(None);
         }
         if body.is_empty() || body.len() as u64 > MAX_BYTES {
-            return Err(KdatError::Corrupt { path: self.file.clone() });
+            return Err(KdatError::Corrupt {
+                path: self.file.clone(),
+            });
         }
         Ok(Some(body.to_vec()))
     }
@@ -140,7 +168,10 @@ impl KdatCache {
         if body.is_empty() || body.len() as u64 > MAX_BYTES {
             return Err(KdatError::Corrupt { path: src });
         }
-        let write_err = |path: &Path, source| KdatError::Write { path: path.to_path_buf(), source };
+        let write_err = |path: &Path, source| KdatError::Write {
+            path: path.to_path_buf(),
+            source,
+        };
         let dir = self.file.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(|e| write_err(dir, e))?;
         // A per-process temporary name: concurrent restores may save at once.
@@ -162,9 +193,18 @@ impl KdatCache {
 /// allocation: `data` was read before the fork). A failure leaves at worst
 /// an empty tmpfs, where CRIU probes as usual and writes a new cache.
 pub fn install_in_child(data: Option<&[u8]>) -> Result<(), Errno> {
-    sys::mount(Some(c"tmpfs"), RUN_DIR_C, Some(c"tmpfs"), libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC)?;
+    sys::mount(
+        Some(c"tmpfs"),
+        RUN_DIR_C,
+        Some(c"tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+    )?;
     let Some(data) = data else { return Ok(()) };
-    let fd = sys::open(CACHE_FILE_C, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC, 0o600)?;
+    let fd = sys::open(
+        CACHE_FILE_C,
+        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+        0o600,
+    )?;
     let r = sys::write_all(fd, data);
     sys::close(fd);
     r
@@ -192,11 +232,17 @@ mod tests {
         assert_ne!(k1, k2, "a changed CRIU binary must change the key");
         assert!(!k1.contains('\n'));
 
-        let cache = KdatCache { file: d.join("kdat").join(CACHE_NAME), key: k2.clone() };
+        let cache = KdatCache {
+            file: d.join("kdat").join(CACHE_NAME),
+            key: k2.clone(),
+        };
         assert!(cache.load().unwrap().is_none(), "no file yet");
         std::fs::create_dir_all(d.join("kdat")).unwrap();
         std::fs::write(&cache.file, format!("{HEADER} {k1}\nBYTES")).unwrap();
-        assert!(cache.load().unwrap().is_none(), "a copy made for another binary is ignored");
+        assert!(
+            cache.load().unwrap().is_none(),
+            "a copy made for another binary is ignored"
+        );
         std::fs::write(&cache.file, format!("{HEADER} {k2}\nBYTES")).unwrap();
         assert_eq!(cache.load().unwrap().as_deref(), Some(&b"BYTES"[..]));
         std::fs::write(&cache.file, b"no header line").unwrap();
@@ -206,7 +252,13 @@ mod tests {
 
     #[test]
     fn paths_under_run_are_detected() {
-        assert!(would_hide(&[Path::new("/tmp"), Path::new("/run/miehisto/state")]));
-        assert!(!would_hide(&[Path::new("/var/lib/miehisto"), Path::new("/running")]));
+        assert!(would_hide(&[
+            Path::new("/tmp"),
+            Path::new("/run/miehisto/state")
+        ]));
+        assert!(!would_hide(&[
+            Path::new("/var/lib/miehisto"),
+            Path::new("/running")
+        ]));
     }
 }

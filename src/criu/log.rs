@@ -16,23 +16,37 @@ pub fn decisive_line(text: &str) -> Option<String> {
     let is_err = |l: &str| l.contains("Error (") || l.starts_with("Error") || l.contains("] Error");
     let strip = |l: &str| -> String {
         let l = l.trim();
-        let l = if l.starts_with('(') { l.split_once(')').map(|(_, r)| r.trim()).unwrap_or(l) } else { l };
+        let l = if l.starts_with('(') {
+            l.split_once(')').map(|(_, r)| r.trim()).unwrap_or(l)
+        } else {
+            l
+        };
         l.to_string()
     };
     let lines: Vec<&str> = text.lines().collect();
     // The first error is usually the cause; later ones ("Dumping FAILED")
     // only summarise it.
-    let first = lines.iter().position(|l| is_err(l) && !HARMLESS.iter().any(|h| l.contains(h)));
+    let first = lines
+        .iter()
+        .position(|l| is_err(l) && !HARMLESS.iter().any(|h| l.contains(h)));
     match first {
         Some(at) => {
             let error = strip(lines[at]);
-            let warn = lines[at.saturating_sub(5)..at].iter().rev().map(|l| strip(l)).find(|l| l.starts_with("Warn"));
+            let warn = lines[at.saturating_sub(5)..at]
+                .iter()
+                .rev()
+                .map(|l| strip(l))
+                .find(|l| l.starts_with("Warn"));
             Some(match warn {
                 Some(w) => format!("{w} → {error}"),
                 None => error,
             })
         }
-        None => lines.iter().rev().find(|l| l.contains("FAILED") || l.contains("failed")).map(|l| strip(l)),
+        None => lines
+            .iter()
+            .rev()
+            .find(|l| l.contains("FAILED") || l.contains("failed"))
+            .map(|l| strip(l)),
     }
 }
 
@@ -62,7 +76,10 @@ mod tests {
             decisive_line(log).unwrap(),
             "Warn  (compel/src/lib/infect.c:123): Unable to interrupt task: 7 (Operation not permitted) → Error (criu/seize.c:45): Can't seize 7"
         );
-        assert_eq!(decisive_line("(00.1) Error (a.c:1): alone\n").unwrap(), "Error (a.c:1): alone");
+        assert_eq!(
+            decisive_line("(00.1) Error (a.c:1): alone\n").unwrap(),
+            "Error (a.c:1): alone"
+        );
         assert_eq!(decisive_line("(00.1) Dumping finished successfully"), None);
     }
 }

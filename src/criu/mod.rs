@@ -15,9 +15,12 @@ pub use argv::{DumpArgs, RestoreArgs};
 pub const MIN_VERSION: Version = Version(4, 2, 0);
 
 /// What to run to get a good CRIU.
-pub const SETUP_HINT: &str = "run `bash setup/install.sh` (or pass --criu PATH / set MIEHISTO_CRIU)";
+pub const SETUP_HINT: &str =
+    "run `bash setup/install.sh` (or pass --criu PATH / set MIEHISTO_CRIU)";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct Version(pub u32, pub u32, pub u32);
 
 impl std::fmt::Display for Version {
@@ -29,8 +32,14 @@ impl std::fmt::Display for Version {
 impl Version {
     /// Parses `criu --version` output ("Version: 4.2\n" or "Version: 4.2.1").
     pub fn parse_output(text: &str) -> Option<Version> {
-        let v = text.lines().find_map(|l| l.trim().strip_prefix("Version:"))?.trim();
-        let mut it = v.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).map(|s| s.parse::<u32>());
+        let v = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Version:"))?
+            .trim();
+        let mut it = v
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse::<u32>());
         let major = it.next()?.ok()?;
         let minor = it.next().and_then(|r| r.ok()).unwrap_or(0);
         let patch = it.next().and_then(|r| r.ok()).unwrap_or(0);
@@ -43,19 +52,37 @@ pub enum CriuError {
     #[error("no CRIU found (looked at {looked}); {SETUP_HINT}")]
     NotFound { looked: String },
     #[error("CRIU at {path} could not be run; {SETUP_HINT}")]
-    Unrunnable { path: PathBuf, #[source] source: std::io::Error },
+    Unrunnable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("CRIU at {path} did not report a version; {SETUP_HINT}")]
     NoVersion { path: PathBuf },
-    #[error("CRIU at {path} is version {found}, but this kernel needs >= {MIN_VERSION}; {SETUP_HINT}")]
+    #[error(
+        "CRIU at {path} is version {found}, but this kernel needs >= {MIN_VERSION}; {SETUP_HINT}"
+    )]
     TooOld { path: PathBuf, found: Version },
     #[error("`criu check` failed for {path}: {line}; {SETUP_HINT}")]
     CheckFailed { path: PathBuf, line: String },
     #[error("criu dump of pid {pid} failed: {line} (log: {log})")]
-    DumpFailed { pid: i32, line: String, log: PathBuf },
+    DumpFailed {
+        pid: i32,
+        line: String,
+        log: PathBuf,
+    },
     #[error("criu restore from {images} failed: {line} (log: {log})")]
-    RestoreFailed { images: PathBuf, line: String, log: PathBuf },
+    RestoreFailed {
+        images: PathBuf,
+        line: String,
+        log: PathBuf,
+    },
     #[error("cannot start criu at {path}")]
-    Spawn { path: PathBuf, #[source] source: std::io::Error },
+    Spawn {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A located, version-checked CRIU.
@@ -72,7 +99,9 @@ pub fn private_prefix_criu() -> PathBuf {
 
 fn find_on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
 
 /// A one-line identity of a binary: its canonical path, device, inode,
@@ -111,15 +140,22 @@ impl Criu {
     /// The same checks apply; a replaced binary is run and checked again.
     pub fn discover_cached(explicit: Option<&Path>, cache_dir: &Path) -> Result<Criu, CriuError> {
         let path = Criu::locate(explicit)?;
-        let Ok(id) = binary_identity(&path) else { return Criu::at(&path) };
+        let Ok(id) = binary_identity(&path) else {
+            return Criu::at(&path);
+        };
         let file = cache_dir.join(VERSION_CACHE);
         let cached = std::fs::read_to_string(&file).ok().and_then(|text| {
             let (key, version) = text.split_once('\n')?;
-            (key == id).then(|| Version::parse_output(version)).flatten()
+            (key == id)
+                .then(|| Version::parse_output(version))
+                .flatten()
         });
         if let Some(version) = cached {
             if version < MIN_VERSION {
-                return Err(CriuError::TooOld { path, found: version });
+                return Err(CriuError::TooOld {
+                    path,
+                    found: version,
+                });
             }
             return Ok(Criu { path, version });
         }
@@ -155,7 +191,9 @@ impl Criu {
                 find_on_path("criu")
             }
         };
-        candidate.ok_or_else(|| CriuError::NotFound { looked: looked.join(", ") })
+        candidate.ok_or_else(|| CriuError::NotFound {
+            looked: looked.join(", "),
+        })
     }
 
     /// Checks the CRIU at `path`.
@@ -163,13 +201,24 @@ impl Criu {
         let out = Command::new(path)
             .arg("--version")
             .output()
-            .map_err(|source| CriuError::Unrunnable { path: path.to_path_buf(), source })?;
+            .map_err(|source| CriuError::Unrunnable {
+                path: path.to_path_buf(),
+                source,
+            })?;
         let text = String::from_utf8_lossy(&out.stdout);
-        let version = Version::parse_output(&text).ok_or_else(|| CriuError::NoVersion { path: path.to_path_buf() })?;
+        let version = Version::parse_output(&text).ok_or_else(|| CriuError::NoVersion {
+            path: path.to_path_buf(),
+        })?;
         if version < MIN_VERSION {
-            return Err(CriuError::TooOld { path: path.to_path_buf(), found: version });
+            return Err(CriuError::TooOld {
+                path: path.to_path_buf(),
+                found: version,
+            });
         }
-        Ok(Criu { path: path.to_path_buf(), version })
+        Ok(Criu {
+            path: path.to_path_buf(),
+            version,
+        })
     }
 
     /// Runs `criu check`; the first error line on failure.
@@ -177,13 +226,23 @@ impl Criu {
         let out = Command::new(&self.path)
             .arg("check")
             .output()
-            .map_err(|source| CriuError::Unrunnable { path: self.path.clone(), source })?;
+            .map_err(|source| CriuError::Unrunnable {
+                path: self.path.clone(),
+                source,
+            })?;
         if out.status.success() {
             return Ok(());
         }
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         let line = log::decisive_line(&text).unwrap_or_else(|| format!("exit {}", out.status));
-        Err(CriuError::CheckFailed { path: self.path.clone(), line })
+        Err(CriuError::CheckFailed {
+            path: self.path.clone(),
+            line,
+        })
     }
 
     pub fn command(&self) -> Command {
@@ -197,11 +256,24 @@ mod tests {
 
     #[test]
     fn parses_versions() {
-        assert_eq!(Version::parse_output("Version: 4.2\n"), Some(Version(4, 2, 0)));
-        assert_eq!(Version::parse_output("Version: 4.2.1\nGitID: v4.2.1\n"), Some(Version(4, 2, 1)));
-        assert_eq!(Version::parse_output("Version: 3.17.1"), Some(Version(3, 17, 1)));
+        assert_eq!(
+            Version::parse_output("Version: 4.2\n"),
+            Some(Version(4, 2, 0))
+        );
+        assert_eq!(
+            Version::parse_output("Version: 4.2.1\nGitID: v4.2.1\n"),
+            Some(Version(4, 2, 1))
+        );
+        assert_eq!(
+            Version::parse_output("Version: 3.17.1"),
+            Some(Version(3, 17, 1))
+        );
         assert_eq!(Version::parse_output("nothing"), None);
-        assert!(Version(3, 17, 1) < MIN_VERSION && Version(4, 1, 1) < MIN_VERSION && Version(4, 3, 0) >= MIN_VERSION);
+        assert!(
+            Version(3, 17, 1) < MIN_VERSION
+                && Version(4, 1, 1) < MIN_VERSION
+                && Version(4, 3, 0) >= MIN_VERSION
+        );
     }
 
     #[test]
@@ -212,19 +284,39 @@ mod tests {
         let fake = dir.join("criu");
         let write = |v: &str| {
             std::fs::write(&fake, format!("#!/bin/sh\necho 'Version: {v}'\n")).unwrap();
-            std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+            std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .unwrap();
         };
         write("4.2.1");
         let cache = dir.join("cache");
-        assert_eq!(Criu::discover_cached(Some(&fake), &cache).unwrap().version, Version(4, 2, 1));
+        assert_eq!(
+            Criu::discover_cached(Some(&fake), &cache).unwrap().version,
+            Version(4, 2, 1)
+        );
         assert!(cache.join(VERSION_CACHE).is_file());
         // The cached answer is used while the binary is the same file...
-        std::fs::write(cache.join(VERSION_CACHE), format!("{}\nVersion: 4.3.0\n", binary_identity(&fake).unwrap())).unwrap();
-        assert_eq!(Criu::discover_cached(Some(&fake), &cache).unwrap().version, Version(4, 3, 0));
+        std::fs::write(
+            cache.join(VERSION_CACHE),
+            format!("{}\nVersion: 4.3.0\n", binary_identity(&fake).unwrap()),
+        )
+        .unwrap();
+        assert_eq!(
+            Criu::discover_cached(Some(&fake), &cache).unwrap().version,
+            Version(4, 3, 0)
+        );
         // ...and a replaced binary is asked again, and checked.
         write("3.17.1.0");
         let e = Criu::discover_cached(Some(&fake), &cache).unwrap_err();
-        assert!(matches!(e, CriuError::TooOld { found: Version(3, 17, 1), .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                CriuError::TooOld {
+                    found: Version(3, 17, 1),
+                    ..
+                }
+            ),
+            "{e}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -234,10 +326,23 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let fake = dir.join("criu");
         std::fs::write(&fake, "#!/bin/sh\necho 'Version: 3.17.1'\n").unwrap();
-        std::os::unix::fs::PermissionsExt::set_mode(&mut std::fs::metadata(&fake).unwrap().permissions(), 0o755);
-        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        std::os::unix::fs::PermissionsExt::set_mode(
+            &mut std::fs::metadata(&fake).unwrap().permissions(),
+            0o755,
+        );
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
         let e = Criu::at(&fake).unwrap_err();
-        assert!(matches!(e, CriuError::TooOld { found: Version(3, 17, 1), .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                CriuError::TooOld {
+                    found: Version(3, 17, 1),
+                    ..
+                }
+            ),
+            "{e}"
+        );
         assert!(e.to_string().contains("setup/install.sh"), "{e}");
         let e = Criu::at(&dir.join("missing")).unwrap_err();
         assert!(matches!(e, CriuError::Unrunnable { .. }), "{e}");

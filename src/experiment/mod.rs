@@ -60,7 +60,9 @@ pub struct ExperimentArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExperimentError {
-    #[error("the research matrix must run as root (namespaces, ptrace and CRIU need it); try sudo")]
+    #[error(
+        "the research matrix must run as root (namespaces, ptrace and CRIU need it); try sudo"
+    )]
     NotRoot,
     #[error("--repeat must be at least 1")]
     BadRepeat,
@@ -134,8 +136,14 @@ fn summary(r: &Row) -> String {
 pub fn run_matrix(opts: &MatrixOpts) -> Result<MatrixRun, ExperimentError> {
     crate::stop::tracer::block_supervisor_signals().map_err(ExperimentError::Signals)?;
     let started = crate::instance::unix_ms();
-    let work = opts.state_dir.join("experiments").join(format!("{started}-{}", std::process::id()));
-    std::fs::create_dir_all(&work).map_err(|source| ExperimentError::WorkDir { path: work.clone(), source })?;
+    let work = opts
+        .state_dir
+        .join("experiments")
+        .join(format!("{started}-{}", std::process::id()));
+    std::fs::create_dir_all(&work).map_err(|source| ExperimentError::WorkDir {
+        path: work.clone(),
+        source,
+    })?;
     let mut resolver = Resolver::new(Sources {
         payload_dir: opts.sources_payloads.clone(),
         examples_dir: opts.sources_examples.clone(),
@@ -168,8 +176,12 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<MatrixRun, ExperimentError> {
         Plain(&'a scenarios::Scenario),
         Patched(&'a patched::PatchedScenario),
     }
-    let jobs: Vec<Job> =
-        opts.scenarios.iter().map(Job::Plain).chain(opts.patched.iter().map(Job::Patched)).collect();
+    let jobs: Vec<Job> = opts
+        .scenarios
+        .iter()
+        .map(Job::Plain)
+        .chain(opts.patched.iter().map(Job::Patched))
+        .collect();
     'outer: for attempt in 1..=opts.repeat {
         for job in &jobs {
             let (id, technique) = match job {
@@ -186,11 +198,16 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<MatrixRun, ExperimentError> {
             // A signal that arrived during the restore phase (or stopped a
             // prebake) ends the matrix; the rows so far are still reported.
             if let Ok(sig) = signals.try_recv() {
-                eprintln!("mhctl: interrupted by {}; reporting the rows so far", crate::stop::tracer::signal_name(sig));
+                eprintln!(
+                    "mhctl: interrupted by {}; reporting the rows so far",
+                    crate::stop::tracer::signal_name(sig)
+                );
                 interrupted = true;
                 break 'outer;
             }
-            if rows.last().is_some_and(|r| r.status == Status::Error && r.evidence.starts_with("interrupted by")) {
+            if rows.last().is_some_and(|r| {
+                r.status == Status::Error && r.evidence.starts_with("interrupted by")
+            }) {
                 interrupted = true;
                 break 'outer;
             }
@@ -215,20 +232,33 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<MatrixRun, ExperimentError> {
         let _ = std::fs::remove_dir(opts.state_dir.join("experiments"));
         None
     };
-    Ok(MatrixRun { report, kept, interrupted })
+    Ok(MatrixRun {
+        report,
+        kept,
+        interrupted,
+    })
 }
 
 /// The runmh that restores must exec: `explicit`, else the one beside the
 /// current executable, else the current executable when it is runmh.
 fn find_runmh(explicit: Option<&Path>) -> Result<PathBuf, ExperimentError> {
     if let Some(p) = explicit {
-        return if p.is_file() { Ok(p.to_path_buf()) } else { Err(ExperimentError::NoRunmh { path: p.to_path_buf() }) };
+        return if p.is_file() {
+            Ok(p.to_path_buf())
+        } else {
+            Err(ExperimentError::NoRunmh {
+                path: p.to_path_buf(),
+            })
+        };
     }
     let me = std::env::current_exe().unwrap_or_default();
     if me.file_name().is_some_and(|n| n == "runmh") {
         return Ok(me);
     }
-    let sibling = me.parent().map(|d| d.join("runmh")).unwrap_or_else(|| PathBuf::from("runmh"));
+    let sibling = me
+        .parent()
+        .map(|d| d.join("runmh"))
+        .unwrap_or_else(|| PathBuf::from("runmh"));
     if sibling.is_file() {
         Ok(sibling)
     } else {
@@ -239,8 +269,15 @@ fn find_runmh(explicit: Option<&Path>) -> Result<PathBuf, ExperimentError> {
 /// Writes `text` to `path` through a temporary file and a rename, so a
 /// reader never sees half a report.
 fn write_atomic(what: &'static str, path: &Path, text: &str) -> Result<(), ExperimentError> {
-    let err = |source| ExperimentError::WriteReport { what, path: path.to_path_buf(), source };
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "report".into());
+    let err = |source| ExperimentError::WriteReport {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "report".into());
     let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     std::fs::write(&tmp, text).map_err(err)?;
     std::fs::rename(&tmp, path).map_err(|e| {
@@ -250,7 +287,11 @@ fn write_atomic(what: &'static str, path: &Path, text: &str) -> Result<(), Exper
 }
 
 /// Validates the arguments into [`MatrixOpts`].
-pub fn prepare(args: &ExperimentArgs, criu: Option<&Path>, state_dir: &Path) -> Result<MatrixOpts, ExperimentError> {
+pub fn prepare(
+    args: &ExperimentArgs,
+    criu: Option<&Path>,
+    state_dir: &Path,
+) -> Result<MatrixOpts, ExperimentError> {
     if !crate::sys::is_root() {
         return Err(ExperimentError::NotRoot);
     }
@@ -263,30 +304,60 @@ pub fn prepare(args: &ExperimentArgs, criu: Option<&Path>, state_dir: &Path) -> 
     // Checked before the matrix runs for minutes, not after.
     for (what, path) in [("JSON", &args.json), ("markdown", &args.markdown)] {
         if let Some(p) = path {
-            let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let dir = p
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
             if !dir.is_dir() {
-                return Err(ExperimentError::ReportDir { what, path: p.clone() });
+                return Err(ExperimentError::ReportDir {
+                    what,
+                    path: p.clone(),
+                });
             }
         }
     }
     let all = scenarios::all(args.criu_patched.is_some());
-    let patched_all = if args.criu_patched.is_some() { patched::all() } else { Vec::new() };
-    let known = all.iter().map(|s| s.id.clone()).chain(patched_all.iter().map(|s| s.id.to_string())).collect::<Vec<_>>().join(", ");
+    let patched_all = if args.criu_patched.is_some() {
+        patched::all()
+    } else {
+        Vec::new()
+    };
+    let known = all
+        .iter()
+        .map(|s| s.id.clone())
+        .chain(patched_all.iter().map(|s| s.id.to_string()))
+        .collect::<Vec<_>>()
+        .join(", ");
     // An id may select plain rows, patched rows, or both; each must select something.
     for w in &args.only {
         let hits_plain = all.iter().any(|s| scenarios::selects(w, &s.id));
         let hits_patched = patched_all.iter().any(|s| scenarios::selects(w, s.id));
         if !hits_plain && !hits_patched {
-            return Err(ExperimentError::UnknownId { id: w.clone(), known });
+            return Err(ExperimentError::UnknownId {
+                id: w.clone(),
+                known,
+            });
         }
     }
-    let plain_only: Vec<String> = args.only.iter().filter(|w| all.iter().any(|s| scenarios::selects(w, &s.id))).cloned().collect();
+    let plain_only: Vec<String> = args
+        .only
+        .iter()
+        .filter(|w| all.iter().any(|s| scenarios::selects(w, &s.id)))
+        .cloned()
+        .collect();
     let scenarios = if !args.only.is_empty() && plain_only.is_empty() {
         Vec::new()
     } else {
-        scenarios::select(all, &plain_only).map_err(|id| ExperimentError::UnknownId { id, known: known.clone() })?
+        scenarios::select(all, &plain_only).map_err(|id| ExperimentError::UnknownId {
+            id,
+            known: known.clone(),
+        })?
     };
-    let patched = if args.criu_patched.is_some() { patched::selected(&args.only) } else { Vec::new() };
+    let patched = if args.criu_patched.is_some() {
+        patched::selected(&args.only)
+    } else {
+        Vec::new()
+    };
     let criu = Criu::discover(criu)?;
     let criu_patched = match &args.criu_patched {
         Some(p) => Some(Criu::at(p).map_err(ExperimentError::PatchedCriu)?),
@@ -302,8 +373,14 @@ pub fn prepare(args: &ExperimentArgs, criu: Option<&Path>, state_dir: &Path) -> 
         criu_patched,
         state_dir: std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_path_buf()),
         stop_timeout: Duration::from_secs(args.stop_timeout),
-        sources_payloads: args.payloads.clone().unwrap_or_else(Sources::default_payload_dir),
-        sources_examples: args.examples.clone().unwrap_or_else(Sources::default_examples_dir),
+        sources_payloads: args
+            .payloads
+            .clone()
+            .unwrap_or_else(Sources::default_payload_dir),
+        sources_examples: args
+            .examples
+            .clone()
+            .unwrap_or_else(Sources::default_examples_dir),
         keep: args.keep,
     })
 }
@@ -311,7 +388,11 @@ pub fn prepare(args: &ExperimentArgs, criu: Option<&Path>, state_dir: &Path) -> 
 /// `mhctl experiment`: runs the matrix, prints the table, writes the
 /// reports. Exit code 0 when every row ran or was skipped, 1 when the
 /// harness failed on a row, 130 when interrupted.
-pub fn cli(args: &ExperimentArgs, criu: Option<&Path>, state_dir: &Path) -> Result<i32, ExperimentError> {
+pub fn cli(
+    args: &ExperimentArgs,
+    criu: Option<&Path>,
+    state_dir: &Path,
+) -> Result<i32, ExperimentError> {
     let opts = prepare(args, criu, state_dir)?;
     let run = run_matrix(&opts)?;
     print!("{}", run.report.to_table());
@@ -329,5 +410,11 @@ pub fn cli(args: &ExperimentArgs, criu: Option<&Path>, state_dir: &Path) -> Resu
     if run.interrupted {
         return Ok(130);
     }
-    Ok(if run.report.rows.iter().any(|r| r.status == Status::Error) { 1 } else { 0 })
+    Ok(
+        if run.report.rows.iter().any(|r| r.status == Status::Error) {
+            1
+        } else {
+            0
+        },
+    )
 }

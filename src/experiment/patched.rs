@@ -139,11 +139,21 @@ pub fn run_patched(sc: &PatchedScenario, attempt: u32, ctx: &mut Ctx<'_>) -> Row
         Kind::Handoff2018 | Kind::NeutralizeTrace => "trace",
         Kind::NeutralizeNotifyDirect => "notify",
     };
-    let mut row = Row::new(sc.id, attempt, sc.technique, Payload::Simple.name(), backend, "patched");
+    let mut row = Row::new(
+        sc.id,
+        attempt,
+        sc.technique,
+        Payload::Simple.name(),
+        backend,
+        "patched",
+    );
     explain::say("scenario", &format!("{} — {}", sc.id, sc.technique));
     explain::say("why", sc.story);
     let Some(criu) = ctx.criu_patched else {
-        return skipped(row, "no patched CRIU given (--criu-patched); build one with seize-patch/build.sh");
+        return skipped(
+            row,
+            "no patched CRIU given (--criu-patched); build one with seize-patch/build.sh",
+        );
     };
     if let Some(missing) = missing_option(criu) {
         return skipped(
@@ -182,7 +192,11 @@ fn skipped(mut row: Row, why: &str) -> Row {
 /// The first seize-patch option `criu --help` does not mention.
 fn missing_option(criu: &Criu) -> Option<&'static str> {
     let help = criu.command().arg("--help").output().ok()?;
-    let text = format!("{}{}", String::from_utf8_lossy(&help.stdout), String::from_utf8_lossy(&help.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&help.stdout),
+        String::from_utf8_lossy(&help.stderr)
+    );
     ["--seize-handoff", "--seccomp-neutralize-traps"]
         .into_iter()
         .find(|o| !text.contains(o))
@@ -214,7 +228,8 @@ fn socket_path(attempt: u32) -> PathBuf {
 
 /// One `MHSUP` line's `key=value` field.
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace().find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
 /// `externals=/dev:dev,/dev/pts:devpts` → the mounts handoff-supervisor bound.
@@ -251,9 +266,10 @@ fn wait_line(rx: &Receiver<String>, events: &[&str], within: Duration) -> Option
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(l)
-                if events
-                    .iter()
-                    .any(|e| l.strip_prefix("MHSUP ").is_some_and(|r| r.split_whitespace().next() == Some(e))) =>
+                if events.iter().any(|e| {
+                    l.strip_prefix("MHSUP ")
+                        .is_some_and(|r| r.split_whitespace().next() == Some(e))
+                }) =>
             {
                 return Some(l)
             }
@@ -276,7 +292,13 @@ fn finish_child(child: &mut Child, grace: Duration) {
     let _ = child.wait();
 }
 
-fn handoff_row(row: &mut Row, criu: &Criu, program: &Path, dir: &Path, ctx: &mut Ctx<'_>) -> Result<(), PatchedError> {
+fn handoff_row(
+    row: &mut Row,
+    criu: &Criu,
+    program: &Path,
+    dir: &Path,
+    ctx: &mut Ctx<'_>,
+) -> Result<(), PatchedError> {
     let Some(sup) = find_supervisor(criu) else {
         row.status = Status::Skipped;
         row.evidence = format!(
@@ -312,7 +334,10 @@ fn handoff_row(row: &mut Row, criu: &Criu, program: &Path, dir: &Path, ctx: &mut
         .stdout(Stdio::piped())
         .stderr(err_file)
         .spawn()
-        .map_err(|source| PatchedError::Spawn { prog: sup.clone(), source })?;
+        .map_err(|source| PatchedError::Spawn {
+            prog: sup.clone(),
+            source,
+        })?;
     let rx = status_lines(&mut child);
     let result = handoff_steps(row, criu, &rx, dir, &images, &logs, &sock, port, ctx);
     // The dump normally kills the held task, and the supervisor exits with
@@ -403,10 +428,12 @@ fn handoff_steps(
             source,
         })?;
     let dump_log = run::read_from(&dir.join("dump.log"), 0);
-    let done = wait_line(rx, &["done"], Duration::from_secs(10)).unwrap_or_else(|| "no 'done' from the supervisor".into());
+    let done = wait_line(rx, &["done"], Duration::from_secs(10))
+        .unwrap_or_else(|| "no 'done' from the supervisor".into());
     if !status.success() {
         row.dumped = Some(false);
-        let line = criu_log::decisive_line(&dump_log).unwrap_or_else(|| format!("criu dump exited with {status}"));
+        let line = criu_log::decisive_line(&dump_log)
+            .unwrap_or_else(|| format!("criu dump exited with {status}"));
         row.evidence = format!("{line}; supervisor: {done}");
         return Ok(());
     }
@@ -420,9 +447,19 @@ fn handoff_steps(
         .unwrap_or_else(|| "CRIU logged no parked thread".into());
     // The held task was killed by the dump; its supervisor reports the exit.
     let _ = wait_line(rx, &["exit"], Duration::from_secs(10));
-    let watched = restore_and_watch(criu, images, dir, &logs.join("stdout.log"), port, &restore_externals)?;
+    let watched = restore_and_watch(
+        criu,
+        images,
+        dir,
+        &logs.join("stdout.log"),
+        port,
+        &restore_externals,
+    )?;
     watched.fill(row);
-    row.evidence = format!("hand-off: {parked}; {done}; after restore: {}", watched.evidence);
+    row.evidence = format!(
+        "hand-off: {parked}; {done}; after restore: {}",
+        watched.evidence
+    );
     Ok(())
 }
 
@@ -437,8 +474,10 @@ fn neutralize_row(
     let (logs, images) = (dir.join("logs"), dir.join("image"));
     mkdir(&logs)?;
     let port = run::free_port().map_err(PatchedError::Port)?;
-    let spec = run::payload_spec(program, &["--port".into(), port.to_string()], &logs).map_err(PatchedError::Spec)?;
-    let stop_at = StopSyscall::parse("listen").map_err(|e| PatchedError::Prebake(BootError::Stop(e.into())))?;
+    let spec = run::payload_spec(program, &["--port".into(), port.to_string()], &logs)
+        .map_err(PatchedError::Spec)?;
+    let stop_at = StopSyscall::parse("listen")
+        .map_err(|e| PatchedError::Prebake(BootError::Stop(e.into())))?;
     let inst = Instance::create(ctx.state_dir).map_err(PatchedError::Instance)?;
     let opts = PrebakeOpts {
         images: images.clone(),
@@ -524,7 +563,9 @@ fn tree_pids(root: i32) -> Vec<i32> {
 /// Is `pid` gone (or a zombie nobody reaped yet)?
 fn gone(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Ok(s) => s
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
         Err(_) => true,
     }
 }
@@ -616,7 +657,8 @@ fn restore_and_watch(
     let _ = std::fs::remove_dir(&rr);
     let restore_log = run::read_from(&dir.join("restore.log"), 0);
     if !status.success() {
-        let line = criu_log::decisive_line(&restore_log).unwrap_or_else(|| format!("criu restore exited with {status}"));
+        let line = criu_log::decisive_line(&restore_log)
+            .unwrap_or_else(|| format!("criu restore exited with {status}"));
         return Ok(Watched {
             restored: false,
             restore_ms: None,
@@ -633,7 +675,10 @@ fn restore_and_watch(
         path: pidfile.clone(),
         source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
     })?;
-    let rewritten = restore_log.lines().filter(|l| l.contains("seccomp: Neutralizing")).count();
+    let rewritten = restore_log
+        .lines()
+        .filter(|l| l.contains("seccomp: Neutralizing"))
+        .count();
     explain::say(
         "resume",
         &format!("restored as pid {root}; {rewritten} trap return(s) rewritten to SECCOMP_RET_ALLOW; SIGCONT, and nobody else touches it"),
@@ -662,7 +707,8 @@ fn restore_and_watch(
     let listen_line = run::parse_listen(&run::read_from(stdout_log, out_at))
         .map(|(_, l)| l)
         .unwrap_or_else(|| "the payload logged no listen line after the restore".into());
-    w.evidence = format!("{rewritten} trap return(s) neutralized; {listen_line}; TracerPid {tracer}");
+    w.evidence =
+        format!("{rewritten} trap return(s) neutralized; {listen_line}; TracerPid {tracer}");
     Ok(w)
 }
 
@@ -676,7 +722,10 @@ mod tests {
         assert_eq!(field(l, "pid"), Some("4242"));
         let e = parse_externals(field(l, "externals").unwrap_or(""));
         assert_eq!(e.len(), 3);
-        assert_eq!((e[1].path.as_path(), e[1].key.as_str()), (Path::new("/dev/pts"), "devpts"));
+        assert_eq!(
+            (e[1].path.as_path(), e[1].key.as_str()),
+            (Path::new("/dev/pts"), "devpts")
+        );
         assert!(parse_externals("").is_empty());
         assert_eq!(field("MHSUP held pid=1 tid=1 nr=50 ms=3", "ms"), Some("3"));
         assert_eq!(field("MHSUP held pid=1", "nr"), None);

@@ -34,7 +34,9 @@ pub struct Resolver {
 
 fn find_on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
 
 impl Resolver {
@@ -48,7 +50,10 @@ impl Resolver {
             if self.go.is_none() {
                 self.go = Some(self.build_go());
             }
-            return self.go.clone().unwrap_or_else(|| Err("the Go build did not run".into()));
+            return self
+                .go
+                .clone()
+                .unwrap_or_else(|| Err("the Go build did not run".into()));
         }
         let path = self.src.payload_dir.join(p.name());
         if path.is_file() {
@@ -68,12 +73,23 @@ impl Resolver {
         };
         let src = self.src.examples_dir.join("go");
         if !src.join("go.mod").is_file() {
-            return Err(format!("the Go payload's source is not at {}", src.display()));
+            return Err(format!(
+                "the Go payload's source is not at {}",
+                src.display()
+            ));
         }
         let dir = self.src.build_dir.join("go");
         let out = dir.join("server");
-        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        explain::say("payload", &format!("building the Go payload: go build -o {} (in {})", out.display(), src.display()));
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        explain::say(
+            "payload",
+            &format!(
+                "building the Go payload: go build -o {} (in {})",
+                out.display(),
+                src.display()
+            ),
+        );
         // A private build cache inside the matrix's work directory, and no
         // network: the module has no dependencies.
         let t0 = std::time::Instant::now();
@@ -92,10 +108,20 @@ impl Resolver {
             .map_err(|e| format!("cannot run {}: {e}", go.display()))?;
         if !result.status.success() {
             let text = String::from_utf8_lossy(&result.stderr);
-            let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("no output");
-            return Err(format!("`go build` of {} failed ({}): {first}", src.display(), result.status));
+            let first = text
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("no output");
+            return Err(format!(
+                "`go build` of {} failed ({}): {first}",
+                src.display(),
+                result.status
+            ));
         }
-        explain::say("payload", &format!("Go payload built in {} ms", t0.elapsed().as_millis()));
+        explain::say(
+            "payload",
+            &format!("Go payload built in {} ms", t0.elapsed().as_millis()),
+        );
         // The build cache is only needed for this build.
         let _ = std::fs::remove_dir_all(dir.join("cache"));
         let _ = std::fs::remove_dir_all(dir.join("gopath"));

@@ -53,7 +53,11 @@ pub struct SyscallResult {
 
 impl SyscallResult {
     pub fn render(&self) -> String {
-        let name = if self.errno == 0 { String::new() } else { format!(" ({})", errno_name(self.errno)) };
+        let name = if self.errno == 0 {
+            String::new()
+        } else {
+            format!(" ({})", errno_name(self.errno))
+        };
         format!("ret={} errno={}{name}", self.ret, self.errno)
     }
 }
@@ -99,7 +103,14 @@ pub struct Row {
 }
 
 impl Row {
-    pub fn new(id: &str, attempt: u32, technique: &str, payload: &str, backend: &str, criu: &str) -> Row {
+    pub fn new(
+        id: &str,
+        attempt: u32,
+        technique: &str,
+        payload: &str,
+        backend: &str,
+        criu: &str,
+    ) -> Row {
         Row {
             id: id.to_string(),
             attempt,
@@ -161,7 +172,9 @@ pub const MARKDOWN_COLUMNS: &[&str] = &[
 ];
 
 fn md_cell(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('|', "\\|").replace(['\n', '\r'], " ")
+    s.replace('\\', "\\\\")
+        .replace('|', "\\|")
+        .replace(['\n', '\r'], " ")
 }
 
 impl Report {
@@ -178,7 +191,11 @@ impl Report {
         let _ = writeln!(s, "- generated_unix_ms: {}", self.generated_unix_ms);
         let _ = writeln!(s, "- kernel: {}", self.kernel);
         let _ = writeln!(s, "- criu_version: {}", self.criu_version);
-        let _ = writeln!(s, "- criu_patched_version: {}", self.criu_patched_version.as_deref().unwrap_or(NONE));
+        let _ = writeln!(
+            s,
+            "- criu_patched_version: {}",
+            self.criu_patched_version.as_deref().unwrap_or(NONE)
+        );
         let _ = writeln!(s);
         let _ = writeln!(s, "| {} |", MARKDOWN_COLUMNS.join(" | "));
         let _ = writeln!(s, "|{}", "---|".repeat(MARKDOWN_COLUMNS.len()));
@@ -224,7 +241,11 @@ impl Report {
         ];
         let mut rows: Vec<[String; 11]> = Vec::new();
         for r in &self.rows {
-            let id = if self.rows.iter().any(|o| o.attempt > 1) { format!("{}#{}", r.id, r.attempt) } else { r.id.clone() };
+            let id = if self.rows.iter().any(|o| o.attempt > 1) {
+                format!("{}#{}", r.id, r.attempt)
+            } else {
+                r.id.clone()
+            };
             let (stop, dump, rest) = match r.status {
                 Status::Ran => (yes_no(r.stopped), yes_no(r.dumped), yes_no(r.restored)),
                 Status::Skipped => ("skipped".into(), NONE.into(), NONE.into()),
@@ -274,7 +295,10 @@ impl Report {
             self.date,
             self.kernel,
             self.criu_version,
-            self.criu_patched_version.as_ref().map(|v| format!(" (patched: {v})")).unwrap_or_default()
+            self.criu_patched_version
+                .as_ref()
+                .map(|v| format!(" (patched: {v})"))
+                .unwrap_or_default()
         );
         let _ = writeln!(s, "{}", line(&head.map(String::from)));
         for r in &rows {
@@ -313,7 +337,10 @@ mod tests {
         assert_eq!(utc_date(951_782_400_000), "2000-02-29");
         assert_eq!(utc_date(1_700_000_000_000), "2023-11-14");
         assert_eq!(md_cell("a|b\nc"), "a\\|b c");
-        assert_eq!(SyscallResult { ret: -1, errno: 38 }.render(), "ret=-1 errno=38 (ENOSYS)");
+        assert_eq!(
+            SyscallResult { ret: -1, errno: 38 }.render(),
+            "ret=-1 errno=38 (ENOSYS)"
+        );
         assert_eq!(SyscallResult { ret: 0, errno: 0 }.render(), "ret=0 errno=0");
     }
 }

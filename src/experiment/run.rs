@@ -50,12 +50,18 @@ pub fn http_get(port: u16) -> std::io::Result<u16> {
     write!(s, "GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
     let mut buf = String::new();
     s.read_to_string(&mut buf)?;
-    Ok(buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0))
+    Ok(buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0))
 }
 
 /// The bytes of a log file from `offset` on (lossy UTF-8).
 pub fn read_from(path: &Path, offset: u64) -> String {
-    let Ok(bytes) = std::fs::read(path) else { return String::new() };
+    let Ok(bytes) = std::fs::read(path) else {
+        return String::new();
+    };
     let start = (offset as usize).min(bytes.len());
     String::from_utf8_lossy(&bytes[start..]).into_owned()
 }
@@ -75,7 +81,11 @@ pub struct Knock {
 /// Watches the payload's log (from `out_at`) for its listen line and
 /// knocks on `port` until it answers, its listen failed, or `wait` passed.
 pub fn knock(out: &Path, out_at: u64, port: u16, wait: Duration) -> Knock {
-    let mut k = Knock { listen: None, served: None, answered_at: None };
+    let mut k = Knock {
+        listen: None,
+        served: None,
+        answered_at: None,
+    };
     let deadline = Instant::now() + wait;
     loop {
         if k.listen.is_none() {
@@ -121,17 +131,29 @@ pub fn parse_listen(text: &str) -> Option<(SyscallResult, String)> {
                 _ => {}
             }
         }
-        Some((SyscallResult { ret: ret?, errno: errno? }, l.to_string()))
+        Some((
+            SyscallResult {
+                ret: ret?,
+                errno: errno?,
+            },
+            l.to_string(),
+        ))
     })
 }
 
 /// The preload library's line (`miehisto-preload: ...`), if any.
 pub fn preload_line(text: &str) -> Option<String> {
-    text.lines().rev().find(|l| l.starts_with("miehisto-preload:")).map(|l| l.trim().to_string())
+    text.lines()
+        .rev()
+        .find(|l| l.starts_with("miehisto-preload:"))
+        .map(|l| l.trim().to_string())
 }
 
 fn last_mhlog(text: &str) -> Option<String> {
-    text.lines().rev().find(|l| l.starts_with("MHLOG ")).map(|l| l.trim().to_string())
+    text.lines()
+        .rev()
+        .find(|l| l.starts_with("MHLOG "))
+        .map(|l| l.trim().to_string())
 }
 
 /// What a restored service did, as seen from outside and from its logs.
@@ -178,7 +200,10 @@ pub fn stop_supervisor(supervisor: Pid, root: Pid, grace: Duration) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    log::warn!("the restored supervisor {supervisor} did not stop within {}s: killing it and its service", grace.as_secs());
+    log::warn!(
+        "the restored supervisor {supervisor} did not stop within {}s: killing it and its service",
+        grace.as_secs()
+    );
     let _ = sys::kill(root, libc::SIGKILL);
     let _ = sys::kill(supervisor, libc::SIGKILL);
     reaped(true);
@@ -228,7 +253,9 @@ pub fn restore_and_watch(
             let k = knock(&out, out_at, port, wait);
             w.listen = k.listen;
             w.served = k.served;
-            w.first_response_ms = k.answered_at.map(|t| t.duration_since(t0).as_millis() as u64);
+            w.first_response_ms = k
+                .answered_at
+                .map(|t| t.duration_since(t0).as_millis() as u64);
             stop_supervisor(r.supervisor, r.root, Duration::from_secs(10));
             // The supervisor removes its instance directory when it ends normally.
             r.instance.remove();
@@ -236,10 +263,15 @@ pub fn restore_and_watch(
         Err(e) => {
             // Give a service that got going a moment to finish its line.
             std::thread::sleep(Duration::from_millis(100));
-            w.restored = !matches!(e, RestoreError::Criu(CriuError::RestoreFailed { .. })) && file_len(&out) > out_at;
+            w.restored = !matches!(e, RestoreError::Criu(CriuError::RestoreFailed { .. }))
+                && file_len(&out) > out_at;
             if w.restored {
                 // CRIU did its part; the time is up to runmh's report.
-                w.restore_ms = Some(t0.elapsed().saturating_sub(Duration::from_millis(100)).as_millis() as u64);
+                w.restore_ms = Some(
+                    t0.elapsed()
+                        .saturating_sub(Duration::from_millis(100))
+                        .as_millis() as u64,
+                );
             }
             explain::say("restore", &format!("the restore reported: {}", chain(&e)));
             w.error = Some(e);
@@ -252,9 +284,12 @@ pub fn restore_and_watch(
     w
 }
 
-
 /// A sandbox spec for a payload listening on `port`, logging into `log_dir`.
-pub fn payload_spec(program: &Path, args: &[String], log_dir: &Path) -> Result<SandboxSpec, crate::spec::SpecError> {
+pub fn payload_spec(
+    program: &Path,
+    args: &[String],
+    log_dir: &Path,
+) -> Result<SandboxSpec, crate::spec::SpecError> {
     let mut argv = vec![program.display().to_string()];
     argv.extend(args.iter().cloned());
     SandboxSpec::build(SpecInput {
@@ -279,7 +314,14 @@ pub fn run_scenario(sc: &Scenario, attempt: u32, ctx: &mut Ctx<'_>) -> Row {
         CriuChoice::Stock => "stock",
         CriuChoice::Patched => "patched",
     };
-    let mut row = Row::new(&sc.id, attempt, &sc.technique, sc.payload.name(), backend_word(sc.backend), criu_word);
+    let mut row = Row::new(
+        &sc.id,
+        attempt,
+        &sc.technique,
+        sc.payload.name(),
+        backend_word(sc.backend),
+        criu_word,
+    );
     explain::say("scenario", &format!("{} — {}", sc.id, sc.technique));
     explain::say("why", sc.story);
     let criu = match (sc.criu, ctx.criu_patched) {
@@ -361,7 +403,10 @@ pub fn run_scenario(sc: &Scenario, attempt: u32, ctx: &mut Ctx<'_>) -> Row {
         }
         Err(BootError::TargetExited { status, .. }) => {
             row.stopped = Some(false);
-            row.evidence = format!("the target ended ({status}) without stopping; {}", went_on());
+            row.evidence = format!(
+                "the target ended ({status}) without stopping; {}",
+                went_on()
+            );
             explain::say("result", &row.evidence);
             return row;
         }
@@ -380,12 +425,27 @@ pub fn run_scenario(sc: &Scenario, attempt: u32, ctx: &mut Ctx<'_>) -> Row {
     row.time_to_stop_ms = Some(baked.time_to_stop.as_millis() as u64);
     row.dump_ms = Some(baked.dumped.metadata.dump_ms);
     let resume = match (sc.backend, sc.reseize) {
-        (crate::stop::BackendChoice::Trace, true) => "runmh re-seizes the restored tasks before they run",
-        (crate::stop::BackendChoice::Trace, false) => "runmh resumes the restored tasks with a plain SIGCONT, no tracer",
+        (crate::stop::BackendChoice::Trace, true) => {
+            "runmh re-seizes the restored tasks before they run"
+        }
+        (crate::stop::BackendChoice::Trace, false) => {
+            "runmh resumes the restored tasks with a plain SIGCONT, no tracer"
+        }
         _ => "runmh resumes the restored tasks; nothing listens on the restored filter",
     };
-    explain::say("restore", &format!("restoring with {}; {resume}", criu.path.display()));
-    let w = restore_and_watch(criu, &images, ctx.state_dir, &spec, sc.reseize, port, Duration::from_secs(5));
+    explain::say(
+        "restore",
+        &format!("restoring with {}; {resume}", criu.path.display()),
+    );
+    let w = restore_and_watch(
+        criu,
+        &images,
+        ctx.state_dir,
+        &spec,
+        sc.reseize,
+        port,
+        Duration::from_secs(5),
+    );
     let _ = std::fs::remove_dir_all(&images);
     row.restored = Some(w.restored);
     row.restore_ms = w.restore_ms;
@@ -393,7 +453,9 @@ pub fn run_scenario(sc: &Scenario, attempt: u32, ctx: &mut Ctx<'_>) -> Row {
     row.served_http = w.served;
     let mut parts = Vec::new();
     match (&w.error, &w.listen) {
-        (Some(RestoreError::Criu(CriuError::RestoreFailed { line, .. })), _) => parts.push(line.clone()),
+        (Some(RestoreError::Criu(CriuError::RestoreFailed { line, .. })), _) => {
+            parts.push(line.clone())
+        }
         (_, Some((_, l))) => parts.push(l.clone()),
         (_, None) => parts.push("the payload logged no listen line after the restore".to_string()),
     }
@@ -450,7 +512,8 @@ mod tests {
         assert_eq!(line, "MHLOG simple listen ret=-1 errno=38");
         assert!(parse_listen("MHLOG simple bound port=1 fd=3\n").is_none());
         assert_eq!(
-            preload_line("x\nmiehisto-preload: marker sig=64 before listen ret=-1 errno=38\n").unwrap(),
+            preload_line("x\nmiehisto-preload: marker sig=64 before listen ret=-1 errno=38\n")
+                .unwrap(),
             "miehisto-preload: marker sig=64 before listen ret=-1 errno=38"
         );
     }

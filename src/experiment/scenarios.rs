@@ -166,7 +166,12 @@ pub fn all(patched: bool) -> Vec<Scenario> {
         for (backend, how) in [(Trace, "TRACE (re-seize)"), (Notify, "NOTIFY (marker)")] {
             v.push(Scenario {
                 payload,
-                ..base(&format!("7-{tag}-{}", backend_word(backend)), &format!("{how}: {what}"), story, backend)
+                ..base(
+                    &format!("7-{tag}-{}", backend_word(backend)),
+                    &format!("{how}: {what}"),
+                    story,
+                    backend,
+                )
             });
         }
     }
@@ -185,7 +190,10 @@ pub fn backend_word(b: BackendChoice) -> &'static str {
 /// itself and the rows below it: `7` selects every `7-...`, `7-go` both
 /// Go rows, `1` also `1-patched`.
 pub fn selects(wanted: &str, id: &str) -> bool {
-    id == wanted || id.strip_prefix(wanted).is_some_and(|rest| rest.starts_with('-'))
+    id == wanted
+        || id
+            .strip_prefix(wanted)
+            .is_some_and(|rest| rest.starts_with('-'))
 }
 
 /// The scenarios `only` selects (all when empty), in table order; the
@@ -196,7 +204,10 @@ pub fn select(all: Vec<Scenario>, only: &[String]) -> Result<Vec<Scenario>, Stri
             return Err(w.clone());
         }
     }
-    Ok(all.into_iter().filter(|s| only.is_empty() || only.iter().any(|w| selects(w, &s.id))).collect())
+    Ok(all
+        .into_iter()
+        .filter(|s| only.is_empty() || only.iter().any(|w| selects(w, &s.id)))
+        .collect())
 }
 
 #[cfg(test)]
@@ -211,15 +222,21 @@ mod tests {
         ids.dedup();
         assert_eq!(ids.len(), v.len());
         let pick = |only: &[&str]| -> Vec<String> {
-            select(all(true), &only.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .unwrap()
-                .into_iter()
-                .map(|s| s.id)
-                .collect()
+            select(
+                all(true),
+                &only.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            )
+            .unwrap()
+            .into_iter()
+            .map(|s| s.id)
+            .collect()
         };
         assert_eq!(pick(&["1"]), vec!["1", "1-patched"]);
         assert_eq!(pick(&["7-go"]), vec!["7-go-trace", "7-go-notify"]);
-        assert_eq!(pick(&["7-threaded-trace", "2"]), vec!["2", "2-patched", "7-threaded-trace"]);
+        assert_eq!(
+            pick(&["7-threaded-trace", "2"]),
+            vec!["2", "2-patched", "7-threaded-trace"]
+        );
         assert_eq!(pick(&["7"]).len(), 8);
         assert!(!selects("1", "10"));
         assert_eq!(select(all(false), &["9".to_string()]).unwrap_err(), "9");

@@ -58,7 +58,9 @@ pub struct Metadata {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetadataError {
-    #[error("{dir} does not exist; give the directory that `runmh dump` or `runmh prebake` published")]
+    #[error(
+        "{dir} does not exist; give the directory that `runmh dump` or `runmh prebake` published"
+    )]
     Missing { dir: PathBuf },
     #[error("{dir} holds no miehisto image ({FILE_NAME} is missing); it may be empty or a half-written dump")]
     NoMetadata { dir: PathBuf },
@@ -71,7 +73,11 @@ pub enum MetadataError {
     #[error("image {dir} lacks {file}; the dump is incomplete, dump again")]
     Incomplete { dir: PathBuf, file: String },
     #[error("cannot read {path}")]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl Metadata {
@@ -84,37 +90,60 @@ impl Metadata {
     /// Reads and validates the metadata of the image in `dir`.
     pub fn read(dir: &Path) -> Result<Metadata, MetadataError> {
         if !dir.is_dir() {
-            return Err(MetadataError::Missing { dir: dir.to_path_buf() });
+            return Err(MetadataError::Missing {
+                dir: dir.to_path_buf(),
+            });
         }
         let path = dir.join(FILE_NAME);
         let size = match std::fs::metadata(&path) {
             Ok(m) => m.len(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(MetadataError::NoMetadata { dir: dir.to_path_buf() })
+                return Err(MetadataError::NoMetadata {
+                    dir: dir.to_path_buf(),
+                })
             }
             Err(source) => return Err(MetadataError::Io { path, source }),
         };
         if size > MAX_BYTES {
             return Err(MetadataError::TooLarge { path, size });
         }
-        let bytes = std::fs::read(&path).map_err(|source| MetadataError::Io { path: path.clone(), source })?;
+        let bytes = std::fs::read(&path).map_err(|source| MetadataError::Io {
+            path: path.clone(),
+            source,
+        })?;
         #[derive(Deserialize)]
         struct Probe {
             format_version: u32,
         }
-        let probe: Probe = serde_json::from_slice(&bytes)
-            .map_err(|e| MetadataError::Corrupt { path: path.clone(), detail: e.to_string() })?;
+        let probe: Probe = serde_json::from_slice(&bytes).map_err(|e| MetadataError::Corrupt {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
         if probe.format_version != FORMAT_VERSION {
-            return Err(MetadataError::Version { path, found: probe.format_version });
+            return Err(MetadataError::Version {
+                path,
+                found: probe.format_version,
+            });
         }
-        let md: Metadata = serde_json::from_slice(&bytes)
-            .map_err(|e| MetadataError::Corrupt { path: path.clone(), detail: e.to_string() })?;
-        if md.spec.argv.is_empty() || !md.spec.program.is_absolute() || !md.spec.log_dir.is_absolute() {
-            return Err(MetadataError::Corrupt { path, detail: "the recorded command or log directory is invalid".into() });
+        let md: Metadata = serde_json::from_slice(&bytes).map_err(|e| MetadataError::Corrupt {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        if md.spec.argv.is_empty()
+            || !md.spec.program.is_absolute()
+            || !md.spec.log_dir.is_absolute()
+        {
+            return Err(MetadataError::Corrupt {
+                path,
+                detail: "the recorded command or log directory is invalid".into(),
+            });
         }
         for f in REQUIRED_FILES {
             if !dir.join(f).is_file() {
-                return Err(MetadataError::Incomplete { dir: dir.to_path_buf(), file: f.to_string() });
+                return Err(MetadataError::Incomplete {
+                    dir: dir.to_path_buf(),
+                    file: f.to_string(),
+                });
             }
         }
         Ok(md)
@@ -123,7 +152,9 @@ impl Metadata {
 
 /// The running kernel's release, for the record.
 pub fn kernel_release() -> String {
-    nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default()
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -146,8 +177,15 @@ pub(crate) mod tests {
                 gid: 0,
                 log_dir: "/var/log/x".into(),
             },
-            externals: vec![ExternalMount { path: "/dev".into(), key: "dev".into() }],
-            backend: BackendRecord { kind: "trace".into(), reason: "requested".into(), marker_signal: None },
+            externals: vec![ExternalMount {
+                path: "/dev".into(),
+                key: "dev".into(),
+            }],
+            backend: BackendRecord {
+                kind: "trace".into(),
+                reason: "requested".into(),
+                marker_signal: None,
+            },
             stop: Some(StopRecord {
                 syscall: "listen".into(),
                 since_start_ms: 120,
@@ -182,7 +220,10 @@ pub(crate) mod tests {
         let d = tempdir("rt");
         let md = sample();
         md.write(&d).unwrap();
-        assert!(matches!(Metadata::read(&d), Err(MetadataError::Incomplete { .. })));
+        assert!(matches!(
+            Metadata::read(&d),
+            Err(MetadataError::Incomplete { .. })
+        ));
         for f in REQUIRED_FILES {
             std::fs::write(d.join(f), b"x").unwrap();
         }
@@ -193,15 +234,27 @@ pub(crate) mod tests {
         assert!(matches!(e, MetadataError::Corrupt { .. }), "{e}");
 
         std::fs::write(d.join(FILE_NAME), br#"{"format_version": 99}"#).unwrap();
-        assert!(matches!(Metadata::read(&d), Err(MetadataError::Version { found: 99, .. })));
+        assert!(matches!(
+            Metadata::read(&d),
+            Err(MetadataError::Version { found: 99, .. })
+        ));
 
         let big = vec![b' '; (MAX_BYTES + 1) as usize];
         std::fs::write(d.join(FILE_NAME), big).unwrap();
-        assert!(matches!(Metadata::read(&d), Err(MetadataError::TooLarge { .. })));
+        assert!(matches!(
+            Metadata::read(&d),
+            Err(MetadataError::TooLarge { .. })
+        ));
 
         std::fs::remove_file(d.join(FILE_NAME)).unwrap();
-        assert!(matches!(Metadata::read(&d), Err(MetadataError::NoMetadata { .. })));
-        assert!(matches!(Metadata::read(&d.join("nope")), Err(MetadataError::Missing { .. })));
+        assert!(matches!(
+            Metadata::read(&d),
+            Err(MetadataError::NoMetadata { .. })
+        ));
+        assert!(matches!(
+            Metadata::read(&d.join("nope")),
+            Err(MetadataError::Missing { .. })
+        ));
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

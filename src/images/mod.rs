@@ -12,11 +12,24 @@ pub enum StoreError {
     #[error("{dest} already holds an image; remove it or choose another --images directory")]
     Exists { dest: PathBuf },
     #[error("cannot create the staging directory {path}")]
-    Stage { path: PathBuf, #[source] source: std::io::Error },
+    Stage {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot write the image metadata in {path}")]
-    WriteMetadata { path: PathBuf, #[source] source: std::io::Error },
+    WriteMetadata {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot publish {from} as {to}")]
-    Publish { from: PathBuf, to: PathBuf, #[source] source: std::io::Error },
+    Publish {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("invalid image name {0:?}")]
     BadName(String),
 }
@@ -42,24 +55,45 @@ pub fn dir_usage(dir: &Path) -> (u64, u64) {
 }
 
 fn is_empty_dir(p: &Path) -> bool {
-    std::fs::read_dir(p).map(|mut r| r.next().is_none()).unwrap_or(false)
+    std::fs::read_dir(p)
+        .map(|mut r| r.next().is_none())
+        .unwrap_or(false)
 }
 
 impl Staged {
     /// Prepares to write an image that will be published at `dest`, which
     /// must not exist yet (or be an empty directory).
     pub fn new(dest: &Path) -> Result<Staged, StoreError> {
-        let dest = std::path::absolute(dest).map_err(|source| StoreError::Stage { path: dest.to_path_buf(), source })?;
+        let dest = std::path::absolute(dest).map_err(|source| StoreError::Stage {
+            path: dest.to_path_buf(),
+            source,
+        })?;
         if dest.exists() && !is_empty_dir(&dest) {
             return Err(StoreError::Exists { dest });
         }
         let parent = dest.parent().unwrap_or(Path::new("/"));
-        std::fs::create_dir_all(parent).map_err(|source| StoreError::Stage { path: parent.to_path_buf(), source })?;
-        let name = dest.file_name().ok_or_else(|| StoreError::BadName(dest.display().to_string()))?;
-        let dir = parent.join(format!(".{}.staging-{}", name.to_string_lossy(), std::process::id()));
+        std::fs::create_dir_all(parent).map_err(|source| StoreError::Stage {
+            path: parent.to_path_buf(),
+            source,
+        })?;
+        let name = dest
+            .file_name()
+            .ok_or_else(|| StoreError::BadName(dest.display().to_string()))?;
+        let dir = parent.join(format!(
+            ".{}.staging-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir(&dir).map_err(|source| StoreError::Stage { path: dir.clone(), source })?;
-        Ok(Staged { dir, dest, published: false })
+        std::fs::create_dir(&dir).map_err(|source| StoreError::Stage {
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(Staged {
+            dir,
+            dest,
+            published: false,
+        })
     }
 
     pub fn dest(&self) -> &Path {
@@ -68,14 +102,21 @@ impl Staged {
 
     /// Writes `md` and renames the staging directory into place.
     pub fn publish(mut self, md: &Metadata) -> Result<PathBuf, StoreError> {
-        md.write(&self.dir).map_err(|source| StoreError::WriteMetadata { path: self.dir.clone(), source })?;
+        md.write(&self.dir)
+            .map_err(|source| StoreError::WriteMetadata {
+                path: self.dir.clone(),
+                source,
+            })?;
         // An empty destination directory may be replaced; rename(2) onto a
         // non-empty one fails, which is what we want.
         if self.dest.is_dir() && is_empty_dir(&self.dest) {
             let _ = std::fs::remove_dir(&self.dest);
         }
-        std::fs::rename(&self.dir, &self.dest)
-            .map_err(|source| StoreError::Publish { from: self.dir.clone(), to: self.dest.clone(), source })?;
+        std::fs::rename(&self.dir, &self.dest).map_err(|source| StoreError::Publish {
+            from: self.dir.clone(),
+            to: self.dest.clone(),
+            source,
+        })?;
         self.published = true;
         Ok(self.dest.clone())
     }
@@ -104,7 +145,11 @@ mod tests {
             // dropped without publish: nothing appears
         }
         assert!(!dest.exists());
-        assert_eq!(std::fs::read_dir(&base).unwrap().count(), 0, "staging removed");
+        assert_eq!(
+            std::fs::read_dir(&base).unwrap().count(),
+            0,
+            "staging removed"
+        );
         let s = Staged::new(&dest).unwrap();
         std::fs::write(s.dir.join("pages-1.img"), b"data").unwrap();
         let md = metadata::tests::sample();

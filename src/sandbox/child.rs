@@ -64,24 +64,45 @@ pub fn run(plan: &ChildPlan) -> ! {
     sys::unblock_all_signals();
     // Nothing we do may propagate back to the host's mount namespace
     // (mount_namespaces(7): a new namespace copies the propagation type).
-    step!(plan, Step::MakePrivate, sys::mount(None, SLASH, None, libc::MS_REC | libc::MS_PRIVATE));
+    step!(
+        plan,
+        Step::MakePrivate,
+        sys::mount(None, SLASH, None, libc::MS_REC | libc::MS_PRIVATE)
+    );
     // Non-recursive on purpose: the talk's "separate but almost the same" root.
-    step!(plan, Step::BindRoot, sys::mount(Some(SLASH), &plan.root, None, libc::MS_BIND));
+    step!(
+        plan,
+        Step::BindRoot,
+        sys::mount(Some(SLASH), &plan.root, None, libc::MS_BIND)
+    );
     for (src, dst) in &plan.binds {
-        step!(plan, Step::BindSpecial, sys::mount(Some(src), dst, None, libc::MS_BIND));
+        step!(
+            plan,
+            Step::BindSpecial,
+            sys::mount(Some(src), dst, None, libc::MS_BIND)
+        );
     }
     // pivot_root(".", ".") stacks the old root on the new one; detaching it
     // then leaves only the new root, with no put_old directory needed
     // (pivot_root(2), NOTES section; chroot would not change the namespace's root).
     step!(plan, Step::Chdir, sys::chdir(&plan.root));
     step!(plan, Step::PivotRoot, sys::pivot_root(DOT, DOT));
-    step!(plan, Step::UnmountOldRoot, sys::umount2(DOT, libc::MNT_DETACH));
+    step!(
+        plan,
+        Step::UnmountOldRoot,
+        sys::umount2(DOT, libc::MNT_DETACH)
+    );
     step!(plan, Step::Chdir, sys::chdir(SLASH));
     // A fresh proc: PIDs as the new PID namespace sees them.
     step!(
         plan,
         Step::MountProc,
-        sys::mount(Some(PROC), &plan.proc_dir, Some(PROC), libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC)
+        sys::mount(
+            Some(PROC),
+            &plan.proc_dir,
+            Some(PROC),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC
+        )
     );
     // CRIU needs the dumped tree's root to lead its own session.
     step!(plan, Step::Setsid, sys::setsid());
@@ -128,7 +149,9 @@ pub fn run(plan: &ChildPlan) -> ! {
         Err(e) => fail(plan, Step::Sync, e),
     }
     sys::close(plan.sync_read);
-    let Some(variant) = plan.variants.get(choice[0] as usize) else { sys::exit_now(126) };
+    let Some(variant) = plan.variants.get(choice[0] as usize) else {
+        sys::exit_now(126)
+    };
 
     if let Some((bpf, flags)) = &variant.filter {
         if plan.ids.is_some_and(|(uid, _)| uid != 0) {
@@ -141,7 +164,11 @@ pub fn run(plan: &ChildPlan) -> ! {
             Err(e) => fail(plan, Step::Seccomp, e),
         };
         if *flags & libc::SECCOMP_FILTER_FLAG_NEW_LISTENER != 0 {
-            step!(plan, Step::SendListener, sys::send_fd(plan.listener_sock, listener));
+            step!(
+                plan,
+                Step::SendListener,
+                sys::send_fd(plan.listener_sock, listener)
+            );
             // CRIU cannot dump an "anon_inode:seccomp notify" fd: the target
             // must not keep its own copy (platform.md).
             sys::close(listener);

@@ -50,8 +50,25 @@ impl Step {
     fn from_u8(v: u8) -> Option<Step> {
         use Step::*;
         [
-            MakePrivate, BindRoot, BindSpecial, Chdir, PivotRoot, UnmountOldRoot, MountProc, Setsid, OpenDevNull,
-            OpenLog, Stdio, Cwd, SetIds, CloseFds, Sync, NoNewPrivs, Seccomp, SendListener, Exec,
+            MakePrivate,
+            BindRoot,
+            BindSpecial,
+            Chdir,
+            PivotRoot,
+            UnmountOldRoot,
+            MountProc,
+            Setsid,
+            OpenDevNull,
+            OpenLog,
+            Stdio,
+            Cwd,
+            SetIds,
+            CloseFds,
+            Sync,
+            NoNewPrivs,
+            Seccomp,
+            SendListener,
+            Exec,
         ]
         .into_iter()
         .find(|s| *s as u8 == v)
@@ -85,7 +102,11 @@ impl Step {
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
     #[error("{what} {path} is not visible inside the sandbox: it lives on a mount other than / ({mount}); move it onto the root filesystem")]
-    NotVisible { what: &'static str, path: PathBuf, mount: String },
+    NotVisible {
+        what: &'static str,
+        path: PathBuf,
+        mount: String,
+    },
     #[error("cannot create {path}")]
     CreateDir {
         path: PathBuf,
@@ -97,7 +118,11 @@ pub enum SandboxError {
     #[error("{what} contains a NUL byte")]
     Nul { what: &'static str },
     #[error("cannot create a {what}")]
-    Pipe { what: &'static str, #[source] source: Errno },
+    Pipe {
+        what: &'static str,
+        #[source]
+        source: Errno,
+    },
     #[error("clone(CLONE_NEWPID|CLONE_NEWNS) failed (are you root?)")]
     Clone(#[source] Errno),
     #[error("the sandbox failed to {} for {program}", .step.describe())]
@@ -110,9 +135,17 @@ pub enum SandboxError {
     #[error("the sandbox child {pid} vanished before it could run {program}")]
     ChildVanished { pid: Pid, program: PathBuf },
     #[error("cannot release the sandbox child {pid}")]
-    Release { pid: Pid, #[source] source: Errno },
+    Release {
+        pid: Pid,
+        #[source]
+        source: Errno,
+    },
     #[error("cannot receive the seccomp listener from the sandbox child {pid}")]
-    Listener { pid: Pid, #[source] source: Errno },
+    Listener {
+        pid: Pid,
+        #[source]
+        source: Errno,
+    },
 }
 
 /// One way to finish the child: a filter (or none) and extra environment.
@@ -145,16 +178,28 @@ fn cstr(what: &'static str, p: impl AsRef<std::ffi::OsStr>) -> Result<CString, S
 }
 
 fn pipe_cloexec(what: &'static str) -> Result<(OwnedFd, OwnedFd), SandboxError> {
-    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|source| SandboxError::Pipe { what, source })
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|source| SandboxError::Pipe { what, source })
 }
 
-fn check_visible(what: &'static str, p: &Path, mounts: &[PathBuf], ext: &[ExternalMount]) -> Result<(), SandboxError> {
+fn check_visible(
+    what: &'static str,
+    p: &Path,
+    mounts: &[PathBuf],
+    ext: &[ExternalMount],
+) -> Result<(), SandboxError> {
     if mounts::visible_in_sandbox(p, mounts, ext) {
         return Ok(());
     }
     let real = std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-    let mount = mounts::mount_of(&real, mounts).map(|m| m.display().to_string()).unwrap_or_else(|| "?".into());
-    Err(SandboxError::NotVisible { what, path: p.to_path_buf(), mount })
+    let mount = mounts::mount_of(&real, mounts)
+        .map(|m| m.display().to_string())
+        .unwrap_or_else(|| "?".into());
+    Err(SandboxError::NotVisible {
+        what,
+        path: p.to_path_buf(),
+        mount,
+    })
 }
 
 /// The special mounts this host has, which every sandbox binds and every
@@ -166,16 +211,28 @@ pub fn host_externals() -> Result<Vec<ExternalMount>, SandboxError> {
 
 /// Clones the sandbox child for `spec` with `root` (an empty directory) as
 /// its root mount point. The child sets everything up and then waits.
-pub fn spawn(spec: &SandboxSpec, root: &Path, variants: &[Variant]) -> Result<Spawned, SandboxError> {
+pub fn spawn(
+    spec: &SandboxSpec,
+    root: &Path,
+    variants: &[Variant],
+) -> Result<Spawned, SandboxError> {
     let mounts = mounts::mount_points().map_err(SandboxError::MountTable)?;
     let externals = mounts::externals_for(&mounts);
-    std::fs::create_dir_all(&spec.log_dir)
-        .map_err(|source| SandboxError::CreateDir { path: spec.log_dir.clone(), source })?;
+    std::fs::create_dir_all(&spec.log_dir).map_err(|source| SandboxError::CreateDir {
+        path: spec.log_dir.clone(),
+        source,
+    })?;
     check_visible("the log directory", &spec.log_dir, &mounts, &externals)?;
     check_visible("the program", &spec.program, &mounts, &externals)?;
     check_visible("the working directory", &spec.cwd, &mounts, &externals)?;
-    std::fs::create_dir_all(root).map_err(|source| SandboxError::CreateDir { path: root.to_path_buf(), source })?;
-    let root_abs = std::fs::canonicalize(root).map_err(|source| SandboxError::CreateDir { path: root.to_path_buf(), source })?;
+    std::fs::create_dir_all(root).map_err(|source| SandboxError::CreateDir {
+        path: root.to_path_buf(),
+        source,
+    })?;
+    let root_abs = std::fs::canonicalize(root).map_err(|source| SandboxError::CreateDir {
+        path: root.to_path_buf(),
+        source,
+    })?;
 
     // Everything the child touches is built here, before the clone.
     let binds = externals
@@ -185,7 +242,11 @@ pub fn spawn(spec: &SandboxSpec, root: &Path, variants: &[Variant]) -> Result<Sp
             Ok((cstr("mount path", &e.path)?, cstr("mount path", inner)?))
         })
         .collect::<Result<Vec<_>, SandboxError>>()?;
-    let argv_c = spec.argv.iter().map(|a| cstr("argument", a)).collect::<Result<Vec<_>, _>>()?;
+    let argv_c = spec
+        .argv
+        .iter()
+        .map(|a| cstr("argument", a))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut argv: Vec<*const libc::c_char> = argv_c.iter().map(|c| c.as_ptr()).collect();
     argv.push(std::ptr::null());
     let mut env_store: Vec<Vec<CString>> = Vec::new();
@@ -196,7 +257,10 @@ pub fn spawn(spec: &SandboxSpec, root: &Path, variants: &[Variant]) -> Result<Sp
             env.retain(|(ek, _)| ek != k);
             env.push((k.clone(), val.clone()));
         }
-        let cs = env.iter().map(|(k, v)| cstr("environment", format!("{k}={v}"))).collect::<Result<Vec<_>, _>>()?;
+        let cs = env
+            .iter()
+            .map(|(k, v)| cstr("environment", format!("{k}={v}")))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut envp: Vec<*const libc::c_char> = cs.iter().map(|c| c.as_ptr()).collect();
         envp.push(std::ptr::null());
         env_store.push(cs);
@@ -213,9 +277,13 @@ pub fn spawn(spec: &SandboxSpec, root: &Path, variants: &[Variant]) -> Result<Sp
         None,
         nix::sys::socket::SockFlag::SOCK_CLOEXEC,
     )
-    .map_err(|source| SandboxError::Pipe { what: "listener socket", source })?;
-    let ids = (spec.uid != nix::unistd::geteuid().as_raw() || spec.gid != nix::unistd::getegid().as_raw())
-        .then_some((spec.uid, spec.gid));
+    .map_err(|source| SandboxError::Pipe {
+        what: "listener socket",
+        source,
+    })?;
+    let ids = (spec.uid != nix::unistd::geteuid().as_raw()
+        || spec.gid != nix::unistd::getegid().as_raw())
+    .then_some((spec.uid, spec.gid));
     let plan = ChildPlan {
         root: cstr("root path", &root_abs)?,
         binds,
@@ -245,9 +313,23 @@ pub fn spawn(spec: &SandboxSpec, root: &Path, variants: &[Variant]) -> Result<Sp
         Err(e) => return Err(SandboxError::Clone(e)),
     };
     let started = Instant::now();
-    drop((sync_read, error_write, listener_sock, plan, env_store, argv_c));
+    drop((
+        sync_read,
+        error_write,
+        listener_sock,
+        plan,
+        env_store,
+        argv_c,
+    ));
     for e in &externals {
-        crate::explain::say("mount", &format!("bind {} into the new root (CRIU will call it {:?})", e.path.display(), e.key));
+        crate::explain::say(
+            "mount",
+            &format!(
+                "bind {} into the new root (CRIU will call it {:?})",
+                e.path.display(),
+                e.key
+            ),
+        );
     }
     Ok(Spawned {
         pid,
@@ -256,12 +338,19 @@ pub fn spawn(spec: &SandboxSpec, root: &Path, variants: &[Variant]) -> Result<Sp
         sync_write,
         error_read,
         listener_read,
-        wants_listener: variants.iter().map(|v| v.filter.as_ref().is_some_and(|f| f.wants_listener())).collect(),
+        wants_listener: variants
+            .iter()
+            .map(|v| v.filter.as_ref().is_some_and(|f| f.wants_listener()))
+            .collect(),
     })
 }
 
 /// Reads the child's `(step, errno)` report; `None` at EOF (exec happened).
-fn read_child_error(fd: RawFd, program: &Path, pid: Pid) -> Result<Option<SandboxError>, SandboxError> {
+fn read_child_error(
+    fd: RawFd,
+    program: &Path,
+    pid: Pid,
+) -> Result<Option<SandboxError>, SandboxError> {
     let mut msg = [0u8; 8];
     let mut got = 0;
     while got < msg.len() {
@@ -274,10 +363,17 @@ fn read_child_error(fd: RawFd, program: &Path, pid: Pid) -> Result<Option<Sandbo
     if got == msg.len() {
         let step = Step::from_u8(msg[0]).unwrap_or(Step::Exec);
         let errno = Errno::from_raw(i32::from_ne_bytes([msg[4], msg[5], msg[6], msg[7]]));
-        return Ok(Some(SandboxError::ChildStep { step, program: program.to_path_buf(), source: errno }));
+        return Ok(Some(SandboxError::ChildStep {
+            step,
+            program: program.to_path_buf(),
+            source: errno,
+        }));
     }
     if got != 0 {
-        return Ok(Some(SandboxError::ChildVanished { pid, program: program.to_path_buf() }));
+        return Ok(Some(SandboxError::ChildVanished {
+            pid,
+            program: program.to_path_buf(),
+        }));
     }
     Ok(None)
 }
@@ -298,13 +394,22 @@ impl Spawned {
         let listener = if self.wants_listener.get(index).copied().unwrap_or(false) {
             match sys::recv_fd(self.listener_read.as_raw_fd()) {
                 Ok(Some(fd)) => Some(fd),
-                Ok(None) => return Err(SandboxError::Listener { pid, source: Errno::ENODATA }),
+                Ok(None) => {
+                    return Err(SandboxError::Listener {
+                        pid,
+                        source: Errno::ENODATA,
+                    })
+                }
                 Err(source) => return Err(SandboxError::Listener { pid, source }),
             }
         } else {
             None
         };
-        Ok(Released { pid, started: self.started, listener })
+        Ok(Released {
+            pid,
+            started: self.started,
+            listener,
+        })
     }
 
     /// The child's own report, if it already failed a setup step (used when
@@ -313,7 +418,11 @@ impl Spawned {
         let fd = self.error_read.as_fd();
         let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
         match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(200u16)) {
-            Ok(n) if n > 0 => read_child_error(self.error_read.as_raw_fd(), &self.program, self.pid).ok().flatten(),
+            Ok(n) if n > 0 => {
+                read_child_error(self.error_read.as_raw_fd(), &self.program, self.pid)
+                    .ok()
+                    .flatten()
+            }
             _ => None,
         }
     }

@@ -38,7 +38,10 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -63,18 +66,26 @@ pub fn externals_for(mounts: &[PathBuf]) -> Vec<ExternalMount> {
     SPECIAL_MOUNTS
         .iter()
         .filter(|(p, _)| mounts.iter().any(|m| m == Path::new(p)))
-        .map(|(p, k)| ExternalMount { path: PathBuf::from(p), key: k.to_string() })
+        .map(|(p, k)| ExternalMount {
+            path: PathBuf::from(p),
+            key: k.to_string(),
+        })
         .collect()
 }
 
 /// The mount point `path` lives on (longest matching prefix).
 pub fn mount_of<'a>(path: &Path, mounts: &'a [PathBuf]) -> Option<&'a PathBuf> {
-    mounts.iter().filter(|m| path.starts_with(m)).max_by_key(|m| m.components().count())
+    mounts
+        .iter()
+        .filter(|m| path.starts_with(m))
+        .max_by_key(|m| m.components().count())
 }
 
 /// Will `path` (which must exist) be reachable inside the sandbox?
 pub fn visible_in_sandbox(path: &Path, mounts: &[PathBuf], externals: &[ExternalMount]) -> bool {
-    let Ok(real) = std::fs::canonicalize(path) else { return false };
+    let Ok(real) = std::fs::canonicalize(path) else {
+        return false;
+    };
     match mount_of(&real, mounts) {
         Some(m) => m == Path::new("/") || externals.iter().any(|e| &e.path == m),
         None => false,
@@ -109,8 +120,14 @@ mod tests {
     #[test]
     fn finds_the_mount_of_a_path() {
         let m = parse_mount_points(SAMPLE);
-        assert_eq!(mount_of(Path::new("/sys/fs/cgroup/pids"), &m).unwrap(), Path::new("/sys/fs/cgroup"));
+        assert_eq!(
+            mount_of(Path::new("/sys/fs/cgroup/pids"), &m).unwrap(),
+            Path::new("/sys/fs/cgroup")
+        );
         assert_eq!(mount_of(Path::new("/work/x"), &m).unwrap(), Path::new("/"));
-        assert_eq!(mount_of(Path::new("/dev/null"), &m).unwrap(), Path::new("/dev"));
+        assert_eq!(
+            mount_of(Path::new("/dev/null"), &m).unwrap(),
+            Path::new("/dev")
+        );
     }
 }

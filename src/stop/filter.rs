@@ -36,11 +36,16 @@ pub struct StopSyscall {
 
 impl StopSyscall {
     pub fn parse(name: &str) -> Result<Self, FilterError> {
-        let sys = Sysno::from_str(name).map_err(|_| FilterError::UnknownSyscall(name.to_string()))?;
-        Ok(StopSyscall { nr: sys.id() as i64 })
+        let sys =
+            Sysno::from_str(name).map_err(|_| FilterError::UnknownSyscall(name.to_string()))?;
+        Ok(StopSyscall {
+            nr: sys.id() as i64,
+        })
     }
     pub fn name(&self) -> String {
-        Sysno::new(self.nr as usize).map(|s| s.name().to_string()).unwrap_or_else(|| format!("syscall#{}", self.nr))
+        Sysno::new(self.nr as usize)
+            .map(|s| s.name().to_string())
+            .unwrap_or_else(|| format!("syscall#{}", self.nr))
     }
 }
 
@@ -60,11 +65,19 @@ pub enum FilterRule {
 impl std::fmt::Display for FilterRule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            FilterRule::Trace { syscall } => write!(f, "SECCOMP_RET_TRACE on {}(2)", syscall.name()),
-            FilterRule::NotifyMarker { sig } => {
-                write!(f, "SECCOMP_RET_USER_NOTIF on kill(*, {})", crate::stop::tracer::signal_name(*sig))
+            FilterRule::Trace { syscall } => {
+                write!(f, "SECCOMP_RET_TRACE on {}(2)", syscall.name())
             }
-            FilterRule::NotifyDirect { syscall } => write!(f, "SECCOMP_RET_USER_NOTIF on {}(2)", syscall.name()),
+            FilterRule::NotifyMarker { sig } => {
+                write!(
+                    f,
+                    "SECCOMP_RET_USER_NOTIF on kill(*, {})",
+                    crate::stop::tracer::signal_name(*sig)
+                )
+            }
+            FilterRule::NotifyDirect { syscall } => {
+                write!(f, "SECCOMP_RET_USER_NOTIF on {}(2)", syscall.name())
+            }
         }
     }
 }
@@ -93,7 +106,10 @@ pub struct CompiledFilter {
 
 impl CompiledFilter {
     pub fn wants_listener(&self) -> bool {
-        matches!(self.rule, FilterRule::NotifyMarker { .. } | FilterRule::NotifyDirect { .. })
+        matches!(
+            self.rule,
+            FilterRule::NotifyMarker { .. } | FilterRule::NotifyDirect { .. }
+        )
     }
 
     /// Flags for `seccomp(SECCOMP_SET_MODE_FILTER)`.
@@ -110,17 +126,28 @@ impl CompiledFilter {
         self.bpf
             .iter()
             .enumerate()
-            .map(|(i, f)| format!("{i:3}: code=0x{:04x} jt={:3} jf={:3} k=0x{:08x}\n", f.code, f.jt, f.jf, f.k))
+            .map(|(i, f)| {
+                format!(
+                    "{i:3}: code=0x{:04x} jt={:3} jf={:3} k=0x{:08x}\n",
+                    f.code, f.jt, f.jf, f.k
+                )
+            })
             .collect()
     }
 }
 
-fn lib<T>(step: &'static str, r: Result<T, libseccomp::error::SeccompError>) -> Result<T, FilterError> {
+fn lib<T>(
+    step: &'static str,
+    r: Result<T, libseccomp::error::SeccompError>,
+) -> Result<T, FilterError> {
     r.map_err(|source| FilterError::Libseccomp { step, source })
 }
 
 pub fn compile(rule: FilterRule) -> Result<CompiledFilter, FilterError> {
-    let mut ctx = lib("create a filter context", ScmpFilterContext::new(ScmpAction::Allow))?;
+    let mut ctx = lib(
+        "create a filter context",
+        ScmpFilterContext::new(ScmpAction::Allow),
+    )?;
     // The child sets NO_NEW_PRIVS itself when it needs it; libseccomp's own
     // load is never used, so the attribute only matters for the PFC text.
     lib("clear the no-new-privs attribute", ctx.set_ctl_nnp(false))?;
@@ -128,7 +155,10 @@ pub fn compile(rule: FilterRule) -> Result<CompiledFilter, FilterError> {
         FilterRule::Trace { syscall } => {
             lib(
                 "add the trace rule",
-                ctx.add_rule(ScmpAction::Trace(TRACE_TAG), ScmpSyscall::from(syscall.nr as i32)),
+                ctx.add_rule(
+                    ScmpAction::Trace(TRACE_TAG),
+                    ScmpSyscall::from(syscall.nr as i32),
+                ),
             )?;
         }
         FilterRule::NotifyMarker { sig } => {
@@ -155,7 +185,10 @@ pub fn compile(rule: FilterRule) -> Result<CompiledFilter, FilterError> {
     Ok(CompiledFilter { rule, bpf, pfc })
 }
 
-fn read_memfd(name: &std::ffi::CStr, write: impl FnOnce(&std::fs::File) -> Result<(), FilterError>) -> Result<Vec<u8>, FilterError> {
+fn read_memfd(
+    name: &std::ffi::CStr,
+    write: impl FnOnce(&std::fs::File) -> Result<(), FilterError>,
+) -> Result<Vec<u8>, FilterError> {
     let fd = crate::sys::memfd(name).map_err(|e| FilterError::Export(e.into()))?;
     let mut f = std::fs::File::from(fd);
     write(&f)?;
@@ -166,7 +199,9 @@ fn read_memfd(name: &std::ffi::CStr, write: impl FnOnce(&std::fs::File) -> Resul
 }
 
 fn export_bpf(ctx: &ScmpFilterContext) -> Result<Vec<libc::sock_filter>, FilterError> {
-    let raw = read_memfd(c"mh-bpf", |f| lib("export the filter as BPF", ctx.export_bpf(f)))?;
+    let raw = read_memfd(c"mh-bpf", |f| {
+        lib("export the filter as BPF", ctx.export_bpf(f))
+    })?;
     const INSN: usize = std::mem::size_of::<libc::sock_filter>();
     if raw.is_empty() || raw.len() % INSN != 0 {
         return Err(FilterError::BadLength(raw.len()));
@@ -183,7 +218,9 @@ fn export_bpf(ctx: &ScmpFilterContext) -> Result<Vec<libc::sock_filter>, FilterE
 }
 
 fn export_pfc(ctx: &ScmpFilterContext) -> Result<String, FilterError> {
-    let raw = read_memfd(c"mh-pfc", |f| lib("export the filter as PFC", ctx.export_pfc(f)))?;
+    let raw = read_memfd(c"mh-pfc", |f| {
+        lib("export the filter as PFC", ctx.export_pfc(f))
+    })?;
     Ok(String::from_utf8_lossy(&raw).into_owned())
 }
 
@@ -196,7 +233,11 @@ mod tests {
 
     fn returns(f: &CompiledFilter) -> Vec<u32> {
         // BPF_RET|BPF_K instructions and their constants.
-        f.bpf.iter().filter(|i| i.code == 0x06).map(|i| i.k).collect()
+        f.bpf
+            .iter()
+            .filter(|i| i.code == 0x06)
+            .map(|i| i.k)
+            .collect()
     }
 
     #[test]
@@ -205,10 +246,18 @@ mod tests {
         assert_eq!(listen.nr, 50);
         assert_eq!(listen.name(), "listen");
         let f = compile(FilterRule::Trace { syscall: listen }).unwrap();
-        assert!(returns(&f).contains(&(RET_TRACE | TRACE_TAG as u32)), "{}", f.bpf_listing());
+        assert!(
+            returns(&f).contains(&(RET_TRACE | TRACE_TAG as u32)),
+            "{}",
+            f.bpf_listing()
+        );
         // The syscall number is compared somewhere (BPF_JMP|BPF_JEQ|BPF_K == 0x15).
         assert!(f.bpf.iter().any(|i| i.code == 0x15 && i.k == 50));
-        assert!(f.pfc.contains("listen") || f.pfc.contains("50"), "{}", f.pfc);
+        assert!(
+            f.pfc.contains("listen") || f.pfc.contains("50"),
+            "{}",
+            f.pfc
+        );
         assert_eq!(f.load_flags(), 0);
     }
 
@@ -217,15 +266,27 @@ mod tests {
         let sig = crate::sys::sigrtmax();
         let f = compile(FilterRule::NotifyMarker { sig }).unwrap();
         assert!(returns(&f).contains(&RET_USER_NOTIF));
-        assert!(f.bpf.iter().any(|i| i.code == 0x15 && i.k == 62), "kill is syscall 62");
-        assert!(f.bpf.iter().any(|i| i.code == 0x15 && i.k == sig as u32), "compares the signal");
+        assert!(
+            f.bpf.iter().any(|i| i.code == 0x15 && i.k == 62),
+            "kill is syscall 62"
+        );
+        assert!(
+            f.bpf.iter().any(|i| i.code == 0x15 && i.k == sig as u32),
+            "compares the signal"
+        );
         assert!(f.wants_listener());
         assert_eq!(f.load_flags(), libc::SECCOMP_FILTER_FLAG_NEW_LISTENER);
     }
 
     #[test]
     fn bad_inputs_are_refused() {
-        assert!(matches!(StopSyscall::parse("no_such_call"), Err(FilterError::UnknownSyscall(_))));
-        assert!(matches!(compile(FilterRule::NotifyMarker { sig: 9 }), Err(FilterError::BadMarkerSignal { .. })));
+        assert!(matches!(
+            StopSyscall::parse("no_such_call"),
+            Err(FilterError::UnknownSyscall(_))
+        ));
+        assert!(matches!(
+            compile(FilterRule::NotifyMarker { sig: 9 }),
+            Err(FilterError::BadMarkerSignal { .. })
+        ));
     }
 }

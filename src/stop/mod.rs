@@ -80,9 +80,17 @@ pub enum StopError {
     #[error("the notify backend cannot wrap {0:?}: its preload library wraps listen, bind, accept, accept4 and connect; use --backend trace for other syscalls")]
     NotWrappable(String),
     #[error("cannot install the preload library at {path}")]
-    Preload { path: std::path::PathBuf, #[source] source: std::io::Error },
+    Preload {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot resume process {pid}")]
-    Resume { pid: Pid, #[source] source: nix::errno::Errno },
+    Resume {
+        pid: Pid,
+        #[source]
+        source: nix::errno::Errno,
+    },
     #[error("the notify thread failed: {0}")]
     Notify(String),
 }
@@ -103,7 +111,11 @@ pub trait StopBackend: Send {
     /// Called after the clone, before the child loads its filter.
     fn attach(&mut self, child: Pid, tracer: &Tracer) -> Result<(), StopError>;
     /// Called once the child has exec'd: the stop arrives on the channel.
-    fn arm(&mut self, released: &mut Released, tracer: &Tracer) -> Result<Receiver<Arrival>, StopError>;
+    fn arm(
+        &mut self,
+        released: &mut Released,
+        tracer: &Tracer,
+    ) -> Result<Receiver<Arrival>, StopError>;
     /// The dump left the tree running: let it go on past the stop point.
     fn resume_after_dump(&mut self, root: Pid, tracer: &Tracer) -> Result<(), StopError>;
     /// A few words for teaching: how this backend stops a process.
@@ -130,7 +142,12 @@ pub fn continue_tree(root: Pid) -> Result<Vec<Pid>, StopError> {
 /// After CRIU restored an image made with `kind`, get the tree past its
 /// stop point. For TRACE the filter is still in the process and traps the
 /// replayed syscall: without a tracer it would fail with ENOSYS.
-pub fn resume_restored(kind: BackendKind, root: Pid, tracer: &Tracer, reseize: bool) -> Result<Vec<Pid>, StopError> {
+pub fn resume_restored(
+    kind: BackendKind,
+    root: Pid,
+    tracer: &Tracer,
+    reseize: bool,
+) -> Result<Vec<Pid>, StopError> {
     match kind {
         BackendKind::Trace if reseize => Ok(tracer.seize_tree_and_resume(root)?),
         BackendKind::Trace => {
@@ -150,7 +167,11 @@ pub fn make_backend(
 ) -> Result<Box<dyn StopBackend>, StopError> {
     Ok(match choice {
         BackendChoice::Trace => Box::new(trace::TraceBackend::new(stop_at)),
-        BackendChoice::Notify => Box::new(notify::NotifyBackend::new(stop_at, marker_signal, preload_dir)?),
+        BackendChoice::Notify => Box::new(notify::NotifyBackend::new(
+            stop_at,
+            marker_signal,
+            preload_dir,
+        )?),
         BackendChoice::Auto => unreachable!("auto is resolved by prebake::choose"),
     })
 }

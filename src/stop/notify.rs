@@ -33,15 +33,29 @@ pub struct NotifyBackend {
 }
 
 impl NotifyBackend {
-    pub fn new(stop_at: StopSyscall, marker_signal: i32, preload_dir: &Path) -> Result<Self, StopError> {
+    pub fn new(
+        stop_at: StopSyscall,
+        marker_signal: i32,
+        preload_dir: &Path,
+    ) -> Result<Self, StopError> {
         let name = stop_at.name();
         if !preload::WRAPPED.contains(&name.as_str()) {
             return Err(StopError::NotWrappable(name));
         }
         check_marker_signal(marker_signal)?;
-        let preload =
-            preload::install(preload_dir).map_err(|source| StopError::Preload { path: preload_dir.to_path_buf(), source })?;
-        Ok(NotifyBackend { stop_at, marker_signal, preload, direct: false, sigstop_mode: false, release: None, _listener: None })
+        let preload = preload::install(preload_dir).map_err(|source| StopError::Preload {
+            path: preload_dir.to_path_buf(),
+            source,
+        })?;
+        Ok(NotifyBackend {
+            stop_at,
+            marker_signal,
+            preload,
+            direct: false,
+            sigstop_mode: false,
+            release: None,
+            _listener: None,
+        })
     }
 
     /// Research row: NOTIFY directly on the stop syscall.
@@ -68,7 +82,9 @@ fn to_hit(req: &ScmpNotifReq) -> StopHit {
     StopHit {
         tid: tid.as_raw(),
         tgid,
-        syscall: syscalls::Sysno::new(nr as usize).map(|s| s.name().to_string()).unwrap_or_default(),
+        syscall: syscalls::Sysno::new(nr as usize)
+            .map(|s| s.name().to_string())
+            .unwrap_or_default(),
         nr,
         args: req.data.args,
         at_unix_ms: crate::instance::unix_ms(),
@@ -95,15 +111,22 @@ impl StopBackend for NotifyBackend {
 
     fn variant(&self) -> Result<Variant, StopError> {
         let rule = if self.direct {
-            FilterRule::NotifyDirect { syscall: self.stop_at }
+            FilterRule::NotifyDirect {
+                syscall: self.stop_at,
+            }
         } else {
-            FilterRule::NotifyMarker { sig: self.marker_signal }
+            FilterRule::NotifyMarker {
+                sig: self.marker_signal,
+            }
         };
         let filter = compile(rule)?;
         let mut extra_env = vec![
             ("LD_PRELOAD".to_string(), self.preload.display().to_string()),
             ("MIEHISTO_STOP_AT".to_string(), self.stop_at.name()),
-            ("MIEHISTO_MARKER_SIG".to_string(), self.marker_signal.to_string()),
+            (
+                "MIEHISTO_MARKER_SIG".to_string(),
+                self.marker_signal.to_string(),
+            ),
         ];
         if self.sigstop_mode {
             extra_env.push(("MIEHISTO_PRELOAD_MODE".to_string(), "sigstop".to_string()));
@@ -112,14 +135,21 @@ impl StopBackend for NotifyBackend {
             // No marker: the filter traps the real call.
             extra_env.retain(|(k, _)| k != "LD_PRELOAD");
         }
-        Ok(Variant { filter: Some(filter), extra_env })
+        Ok(Variant {
+            filter: Some(filter),
+            extra_env,
+        })
     }
 
     fn attach(&mut self, _child: Pid, _tracer: &Tracer) -> Result<(), StopError> {
         Ok(())
     }
 
-    fn arm(&mut self, released: &mut Released, _tracer: &Tracer) -> Result<Receiver<Arrival>, StopError> {
+    fn arm(
+        &mut self,
+        released: &mut Released,
+        _tracer: &Tracer,
+    ) -> Result<Receiver<Arrival>, StopError> {
         let listener = std::sync::Arc::new(released.listener.take().ok_or(StopError::NoListener)?);
         explain::say("notify", &format!("the sandbox handed over its seccomp listener (fd {} here) over a UNIX socket with SCM_RIGHTS and closed its own copy", listener.as_raw_fd()));
         let (tx, rx) = crossbeam_channel::bounded(1);
@@ -165,7 +195,10 @@ impl StopBackend for NotifyBackend {
 
     fn describe(&self) -> String {
         if self.direct {
-            format!("NOTIFY (direct): SECCOMP_RET_USER_NOTIF on {}(2) itself", self.stop_at.name())
+            format!(
+                "NOTIFY (direct): SECCOMP_RET_USER_NOTIF on {}(2) itself",
+                self.stop_at.name()
+            )
         } else {
             format!(
                 "NOTIFY: SECCOMP_RET_USER_NOTIF on kill(*, {}) only; an LD_PRELOAD wrapper of {}() sends that harmless marker to itself first",

@@ -13,13 +13,18 @@ pub static LIBRARY: &[u8] = include_bytes!(env!("MIEHISTO_PRELOAD_SO"));
 pub const WRAPPED: &[&str] = &["listen", "bind", "accept", "accept4", "connect"];
 
 fn fnv1a(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3))
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Writes the library into `dir` (once per content) and returns its path.
 pub fn install(dir: &Path) -> std::io::Result<PathBuf> {
     let path = dir.join(format!("libmhpreload-{:016x}.so", fnv1a(LIBRARY)));
-    if std::fs::metadata(&path).map(|m| m.len() == LIBRARY.len() as u64).unwrap_or(false) {
+    if std::fs::metadata(&path)
+        .map(|m| m.len() == LIBRARY.len() as u64)
+        .unwrap_or(false)
+    {
         return Ok(path);
     }
     std::fs::create_dir_all(dir)?;

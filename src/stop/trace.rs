@@ -35,13 +35,21 @@ pub struct TraceBackend {
 
 impl TraceBackend {
     pub fn new(stop_at: StopSyscall) -> Self {
-        TraceBackend { stop_at, hold: false, how: AttachHow::Seize }
+        TraceBackend {
+            stop_at,
+            hold: false,
+            how: AttachHow::Seize,
+        }
     }
 
     /// The 2018 flow: `PTRACE_ATTACH`, and the tracer keeps the task at the
     /// stop while CRIU dumps. Only the research matrix uses it.
     pub fn legacy_attached(stop_at: StopSyscall) -> Self {
-        TraceBackend { stop_at, hold: true, how: AttachHow::LegacyAttach }
+        TraceBackend {
+            stop_at,
+            hold: true,
+            how: AttachHow::LegacyAttach,
+        }
     }
 }
 
@@ -55,20 +63,37 @@ impl StopBackend for TraceBackend {
     }
 
     fn variant(&self) -> Result<Variant, StopError> {
-        let filter = compile(FilterRule::Trace { syscall: self.stop_at })?;
-        Ok(Variant { filter: Some(filter), extra_env: Vec::new() })
+        let filter = compile(FilterRule::Trace {
+            syscall: self.stop_at,
+        })?;
+        Ok(Variant {
+            filter: Some(filter),
+            extra_env: Vec::new(),
+        })
     }
 
     fn attach(&mut self, child: Pid, tracer: &Tracer) -> Result<(), StopError> {
         if ptrace_denied_for_test() {
-            return Err(super::tracer::TracerError::Seize { pid: child, source: nix::errno::Errno::EPERM }.into());
+            return Err(super::tracer::TracerError::Seize {
+                pid: child,
+                source: nix::errno::Errno::EPERM,
+            }
+            .into());
         }
-        let policy = if self.hold { Policy::Hold(self.stop_at) } else { Policy::Armed(self.stop_at) };
+        let policy = if self.hold {
+            Policy::Hold(self.stop_at)
+        } else {
+            Policy::Armed(self.stop_at)
+        };
         tracer.seize(child, self.how, policy)?;
         Ok(())
     }
 
-    fn arm(&mut self, _released: &mut Released, tracer: &Tracer) -> Result<Receiver<Arrival>, StopError> {
+    fn arm(
+        &mut self,
+        _released: &mut Released,
+        tracer: &Tracer,
+    ) -> Result<Receiver<Arrival>, StopError> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         let events = tracer.events().clone();
         std::thread::Builder::new()

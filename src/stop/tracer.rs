@@ -18,17 +18,33 @@ use std::time::{Duration, Instant};
 #[derive(Debug, thiserror::Error)]
 pub enum TracerError {
     #[error("cannot ptrace-seize task {pid}")]
-    Seize { pid: Pid, #[source] source: Errno },
+    Seize {
+        pid: Pid,
+        #[source]
+        source: Errno,
+    },
     #[error("cannot ptrace-attach task {pid}")]
-    Attach { pid: Pid, #[source] source: Errno },
+    Attach {
+        pid: Pid,
+        #[source]
+        source: Errno,
+    },
     #[error("cannot read or write the registers of task {pid}")]
-    Regs { pid: Pid, #[source] source: Errno },
+    Regs {
+        pid: Pid,
+        #[source]
+        source: Errno,
+    },
     #[error("tasks {pending:?} did not reach a ptrace-stop within {secs}s while the tree was being frozen")]
     FreezeTimeout { pending: Vec<Pid>, secs: u64 },
     #[error("task {pid} is in state {state:?}, not stopped, after the tree was frozen")]
     NotStopped { pid: Pid, state: char },
     #[error("cannot list the tasks of process {pid}")]
-    ListTasks { pid: Pid, #[source] source: std::io::Error },
+    ListTasks {
+        pid: Pid,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the tracer thread is gone")]
     Gone,
     #[error("cannot start the tracer thread")]
@@ -96,18 +112,20 @@ impl std::fmt::Display for ExitStatus {
 }
 
 pub fn signal_name(sig: i32) -> String {
-    nix::sys::signal::Signal::try_from(sig).map(|s| s.as_str().to_string()).unwrap_or_else(|_| {
-        let (min, max) = (sys::sigrtmin(), sys::sigrtmax());
-        if sig >= min && sig <= max {
-            match max - sig {
-                0 => "SIGRTMAX".to_string(),
-                d if d <= 8 => format!("SIGRTMAX-{d}"),
-                _ => format!("SIGRTMIN+{}", sig - min),
+    nix::sys::signal::Signal::try_from(sig)
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_else(|_| {
+            let (min, max) = (sys::sigrtmin(), sys::sigrtmax());
+            if sig >= min && sig <= max {
+                match max - sig {
+                    0 => "SIGRTMAX".to_string(),
+                    d if d <= 8 => format!("SIGRTMAX-{d}"),
+                    _ => format!("SIGRTMIN+{}", sig - min),
+                }
+            } else {
+                format!("signal {sig}")
             }
-        } else {
-            format!("signal {sig}")
-        }
-    })
+        })
 }
 
 pub enum Event {
@@ -117,10 +135,23 @@ pub enum Event {
 }
 
 enum Cmd {
-    Seize { pid: Pid, how: AttachHow, policy: Policy, reply: Sender<Result<(), TracerError>> },
-    SeizeTree { root: Pid, reply: Sender<Result<Vec<Pid>, TracerError>> },
-    Freeze { reply: Sender<Result<Vec<Pid>, TracerError>> },
-    Watch { pid: Pid, reply: Sender<ExitStatus> },
+    Seize {
+        pid: Pid,
+        how: AttachHow,
+        policy: Policy,
+        reply: Sender<Result<(), TracerError>>,
+    },
+    SeizeTree {
+        root: Pid,
+        reply: Sender<Result<Vec<Pid>, TracerError>>,
+    },
+    Freeze {
+        reply: Sender<Result<Vec<Pid>, TracerError>>,
+    },
+    Watch {
+        pid: Pid,
+        reply: Sender<ExitStatus>,
+    },
     Shutdown,
 }
 
@@ -142,7 +173,14 @@ const PTRACE_OPTIONS: libc::c_int = libc::PTRACE_O_TRACESECCOMP
 /// SIGUSR2 are consumed by the tracer thread with sigtimedwait, the others by
 /// the main thread. Must be called before any thread is spawned.
 pub fn block_supervisor_signals() -> Result<(), Errno> {
-    sys::block_signals(&[libc::SIGCHLD, libc::SIGUSR2, libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT])
+    sys::block_signals(&[
+        libc::SIGCHLD,
+        libc::SIGUSR2,
+        libc::SIGTERM,
+        libc::SIGINT,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+    ])
 }
 
 impl Tracer {
@@ -158,7 +196,12 @@ impl Tracer {
             })
             .map_err(TracerError::Spawn)?;
         let tid = tid_rx.recv().map_err(|_| TracerError::Gone)?;
-        Ok(Tracer { tx, events, tid, handle: Some(handle) })
+        Ok(Tracer {
+            tx,
+            events,
+            tid,
+            handle: Some(handle),
+        })
     }
 
     fn send(&self, cmd: Cmd) -> Result<(), TracerError> {
@@ -169,7 +212,12 @@ impl Tracer {
 
     pub fn seize(&self, pid: Pid, how: AttachHow, policy: Policy) -> Result<(), TracerError> {
         let (reply, r) = bounded(1);
-        self.send(Cmd::Seize { pid, how, policy, reply })?;
+        self.send(Cmd::Seize {
+            pid,
+            how,
+            policy,
+            reply,
+        })?;
         r.recv().map_err(|_| TracerError::Gone)?
     }
 
@@ -202,7 +250,8 @@ impl Tracer {
         // Dropping a std Child neither waits nor kills; we reap through the tracer.
         drop(child);
         let r = self.watch(pid).map_err(std::io::Error::other)?;
-        r.recv().map_err(|_| std::io::Error::other("tracer thread gone"))
+        r.recv()
+            .map_err(|_| std::io::Error::other("tracer thread gone"))
     }
 
     pub fn events(&self) -> &Receiver<Event> {
@@ -239,7 +288,11 @@ struct State {
 pub fn tgid_of(tid: Pid) -> Pid {
     std::fs::read_to_string(format!("/proc/{tid}/status"))
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Tgid:").map(|v| v.trim().parse().ok())).flatten())
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Tgid:").map(|v| v.trim().parse().ok()))
+                .flatten()
+        })
         .map(Pid::from_raw)
         .unwrap_or(tid)
 }
@@ -267,8 +320,13 @@ pub fn tree_tasks(root: Pid) -> Result<Vec<(Pid, Vec<Pid>)>, TracerError> {
             if let Some(tid) = e.file_name().to_str().and_then(|s| s.parse().ok()) {
                 let tid = Pid::from_raw(tid);
                 tids.push(tid);
-                if let Ok(ch) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children")) {
-                    queue.extend(ch.split_whitespace().filter_map(|c| c.parse().ok()).map(Pid::from_raw));
+                if let Ok(ch) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children"))
+                {
+                    queue.extend(
+                        ch.split_whitespace()
+                            .filter_map(|c| c.parse().ok())
+                            .map(Pid::from_raw),
+                    );
                 }
             }
         }
@@ -279,7 +337,10 @@ pub fn tree_tasks(root: Pid) -> Result<Vec<(Pid, Vec<Pid>)>, TracerError> {
 }
 
 fn is_stop_signal(sig: i32) -> bool {
-    matches!(sig, libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU)
+    matches!(
+        sig,
+        libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
+    )
 }
 
 impl State {
@@ -310,7 +371,12 @@ impl State {
 
     fn command(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Seize { pid, how, policy, reply } => {
+            Cmd::Seize {
+                pid,
+                how,
+                policy,
+                reply,
+            } => {
                 self.policy = policy;
                 let _ = reply.send(self.attach(pid, how));
             }
@@ -335,7 +401,8 @@ impl State {
     fn attach(&mut self, pid: Pid, how: AttachHow) -> Result<(), TracerError> {
         match how {
             AttachHow::Seize => {
-                sys::ptrace_seize(pid, PTRACE_OPTIONS).map_err(|source| TracerError::Seize { pid, source })?;
+                sys::ptrace_seize(pid, PTRACE_OPTIONS)
+                    .map_err(|source| TracerError::Seize { pid, source })?;
                 explain::say("ptrace", &format!("PTRACE_SEIZE {pid} with TRACESECCOMP|TRACECLONE|TRACEFORK|TRACEVFORK: the task keeps running, and unlike PTRACE_ATTACH no SIGSTOP is sent"));
             }
             AttachHow::LegacyAttach => {
@@ -344,7 +411,12 @@ impl State {
                 loop {
                     match sys::waitpid(pid.as_raw(), 0) {
                         Ok(Some(Wait::Stopped { .. })) => break,
-                        Ok(Some(_)) => return Err(TracerError::Attach { pid, source: Errno::ESRCH }),
+                        Ok(Some(_)) => {
+                            return Err(TracerError::Attach {
+                                pid,
+                                source: Errno::ESRCH,
+                            })
+                        }
                         Ok(None) => continue,
                         Err(source) => return Err(TracerError::Attach { pid, source }),
                     }
@@ -355,7 +427,13 @@ impl State {
                 explain::say("ptrace", &format!("PTRACE_ATTACH {pid} (the 2018 way): the task got a SIGSTOP that the tracer swallowed"));
             }
         }
-        self.tasks.insert(pid, Task { tgid: tgid_of(pid), resume_on_stop: false });
+        self.tasks.insert(
+            pid,
+            Task {
+                tgid: tgid_of(pid),
+                resume_on_stop: false,
+            },
+        );
         Ok(())
     }
 
@@ -372,7 +450,13 @@ impl State {
                     }
                     return Err(TracerError::Seize { pid: *tid, source });
                 }
-                self.tasks.insert(*tid, Task { tgid: *pid, resume_on_stop: stopped });
+                self.tasks.insert(
+                    *tid,
+                    Task {
+                        tgid: *pid,
+                        resume_on_stop: stopped,
+                    },
+                );
             }
         }
         explain::say("ptrace", &format!("re-seized {} task(s) of the restored tree with PTRACE_O_TRACESECCOMP before they run: the replayed trapped syscall will find a tracer and no ENOSYS", self.tasks.len()));
@@ -416,19 +500,31 @@ impl State {
         if !self.tasks.contains_key(&pid) {
             // A task auto-attached through TRACECLONE/TRACEFORK can report
             // its first stop before its parent's event does.
-            self.tasks.insert(pid, Task { tgid: tgid_of(pid), resume_on_stop: false });
+            self.tasks.insert(
+                pid,
+                Task {
+                    tgid: tgid_of(pid),
+                    resume_on_stop: false,
+                },
+            );
         }
         let r = match event {
             0 => sys::ptrace_cont(pid, sig), // signal-delivery-stop: deliver it
             libc::PTRACE_EVENT_SECCOMP => return self.on_seccomp(pid),
             libc::PTRACE_EVENT_CLONE | libc::PTRACE_EVENT_FORK | libc::PTRACE_EVENT_VFORK => {
                 if let Some((new, tgid)) = self.created_by(pid, event) {
-                    self.tasks.entry(new).or_insert(Task { tgid, resume_on_stop: false });
+                    self.tasks.entry(new).or_insert(Task {
+                        tgid,
+                        resume_on_stop: false,
+                    });
                 }
                 sys::ptrace_cont(pid, 0)
             }
             libc::PTRACE_EVENT_STOP if is_stop_signal(sig) => {
-                let t = self.tasks.get_mut(&pid).map(|t| std::mem::take(&mut t.resume_on_stop));
+                let t = self
+                    .tasks
+                    .get_mut(&pid)
+                    .map(|t| std::mem::take(&mut t.resume_on_stop));
                 if t == Some(true) {
                     sys::ptrace_cont(pid, 0)
                 } else {
@@ -450,7 +546,9 @@ impl State {
             Policy::Armed(s) | Policy::Hold(s) => Some(s),
             Policy::Passthrough => None,
         };
-        let ours = sys::ptrace_geteventmsg(tid).map(|m| m == TRACE_TAG as libc::c_ulong).unwrap_or(false);
+        let ours = sys::ptrace_geteventmsg(tid)
+            .map(|m| m == TRACE_TAG as libc::c_ulong)
+            .unwrap_or(false);
         let regs = sys::ptrace_getregs(tid);
         let hit = match (target, &regs) {
             (Some(s), Ok(r)) if ours && r.orig_rax as i64 == s.nr => Some((s, *r)),
@@ -503,7 +601,8 @@ impl State {
     /// its number back in rax, and step rip back over the 2-byte `syscall`
     /// instruction (x86_64).
     fn rewind(&self, tid: Pid) -> Result<(), TracerError> {
-        let mut r = sys::ptrace_getregs(tid).map_err(|source| TracerError::Regs { pid: tid, source })?;
+        let mut r =
+            sys::ptrace_getregs(tid).map_err(|source| TracerError::Regs { pid: tid, source })?;
         r.rax = r.orig_rax;
         r.orig_rax = u64::MAX;
         r.rip -= 2;
@@ -554,7 +653,10 @@ impl State {
                 Ok(Some(w)) => self.freeze_step(w, &mut released),
                 Ok(None) | Err(_) => {
                     if Instant::now() > deadline {
-                        return Err(TracerError::FreezeTimeout { pending: self.tasks.keys().copied().collect(), secs: 5 });
+                        return Err(TracerError::FreezeTimeout {
+                            pending: self.tasks.keys().copied().collect(),
+                            secs: 5,
+                        });
                     }
                     std::thread::sleep(Duration::from_micros(200));
                 }
@@ -587,7 +689,10 @@ impl State {
     fn created_by(&self, pid: Pid, event: i32) -> Option<(Pid, Pid)> {
         let new = Pid::from_raw(sys::ptrace_geteventmsg(pid).ok()? as i32);
         let tgid = if event == libc::PTRACE_EVENT_CLONE {
-            self.tasks.get(&pid).map(|t| t.tgid).unwrap_or_else(|| tgid_of(pid))
+            self.tasks
+                .get(&pid)
+                .map(|t| t.tgid)
+                .unwrap_or_else(|| tgid_of(pid))
         } else {
             new
         };
@@ -604,7 +709,13 @@ impl State {
             if tgid == pid {
                 let _ = sys::kill(pid, libc::SIGSTOP);
             }
-            self.tasks.insert(pid, Task { tgid, resume_on_stop: false });
+            self.tasks.insert(
+                pid,
+                Task {
+                    tgid,
+                    resume_on_stop: false,
+                },
+            );
         }
         let inject = match event {
             0 => sig, // deliver it; a SIGSTOP joins the group stop
@@ -618,7 +729,10 @@ impl State {
                         if tgid == new {
                             let _ = sys::kill(new, libc::SIGSTOP);
                         }
-                        self.tasks.entry(new).or_insert(Task { tgid, resume_on_stop: false });
+                        self.tasks.entry(new).or_insert(Task {
+                            tgid,
+                            resume_on_stop: false,
+                        });
                     }
                 }
                 0
@@ -643,7 +757,10 @@ mod tests {
         assert_eq!(signal_name(sys::sigrtmin() + 1), "SIGRTMIN+1");
         assert_eq!(ExitStatus::Exited(3).code(), 3);
         assert_eq!(ExitStatus::Signaled(9).code(), 137);
-        assert_eq!(ExitStatus::Signaled(15).to_string(), "killed by signal 15 (SIGTERM)");
+        assert_eq!(
+            ExitStatus::Signaled(15).to_string(),
+            "killed by signal 15 (SIGTERM)"
+        );
     }
 
     #[test]

@@ -24,7 +24,10 @@ impl Case {
         let state = super::temp_dir(name);
         let tag = format!(
             "MH_TEST_TAG={}",
-            state.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+            state
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
         );
         Case { state, tag }
     }
@@ -32,8 +35,10 @@ impl Case {
     /// Spawns a long-running runmh with its output going to files in the
     /// state dir (a pipe nobody reads could block it).
     pub fn spawn(&self, mut cmd: Command, label: &str) -> Child {
-        let out = std::fs::File::create(self.state.join(format!("{label}.out"))).expect("create out file");
-        let err = std::fs::File::create(self.state.join(format!("{label}.err"))).expect("create err file");
+        let out = std::fs::File::create(self.state.join(format!("{label}.out")))
+            .expect("create out file");
+        let err = std::fs::File::create(self.state.join(format!("{label}.err")))
+            .expect("create err file");
         cmd.stdout(out).stderr(err).spawn().expect("spawn runmh")
     }
 
@@ -80,12 +85,26 @@ impl Case {
     /// ended; exiting processes get a moment to vanish.
     pub fn assert_clean(&self) {
         let t0 = Instant::now();
-        while t0.elapsed() < DEADLINE && (!self.leftovers().is_empty() || !self.instance_dirs().is_empty()) {
+        while t0.elapsed() < DEADLINE
+            && (!self.leftovers().is_empty() || !self.instance_dirs().is_empty())
+        {
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert_eq!(self.leftovers(), Vec::<(i32, String)>::new(), "processes left behind");
-        assert_eq!(super::mounts_under(&self.state), Vec::<String>::new(), "mounts left behind");
-        assert_eq!(self.instance_dirs(), Vec::<PathBuf>::new(), "instance directories left behind");
+        assert_eq!(
+            self.leftovers(),
+            Vec::<(i32, String)>::new(),
+            "processes left behind"
+        );
+        assert_eq!(
+            super::mounts_under(&self.state),
+            Vec::<String>::new(),
+            "mounts left behind"
+        );
+        assert_eq!(
+            self.instance_dirs(),
+            Vec::<PathBuf>::new(),
+            "instance directories left behind"
+        );
     }
 }
 
@@ -100,5 +119,6 @@ impl Drop for Case {
 }
 
 pub fn wait_exit(child: &mut Child, what: &str) -> ExitStatus {
-    super::wait_child(child, DEADLINE).unwrap_or_else(|| panic!("{what} did not exit within {DEADLINE:?}"))
+    super::wait_child(child, DEADLINE)
+        .unwrap_or_else(|| panic!("{what} did not exit within {DEADLINE:?}"))
 }

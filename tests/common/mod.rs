@@ -23,7 +23,9 @@ pub fn lock() -> MutexGuard<'static, ()> {
 }
 
 pub fn in_ci() -> bool {
-    std::env::var("CI").map(|v| v == "true" || v == "1").unwrap_or(false)
+    std::env::var("CI")
+        .map(|v| v == "true" || v == "1")
+        .unwrap_or(false)
 }
 
 /// The CRIU the tests use: $MIEHISTO_CRIU, else the set-up step's.
@@ -98,7 +100,10 @@ pub fn temp_dir(tag: &str) -> PathBuf {
         "mh-test-{tag}-{}-{}",
         std::process::id(),
         Instant::now().elapsed().as_nanos()
-            ^ (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0))
+            ^ (std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0))
     ));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("create temp dir");
@@ -112,8 +117,15 @@ pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
     write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
     let mut buf = String::new();
     s.read_to_string(&mut buf)?;
-    let code = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let code = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((code, body))
 }
 
@@ -129,7 +141,9 @@ pub fn wait_http(port: u16, timeout: Duration) -> Result<String, String> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Err(format!("no HTTP 200 on port {port} within {timeout:?}: {last}"))
+    Err(format!(
+        "no HTTP 200 on port {port} within {timeout:?}: {last}"
+    ))
 }
 
 /// `runmh` with the test's state dir and CRIU.
@@ -162,8 +176,14 @@ pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<std::process::
 /// The single log directory under `state/logs` (for services started by
 /// runmh with the default log location).
 pub fn only_log_dir(state: &Path) -> PathBuf {
-    let mut dirs: Vec<_> =
-        std::fs::read_dir(state.join("logs")).map(|r| r.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect()).unwrap_or_default();
+    let mut dirs: Vec<_> = std::fs::read_dir(state.join("logs"))
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .collect()
+        })
+        .unwrap_or_default();
     dirs.sort();
     dirs.pop().expect("a log directory")
 }
@@ -186,11 +206,18 @@ pub fn mounts_under(dir: &Path) -> Vec<String> {
 /// The parent pid of `pid`, from /proc.
 pub fn ppid_of(pid: i32) -> Option<i32> {
     let s = read(Path::new(&format!("/proc/{pid}/stat")));
-    s.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+    s.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 pub fn comm_of(pid: i32) -> String {
-    read(Path::new(&format!("/proc/{pid}/comm"))).trim().to_string()
+    read(Path::new(&format!("/proc/{pid}/comm")))
+        .trim()
+        .to_string()
 }
 
 /// Count of log lines containing `needle`.
