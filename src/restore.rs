@@ -470,7 +470,7 @@ pub fn supervise_restored(
     let mut ready = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(ready_fd) });
     let result = supervise_setup(dir, reseize);
     let running = match result {
-        Ok(Setup::Running(r)) => r,
+        Ok(Setup::Running(r)) => *r,
         Ok(Setup::Ended { root, status, inst }) => {
             // Restored, but it ended at once (e.g. the talk's ENOSYS): the
             // restore worked; the service's own status tells the rest.
@@ -495,7 +495,8 @@ pub fn supervise_restored(
 }
 
 enum Setup {
-    Running(Running),
+    // Boxed: a Running (tracer, channels, record) dwarfs the Ended variant.
+    Running(Box<Running>),
     Ended {
         root: Pid,
         status: ExitStatus,
@@ -543,14 +544,14 @@ fn supervise_setup(dir: &Path, reseize: bool) -> Result<Setup, RestoreError> {
         ),
     );
     let traced = kind == BackendKind::Trace && reseize;
-    Ok(Setup::Running(Running {
+    Ok(Setup::Running(Box::new(Running {
         tracer,
         instance: inst,
         record: rec,
         root,
         exit,
         traced,
-    }))
+    })))
 }
 
 /// Exit status of a service for display.

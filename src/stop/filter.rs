@@ -163,7 +163,7 @@ pub fn compile(rule: FilterRule) -> Result<CompiledFilter, FilterError> {
         }
         FilterRule::NotifyMarker { sig } => {
             check_marker_signal(sig)?;
-            let kill = ScmpSyscall::from(Sysno::kill.id() as i32);
+            let kill = ScmpSyscall::from(Sysno::kill.id());
             lib(
                 "add the marker rule",
                 ctx.add_rule_conditional(

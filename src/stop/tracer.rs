@@ -497,17 +497,12 @@ impl State {
     }
 
     fn on_stop(&mut self, pid: Pid, sig: i32, event: i32) {
-        if !self.tasks.contains_key(&pid) {
-            // A task auto-attached through TRACECLONE/TRACEFORK can report
-            // its first stop before its parent's event does.
-            self.tasks.insert(
-                pid,
-                Task {
-                    tgid: tgid_of(pid),
-                    resume_on_stop: false,
-                },
-            );
-        }
+        // A task auto-attached through TRACECLONE/TRACEFORK can report its
+        // first stop before its parent's event does.
+        self.tasks.entry(pid).or_insert_with(|| Task {
+            tgid: tgid_of(pid),
+            resume_on_stop: false,
+        });
         let r = match event {
             0 => sys::ptrace_cont(pid, sig), // signal-delivery-stop: deliver it
             libc::PTRACE_EVENT_SECCOMP => return self.on_seccomp(pid),
@@ -704,19 +699,16 @@ impl State {
             Wait::Stopped { pid, sig, event } => (pid, sig, event),
             Wait::Exited(..) | Wait::Signaled(..) | Wait::Continued(_) => return self.on_wait(w),
         };
-        if !self.tasks.contains_key(&pid) {
+        self.tasks.entry(pid).or_insert_with(|| {
             let tgid = tgid_of(pid);
             if tgid == pid {
                 let _ = sys::kill(pid, libc::SIGSTOP);
             }
-            self.tasks.insert(
-                pid,
-                Task {
-                    tgid,
-                    resume_on_stop: false,
-                },
-            );
-        }
+            Task {
+                tgid,
+                resume_on_stop: false,
+            }
+        });
         let inject = match event {
             0 => sig, // deliver it; a SIGSTOP joins the group stop
             libc::PTRACE_EVENT_SECCOMP => {
