@@ -32,6 +32,25 @@ fi
 command -v cargo >/dev/null ||
     { echo "test.sh: error: cargo not found: install Rust (rustup) or put cargo on PATH" >&2; exit 1; }
 
+# The lint gates run before the tests: the tree must stay formatted
+# (.rustfmt.toml) and clippy-clean (lints in Cargo.toml). Both tools are
+# rustup components that a minimal toolchain may lack.
+for tool in rustfmt clippy; do
+    probe=(cargo fmt --version)
+    [[ $tool == clippy ]] && probe=(cargo clippy --version)
+    if ! "${probe[@]}" >/dev/null 2>&1; then
+        command -v rustup >/dev/null ||
+            { echo "test.sh: error: cargo $tool is missing and rustup is not available to add it: install the $tool component" >&2; exit 1; }
+        echo "test.sh: rustup component add $tool" >&2
+        rustup component add "$tool"
+    fi
+done
+echo "test.sh: cargo fmt --check" >&2
+cargo fmt --check ||
+    { echo "test.sh: error: the tree is not formatted: run 'cargo fmt' and commit the result" >&2; exit 1; }
+echo "test.sh: cargo clippy --release --all-targets -- -D warnings" >&2
+cargo clippy --release --all-targets -- -D warnings
+
 echo "test.sh: cargo build --release --all-targets" >&2
 cargo build --release --all-targets
 echo "test.sh: ${TEST_CMD[*]}" >&2
