@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """http_server.py - Python payload for miehisto (stdlib only).
 
-A tiny HTTP/1.0 server on 127.0.0.1 built on socketserver.TCPServer and
+A tiny HTTP/1.0 server on 127.0.0.1 (or --bind ADDR) built on socketserver.TCPServer and
 http.server.BaseHTTPRequestHandler. It stands for the "slow-booting
 scripting-language app" that restoring from a CRIU image should speed up:
 with --boot-imports it imports a pile of stdlib modules before binding.
@@ -18,7 +18,7 @@ Log lines (stdout, one os.write per line, so never buffered):
   MHLOG python request n=<count>
   MHLOG python exit signal=<sig>                             (SIGTERM/SIGINT)
 
-Usage: http_server.py [--port N] [--boot-imports]   (else env PORT, else 8080)
+Usage: http_server.py [--port N] [--bind ADDR] [--boot-imports]   (port: else env PORT, else 8080)
 """
 import argparse
 import http.server
@@ -63,9 +63,9 @@ class Server(socketserver.TCPServer):
     allow_reuse_address = True
     request_queue_size = 64
 
-    def __init__(self, port):
+    def __init__(self, port, bind):
         self.requests_served = 0
-        super().__init__(("127.0.0.1", port), Handler)
+        super().__init__((bind, port), Handler)
 
     def server_bind(self):
         try:
@@ -120,6 +120,10 @@ def main():
                     default=int(os.environ.get("PORT") or 8080))
     ap.add_argument("--boot-imports", action="store_true",
                     help="import ~20 stdlib modules before binding (slow boot)")
+    # 0.0.0.0 lets a migrated copy answer on another host's address; a
+    # specific address ties the socket (and a CRIU restore) to that host.
+    ap.add_argument("--bind", default="127.0.0.1",
+                    help="address to listen on (default 127.0.0.1)")
     args = ap.parse_args()
 
     signal.signal(signal.SIGTERM, on_term)
@@ -128,7 +132,7 @@ def main():
     if args.boot_imports:
         boot_imports()
 
-    server = Server(args.port)
+    server = Server(args.port, args.bind)
     log("serving")
     server.serve_forever()
 

@@ -48,6 +48,9 @@ REQUIRED_PACKAGES=(
     libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler
     python3-protobuf libnl-3-dev libnet1-dev libcap-dev libbsd-dev
     libnftables-dev libgnutls28-dev uuid-dev
+    # The fleet tests: a real sshd in a test network namespace, and the ssh
+    # client mhctl --host ssh:// runs (see install_sshd_quietly below).
+    openssh-client
 )
 # Nice to have (helpers/examples may use it); never fatal when unavailable.
 OPTIONAL_PACKAGES=(golang-go)
@@ -142,6 +145,37 @@ ensure_packages() {
     fi
 
     [[ -x /usr/bin/python3 ]] || die "/usr/bin/python3 missing after install: run 'apt-get install python3'"
+}
+
+# Debian's openssh-server postinst starts sshd and enables ssh.service. The
+# tests run their own sshd (own config, keys and port, in a network
+# namespace they create); a host-wide sshd must neither start nor be
+# enabled by this script. So, only when the package is not installed yet:
+#   * /etc/ssh/sshd_not_to_be_run (Debian's documented switch, honoured by
+#     ssh.service and /etc/init.d/ssh) is created before the install;
+#   * a policy-rc.d that denies every start is put in place for the install
+#     when none exists (removed afterwards; an existing one is left alone);
+#   * ssh.service is disabled again afterwards when systemctl is present.
+# An sshd the administrator installed and configured is never touched.
+install_sshd_quietly() {
+    [[ -z $(missing_packages openssh-server) ]] && return 0
+    local policy=/usr/sbin/policy-rc.d ours=0
+    mkdir -p /etc/ssh
+    touch /etc/ssh/sshd_not_to_be_run
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\n# temporary, from miehisto setup/install.sh\nexit 101\n' >"$policy"
+        chmod 0755 "$policy"
+        ours=1
+    fi
+    apt_lists_fresh || apt_update
+    local rc=0
+    apt_install openssh-server || { apt_update && apt_install openssh-server; } || rc=$?
+    ((ours)) && rm -f -- "$policy"
+    ((rc == 0)) || die "apt-get install openssh-server failed (see apt's message above)"
+    if command -v systemctl >/dev/null; then
+        systemctl disable ssh.service ssh.socket >/dev/null 2>&1 || true
+    fi
+    log "openssh-server installed for the tests; the host-wide sshd is neither started nor enabled (/etc/ssh/sshd_not_to_be_run)"
 }
 
 # -------------------------------------------------------------------- criu --
@@ -443,6 +477,7 @@ summary() {
 }
 
 ensure_packages
+install_sshd_quietly
 ensure_criu
 write_env
 summary

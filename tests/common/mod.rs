@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod case;
+pub mod hosts;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
