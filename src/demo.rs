@@ -120,7 +120,7 @@ fn cold_boot(spec: &SandboxSpec, state_dir: &Path, port: u16) -> Result<u64, Dem
     let mut answered = None;
     while Instant::now() < deadline {
         if matches!(xrun::http_get(port), Ok(200)) {
-            answered = Some(t0.elapsed().as_millis() as u64);
+            answered = Some(crate::instance::millis(t0.elapsed()));
             break;
         }
         if running.exit.try_recv().is_ok() {
@@ -479,7 +479,7 @@ fn story(
     ));
     Ok(DemoSummary {
         cold_boot_ms: cold_ms,
-        time_to_stop_ms: baked.time_to_stop.as_millis() as u64,
+        time_to_stop_ms: crate::instance::millis(baked.time_to_stop),
         dump_ms: md.dump_ms,
         restore_to_answer_ms: [first, w.first_response_ms.unwrap_or(0)],
         without_fix: failed.listen.map(|(r, _)| r),

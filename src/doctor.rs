@@ -72,7 +72,7 @@ fn ptrace_works() -> Result<(), String> {
         .arg("5")
         .spawn()
         .map_err(|e| format!("cannot start a test process: {e}"))?;
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let pid = sys::child_pid(&child);
     let r = sys::ptrace_seize(pid, 0);
     let _ = child.kill();
     let _ = child.wait();

@@ -115,7 +115,7 @@ pub fn publish(staged: Staged, facts: DumpFacts<'_>) -> Result<Dumped, StoreErro
         backend: facts.backend,
         stop: facts.stop,
         dumped_pid: facts.pid,
-        dump_ms: facts.dump_time.as_millis() as u64,
+        dump_ms: crate::instance::millis(facts.dump_time),
         image_bytes: bytes,
         image_files: files + 1,
         leave_running: facts.leave_running,

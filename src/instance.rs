@@ -101,8 +101,14 @@ pub struct Instance {
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
+        .map(millis)
         .unwrap_or(0)
+}
+
+/// Whole milliseconds of `d` as the records store them (saturating: no
+/// duration measured here comes near 2^64 ms).
+pub fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl Instance {

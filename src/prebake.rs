@@ -89,12 +89,21 @@ pub fn is_static_elf(path: &Path) -> bool {
     if data.len() < 64 || &data[..4] != b"\x7fELF" || data[4] != 2 {
         return false;
     }
-    let u16at = |o: usize| u16::from_le_bytes([data[o], data[o + 1]]) as usize;
-    let u64at = |o: usize| u64::from_le_bytes(data[o..o + 8].try_into().unwrap_or([0; 8])) as usize;
+    let u16at = |o: usize| usize::from(u16::from_le_bytes([data[o], data[o + 1]]));
+    // An offset past the address space cannot point into the file we read.
+    let u64at = |o: usize| {
+        usize::try_from(u64::from_le_bytes(
+            data[o..o + 8].try_into().unwrap_or([0; 8]),
+        ))
+        .unwrap_or(usize::MAX)
+    };
     let (phoff, phentsize, phnum) = (u64at(0x20), u16at(0x36), u16at(0x38));
     !(0..phnum).any(|i| {
-        let o = phoff + i * phentsize;
-        o + 4 <= data.len()
+        // Checked: a corrupt header's offsets must not overflow.
+        let Some(o) = phoff.checked_add(i * phentsize) else {
+            return false;
+        };
+        o.checked_add(4).is_some_and(|end| end <= data.len())
             && u32::from_le_bytes([data[o], data[o + 1], data[o + 2], data[o + 3]]) == 3
         // PT_INTERP
     })
@@ -262,7 +271,7 @@ fn start(
         externals,
         backend: backend_record(kind, reason, marker),
         image: None,
-        supervisor_pid: std::process::id() as i32,
+        supervisor_pid: nix::unistd::getpid().as_raw(),
         front_pid: None,
         root_pid: pid.as_raw(),
         state: "starting".into(),
@@ -432,7 +441,7 @@ pub fn prebake(
     };
     let stop = StopRecord {
         syscall: stop_name.clone(),
-        since_start_ms: since_start.as_millis() as u64,
+        since_start_ms: crate::instance::millis(since_start),
         hit: hit.clone(),
     };
     let facts = DumpFacts {

@@ -146,7 +146,7 @@ pub fn restore(criu: &Criu, opts: &RestoreOpts) -> Result<Restored, RestoreError
         backend: md.backend.clone(),
         image: Some(std::path::absolute(&opts.images).unwrap_or(opts.images.clone())),
         supervisor_pid: 0,
-        front_pid: Some(std::process::id() as i32),
+        front_pid: Some(nix::unistd::getpid().as_raw()),
         root_pid: 0,
         state: "restoring".into(),
         started_unix_ms: instance::unix_ms(),
@@ -463,8 +463,7 @@ pub fn supervise_restored(
     // across --exec-cmd (crtools.c, criu_signals_setup): start clean.
     sys::unblock_all_signals();
     let _ = crate::stop::tracer::block_supervisor_signals();
-    let _ = sys::close_range(3, (ready_fd as u32).saturating_sub(1));
-    let _ = sys::close_range(ready_fd as u32 + 1, u32::MAX);
+    let _ = sys::close_fds_except(&mut [ready_fd]);
     // SAFETY: the fd number was passed to us by our own front process,
     // which created it for this purpose; nothing else in this fresh process owns it.
     let mut ready = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(ready_fd) });
@@ -532,7 +531,7 @@ fn supervise_setup(dir: &Path, reseize: bool) -> Result<Setup, RestoreError> {
         let _ = sys::kill(root, libc::SIGKILL);
         return Err(e.into());
     }
-    rec.supervisor_pid = std::process::id() as i32;
+    rec.supervisor_pid = nix::unistd::getpid().as_raw();
     rec.root_pid = root.as_raw();
     rec.state = "running".into();
     inst.write_record(&rec)?;

@@ -23,6 +23,37 @@ fn check(ret: libc::c_long) -> SysResult<libc::c_long> {
     }
 }
 
+/// [`check`] for calls whose result is a C `int` (a pid or an fd) that the
+/// raw syscall interface widens to a `long`.
+fn check_int(ret: libc::c_long) -> SysResult<libc::c_int> {
+    check(ret).and_then(|v| libc::c_int::try_from(v).map_err(|_| Errno::EOVERFLOW))
+}
+
+/// [`check`] for calls whose result is a byte count.
+fn check_len(ret: libc::c_long) -> SysResult<usize> {
+    check(ret).and_then(|v| usize::try_from(v).map_err(|_| Errno::EOVERFLOW))
+}
+
+/// A pid the kernel handed out as an unsigned number (`std::process::Child::id`,
+/// `seccomp_notif.pid`).
+pub fn pid_from_u32(id: u32) -> Pid {
+    // A kernel pid is at most PID_MAX_LIMIT (2^22, include/linux/threads.h),
+    // so it always fits the kernel's own `pid_t`, an `int`.
+    #[allow(clippy::cast_possible_wrap)]
+    Pid::from_raw(id as libc::pid_t)
+}
+
+/// The pid of a child started with `std::process::Command`.
+pub fn child_pid(child: &std::process::Child) -> Pid {
+    pid_from_u32(child.id())
+}
+
+/// A syscall argument register shown as the signed C `int`/`long` the callee
+/// reads it as (a pid of -1 for "every process", say).
+pub fn signed_arg(reg: u64) -> i64 {
+    i64::from_ne_bytes(reg.to_ne_bytes())
+}
+
 /// `clone(2)` with fork semantics (no new stack: the child continues on a
 /// copy of the caller's stack, exactly like `fork`). Returns 0 in the child.
 ///
@@ -32,20 +63,24 @@ fn check(ret: libc::c_long) -> SysResult<libc::c_long> {
 /// `_exit`, no allocation, no locks, no return into code that would run
 /// destructors twice.
 pub unsafe fn clone_fork(flags: libc::c_int) -> SysResult<libc::pid_t> {
+    // The flags are a bit set: CLONE_IO is the sign bit of the `int`, and
+    // the kernel reads only the low 32 bits (lower_32_bits in kernel/fork.c).
+    #[allow(clippy::cast_sign_loss)]
+    let flags = (flags | libc::SIGCHLD) as libc::c_uint;
     // SAFETY: SYS_clone with a NULL stack behaves like fork(2); the x86_64
     // argument order is (flags, stack, parent_tid, child_tid, tls) and the
     // tid pointers are unused because no CLONE_*_SETTID flag is passed.
     let ret = unsafe {
         libc::syscall(
             libc::SYS_clone,
-            (flags | libc::SIGCHLD) as libc::c_ulong,
+            libc::c_ulong::from(flags),
             0usize,
             0usize,
             0usize,
             0usize,
         )
     };
-    check(ret).map(|v| v as libc::pid_t)
+    check_int(ret)
 }
 
 /// `fork(2)` through the raw syscall, so that no atfork handler runs in the
@@ -95,8 +130,7 @@ pub fn chdir(path: &CStr) -> SysResult<()> {
 /// Async-signal-safe `open(2)`.
 pub fn open(path: &CStr, flags: libc::c_int, mode: libc::mode_t) -> SysResult<RawFd> {
     // SAFETY: path is a valid NUL-terminated string; mode is passed by value.
-    check(unsafe { libc::open(path.as_ptr(), flags, mode as libc::c_uint) } as libc::c_long)
-        .map(|fd| fd as RawFd)
+    check_int(unsafe { libc::open(path.as_ptr(), flags, mode as libc::c_uint) } as libc::c_long)
 }
 
 /// Async-signal-safe `dup2(2)`.
@@ -119,13 +153,30 @@ pub fn close(fd: RawFd) {
 }
 
 /// Async-signal-safe `close_range(2)` over `[first, last]`.
-pub fn close_range(first: u32, last: u32) -> SysResult<()> {
+fn close_range(first: libc::c_uint, last: libc::c_uint) -> SysResult<()> {
     if first > last {
         return Ok(());
     }
     // SAFETY: close_range only manipulates the descriptor table.
     let ret = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
     check(ret).map(drop)
+}
+
+/// Async-signal-safe: closes every fd above 2 except those in `keep`
+/// (sorted in place; negative entries, "no such fd", are skipped).
+pub fn close_fds_except(keep: &mut [RawFd]) -> SysResult<()> {
+    keep.sort_unstable();
+    let mut next: libc::c_uint = 3;
+    for &fd in keep.iter() {
+        let Ok(fd) = libc::c_uint::try_from(fd) else {
+            continue;
+        };
+        if fd >= next {
+            close_range(next, fd - 1)?;
+            next = fd + 1;
+        }
+    }
+    close_range(next, libc::c_uint::MAX)
 }
 
 /// Async-signal-safe `setsid(2)`.
@@ -160,9 +211,11 @@ pub fn set_parent_death_signal(sig: libc::c_int) -> SysResult<()> {
 
 /// Async-signal-safe `seccomp(SECCOMP_SET_MODE_FILTER, flags, prog)`.
 /// Returns the listener fd when `flags` has `SECCOMP_FILTER_FLAG_NEW_LISTENER`.
-pub fn seccomp_load(filter: &[libc::sock_filter], flags: libc::c_ulong) -> SysResult<libc::c_long> {
+pub fn seccomp_load(filter: &[libc::sock_filter], flags: libc::c_ulong) -> SysResult<RawFd> {
+    // The kernel refuses programs over BPF_MAXINSNS (4096) the same way.
+    let len = libc::c_ushort::try_from(filter.len()).map_err(|_| Errno::EINVAL)?;
     let prog = libc::sock_fprog {
-        len: filter.len() as libc::c_ushort,
+        len,
         filter: filter.as_ptr() as *mut libc::sock_filter,
     };
     // SAFETY: `prog` points at `filter`, which stays borrowed (and so alive
@@ -175,7 +228,7 @@ pub fn seccomp_load(filter: &[libc::sock_filter], flags: libc::c_ulong) -> SysRe
             &prog as *const libc::sock_fprog,
         )
     };
-    check(ret)
+    check_int(ret)
 }
 
 /// Async-signal-safe `read(2)` of exactly one buffer; returns bytes read.
@@ -183,9 +236,9 @@ pub fn read(fd: RawFd, buf: &mut [u8]) -> SysResult<usize> {
     loop {
         // SAFETY: buf is a valid writable slice of buf.len() bytes.
         let r = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        match check(r as libc::c_long) {
+        match check_len(r as libc::c_long) {
             Err(Errno::EINTR) => continue,
-            other => return other.map(|n| n as usize),
+            other => return other,
         }
     }
 }
@@ -197,10 +250,10 @@ pub fn write_all(fd: RawFd, buf: &[u8]) -> SysResult<()> {
     while off < buf.len() {
         // SAFETY: the slice bounds guarantee the pointer and length are valid.
         let r = unsafe { libc::write(fd, buf[off..].as_ptr().cast(), buf.len() - off) };
-        match check(r as libc::c_long) {
+        match check_len(r as libc::c_long) {
             Err(Errno::EINTR) => continue,
             Err(e) => return Err(e),
-            Ok(n) => off += n as usize,
+            Ok(n) => off += n,
         }
     }
     Ok(())
@@ -223,6 +276,11 @@ pub fn exit_now(code: libc::c_int) -> ! {
     unsafe { libc::_exit(code) }
 }
 
+/// The size of one fd in an SCM_RIGHTS message, as the CMSG macros take it.
+// Four bytes: fits every integer type.
+#[allow(clippy::cast_possible_truncation)]
+const RAW_FD_SIZE: libc::c_uint = std::mem::size_of::<RawFd>() as libc::c_uint;
+
 /// Async-signal-safe `sendmsg(2)` of one fd with SCM_RIGHTS over a socket.
 pub fn send_fd(sock: RawFd, fd: RawFd) -> SysResult<()> {
     // The control buffer is a stack array sized for one fd; CMSG_SPACE of
@@ -239,7 +297,7 @@ pub fn send_fd(sock: RawFd, fd: RawFd) -> SysResult<()> {
     msg.msg_iovlen = 1;
     msg.msg_control = cbuf.as_mut_ptr().cast();
     // SAFETY: CMSG_SPACE is a pure computation.
-    msg.msg_controllen = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(RAW_FD_SIZE) } as usize;
     // SAFETY: msg_control points at cbuf, which is large enough for one
     // cmsghdr carrying one int (checked by CMSG_SPACE above being <= 64);
     // CMSG_FIRSTHDR therefore returns a pointer inside cbuf.
@@ -247,7 +305,7 @@ pub fn send_fd(sock: RawFd, fd: RawFd) -> SysResult<()> {
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
         (*cmsg).cmsg_level = libc::SOL_SOCKET;
         (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(RAW_FD_SIZE) as usize;
         std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
     }
     loop {
@@ -316,8 +374,12 @@ pub fn tgkill(tgid: Pid, tid: Pid, sig: libc::c_int) -> SysResult<()> {
 
 /// The calling thread's kernel thread id.
 pub fn gettid() -> Pid {
-    // SAFETY: gettid cannot fail.
-    Pid::from_raw(unsafe { libc::syscall(libc::SYS_gettid) } as libc::pid_t)
+    // SAFETY: gettid takes no arguments and cannot fail.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+    // The kernel's gettid returns a pid_t (an int), widened to a long by
+    // the syscall interface.
+    #[allow(clippy::cast_possible_truncation)]
+    Pid::from_raw(tid as libc::pid_t)
 }
 
 /// `SIGRTMAX` as this libc defines it (a function in glibc).
@@ -373,8 +435,9 @@ pub fn sigtimedwait(
 ) -> SysResult<Option<libc::c_int>> {
     let set = sigset(signals);
     let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        // Longer than time_t can say is as good as forever.
+        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos()),
     };
     // SAFETY: set and ts are initialised and live for the call; siginfo is not requested.
     let r = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
@@ -451,20 +514,26 @@ fn ptrace_raw(req: libc::c_uint, pid: Pid, addr: usize, data: usize) -> SysResul
     }
 }
 
+/// An option mask or signal number as ptrace's `data` word; neither is
+/// ever negative, and the kernel would refuse one that is.
+fn ptrace_data(v: libc::c_int) -> SysResult<usize> {
+    usize::try_from(v).map_err(|_| Errno::EINVAL)
+}
+
 pub fn ptrace_seize(pid: Pid, options: libc::c_int) -> SysResult<()> {
-    ptrace_raw(libc::PTRACE_SEIZE, pid, 0, options as usize).map(drop)
+    ptrace_raw(libc::PTRACE_SEIZE, pid, 0, ptrace_data(options)?).map(drop)
 }
 pub fn ptrace_interrupt(pid: Pid) -> SysResult<()> {
     ptrace_raw(libc::PTRACE_INTERRUPT, pid, 0, 0).map(drop)
 }
 pub fn ptrace_cont(pid: Pid, sig: i32) -> SysResult<()> {
-    ptrace_raw(libc::PTRACE_CONT, pid, 0, sig as usize).map(drop)
+    ptrace_raw(libc::PTRACE_CONT, pid, 0, ptrace_data(sig)?).map(drop)
 }
 pub fn ptrace_listen(pid: Pid) -> SysResult<()> {
     ptrace_raw(libc::PTRACE_LISTEN, pid, 0, 0).map(drop)
 }
 pub fn ptrace_detach(pid: Pid, sig: i32) -> SysResult<()> {
-    ptrace_raw(libc::PTRACE_DETACH, pid, 0, sig as usize).map(drop)
+    ptrace_raw(libc::PTRACE_DETACH, pid, 0, ptrace_data(sig)?).map(drop)
 }
 /// `PTRACE_ATTACH` — only for the research scenario that reproduces the
 /// talk's 2018 collision; everything else uses `PTRACE_SEIZE`.
@@ -472,7 +541,7 @@ pub fn ptrace_attach(pid: Pid) -> SysResult<()> {
     ptrace_raw(libc::PTRACE_ATTACH, pid, 0, 0).map(drop)
 }
 pub fn ptrace_setoptions(pid: Pid, options: libc::c_int) -> SysResult<()> {
-    ptrace_raw(libc::PTRACE_SETOPTIONS, pid, 0, options as usize).map(drop)
+    ptrace_raw(libc::PTRACE_SETOPTIONS, pid, 0, ptrace_data(options)?).map(drop)
 }
 pub fn ptrace_geteventmsg(pid: Pid) -> SysResult<libc::c_ulong> {
     let mut msg: libc::c_ulong = 0;

@@ -99,7 +99,7 @@ fn bench_python_smoke_reports_every_row_with_real_numbers() {
 
     // Nothing left behind: no instance, no mount, no scratch directory,
     // and nothing answering on the workload's port.
-    let port = w["port"].as_u64().expect("port") as u16;
+    let port = u16::try_from(w["port"].as_u64().expect("port")).expect("a port number");
     assert!(
         miehisto::instance::Instance::list(&state).is_empty(),
         "no instance left"

@@ -89,13 +89,13 @@ impl Case {
     }
 
     fn daemon_pid(&self) -> i32 {
-        self.daemon.as_ref().expect("daemon running").id() as i32
+        miehisto::sys::child_pid(self.daemon.as_ref().expect("daemon running")).as_raw()
     }
 
     /// Ends the daemon with `sig` and waits for it.
     fn stop_daemon(&mut self, sig: nix::sys::signal::Signal) {
         let mut child = self.daemon.take().expect("daemon running");
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig);
+        let _ = nix::sys::signal::kill(miehisto::sys::child_pid(&child), sig);
         assert!(
             common::wait_child(&mut child, Duration::from_secs(20)).is_some(),
             "miehistod did not exit on {sig}"
@@ -219,7 +219,8 @@ impl Drop for Case {
 }
 
 fn pid_of(v: &Value, key: &str) -> i32 {
-    v[key].as_i64().unwrap_or_else(|| panic!("no {key} in {v}")) as i32
+    let n = v[key].as_i64().unwrap_or_else(|| panic!("no {key} in {v}"));
+    i32::try_from(n).unwrap_or_else(|_| panic!("{key} in {v} is not a pid"))
 }
 
 /// The restored (or cold) service is miehistod → runmh → service.

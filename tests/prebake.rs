@@ -9,7 +9,6 @@ use common::case::{wait_exit, Case, DEADLINE};
 
 use miehisto::images::Metadata;
 use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -308,7 +307,8 @@ fn assert_stopped_before_listen(md: &Metadata, backend: &str, p: &Payload) {
             assert_eq!(hit.syscall, "kill", "{hit:?}");
             assert_eq!(hit.nr, syscalls::Sysno::kill as i64, "{hit:?}");
             assert_eq!(
-                hit.args[1], marker as u64,
+                hit.args[1],
+                u64::try_from(marker).expect("a positive signal"),
                 "the trapped kill carries the marker: {hit:?}"
             );
             assert!(
@@ -401,7 +401,7 @@ fn restore_serve_stop(c: &Case, img: &Path, md: &Metadata, p: &Payload, round: u
         assert_eq!(common::count_lines(&err, &line), round, "{err}");
     }
 
-    kill(Pid::from_raw(front.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    kill(miehisto::sys::child_pid(&front), Signal::SIGTERM).expect("SIGTERM");
     let st = wait_exit(&mut front, "runmh restore after SIGTERM");
     assert_eq!(
         st.code(),
@@ -820,12 +820,12 @@ fn restored_trace_service_dumped_at_any_moment() {
         "re-seized after the dump"
     );
 
-    nix::sys::signal::kill(Pid::from_raw(front.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    nix::sys::signal::kill(miehisto::sys::child_pid(&front), Signal::SIGTERM).expect("SIGTERM");
     wait_exit(&mut front, "first restore");
     let mut second = c.spawn(c.restore_cmd(&img2), "second");
     common::wait_http(p.port, DEADLINE)
         .unwrap_or_else(|e| panic!("{e}; {}", c.stderr_of("second")));
-    nix::sys::signal::kill(Pid::from_raw(second.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    nix::sys::signal::kill(miehisto::sys::child_pid(&second), Signal::SIGTERM).expect("SIGTERM");
     wait_exit(&mut second, "second restore");
     let log = common::read(&log_path);
     assert_eq!(

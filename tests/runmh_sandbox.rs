@@ -9,7 +9,6 @@ use common::case::{wait_exit, Case, DEADLINE};
 use miehisto::images::Metadata;
 use miehisto::instance::InstanceRecord;
 use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -55,7 +54,7 @@ impl Case {
 }
 
 fn term(child: &Child) {
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("send SIGTERM");
+    kill(miehisto::sys::child_pid(child), Signal::SIGTERM).expect("send SIGTERM");
 }
 
 /// A failed command: non-zero exit, exactly one stderr line starting `runmh: error:`.
@@ -180,7 +179,7 @@ fn run_dump_restore_twice() {
     let (mut run, rec) = run_python(&c, port);
     assert_eq!(
         common::ppid_of(rec.root_pid),
-        Some(run.id() as i32),
+        Some(miehisto::sys::child_pid(&run).as_raw()),
         "runmh run is the service's parent"
     );
     let (code, body) = common::http_get(port, "/").expect("GET");
@@ -321,7 +320,10 @@ fn dump_by_service_pid_leave_running() {
         None,
         "runmh run still supervises"
     );
-    assert_eq!(common::ppid_of(rec.root_pid), Some(run.id() as i32));
+    assert_eq!(
+        common::ppid_of(rec.root_pid),
+        Some(miehisto::sys::child_pid(&run).as_raw())
+    );
 
     term(&run);
     let st = wait_exit(&mut run, "runmh run after SIGTERM");

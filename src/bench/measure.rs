@@ -327,7 +327,7 @@ impl Ctx {
         });
         let mut root = None;
         let result = r.map(|(listen, first)| {
-            let sup = child.id() as i32;
+            let sup = sys::child_pid(&child).as_raw();
             root = self
                 .instance_of(|rec| rec.supervisor_pid == sup)
                 .map(|(_, p)| p);
@@ -367,7 +367,7 @@ impl Ctx {
         let result = r.map(|(listen, first)| Boot {
             first_response: first,
             listen,
-            rss_mib: rss_mib(child.id() as i32),
+            rss_mib: rss_mib(sys::child_pid(&child).as_raw()),
             ..Default::default()
         });
         let _ = child.kill();

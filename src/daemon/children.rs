@@ -136,7 +136,7 @@ impl Children {
             program: cmd.get_program().to_string_lossy().into_owned(),
             source,
         })?;
-        let pid = child.id() as i32;
+        let pid = sys::child_pid(&child).as_raw();
         // Dropping a Child neither waits for nor kills the process.
         drop(child);
         self.lock().spawned += 1;

@@ -34,7 +34,7 @@ mod tests {
 
     #[test]
     fn self_is_alive_and_has_a_parent() {
-        let me = std::process::id() as i32;
+        let me = nix::unistd::getpid().as_raw();
         assert!(alive(me));
         assert_eq!(ppid(me), Some(nix::unistd::getppid().as_raw()));
         assert!(!alive(0));

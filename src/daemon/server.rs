@@ -392,7 +392,7 @@ impl Server {
             Request::Ping => Ok(Reply::Pong {
                 daemon_version: env!("CARGO_PKG_VERSION").to_string(),
                 api_version: API_VERSION,
-                pid: std::process::id() as i32,
+                pid: nix::unistd::getpid().as_raw(),
                 state_dir: s.state_dir().to_path_buf(),
             }),
             Request::ServiceCreate(c) => s.create(&c).map(Reply::Service),

@@ -261,7 +261,7 @@ impl ImageStore {
                 let Some(pid) = writer_pid(&file) else {
                     continue;
                 };
-                if pid as u32 != std::process::id() && procfs::alive(pid) {
+                if pid != nix::unistd::getpid().as_raw() && procfs::alive(pid) {
                     continue;
                 }
                 if std::fs::remove_dir_all(e.path()).is_ok() {

@@ -342,7 +342,7 @@ fn handoff_row(
     let result = handoff_steps(row, criu, &rx, dir, &images, &logs, &sock, port, ctx);
     // The dump normally kills the held task, and the supervisor exits with
     // it; on any other path it is told to stop here (it kills its task).
-    let _ = sys::kill(Pid::from_raw(child.id() as i32), libc::SIGTERM);
+    let _ = sys::kill(sys::child_pid(&child), libc::SIGTERM);
     finish_child(&mut child, Duration::from_secs(5));
     let _ = std::fs::remove_file(&sock);
     let _ = std::fs::remove_dir_all(&images);
@@ -438,7 +438,7 @@ fn handoff_steps(
         return Ok(());
     }
     row.dumped = Some(true);
-    row.dump_ms = Some(t0.elapsed().as_millis() as u64);
+    row.dump_ms = Some(crate::instance::millis(t0.elapsed()));
     let parked = dump_log
         .lines()
         .find(|l| l.contains("seize-handoff: tid") && l.contains("parked"))
@@ -521,7 +521,7 @@ fn neutralize_row(
     };
     row.stopped = Some(true);
     row.dumped = Some(true);
-    row.time_to_stop_ms = Some(baked.time_to_stop.as_millis() as u64);
+    row.time_to_stop_ms = Some(crate::instance::millis(baked.time_to_stop));
     row.dump_ms = Some(baked.dumped.metadata.dump_ms);
     let md = Metadata::read(&images).map_err(|source| PatchedError::Metadata {
         dir: images.clone(),
@@ -653,7 +653,7 @@ fn restore_and_watch(
             prog: unshare.clone(),
             source,
         })?;
-    let restore_ms = t0.elapsed().as_millis() as u64;
+    let restore_ms = crate::instance::millis(t0.elapsed());
     let _ = std::fs::remove_dir(&rr);
     let restore_log = run::read_from(&dir.join("restore.log"), 0);
     if !status.success() {

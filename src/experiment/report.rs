@@ -315,6 +315,8 @@ impl Report {
 /// `YYYY-MM-DD` (UTC) of a Unix time in milliseconds.
 pub fn utc_date(unix_ms: u64) -> String {
     // Howard Hinnant's civil_from_days.
+    // u64::MAX ms is under 2^38 days: the day count always fits an i64.
+    #[allow(clippy::cast_possible_wrap)]
     let z = (unix_ms / 86_400_000) as i64 + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;

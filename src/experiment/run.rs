@@ -62,7 +62,7 @@ pub fn read_from(path: &Path, offset: u64) -> String {
     let Ok(bytes) = std::fs::read(path) else {
         return String::new();
     };
-    let start = (offset as usize).min(bytes.len());
+    let start = usize::try_from(offset).map_or(bytes.len(), |o| o.min(bytes.len()));
     String::from_utf8_lossy(&bytes[start..]).into_owned()
 }
 
@@ -247,7 +247,7 @@ pub fn restore_and_watch(
     match restore::restore(criu, &opts) {
         Ok(r) => {
             w.restored = true;
-            let restore_ms = r.took.as_millis() as u64;
+            let restore_ms = crate::instance::millis(r.took);
             w.restore_ms = Some(restore_ms);
             explain::say("watch", &format!("restored in {restore_ms} ms; now watching the payload's own log for its listen line, and knocking on port {port}"));
             let k = knock(&out, out_at, port, wait);
@@ -255,7 +255,7 @@ pub fn restore_and_watch(
             w.served = k.served;
             w.first_response_ms = k
                 .answered_at
-                .map(|t| t.duration_since(t0).as_millis() as u64);
+                .map(|t| crate::instance::millis(t.duration_since(t0)));
             stop_supervisor(r.supervisor, r.root, Duration::from_secs(10));
             // The supervisor removes its instance directory when it ends normally.
             r.instance.remove();
@@ -267,11 +267,9 @@ pub fn restore_and_watch(
                 && file_len(&out) > out_at;
             if w.restored {
                 // CRIU did its part; the time is up to runmh's report.
-                w.restore_ms = Some(
-                    t0.elapsed()
-                        .saturating_sub(Duration::from_millis(100))
-                        .as_millis() as u64,
-                );
+                w.restore_ms = Some(crate::instance::millis(
+                    t0.elapsed().saturating_sub(Duration::from_millis(100)),
+                ));
             }
             explain::say("restore", &format!("the restore reported: {}", chain(&e)));
             w.error = Some(e);
@@ -422,7 +420,7 @@ pub fn run_scenario(sc: &Scenario, attempt: u32, ctx: &mut Ctx<'_>) -> Row {
     };
     row.stopped = Some(true);
     row.dumped = Some(true);
-    row.time_to_stop_ms = Some(baked.time_to_stop.as_millis() as u64);
+    row.time_to_stop_ms = Some(crate::instance::millis(baked.time_to_stop));
     row.dump_ms = Some(baked.dumped.metadata.dump_ms);
     let resume = match (sc.backend, sc.reseize) {
         (crate::stop::BackendChoice::Trace, true) => {

@@ -239,7 +239,7 @@ pub(crate) mod tests {
             Err(MetadataError::Version { found: 99, .. })
         ));
 
-        let big = vec![b' '; (MAX_BYTES + 1) as usize];
+        let big = vec![b' '; usize::try_from(MAX_BYTES + 1).unwrap()];
         std::fs::write(d.join(FILE_NAME), big).unwrap();
         assert!(matches!(
             Metadata::read(&d),

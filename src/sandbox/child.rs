@@ -130,15 +130,7 @@ pub fn run(plan: &ChildPlan) -> ! {
     // Every inherited fd but our three pipes goes: a stray fd (say, one on
     // the host's /dev) makes criu dump fail with "Can't lookup mount".
     let mut keep = [plan.sync_read, plan.error_write, plan.listener_sock];
-    keep.sort_unstable();
-    let mut next: u32 = 3;
-    for fd in keep {
-        if fd >= 0 && fd as u32 >= next {
-            step!(plan, Step::CloseFds, sys::close_range(next, fd as u32 - 1));
-            next = fd as u32 + 1;
-        }
-    }
-    step!(plan, Step::CloseFds, sys::close_range(next, u32::MAX));
+    step!(plan, Step::CloseFds, sys::close_fds_except(&mut keep));
 
     // Wait for the supervisor: for TRACE it must PTRACE_SEIZE us before the
     // filter exists, or the first trapped call would find no tracer (ENOSYS).
@@ -160,7 +152,7 @@ pub fn run(plan: &ChildPlan) -> ! {
         }
         // The last step before exec: nothing of ours runs under the filter.
         let listener = match sys::seccomp_load(bpf, *flags) {
-            Ok(fd) => fd as RawFd,
+            Ok(fd) => fd,
             Err(e) => fail(plan, Step::Seccomp, e),
         };
         if *flags & libc::SECCOMP_FILTER_FLAG_NEW_LISTENER != 0 {

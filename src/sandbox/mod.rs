@@ -383,9 +383,14 @@ impl Spawned {
     /// the exec happened (or the child reported which step failed).
     pub fn release(self, index: usize) -> Result<Released, SandboxError> {
         let pid = self.pid;
+        // The child reads the index as one byte.
+        let byte = u8::try_from(index).map_err(|_| SandboxError::Release {
+            pid,
+            source: Errno::EINVAL,
+        })?;
         // A child that already failed has closed its end: the write fails
         // (EPIPE), and its report is waiting in the error pipe below.
-        let wrote = sys::write_all(self.sync_write.as_raw_fd(), &[index as u8]);
+        let wrote = sys::write_all(self.sync_write.as_raw_fd(), &[byte]);
         drop(self.sync_write);
         if let Some(e) = read_child_error(self.error_read.as_raw_fd(), &self.program, pid)? {
             return Err(e);

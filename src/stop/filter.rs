@@ -31,19 +31,19 @@ pub enum FilterError {
 /// A syscall the user names as the stop point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StopSyscall {
-    pub nr: i64,
+    pub nr: i32,
 }
 
 impl StopSyscall {
     pub fn parse(name: &str) -> Result<Self, FilterError> {
         let sys =
             Sysno::from_str(name).map_err(|_| FilterError::UnknownSyscall(name.to_string()))?;
-        Ok(StopSyscall {
-            nr: sys.id() as i64,
-        })
+        Ok(StopSyscall { nr: sys.id() })
     }
     pub fn name(&self) -> String {
-        Sysno::new(self.nr as usize)
+        usize::try_from(self.nr)
+            .ok()
+            .and_then(Sysno::new)
             .map(|s| s.name().to_string())
             .unwrap_or_else(|| format!("syscall#{}", self.nr))
     }
@@ -93,6 +93,14 @@ pub fn check_marker_signal(sig: i32) -> Result<(), FilterError> {
         return Err(FilterError::BadMarkerSignal { sig, min, max });
     }
     Ok(())
+}
+
+/// The marker signal as the value the filter compares `kill`'s second
+/// argument with.
+fn marker_datum(sig: i32) -> Result<u64, FilterError> {
+    check_marker_signal(sig)?;
+    let (min, max) = (crate::sys::sigrtmin(), crate::sys::sigrtmax());
+    u64::try_from(sig).map_err(|_| FilterError::BadMarkerSignal { sig, min, max })
 }
 
 /// A compiled filter: the BPF the child loads, and libseccomp's
@@ -155,28 +163,25 @@ pub fn compile(rule: FilterRule) -> Result<CompiledFilter, FilterError> {
         FilterRule::Trace { syscall } => {
             lib(
                 "add the trace rule",
-                ctx.add_rule(
-                    ScmpAction::Trace(TRACE_TAG),
-                    ScmpSyscall::from(syscall.nr as i32),
-                ),
+                ctx.add_rule(ScmpAction::Trace(TRACE_TAG), ScmpSyscall::from(syscall.nr)),
             )?;
         }
         FilterRule::NotifyMarker { sig } => {
-            check_marker_signal(sig)?;
+            let datum = marker_datum(sig)?;
             let kill = ScmpSyscall::from(Sysno::kill.id());
             lib(
                 "add the marker rule",
                 ctx.add_rule_conditional(
                     ScmpAction::Notify,
                     kill,
-                    &[ScmpArgCompare::new(1, ScmpCompareOp::Equal, sig as u64)],
+                    &[ScmpArgCompare::new(1, ScmpCompareOp::Equal, datum)],
                 ),
             )?;
         }
         FilterRule::NotifyDirect { syscall } => {
             lib(
                 "add the notify rule",
-                ctx.add_rule(ScmpAction::Notify, ScmpSyscall::from(syscall.nr as i32)),
+                ctx.add_rule(ScmpAction::Notify, ScmpSyscall::from(syscall.nr)),
             )?;
         }
     }
@@ -271,7 +276,9 @@ mod tests {
             "kill is syscall 62"
         );
         assert!(
-            f.bpf.iter().any(|i| i.code == 0x15 && i.k == sig as u32),
+            f.bpf
+                .iter()
+                .any(|i| i.code == 0x15 && u64::from(i.k) == marker_datum(sig).unwrap()),
             "compares the signal"
         );
         assert!(f.wants_listener());

@@ -76,13 +76,15 @@ impl NotifyBackend {
 }
 
 fn to_hit(req: &ScmpNotifReq) -> StopHit {
-    let tid = Pid::from_raw(req.pid as i32);
+    let tid = crate::sys::pid_from_u32(req.pid);
     let tgid = super::tracer::tgid_of(tid).as_raw();
-    let nr = i32::from(req.data.syscall) as i64;
+    let nr = i64::from(i32::from(req.data.syscall));
     StopHit {
         tid: tid.as_raw(),
         tgid,
-        syscall: syscalls::Sysno::new(nr as usize)
+        syscall: usize::try_from(nr)
+            .ok()
+            .and_then(syscalls::Sysno::new)
             .map(|s| s.name().to_string())
             .unwrap_or_default(),
         nr,
@@ -170,7 +172,7 @@ impl StopBackend for NotifyBackend {
                 };
                 let hit = to_hit(&first);
                 let what = if direct { "called" } else { "called the marker" };
-                explain::say("notify", &format!("task {} {what} {}({}, {}): it is blocked inside the kernel (seccomp_do_user_notification), neither stopped by a signal nor traced", first.pid, hit.syscall, first.data.args[0] as i64, first.data.args[1]));
+                explain::say("notify", &format!("task {} {what} {}({}, {}): it is blocked inside the kernel (seccomp_do_user_notification), neither stopped by a signal nor traced", first.pid, hit.syscall, crate::sys::signed_arg(first.data.args[0]), first.data.args[1]));
                 let _ = tx.send(Arrival::Stopped(hit));
                 // Hold it until the dump is over (or forever, if the dump
                 // kills the tree); then let every marker through.

@@ -246,7 +246,7 @@ impl Tracer {
     /// Runs a command to completion; its exit is reaped by the tracer thread.
     pub fn run(&self, cmd: &mut std::process::Command) -> std::io::Result<ExitStatus> {
         let child = cmd.spawn()?;
-        let pid = Pid::from_raw(child.id() as i32);
+        let pid = sys::child_pid(&child);
         // Dropping a std Child neither waits nor kills; we reap through the tracer.
         drop(child);
         let r = self.watch(pid).map_err(std::io::Error::other)?;
@@ -546,7 +546,7 @@ impl State {
             .unwrap_or(false);
         let regs = sys::ptrace_getregs(tid);
         let hit = match (target, &regs) {
-            (Some(s), Ok(r)) if ours && r.orig_rax as i64 == s.nr => Some((s, *r)),
+            (Some(s), Ok(r)) if ours && i32::try_from(r.orig_rax) == Ok(s.nr) => Some((s, *r)),
             _ => None,
         };
         let Some((syscall, r)) = hit else {
@@ -563,7 +563,7 @@ impl State {
             tid: tid.as_raw(),
             tgid: tgid.as_raw(),
             syscall: syscall.name(),
-            nr: syscall.nr,
+            nr: i64::from(syscall.nr),
             args: [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9],
             at_unix_ms: crate::instance::unix_ms(),
             frozen: Vec::new(),
@@ -571,7 +571,7 @@ impl State {
         };
         explain::say(
             "seccomp",
-            &format!("task {tid} called {}({}, {}, ...): SECCOMP_RET_TRACE stopped it before the kernel ran the call (PTRACE_EVENT_SECCOMP)", hit.syscall, r.rdi as i64, r.rsi as i64),
+            &format!("task {tid} called {}({}, {}, ...): SECCOMP_RET_TRACE stopped it before the kernel ran the call (PTRACE_EVENT_SECCOMP)", hit.syscall, sys::signed_arg(r.rdi), sys::signed_arg(r.rsi)),
         );
         if matches!(self.policy, Policy::Hold(_)) {
             hit.held = true;
@@ -682,7 +682,7 @@ impl State {
     /// The task a `PTRACE_EVENT_CLONE`/`FORK`/`VFORK` of `pid` created,
     /// and its thread group: the parent's for a thread, its own otherwise.
     fn created_by(&self, pid: Pid, event: i32) -> Option<(Pid, Pid)> {
-        let new = Pid::from_raw(sys::ptrace_geteventmsg(pid).ok()? as i32);
+        let new = Pid::from_raw(i32::try_from(sys::ptrace_geteventmsg(pid).ok()?).ok()?);
         let tgid = if event == libc::PTRACE_EVENT_CLONE {
             self.tasks
                 .get(&pid)

@@ -60,7 +60,7 @@ impl Case {
     /// their environment, runmh and CRIU processes naming the state dir.
     /// (A zombie has an empty cmdline and environ: it holds nothing.)
     pub fn leftovers(&self) -> Vec<(i32, String)> {
-        let me = std::process::id() as i32;
+        let me = nix::unistd::getpid().as_raw();
         let state = self.state.to_string_lossy().into_owned();
         let mut found = Vec::new();
         for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {

@@ -290,7 +290,7 @@ impl Host {
 
     fn stop_daemon(&mut self) {
         if let Some(mut child) = self.daemon.take() {
-            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let pid = miehisto::sys::child_pid(&child);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
             if super::wait_child(&mut child, Duration::from_secs(10)).is_none() {
                 let _ = child.kill();
