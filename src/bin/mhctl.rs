@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use miehisto::daemon::api::{self, ImageInfo, Reply, Request, ServiceInfo};
 use miehisto::daemon::client::Client;
+use miehisto::daemon::remote::{self, DaemonAddr, SshOptions};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +22,12 @@ struct Cli {
     /// miehistod's socket [default: /run/miehisto/miehistod.sock].
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
+    /// A daemon elsewhere: ssh://[USER@]HOST[:PORT][/SOCKET] (through the
+    /// system's ssh; MIEHISTO_SSH_CONFIG=FILE passes `-F FILE`,
+    /// MIEHISTO_REMOTE_MHCTL names the remote mhctl), or unix:///PATH.
+    /// [env: MIEHISTO_HOST; --socket wins over the variable]
+    #[arg(long, short = 'H', value_name = "URL")]
+    host: Option<String>,
     /// CRIU binary for `experiment` and `bench`.
     #[arg(long, value_name = "PATH")]
     criu: Option<PathBuf>,
@@ -56,6 +63,22 @@ enum Cmd {
     Experiment(miehisto::experiment::ExperimentArgs),
     /// Run the benchmarks (no daemon needed).
     Bench(miehisto::bench::BenchArgs),
+    /// Plumbing for remote use.
+    System {
+        #[command(subcommand)]
+        cmd: SystemCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum SystemCmd {
+    /// Copy stdin to the local daemon's socket and its replies to stdout
+    /// (what `mhctl --host ssh://...` runs on the remote host).
+    DialStdio {
+        /// The daemon's socket.
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -187,18 +210,37 @@ fn real_main(cli: Cli) -> Result<i32> {
     // Not a global option: `experiment` and `bench` have their own flags,
     // and a clash would break every invocation.
     let top = cli.socket;
-    let client = |here: Option<PathBuf>| {
-        Client::new(
-            &here
-                .or(top.clone())
-                .unwrap_or_else(|| PathBuf::from(api::DEFAULT_SOCKET)),
-        )
+    let explicit_host = cli.host.is_some();
+    let host = match cli.host.or_else(|| {
+        std::env::var("MIEHISTO_HOST")
+            .ok()
+            .filter(|h| !h.is_empty())
+    }) {
+        Some(h) => Some(DaemonAddr::parse(&h).context("--host or MIEHISTO_HOST")?),
+        None => None,
+    };
+    let client = |here: Option<PathBuf>| -> Result<Client> {
+        match (here.or(top.clone()), &host) {
+            (Some(_), Some(_)) if explicit_host => bail!("give --socket or --host, not both"),
+            (Some(p), _) => Ok(Client::new(&p)),
+            (None, Some(h)) => Ok(Client::at(h.clone(), SshOptions::from_env())),
+            (None, None) => Ok(Client::new(&PathBuf::from(api::DEFAULT_SOCKET))),
+        }
     };
     match cli.cmd {
-        Cmd::Service(a) => service(&client(a.socket), a.cmd, a.json),
-        Cmd::Image(a) => image(&client(a.socket), a.cmd, a.json),
+        Cmd::Service(a) => service(&client(a.socket)?, a.cmd, a.json),
+        Cmd::Image(a) => image(&client(a.socket)?, a.cmd, a.json),
+        Cmd::System {
+            cmd: SystemCmd::DialStdio { socket },
+        } => {
+            let path = socket
+                .or(top.clone())
+                .unwrap_or_else(|| PathBuf::from(api::DEFAULT_SOCKET));
+            remote::dial_stdio(&path)?;
+            Ok(0)
+        }
         Cmd::Ping { json, socket } => {
-            let client = client(socket);
+            let client = client(socket)?;
             let r = client.call(&Request::Ping)?;
             if json {
                 print_json(&r)?;

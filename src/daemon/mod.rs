@@ -63,6 +63,12 @@
 //!   limited to 64 KiB; a malformed request gets an error reply and the
 //!   daemon goes on serving.
 //!
+//! ## Remote daemons
+//! `mhctl --host ssh://[USER@]HOST[:PORT][/SOCKET] ...` (or `MIEHISTO_HOST`)
+//! reaches a daemon on another host through the system's `ssh`, which runs
+//! `mhctl system dial-stdio` there: see [`remote`]. The remote daemon
+//! checks the credentials of that process like any local client's.
+//!
 //! ## API
 //! JSON lines over the UNIX socket, versioned: see [`api`] for the full
 //! table. Example with a plain tool:
@@ -72,7 +78,7 @@
 //! one thread per connection), [`service`] (the lifecycle), [`registry`]
 //! (persistent services), [`store`] (image generations), [`children`]
 //! (subreaper and reaping), [`logs`] (log streaming), [`procfs`],
-//! [`client`].
+//! [`client`], [`remote`] (ssh transport).
 
 pub mod api;
 pub mod children;
@@ -80,6 +86,7 @@ pub mod client;
 pub mod logs;
 pub mod procfs;
 pub mod registry;
+pub mod remote;
 pub mod server;
 pub mod service;
 pub mod store;

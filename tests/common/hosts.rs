@@ -495,9 +495,11 @@ impl TwoHosts {
         )
     }
 
-    /// mhctl on host A with the ssh settings the test made (for --host / migrate).
+    /// mhctl on host A with the ssh settings the test made, and no
+    /// --socket (add --host, or use A's socket for `service migrate`).
     pub fn mhctl_a_ssh(&self) -> Command {
-        let mut c = self.a.mhctl_cmd();
+        let mut c = self.a.command(mhctl_bin());
+        c.stdin(Stdio::null());
         if let Some(s) = &self.sshd {
             c.env("MIEHISTO_SSH_CONFIG", &s.client_config);
         }
