@@ -10,6 +10,7 @@
 //! leaves the image untouched: CRIU only reads it, and logs go elsewhere.
 
 use crate::criu::kdat::{self, KdatCache};
+use crate::criu::private_root;
 use crate::criu::{Criu, CriuError, RestoreArgs};
 use crate::explain;
 use crate::images::{Metadata, MetadataError};
@@ -406,21 +407,8 @@ fn restore_child(
     envp: &[*const libc::c_char],
 ) -> ! {
     sys::unblock_all_signals();
-    if let Err(e) = sys::unshare(libc::CLONE_NEWNS) {
-        child_fail(ready, "unshare_the_mount_namespace", e);
-    }
-    if let Err(e) = sys::mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE) {
-        child_fail(ready, "make_the_mounts_private", e);
-    }
-    // --root must be a mount point holding the tree the image expects.
-    if let Err(e) = sys::mount(Some(c"/"), root, None, libc::MS_BIND) {
-        child_fail(ready, "bind_the_host_root", e);
-    }
-    // After the non-recursive bind above, so the restored tree's root never
-    // sees this tmpfs; only CRIU and the supervisor it execs do. Best
-    // effort: without it CRIU just probes the kernel.
-    if let Some(data) = kdat {
-        let _ = kdat::install_in_child(data);
+    if let Err((step, e)) = private_root::enter(root, kdat) {
+        child_fail(ready, step.name(), e);
     }
     // The ready pipe must survive into CRIU and, through --exec-cmd, into
     // the supervisor: clear its close-on-exec flag.

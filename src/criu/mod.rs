@@ -4,6 +4,7 @@
 pub mod argv;
 pub mod kdat;
 pub mod log;
+pub mod private_root;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -76,6 +77,14 @@ pub enum CriuError {
         images: PathBuf,
         line: String,
         log: PathBuf,
+    },
+    #[error("the restore root {path} contains a NUL byte")]
+    Root { path: PathBuf },
+    #[error("cannot read the pid CRIU wrote to {path}")]
+    Pidfile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
     },
     #[error("cannot start criu at {path}")]
     Spawn {

@@ -19,7 +19,7 @@ use super::report::{Row, Status};
 use super::run::{self, Ctx};
 use super::scenarios::Payload;
 use crate::criu::argv::{shell_words, DumpArgs};
-use crate::criu::{log as criu_log, Criu};
+use crate::criu::{log as criu_log, private_root, Criu, CriuError};
 use crate::explain;
 use crate::images::Metadata;
 use crate::instance::Instance;
@@ -115,12 +115,8 @@ pub enum PatchedError {
     },
     #[error("handoff-supervisor printed no usable 'started' line (got {line:?})")]
     SupervisorStart { line: String },
-    #[error("cannot read the pid CRIU wrote to {path}")]
-    Pidfile {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("the bare restore could not run")]
+    Restore(#[source] CriuError),
     #[error("cannot read the image metadata in {dir}")]
     Metadata {
         dir: PathBuf,
@@ -176,7 +172,7 @@ pub fn run_patched(sc: &PatchedScenario, attempt: u32, ctx: &mut Ctx<'_>) -> Row
     };
     if let Err(e) = result {
         row.status = Status::Error;
-        row.evidence = run::chain(&e);
+        row.evidence = crate::error_chain(&e);
     }
     explain::say("result", &row.evidence);
     row
@@ -607,74 +603,44 @@ fn restore_and_watch(
 ) -> Result<Watched, PatchedError> {
     let rr = dir.join("restore-root");
     mkdir(&rr)?;
-    let pidfile = dir.join("restored.pid");
-    let _ = std::fs::remove_file(&pidfile);
     // runmh's own restore command line, detached instead of --exec-cmd.
-    let mut criu_argv = crate::criu::RestoreArgs {
+    let args = crate::criu::RestoreArgs {
         images_dir: images.to_path_buf(),
         work_dir: dir.to_path_buf(),
         log_name: "restore.log".into(),
         root: rr.clone(),
         externals: externals.to_vec(),
-        pidfile: pidfile.clone(),
+        pidfile: dir.join("restored.pid"),
         exec_cmd: Vec::new(),
-    }
-    .argv();
-    criu_argv.push("-d".into());
-    criu_argv.push("--seccomp-neutralize-traps".into());
+    };
+    let extra = ["--seccomp-neutralize-traps"];
     explain::say(
         "criu",
-        "bare restore with neutralized traps, in a private mount namespace (unshare -m), the host / bound onto --root:",
+        "bare restore with neutralized traps, in a private mount namespace, the host / bound onto --root:",
     );
-    explain::block(&shell_words(&criu.path, &criu_argv));
+    explain::block(&shell_words(
+        &criu.path,
+        &private_root::detached_argv(&args, &extra),
+    ));
     let out_at = run::file_len(stdout_log);
     let t0 = Instant::now();
-    // `sh -c` only binds its first argument and execs the rest: no
-    // command-line text is built from paths.
-    let unshare = PathBuf::from("unshare");
-    let status = Command::new(&unshare)
-        .args([
-            "-m",
-            "--propagation",
-            "private",
-            "--",
-            "/bin/sh",
-            "-c",
-            "mount --bind / \"$0\" && exec \"$@\"",
-        ])
-        .arg(&rr)
-        .arg(&criu.path)
-        .args(&criu_argv)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map_err(|source| PatchedError::Spawn {
-            prog: unshare.clone(),
-            source,
-        })?;
+    let restored = private_root::restore_detached(criu, &args, &extra, None);
     let restore_ms = crate::instance::millis(t0.elapsed());
     let _ = std::fs::remove_dir(&rr);
+    let root = match restored {
+        Ok(root) => root,
+        Err(CriuError::RestoreFailed { line, .. }) => {
+            return Ok(Watched {
+                restored: false,
+                restore_ms: None,
+                listen: None,
+                served: None,
+                evidence: line,
+            })
+        }
+        Err(e) => return Err(PatchedError::Restore(e)),
+    };
     let restore_log = run::read_from(&dir.join("restore.log"), 0);
-    if !status.success() {
-        let line = criu_log::decisive_line(&restore_log)
-            .unwrap_or_else(|| format!("criu restore exited with {status}"));
-        return Ok(Watched {
-            restored: false,
-            restore_ms: None,
-            listen: None,
-            served: None,
-            evidence: line,
-        });
-    }
-    let text = std::fs::read_to_string(&pidfile).map_err(|source| PatchedError::Pidfile {
-        path: pidfile.clone(),
-        source,
-    })?;
-    let root: i32 = text.trim().parse().map_err(|e| PatchedError::Pidfile {
-        path: pidfile.clone(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-    })?;
     let rewritten = restore_log
         .lines()
         .filter(|l| l.contains("seccomp: Neutralizing"))
@@ -684,7 +650,7 @@ fn restore_and_watch(
         &format!("restored as pid {root}; {rewritten} trap return(s) rewritten to SECCOMP_RET_ALLOW; SIGCONT, and nobody else touches it"),
     );
     // Dumped in group-stop, restored stopped: resume it, with no tracer.
-    let _ = crate::stop::continue_tree(Pid::from_raw(root));
+    let _ = crate::stop::continue_tree(root);
     let mut w = Watched {
         restored: true,
         restore_ms: Some(restore_ms),
@@ -703,7 +669,7 @@ fn restore_and_watch(
                 .map(|l| l.split_whitespace().nth(1).unwrap_or("?").to_string())
         })
         .unwrap_or_else(|| "?".into());
-    stop_restored(root);
+    stop_restored(root.as_raw());
     let listen_line = run::parse_listen(&run::read_from(stdout_log, out_at))
         .map(|(_, l)| l)
         .unwrap_or_else(|| "the payload logged no listen line after the restore".into());

@@ -1,0 +1,130 @@
+//! The root every restore runs in. `criu restore --root DIR` needs DIR to
+//! be a mount point holding the tree the image expects, and a sandbox's
+//! root is a bind of the host `/`. So a restore enters a private mount
+//! namespace, binds the host `/` onto a fresh directory (non-recursively:
+//! the image names each other mount it needs as an external, mapped back
+//! on the command line) and runs CRIU there. Nothing of it is seen by the
+//! host, and it all goes with the last process in the namespace.
+//!
+//! runmh's own restore forks by hand and calls [`enter`] in the child; the
+//! bare restores that runmh's is measured and compared against (the bench's
+//! baseline, the research matrix's patched-CRIU rows) use
+//! [`restore_detached`].
+
+use super::{kdat, log, Criu, CriuError, RestoreArgs};
+use crate::sys;
+use nix::errno::Errno;
+use nix::libc;
+use nix::unistd::Pid;
+use std::ffi::{CStr, CString, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::process::Stdio;
+
+/// A step of [`enter`], for the report of a child that failed at it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Unshare,
+    MakePrivate,
+    BindRoot,
+}
+
+impl Step {
+    /// One word (no spaces: runmh's restore child writes it into a line).
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Unshare => "unshare_the_mount_namespace",
+            Step::MakePrivate => "make_the_mounts_private",
+            Step::BindRoot => "bind_the_host_root",
+        }
+    }
+}
+
+/// Async-signal-safe, for a forked child before it execs CRIU: enters a
+/// fresh private mount namespace and binds the host `/` onto `root`. With
+/// `run_tmpfs` it also mounts a tmpfs over `/run` for CRIU's kdat cache,
+/// holding the saved cache when there is one (see [`kdat`]).
+pub fn enter(root: &CStr, run_tmpfs: Option<Option<&[u8]>>) -> Result<(), (Step, Errno)> {
+    sys::unshare(libc::CLONE_NEWNS).map_err(|e| (Step::Unshare, e))?;
+    // Private, so that neither the bind below nor the tmpfs reaches the host.
+    sys::mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE)
+        .map_err(|e| (Step::MakePrivate, e))?;
+    sys::mount(Some(c"/"), root, None, libc::MS_BIND).map_err(|e| (Step::BindRoot, e))?;
+    // After the non-recursive bind above, so the restored tree's root never
+    // sees this tmpfs; only CRIU and what it execs do. Best effort: without
+    // it CRIU just probes the kernel.
+    if let Some(data) = run_tmpfs {
+        let _ = kdat::install_in_child(data);
+    }
+    Ok(())
+}
+
+/// The command line of [`restore_detached`], for `--explain`.
+pub fn detached_argv(args: &RestoreArgs, extra: &[&str]) -> Vec<OsString> {
+    let mut argv = args.argv();
+    argv.push("--restore-detached".into());
+    argv.extend(extra.iter().map(OsString::from));
+    argv
+}
+
+/// `criu restore --restore-detached` (plus `extra` options) of `args`
+/// inside a private root ([`enter`] on `args.root`, which must exist):
+/// CRIU restores the tree, detaches and exits, and the tree's root is
+/// re-parented (to this process when it is a child subreaper). `args`
+/// should have no `exec_cmd`. Returns the restored root's host pid.
+pub fn restore_detached(
+    criu: &Criu,
+    args: &RestoreArgs,
+    extra: &[&str],
+    run_tmpfs: Option<Option<Vec<u8>>>,
+) -> Result<Pid, CriuError> {
+    let root = CString::new(args.root.as_os_str().as_bytes()).map_err(|_| CriuError::Root {
+        path: args.root.clone(),
+    })?;
+    // CRIU opens its pidfile O_EXCL.
+    let _ = std::fs::remove_file(&args.pidfile);
+    let mut cmd = criu.command();
+    cmd.args(detached_argv(args, extra))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let hook = move || -> std::io::Result<()> {
+        enter(&root, run_tmpfs.as_ref().map(|d| d.as_deref()))
+            .map_err(|(_, e)| std::io::Error::from_raw_os_error(e as i32))
+    };
+    // SAFETY: the hook runs in the forked child before exec; it only calls
+    // the async-signal-safe wrappers of crate::sys on data moved into it
+    // before the fork, and allocates nothing (io::Error::from_raw_os_error
+    // does not allocate).
+    unsafe { cmd.pre_exec(hook) };
+    let status = cmd.status().map_err(|source| CriuError::Spawn {
+        path: criu.path.clone(),
+        source,
+    })?;
+    let log = args.work_dir.join(&args.log_name);
+    if !status.success() {
+        return Err(CriuError::RestoreFailed {
+            images: args.images_dir.clone(),
+            line: log::decisive_line_of(&log),
+            log,
+        });
+    }
+    let pidfile = &args.pidfile;
+    let text = std::fs::read_to_string(pidfile).map_err(|source| CriuError::Pidfile {
+        path: pidfile.clone(),
+        source,
+    })?;
+    let bad = |what: String| CriuError::Pidfile {
+        path: pidfile.clone(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, what),
+    };
+    let pid: libc::pid_t = text
+        .trim()
+        .parse()
+        .map_err(|e| bad(format!("{:?} is not a pid: {e}", text.trim())))?;
+    // 0 or a negative number would make a later kill(2) signal a group.
+    if pid <= 0 {
+        return Err(bad(format!("{pid} is not a process's pid")));
+    }
+    Ok(Pid::from_raw(pid))
+}
