@@ -423,7 +423,7 @@ fn story(
         listen_words(&failed)
     ));
     if let Some(e) = &failed.error {
-        line(&format!("(runmh: {})", xrun::chain(e)));
+        line(&format!("(runmh: {})", crate::error_chain(e)));
     }
     let why = match backend {
         DemoBackend::Trace => "CRIU restores the seccomp filter (it is plain BPF) but never a tracer: the replayed listen hits SECCOMP_RET_TRACE with nobody attached, and the kernel fails it with ENOSYS",

@@ -28,14 +28,42 @@ pub mod supervisor;
 pub mod sys;
 
 /// An error and its causes on one line, joined like anyhow's `{:#}`: for
-/// records and reports that keep the reason as text.
+/// records, replies and reports that keep the reason as text. A cause whose
+/// text its wrapper already quotes is not repeated.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
+        let m = c.to_string();
+        if !text.contains(&m) {
+            text.push_str(": ");
+            text.push_str(&m);
+        }
         cause = c.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug, thiserror::Error)]
+    enum Outer {
+        #[error("cannot open the image")]
+        Open(#[source] std::io::Error),
+        #[error("the restore failed: {0}")]
+        Quoting(#[source] std::io::Error),
+    }
+
+    #[test]
+    fn error_chain_joins_causes_once() {
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        assert_eq!(
+            super::error_chain(&Outer::Open(io())),
+            "cannot open the image: no such file"
+        );
+        assert_eq!(
+            super::error_chain(&Outer::Quoting(io())),
+            "the restore failed: no such file"
+        );
+    }
 }

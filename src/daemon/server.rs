@@ -172,23 +172,8 @@ impl Drop for Active<'_> {
     }
 }
 
-/// The whole error chain on one line, for a reply.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
-}
-
 fn service_err(e: ServiceError) -> Response {
-    Response::err(e.code(), chain(&e))
+    Response::err(e.code(), crate::error_chain(&e))
 }
 
 /// Writes a last reply, then reads (and drops) what the client may still

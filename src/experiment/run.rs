@@ -32,11 +32,6 @@ pub struct Ctx<'a> {
     pub resolver: &'a mut Resolver,
 }
 
-/// An error and its causes on one line.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    crate::error_chain(e)
-}
-
 /// A TCP port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> std::io::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -271,7 +266,10 @@ pub fn restore_and_watch(
                     t0.elapsed().saturating_sub(Duration::from_millis(100)),
                 ));
             }
-            explain::say("restore", &format!("the restore reported: {}", chain(&e)));
+            explain::say(
+                "restore",
+                &format!("the restore reported: {}", crate::error_chain(&e)),
+            );
             w.error = Some(e);
         }
     }
@@ -352,15 +350,15 @@ pub fn run_scenario(sc: &Scenario, attempt: u32, ctx: &mut Ctx<'_>) -> Row {
     };
     let spec = match payload_spec(&program, &["--port".into(), port.to_string()], &log_dir) {
         Ok(s) => s,
-        Err(e) => return error_row(row, &chain(&e)),
+        Err(e) => return error_row(row, &crate::error_chain(&e)),
     };
     let stop_at = match StopSyscall::parse("listen") {
         Ok(s) => s,
-        Err(e) => return error_row(row, &chain(&e)),
+        Err(e) => return error_row(row, &crate::error_chain(&e)),
     };
     let inst = match Instance::create(ctx.state_dir) {
         Ok(i) => i,
-        Err(e) => return error_row(row, &chain(&e)),
+        Err(e) => return error_row(row, &crate::error_chain(&e)),
     };
     let opts = PrebakeOpts {
         images: images.clone(),
@@ -416,7 +414,7 @@ pub fn run_scenario(sc: &Scenario, attempt: u32, ctx: &mut Ctx<'_>) -> Row {
             explain::say("result", &format!("the dump failed: {}", row.evidence));
             return row;
         }
-        Err(e) => return error_row(row, &chain(&e)),
+        Err(e) => return error_row(row, &crate::error_chain(&e)),
     };
     row.stopped = Some(true);
     row.dumped = Some(true);
@@ -462,7 +460,7 @@ pub fn run_scenario(sc: &Scenario, attempt: u32, ctx: &mut Ctx<'_>) -> Row {
     }
     if let Some(e) = &w.error {
         if !matches!(e, RestoreError::Criu(CriuError::RestoreFailed { .. })) {
-            parts.push(format!("then runmh: {}", chain(e)));
+            parts.push(format!("then runmh: {}", crate::error_chain(e)));
         }
     }
     row.evidence = parts.join("; ");
