@@ -4,13 +4,14 @@
 
 mod common;
 
+use common::case::Case;
+
 use miehisto::images::Metadata;
-use miehisto::instance::Instance;
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,39 +24,13 @@ fn mhctl_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_mhctl"))
 }
 
-fn alive(pid: i32) -> bool {
-    let stat = common::read(Path::new(&format!("/proc/{pid}/stat")));
-    match stat.rsplit_once(')') {
-        Some((_, rest)) => !matches!(rest.split_whitespace().next(), Some("Z") | Some("X") | None),
-        None => false,
-    }
-}
-
-/// One test's daemon, socket and state; everything goes when dropped.
-struct Case {
-    dir: PathBuf,
-    socket: PathBuf,
-    state: PathBuf,
-    daemon: Option<Child>,
-    starts: u32,
-}
-
+/// A daemon test's world is a [`Case`] (common/case.rs) with a miehistod
+/// of its own on a socket in the scratch dir; everything goes when dropped.
 impl Case {
-    fn new(tag: &str) -> Case {
-        let dir = common::temp_dir(tag);
-        Case {
-            socket: dir.join("miehistod.sock"),
-            state: dir.join("state"),
-            dir,
-            daemon: None,
-            starts: 0,
-        }
-    }
-
     fn start_daemon(&mut self, extra: &[&str]) {
         assert!(self.daemon.is_none(), "a daemon is already running");
-        self.starts += 1;
-        let log = self.dir.join(format!("daemon-{}.log", self.starts));
+        self.daemon_starts += 1;
+        let log = self.daemon_log(self.daemon_starts);
         let out = std::fs::File::create(&log).expect("daemon log");
         let err = out.try_clone().expect("daemon log");
         let mut c = Command::new(miehistod());
@@ -167,55 +142,6 @@ impl Case {
     fn images_dir(&self, name: &str) -> PathBuf {
         self.state.join("images").join(name)
     }
-
-    /// Services still alive according to runmh's records.
-    fn leftovers(&self) -> Vec<i32> {
-        Instance::list(&self.state.join("runmh"))
-            .into_iter()
-            .flat_map(|(_, r)| [r.root_pid, r.supervisor_pid])
-            .filter(|&p| p > 0 && alive(p))
-            .collect()
-    }
-}
-
-impl Drop for Case {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            // The directory is about to go: show what explains the failure.
-            let mut logs: Vec<PathBuf> = (1..=self.starts)
-                .map(|i| self.dir.join(format!("daemon-{i}.log")))
-                .collect();
-            if let Ok(rd) = std::fs::read_dir(self.state.join("logs")) {
-                for d in rd.flatten() {
-                    logs.extend(
-                        ["runmh.log", "stdout.log", "stderr.log"]
-                            .iter()
-                            .map(|f| d.path().join(f)),
-                    );
-                }
-            }
-            for l in logs {
-                eprintln!("===== {}\n{}", l.display(), common::read(&l));
-            }
-        }
-        for pid in self.leftovers() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        if let Some(mut d) = self.daemon.take() {
-            let _ = d.kill();
-            let _ = d.wait();
-        }
-        for _ in 0..250 {
-            if self.leftovers().is_empty() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 fn pid_of(v: &Value, key: &str) -> i32 {
@@ -242,7 +168,7 @@ fn assert_chain(c: &Case, svc: &Value) {
 
 fn wait_gone(pid: i32) {
     for _ in 0..1000 {
-        if !alive(pid) {
+        if !common::alive(pid) {
             return;
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -253,7 +179,7 @@ fn wait_gone(pid: i32) {
 fn lifecycle(backend: &str) {
     // Short tags: runmh's control sockets live under the state directory,
     // and a UNIX socket path has at most 107 bytes.
-    let mut c = Case::new(&format!("dl{backend}"));
+    let mut c = Case::for_daemon(&format!("dl{backend}"));
     c.start_daemon(&[]);
     let port = common::free_port();
     c.create_python("web", backend, port);
@@ -324,7 +250,7 @@ fn lifecycle(backend: &str) {
         !c.images_dir("web").exists(),
         "the images went with the service"
     );
-    assert!(c.leftovers().is_empty());
+    assert!(c.live_services().is_empty());
     c.stop_daemon(nix::sys::signal::Signal::SIGTERM);
     assert!(
         !c.socket.exists(),
@@ -357,7 +283,7 @@ fn daemon_restart_keeps_services() {
     if !common::require_privileged("daemon_restart_keeps_services") {
         return;
     }
-    let mut c = Case::new("drs");
+    let mut c = Case::for_daemon("drs");
     c.start_daemon(&[]);
     let port = common::free_port();
     c.create_python("web", "trace", port);
@@ -388,7 +314,7 @@ fn daemon_restart_keeps_services() {
         let old = c.daemon_pid();
         c.stop_daemon(sig);
         assert!(
-            alive(pid) && alive(sup),
+            common::alive(pid) && common::alive(sup),
             "the service and its runmh outlive the daemon ({sig})"
         );
         c.start_daemon(&[]);
@@ -417,7 +343,7 @@ fn daemon_restart_keeps_services() {
     wait_gone(pid);
     wait_gone(sup);
     assert!(common::http_get(port, "/").is_err());
-    assert!(c.leftovers().is_empty());
+    assert!(c.live_services().is_empty());
     assert!(common::mounts_under(&c.dir).is_empty());
 }
 
@@ -456,7 +382,7 @@ fn refusals_and_bad_requests() {
     if !common::require_privileged("refusals_and_bad_requests") {
         return;
     }
-    let mut c = Case::new("drf");
+    let mut c = Case::for_daemon("drf");
     // The socket is opened to everyone so that only SO_PEERCRED decides.
     c.start_daemon(&["--socket-mode", "0666"]);
     let as_nobody = |c: &Case, args: &[&str]| -> Output {
@@ -550,7 +476,7 @@ fn concurrent_prebakes_make_whole_generations() {
     if !common::require_privileged("concurrent_prebakes_make_whole_generations") {
         return;
     }
-    let mut c = Case::new("dpb");
+    let mut c = Case::for_daemon("dpb");
     c.start_daemon(&[]);
     let port = common::free_port();
     c.create_python("web", "notify", port);
@@ -647,6 +573,6 @@ fn concurrent_prebakes_make_whole_generations() {
         String::from_utf8_lossy(&out.stderr).contains("no image generation 1"),
         "{out:?}"
     );
-    assert!(c.leftovers().is_empty());
+    assert!(c.live_services().is_empty());
     assert!(common::mounts_under(&c.dir).is_empty());
 }

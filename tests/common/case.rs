@@ -1,7 +1,9 @@
-//! One integration test's world: a fresh state dir, and a tag put into
-//! every service's environment so that leftover processes can be found in
-//! /proc (without pgrep, and without ever touching another test's
-//! processes). Test files add their own methods in `impl Case` blocks.
+//! One integration test's world: a fresh scratch dir holding the state dir,
+//! and a tag put into every service's environment so that leftover
+//! processes can be found in /proc (without pgrep, and without ever
+//! touching another test's processes). A daemon test also runs a
+//! `miehistod` of its own on a socket in the scratch dir. Test files add
+//! their own methods in `impl Case` blocks.
 
 use miehisto::instance::{Instance, InstanceRecord};
 use nix::sys::signal::{kill, Signal};
@@ -14,22 +16,49 @@ use std::time::{Duration, Instant};
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
 pub struct Case {
+    /// The test's scratch dir; everything below it goes on drop.
+    pub dir: PathBuf,
+    /// The state dir: `dir` itself for runmh, `dir/state` for a daemon.
     pub state: PathBuf,
-    /// `MH_TEST_TAG=<state dir name>`, for `-e`.
+    /// `MH_TEST_TAG=<scratch dir name>`, for `-e`.
     pub tag: String,
+    /// Where this test's miehistod listens (daemon tests).
+    pub socket: PathBuf,
+    /// This test's miehistod, while it runs; killed on drop.
+    pub daemon: Option<Child>,
+    /// How many times a daemon was started (each logs to `daemon-N.log`).
+    pub daemon_starts: u32,
 }
 
 impl Case {
+    /// A runmh test's world: the scratch dir is the state dir.
     pub fn new(name: &str) -> Case {
-        let state = super::temp_dir(name);
+        Case::in_dir(super::temp_dir(name), None)
+    }
+
+    /// A daemon test's world: the state dir is `state` in the scratch dir,
+    /// beside the daemon's socket and logs.
+    pub fn for_daemon(name: &str) -> Case {
+        let dir = super::temp_dir(name);
+        let state = dir.join("state");
+        Case::in_dir(dir, Some(state))
+    }
+
+    fn in_dir(dir: PathBuf, state: Option<PathBuf>) -> Case {
         let tag = format!(
             "MH_TEST_TAG={}",
-            state
-                .file_name()
+            dir.file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default()
         );
-        Case { state, tag }
+        Case {
+            state: state.unwrap_or_else(|| dir.clone()),
+            socket: dir.join("miehistod.sock"),
+            dir,
+            tag,
+            daemon: None,
+            daemon_starts: 0,
+        }
     }
 
     /// Spawns a long-running runmh with its output going to files in the
@@ -56,12 +85,23 @@ impl Case {
             .unwrap_or_default()
     }
 
+    /// A daemon's services and their supervisors still alive, according to
+    /// the records of the runmh children it keeps beneath its state dir.
+    pub fn live_services(&self) -> Vec<i32> {
+        Instance::list(&self.state.join("runmh"))
+            .into_iter()
+            .flat_map(|(_, r)| [r.root_pid, r.supervisor_pid])
+            .filter(|&p| p > 0 && super::alive(p))
+            .collect()
+    }
+
     /// Processes of this test still alive: services carrying the tag in
-    /// their environment, runmh and CRIU processes naming the state dir.
-    /// (A zombie has an empty cmdline and environ: it holds nothing.)
+    /// their environment, runmh, miehistod and CRIU processes naming the
+    /// scratch dir. (A zombie has an empty cmdline and environ: it holds
+    /// nothing.)
     pub fn leftovers(&self) -> Vec<(i32, String)> {
         let me = nix::unistd::getpid().as_raw();
-        let state = self.state.to_string_lossy().into_owned();
+        let dir = self.dir.to_string_lossy().into_owned();
         let mut found = Vec::new();
         for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
             let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
@@ -73,7 +113,7 @@ impl Case {
             let environ = std::fs::read(e.path().join("environ")).unwrap_or_default();
             let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
             let has_tag = environ.split(|b| *b == 0).any(|v| v == self.tag.as_bytes());
-            if has_tag || String::from_utf8_lossy(&cmdline).contains(&state) {
+            if has_tag || String::from_utf8_lossy(&cmdline).contains(&dir) {
                 found.push((pid, String::from_utf8_lossy(&cmdline).replace('\0', " ")));
             }
         }
@@ -106,15 +146,53 @@ impl Case {
             "instance directories left behind"
         );
     }
+
+    /// The daemon's log of its `n`th start.
+    pub fn daemon_log(&self, n: u32) -> PathBuf {
+        self.dir.join(format!("daemon-{n}.log"))
+    }
+
+    /// The logs that explain a failed daemon test.
+    fn daemon_logs(&self) -> Vec<PathBuf> {
+        let mut logs: Vec<PathBuf> = (1..=self.daemon_starts)
+            .map(|i| self.daemon_log(i))
+            .collect();
+        if let Ok(rd) = std::fs::read_dir(self.state.join("logs")) {
+            for d in rd.flatten() {
+                logs.extend(
+                    ["runmh.log", "stdout.log", "stderr.log"]
+                        .iter()
+                        .map(|f| d.path().join(f)),
+                );
+            }
+        }
+        logs
+    }
 }
 
 impl Drop for Case {
     fn drop(&mut self) {
-        // Only processes this test started carry its tag or state path.
-        for (pid, _) in self.leftovers() {
+        if std::thread::panicking() && self.daemon_starts > 0 {
+            // The directory is about to go: show what explains the failure.
+            for l in self.daemon_logs() {
+                eprintln!("===== {}\n{}", l.display(), super::read(&l));
+            }
+        }
+        // Only processes this test started carry its tag or scratch path,
+        // or are in its daemon's records.
+        let pids = self.live_services().into_iter();
+        for pid in pids.chain(self.leftovers().into_iter().map(|(p, _)| p)) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
-        let _ = std::fs::remove_dir_all(&self.state);
+        if let Some(mut d) = self.daemon.take() {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+        let t0 = Instant::now();
+        while !self.live_services().is_empty() && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -204,6 +204,15 @@ pub fn mounts_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Is `pid` alive (a zombie or a dead task is not)?
+pub fn alive(pid: i32) -> bool {
+    let stat = read(Path::new(&format!("/proc/{pid}/stat")));
+    match stat.rsplit_once(')') {
+        Some((_, rest)) => !matches!(rest.split_whitespace().next(), Some("Z") | Some("X") | None),
+        None => false,
+    }
+}
+
 /// The parent pid of `pid`, from /proc.
 pub fn ppid_of(pid: i32) -> Option<i32> {
     let s = read(Path::new(&format!("/proc/{pid}/stat")));
