@@ -11,11 +11,11 @@ use crate::criu::{Criu, CriuError};
 use crate::experiment::report::SyscallResult;
 use crate::experiment::run::{self as xrun, Watched};
 use crate::explain;
+use crate::filter::{FilterError, StopSyscall};
 use crate::instance::{Instance, InstanceError};
 use crate::prebake::{self, BootError, PrebakeOpts, Research};
 use crate::restore::RestoreError;
 use crate::spec::{SandboxSpec, SpecError};
-use crate::stop::filter::{FilterError, StopSyscall};
 use crate::stop::BackendChoice;
 use crate::sys;
 use nix::libc;
@@ -120,7 +120,7 @@ fn cold_boot(spec: &SandboxSpec, state_dir: &Path, port: u16) -> Result<u64, Dem
     let mut answered = None;
     while Instant::now() < deadline {
         if matches!(xrun::http_get(port), Ok(200)) {
-            answered = Some(crate::instance::millis(t0.elapsed()));
+            answered = Some(crate::sys::time::millis(t0.elapsed()));
             break;
         }
         if running.exit.try_recv().is_ok() {
@@ -239,7 +239,7 @@ pub fn run_story(
     let state_dir = std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
     let work = state_dir.join(format!(
         "demo-{}-{}",
-        crate::instance::unix_ms(),
+        crate::sys::time::unix_ms(),
         std::process::id()
     ));
     std::fs::create_dir_all(&work).map_err(|source| DemoError::WorkDir {
@@ -479,7 +479,7 @@ fn story(
     ));
     Ok(DemoSummary {
         cold_boot_ms: cold_ms,
-        time_to_stop_ms: crate::instance::millis(baked.time_to_stop),
+        time_to_stop_ms: crate::sys::time::millis(baked.time_to_stop),
         dump_ms: md.dump_ms,
         restore_to_answer_ms: [first, w.first_response_ms.unwrap_or(0)],
         without_fix: failed.listen.map(|(r, _)| r),

@@ -5,7 +5,7 @@ use crate::control::{self, Request};
 use crate::criu::{Criu, CriuError, DumpArgs};
 use crate::explain;
 use crate::images::{self, BackendRecord, Metadata, Staged, StopRecord, StoreError};
-use crate::instance::{self, Instance, InstanceError};
+use crate::instance::{Instance, InstanceError};
 use crate::sandbox::ExternalMount;
 use crate::spec::SandboxSpec;
 use crate::stop::tracer::Tracer;
@@ -109,13 +109,13 @@ pub fn publish(staged: Staged, facts: DumpFacts<'_>) -> Result<Dumped, StoreErro
         miehisto_version: env!("CARGO_PKG_VERSION").to_string(),
         criu_version: facts.criu.version.to_string(),
         kernel: images::metadata::kernel_release(),
-        created_unix_ms: instance::unix_ms(),
+        created_unix_ms: crate::sys::time::unix_ms(),
         spec: facts.spec.clone(),
         externals: facts.externals.to_vec(),
         backend: facts.backend,
         stop: facts.stop,
         dumped_pid: facts.pid,
-        dump_ms: crate::instance::millis(facts.dump_time),
+        dump_ms: crate::sys::time::millis(facts.dump_time),
         image_bytes: bytes,
         image_files: files + 1,
         leave_running: facts.leave_running,

@@ -98,22 +98,9 @@ pub struct Instance {
     pub dir: PathBuf,
 }
 
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::SystemTime::UNIX_EPOCH)
-        .map(millis)
-        .unwrap_or(0)
-}
-
-/// Whole milliseconds of `d` as the records store them (saturating: no
-/// duration measured here comes near 2^64 ms).
-pub fn millis(d: std::time::Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
 impl Instance {
     pub fn create(state_dir: &Path) -> Result<Instance, InstanceError> {
-        let id = format!("{}-{}", unix_ms(), std::process::id());
+        let id = format!("{}-{}", crate::sys::time::unix_ms(), std::process::id());
         let dir = state_dir.join("instances").join(&id);
         std::fs::create_dir_all(dir.join("root")).map_err(|source| InstanceError::Create {
             path: dir.clone(),

@@ -4,9 +4,11 @@
 //! boot time.
 //!
 //! The modules follow the data's path:
-//! [`spec`] → [`sandbox`] → [`stop`] → [`criu`] → [`images`] → [`supervisor`]
-//! → [`daemon`]; [`prebake`], [`dump`] and [`restore`] are the flows that
-//! string them together.
+//! [`spec`] → [`filter`] → [`sandbox`] → [`stop`] → [`criu`] → [`images`] →
+//! [`supervisor`] → [`daemon`]; [`prebake`], [`dump`] and [`restore`] are
+//! the flows that string them together, [`sys`] is the ground they all
+//! stand on. They form layers with no import cycle (`tests/layers.rs`
+//! checks it; the README's Layout table lists them layer by layer).
 
 pub mod bench;
 pub mod control;
@@ -17,6 +19,7 @@ pub mod doctor;
 pub mod dump;
 pub mod experiment;
 pub mod explain;
+pub mod filter;
 pub mod images;
 pub mod instance;
 pub mod prebake;

@@ -4,14 +4,16 @@
 use crate::criu::{Criu, CriuError};
 use crate::dump::{self, DumpFacts, Dumped};
 use crate::explain;
+use crate::filter::StopSyscall;
 use crate::images::{BackendRecord, Staged, StopRecord, StoreError};
-use crate::instance::{self, Instance, InstanceError, InstanceRecord};
+use crate::instance::{Instance, InstanceError, InstanceRecord};
 use crate::sandbox::{self, SandboxError, Variant};
 use crate::spec::SandboxSpec;
-use crate::stop::filter::StopSyscall;
-use crate::stop::tracer::{ExitStatus, StopHit, Tracer, TracerError};
+use crate::stop::hit::StopHit;
+use crate::stop::tracer::{Tracer, TracerError};
 use crate::stop::{self, Arrival, BackendChoice, BackendKind, StopBackend, StopError};
 use crate::supervisor::Running;
+use crate::sys::exit::ExitStatus;
 use crossbeam_channel::{select, Receiver};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -275,7 +277,7 @@ fn start(
         front_pid: None,
         root_pid: pid.as_raw(),
         state: "starting".into(),
-        started_unix_ms: instance::unix_ms(),
+        started_unix_ms: crate::sys::time::unix_ms(),
     };
     inst.write_record(&record)?;
     let mut released = match spawned.release(index) {
@@ -404,7 +406,7 @@ pub fn prebake(
             return Err(BootError::TargetExited { status, stop_at: stop_name, log_dir: spec.log_dir.clone() });
         },
         recv(signals) -> sig => {
-            let name = crate::stop::tracer::signal_name(sig.unwrap_or(0));
+            let name = crate::sys::signal::signal_name(sig.unwrap_or(0));
             return Err(abort(running, BootError::Interrupted(name)));
         },
         default(opts.timeout) => {
@@ -441,7 +443,7 @@ pub fn prebake(
     };
     let stop = StopRecord {
         syscall: stop_name.clone(),
-        since_start_ms: crate::instance::millis(since_start),
+        since_start_ms: crate::sys::time::millis(since_start),
         hit: hit.clone(),
     };
     let facts = DumpFacts {

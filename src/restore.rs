@@ -14,11 +14,12 @@ use crate::criu::private_root;
 use crate::criu::{Criu, CriuError, RestoreArgs};
 use crate::explain;
 use crate::images::{Metadata, MetadataError};
-use crate::instance::{self, Instance, InstanceError, InstanceRecord};
-use crate::stop::tracer::{ExitStatus, Tracer, TracerError};
+use crate::instance::{Instance, InstanceError, InstanceRecord};
+use crate::stop::tracer::{Tracer, TracerError};
 use crate::stop::{self, BackendKind, StopError};
 use crate::supervisor::{Outcome, Running, SupervisorError};
 use crate::sys;
+use crate::sys::exit::ExitStatus;
 use nix::libc;
 use nix::unistd::Pid;
 use std::ffi::CString;
@@ -150,7 +151,7 @@ pub fn restore(criu: &Criu, opts: &RestoreOpts) -> Result<Restored, RestoreError
         front_pid: Some(nix::unistd::getpid().as_raw()),
         root_pid: 0,
         state: "restoring".into(),
-        started_unix_ms: instance::unix_ms(),
+        started_unix_ms: crate::sys::time::unix_ms(),
     };
     inst.write_record(&rec)?;
     match spawn_criu(criu, opts, &inst, &md) {

@@ -7,9 +7,10 @@
 use crate::control::{self, Incoming, Request, Response};
 use crate::explain;
 use crate::instance::{Instance, InstanceRecord};
-use crate::stop::tracer::{ExitStatus, Tracer};
+use crate::stop::tracer::Tracer;
 use crate::stop::{self, BackendKind};
 use crate::sys;
+use crate::sys::exit::ExitStatus;
 use crossbeam_channel::{select, Receiver};
 use nix::libc;
 use nix::unistd::Pid;
@@ -182,7 +183,7 @@ impl Running {
                 }
                 recv(signals) -> sig => {
                     let Ok(sig) = sig else { continue };
-                    log::info!("forwarding {} to the service (pid {})", crate::stop::tracer::signal_name(sig), self.root);
+                    log::info!("forwarding {} to the service (pid {})", crate::sys::signal::signal_name(sig), self.root);
                     let _ = sys::kill(self.root, sig);
                     if kill_at.is_none() {
                         kill_at = Some(Instant::now() + stop_timeout);

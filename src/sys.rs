@@ -5,6 +5,15 @@
 //! Functions marked "async-signal-safe" are the only ones the sandbox child
 //! may call between `clone(2)` and `execve(2)`: they neither allocate nor take
 //! locks, they only issue system calls on memory prepared before the clone.
+//!
+//! Beside them, in safe code, what the system reports and every layer
+//! reads: [`procfs`] (the one reader of `/proc/<pid>`), [`signal`] names,
+//! [`exit`] statuses and [`time`].
+
+pub mod exit;
+pub mod procfs;
+pub mod signal;
+pub mod time;
 
 use nix::errno::Errno;
 use nix::libc;

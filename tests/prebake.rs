@@ -8,7 +8,9 @@ mod common;
 use common::case::{wait_exit, Case, DEADLINE};
 
 use miehisto::images::Metadata;
+use miehisto::sys::procfs::{self, TaskState};
 use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -208,22 +210,24 @@ fn prebake_observed(c: &Case, img: &Path, backend: &str, p: &Payload) -> Metadat
         !probe.status.success() && probe_err.contains("Errno 98"),
         "the port is taken (EADDRINUSE): {probe_err}"
     );
-    let state = common::read(Path::new(&format!("/proc/{pid}/stat")))
-        .rsplit_once(')')
-        .and_then(|(_, r)| r.split_whitespace().next().map(str::to_string))
-        .unwrap_or_default();
+    let state = procfs::stat(Pid::from_raw(pid))
+        .expect("the stopped target's stat")
+        .state;
     match backend {
         // Group-stop, no tracer: what CRIU wants to seize.
-        "trace" => assert_eq!(state, "T", "a TRACE stop is a group-stop"),
+        "trace" => assert_eq!(state, TaskState::Stopped, "a TRACE stop is a group-stop"),
         // Blocked inside the marker kill(2), waiting for the listener.
-        _ => assert_eq!(state, "S", "a NOTIFY stop sleeps in the kernel"),
+        _ => assert_eq!(
+            state,
+            TaskState::Sleeping,
+            "a NOTIFY stop sleeps in the kernel"
+        ),
     }
     assert_eq!(
-        common::read(Path::new(&format!("/proc/{pid}/status")))
-            .lines()
-            .find(|l| l.starts_with("TracerPid:"))
-            .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string()),
-        Some("0".to_string()),
+        procfs::status(Pid::from_raw(pid))
+            .expect("the stopped target's status")
+            .tracer_pid,
+        Some(0),
         "no tracer holds the target when CRIU starts"
     );
     std::fs::write(dir.join("go"), b"").expect("release the wrapper");
@@ -739,24 +743,14 @@ fn notify_marker_signal_option() {
     restore_serve_stop(&c, &img, &md, &p, 1);
 }
 
-/// Field of /proc/PID/status, e.g. "TracerPid".
-fn status_field(pid: i32, field: &str) -> Option<String> {
-    common::read(Path::new(&format!("/proc/{pid}/status")))
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(&format!("{field}:"))
-                .map(|v| v.trim().to_string())
-        })
-}
-
 /// The process whose thread traces `pid` (TracerPid names the tracer
 /// thread, and runmh's tracer is a thread of its own).
 fn tracer_process(pid: i32) -> Option<String> {
-    let tid: i32 = status_field(pid, "TracerPid")?.parse().ok()?;
+    let tid = procfs::status(Pid::from_raw(pid)).ok()?.tracer_pid?;
     if tid == 0 {
         return Some("0".into());
     }
-    status_field(tid, "Tgid")
+    procfs::tgid(Pid::from_raw(tid)).map(|p| p.to_string())
 }
 
 /// A restored TRACE service is dumped at any moment (`runmh dump

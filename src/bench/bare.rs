@@ -52,7 +52,7 @@ pub fn kill_tree(root: i32) {
             Ok(None) => std::thread::sleep(Duration::from_millis(2)),
             // Not our child (no subreaper): wait for it to vanish instead.
             Err(_) => {
-                if !Path::new(&format!("/proc/{root}")).exists() {
+                if !sys::procfs::alive(Pid::from_raw(root)) {
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(2));

@@ -12,6 +12,7 @@ use crate::criu::Criu;
 use crate::images::Metadata;
 use crate::instance::Instance;
 use crate::sys;
+use crate::sys::procfs;
 use nix::libc;
 use nix::unistd::Pid;
 use std::io::{Read, Write};
@@ -67,15 +68,8 @@ pub fn millis(d: Duration) -> f64 {
 
 /// VmRSS of `pid` in MiB.
 pub fn rss_mib(pid: i32) -> Option<f64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: f64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    Some(kib / 1024.0)
+    let kib = procfs::status(Pid::from_raw(pid)).ok()?.vm_rss_kib?;
+    Some(kib as f64 / 1024.0)
 }
 
 /// The last timestamp of a CRIU log ("(00.041234) ..."), in ms.
@@ -533,7 +527,7 @@ impl Ctx {
             }
         };
         let r = wait_first_response("bare criu restore", port, path, t0, self.timeout, || {
-            if Path::new(&format!("/proc/{root}")).exists() {
+            if procfs::alive(Pid::from_raw(root)) {
                 Ok(())
             } else {
                 Err(format!("the restored process {root} is gone"))

@@ -285,7 +285,7 @@ pub fn cli(args: &BenchArgs, criu: Option<&Path>, state_dir: &Path) -> Result<i3
     let state = std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
     let work = state.join("bench").join(format!(
         "{}-{}",
-        crate::instance::unix_ms(),
+        crate::sys::time::unix_ms(),
         std::process::id()
     ));
     std::fs::create_dir_all(work.join("logs")).map_err(|source| BenchError::Io {

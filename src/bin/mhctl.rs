@@ -475,7 +475,7 @@ fn age(unix_ms: u64) -> String {
     }
     format!(
         "{} ago",
-        human_duration(miehisto::instance::unix_ms().saturating_sub(unix_ms))
+        human_duration(miehisto::sys::time::unix_ms().saturating_sub(unix_ms))
     )
 }
 

@@ -160,7 +160,7 @@ fn real_main(cli: Cli) -> Result<()> {
             Ok(sig) => {
                 log::info!(
                     "{}: exiting; the services keep running",
-                    miehisto::stop::tracer::signal_name(sig)
+                    miehisto::sys::signal::signal_name(sig)
                 );
                 break;
             }

@@ -3,11 +3,11 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use miehisto::criu::Criu;
+use miehisto::filter::StopSyscall;
 use miehisto::instance::{self, Instance};
 use miehisto::prebake::{self, PrebakeOpts, Research};
 use miehisto::restore::{self, RestoreOpts};
 use miehisto::spec::{SandboxSpec, SpecInput};
-use miehisto::stop::filter::StopSyscall;
 use miehisto::stop::BackendChoice;
 use miehisto::{doctor, dump, explain};
 use std::path::PathBuf;

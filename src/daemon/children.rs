@@ -44,7 +44,7 @@ impl std::fmt::Display for ExitInfo {
         match self {
             ExitInfo::Exited(c) => write!(f, "exit status {c}"),
             ExitInfo::Signaled(s) => {
-                write!(f, "killed by {}", crate::stop::tracer::signal_name(*s))
+                write!(f, "killed by {}", crate::sys::signal::signal_name(*s))
             }
         }
     }

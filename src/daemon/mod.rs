@@ -77,14 +77,13 @@
 //! The modules: [`api`] (the wire types), [`server`] (socket, peer check,
 //! one thread per connection), [`service`] (the lifecycle), [`registry`]
 //! (persistent services), [`store`] (image generations), [`children`]
-//! (subreaper and reaping), [`logs`] (log streaming), [`procfs`],
-//! [`client`], [`remote`] (ssh transport).
+//! (subreaper and reaping), [`logs`] (log streaming), [`client`],
+//! [`remote`] (ssh transport).
 
 pub mod api;
 pub mod children;
 pub mod client;
 pub mod logs;
-pub mod procfs;
 pub mod registry;
 pub mod remote;
 pub mod server;

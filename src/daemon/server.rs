@@ -77,15 +77,9 @@ pub struct Peer {
 }
 
 fn supplementary_groups(pid: i32) -> Vec<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|g| {
-            g.split_whitespace()
-                .filter_map(|n| n.parse().ok())
-                .collect()
-        })
+    // A peer that is gone has no groups to let it in.
+    crate::sys::procfs::status(nix::unistd::Pid::from_raw(pid))
+        .map(|s| s.groups)
         .unwrap_or_default()
 }
 

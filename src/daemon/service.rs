@@ -22,14 +22,14 @@
 
 use super::api::{CreateService, ErrorCode, ImageInfo, ServiceInfo};
 use super::children::{Children, ChildrenError, ExitInfo};
-use super::procfs;
 use super::registry::{self, Registry, RegistryError, ServiceConfig, ServiceRecord};
 use super::store::{self, ImageStore, ImageStoreError};
+use crate::filter::StopSyscall;
 use crate::images::{Metadata, MetadataError};
-use crate::instance::{self, Instance, InstanceRecord};
-use crate::stop::filter::StopSyscall;
+use crate::instance::{Instance, InstanceRecord};
 use crate::stop::BackendChoice;
 use crate::sys;
+use crate::sys::procfs;
 use nix::libc;
 use nix::unistd::Pid;
 use std::collections::{BTreeMap, HashMap};
@@ -236,7 +236,7 @@ impl Services {
         // (killed with SIGKILL, machine crash) would shadow nothing, but
         // they pile up: remove those whose supervisor is certainly gone.
         for (inst, rec) in Instance::list(&runmh_state) {
-            if rec.supervisor_pid > 0 && !procfs::alive(rec.supervisor_pid) {
+            if rec.supervisor_pid > 0 && !procfs::alive(Pid::from_raw(rec.supervisor_pid)) {
                 log::info!(
                     "removing the stale runmh instance {} (its supervisor {} is gone)",
                     inst.id,
@@ -332,9 +332,10 @@ impl Services {
             .filter(|(_, r)| r.spec.log_dir == log_dir && is_up(&r.state))
             .filter(|(_, r)| {
                 r.supervisor_pid > 0
-                    && procfs::alive(r.supervisor_pid)
-                    && procfs::alive(r.root_pid)
-                    && procfs::ppid(r.root_pid) == Some(r.supervisor_pid)
+                    && procfs::alive(Pid::from_raw(r.supervisor_pid))
+                    && procfs::alive(Pid::from_raw(r.root_pid))
+                    && procfs::ppid(Pid::from_raw(r.root_pid))
+                        == Some(Pid::from_raw(r.supervisor_pid))
             })
             .max_by_key(|(_, r)| r.started_unix_ms)
             .map(|(instance, record)| Live { instance, record })
@@ -400,7 +401,8 @@ impl Services {
                 }
                 .into(),
             );
-            info.uptime_ms = Some(instance::unix_ms().saturating_sub(l.record.started_unix_ms));
+            info.uptime_ms =
+                Some(crate::sys::time::unix_ms().saturating_sub(l.record.started_unix_ms));
         }
         Ok(info)
     }
@@ -501,7 +503,7 @@ impl Services {
             f,
             "--- miehistod {}: runmh {op} ({} ms since the epoch)",
             std::process::id(),
-            instance::unix_ms()
+            crate::sys::time::unix_ms()
         )
         .map_err(prep)?;
         let offset = f.metadata().map_err(prep)?.len();
@@ -802,7 +804,7 @@ impl Services {
 /// Polls until `pid` is gone (zombies count as gone); false on timeout.
 fn wait_gone(pid: i32, timeout: Duration) -> bool {
     let t0 = Instant::now();
-    while procfs::alive(pid) {
+    while procfs::alive(Pid::from_raw(pid)) {
         if t0.elapsed() > timeout {
             return false;
         }
@@ -865,7 +867,7 @@ fn validate_create(req: &CreateService) -> Result<ServiceConfig, ServiceError> {
         cwd: req.cwd.clone(),
         backend: req.backend.clone(),
         stop_at: req.stop_at.clone(),
-        created_unix_ms: instance::unix_ms(),
+        created_unix_ms: crate::sys::time::unix_ms(),
     })
 }
 

@@ -9,8 +9,8 @@
 //! visible under its number either.
 
 use super::api::ImageInfo;
-use super::procfs;
 use crate::images::{self, Metadata};
+use crate::sys::procfs;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -261,7 +261,9 @@ impl ImageStore {
                 let Some(pid) = writer_pid(&file) else {
                     continue;
                 };
-                if pid != nix::unistd::getpid().as_raw() && procfs::alive(pid) {
+                if pid != nix::unistd::getpid().as_raw()
+                    && procfs::alive(nix::unistd::Pid::from_raw(pid))
+                {
                     continue;
                 }
                 if std::fs::remove_dir_all(e.path()).is_ok() {

@@ -135,7 +135,7 @@ fn summary(r: &Row) -> String {
 /// Runs the selected scenarios `repeat` times each, one at a time.
 pub fn run_matrix(opts: &MatrixOpts) -> Result<MatrixRun, ExperimentError> {
     crate::stop::tracer::block_supervisor_signals().map_err(ExperimentError::Signals)?;
-    let started = crate::instance::unix_ms();
+    let started = crate::sys::time::unix_ms();
     let work = opts
         .state_dir
         .join("experiments")
@@ -200,7 +200,7 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<MatrixRun, ExperimentError> {
             if let Ok(sig) = signals.try_recv() {
                 eprintln!(
                     "mhctl: interrupted by {}; reporting the rows so far",
-                    crate::stop::tracer::signal_name(sig)
+                    crate::sys::signal::signal_name(sig)
                 );
                 interrupted = true;
                 break 'outer;

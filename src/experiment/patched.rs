@@ -21,13 +21,14 @@ use super::scenarios::Payload;
 use crate::criu::argv::{shell_words, DumpArgs};
 use crate::criu::{log as criu_log, private_root, Criu, CriuError};
 use crate::explain;
+use crate::filter::StopSyscall;
 use crate::images::Metadata;
 use crate::instance::Instance;
 use crate::prebake::{self, BootError, PrebakeOpts, Research};
 use crate::sandbox::ExternalMount;
-use crate::stop::filter::StopSyscall;
 use crate::stop::BackendChoice;
 use crate::sys;
+use crate::sys::procfs;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use nix::libc;
 use nix::unistd::Pid;
@@ -434,7 +435,7 @@ fn handoff_steps(
         return Ok(());
     }
     row.dumped = Some(true);
-    row.dump_ms = Some(crate::instance::millis(t0.elapsed()));
+    row.dump_ms = Some(crate::sys::time::millis(t0.elapsed()));
     let parked = dump_log
         .lines()
         .find(|l| l.contains("seize-handoff: tid") && l.contains("parked"))
@@ -517,7 +518,7 @@ fn neutralize_row(
     };
     row.stopped = Some(true);
     row.dumped = Some(true);
-    row.time_to_stop_ms = Some(crate::instance::millis(baked.time_to_stop));
+    row.time_to_stop_ms = Some(crate::sys::time::millis(baked.time_to_stop));
     row.dump_ms = Some(baked.dumped.metadata.dump_ms);
     let md = Metadata::read(&images).map_err(|source| PatchedError::Metadata {
         dir: images.clone(),
@@ -551,19 +552,14 @@ impl Watched {
 
 /// Every process of the tree rooted at `root` (just `root` once it is gone).
 fn tree_pids(root: i32) -> Vec<i32> {
-    crate::stop::tracer::tree_tasks(Pid::from_raw(root))
+    procfs::tree_tasks(Pid::from_raw(root))
         .map(|tree| tree.into_iter().map(|(pid, _)| pid.as_raw()).collect())
         .unwrap_or_else(|_| vec![root])
 }
 
 /// Is `pid` gone (or a zombie nobody reaped yet)?
 fn gone(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => s
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => true,
-    }
+    !procfs::alive(Pid::from_raw(pid))
 }
 
 /// SIGTERM, then SIGKILL, to a restored tree we are not the parent of
@@ -625,7 +621,7 @@ fn restore_and_watch(
     let out_at = run::file_len(stdout_log);
     let t0 = Instant::now();
     let restored = private_root::restore_detached(criu, &args, &extra, None);
-    let restore_ms = crate::instance::millis(t0.elapsed());
+    let restore_ms = crate::sys::time::millis(t0.elapsed());
     let _ = std::fs::remove_dir(&rr);
     let root = match restored {
         Ok(root) => root,
@@ -661,14 +657,10 @@ fn restore_and_watch(
     let k = run::knock(stdout_log, out_at, port, Duration::from_secs(5));
     w.listen = k.listen.map(|(r, _)| r);
     w.served = k.served;
-    let tracer = std::fs::read_to_string(format!("/proc/{root}/status"))
+    let tracer = procfs::status(root)
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("TracerPid:"))
-                .map(|l| l.split_whitespace().nth(1).unwrap_or("?").to_string())
-        })
-        .unwrap_or_else(|| "?".into());
+        .and_then(|s| s.tracer_pid)
+        .map_or_else(|| "?".to_string(), |t| t.to_string());
     stop_restored(root.as_raw());
     let listen_line = run::parse_listen(&run::read_from(stdout_log, out_at))
         .map(|(_, l)| l)

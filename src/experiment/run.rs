@@ -7,11 +7,11 @@ use super::report::{Row, Status, SyscallResult};
 use super::scenarios::{backend_word, CriuChoice, Scenario};
 use crate::criu::{Criu, CriuError};
 use crate::explain;
+use crate::filter::StopSyscall;
 use crate::instance::Instance;
 use crate::prebake::{self, BootError, PrebakeOpts};
 use crate::restore::{self, RestoreError, RestoreOpts};
 use crate::spec::{SandboxSpec, SpecInput};
-use crate::stop::filter::StopSyscall;
 use crate::sys;
 use nix::libc;
 use nix::unistd::Pid;
@@ -204,7 +204,7 @@ pub fn stop_supervisor(supervisor: Pid, root: Pid, grace: Duration) {
     reaped(true);
     // The service is not our child: wait until it is really gone.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while Path::new(&format!("/proc/{root}")).exists() && Instant::now() < deadline {
+    while sys::procfs::alive(root) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -242,7 +242,7 @@ pub fn restore_and_watch(
     match restore::restore(criu, &opts) {
         Ok(r) => {
             w.restored = true;
-            let restore_ms = crate::instance::millis(r.took);
+            let restore_ms = crate::sys::time::millis(r.took);
             w.restore_ms = Some(restore_ms);
             explain::say("watch", &format!("restored in {restore_ms} ms; now watching the payload's own log for its listen line, and knocking on port {port}"));
             let k = knock(&out, out_at, port, wait);
@@ -250,7 +250,7 @@ pub fn restore_and_watch(
             w.served = k.served;
             w.first_response_ms = k
                 .answered_at
-                .map(|t| crate::instance::millis(t.duration_since(t0)));
+                .map(|t| crate::sys::time::millis(t.duration_since(t0)));
             stop_supervisor(r.supervisor, r.root, Duration::from_secs(10));
             // The supervisor removes its instance directory when it ends normally.
             r.instance.remove();
@@ -262,7 +262,7 @@ pub fn restore_and_watch(
                 && file_len(&out) > out_at;
             if w.restored {
                 // CRIU did its part; the time is up to runmh's report.
-                w.restore_ms = Some(crate::instance::millis(
+                w.restore_ms = Some(crate::sys::time::millis(
                     t0.elapsed().saturating_sub(Duration::from_millis(100)),
                 ));
             }
@@ -418,7 +418,7 @@ pub fn run_scenario(sc: &Scenario, attempt: u32, ctx: &mut Ctx<'_>) -> Row {
     };
     row.stopped = Some(true);
     row.dumped = Some(true);
-    row.time_to_stop_ms = Some(crate::instance::millis(baked.time_to_stop));
+    row.time_to_stop_ms = Some(crate::sys::time::millis(baked.time_to_stop));
     row.dump_ms = Some(baked.dumped.metadata.dump_ms);
     let resume = match (sc.backend, sc.reseize) {
         (crate::stop::BackendChoice::Trace, true) => {

@@ -3,7 +3,7 @@
 
 use crate::sandbox::ExternalMount;
 use crate::spec::SandboxSpec;
-use crate::stop::tracer::StopHit;
+use crate::stop::hit::StopHit;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 

@@ -7,8 +7,8 @@
 pub mod child;
 pub mod mounts;
 
+use crate::filter::CompiledFilter;
 use crate::spec::SandboxSpec;
-use crate::stop::filter::CompiledFilter;
 use crate::sys;
 use child::{ChildPlan, ChildVariant};
 pub use mounts::ExternalMount;

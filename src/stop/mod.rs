@@ -9,18 +9,19 @@
 //! * [`notify::NotifyBackend`] — `SECCOMP_RET_USER_NOTIF` on a harmless
 //!   marker (`kill(self, SIGRTMAX)` from an LD_PRELOAD wrapper).
 
-pub mod filter;
+pub mod hit;
 pub mod notify;
 pub mod preload;
 pub mod trace;
 pub mod tracer;
 
+use crate::filter::{FilterError, StopSyscall};
 use crate::sandbox::{Released, Variant};
 use crossbeam_channel::Receiver;
-use filter::StopSyscall;
+use hit::StopHit;
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
-use tracer::{StopHit, Tracer, TracerError};
+use tracer::{Tracer, TracerError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -72,7 +73,7 @@ impl std::str::FromStr for BackendChoice {
 #[derive(Debug, thiserror::Error)]
 pub enum StopError {
     #[error(transparent)]
-    Filter(#[from] filter::FilterError),
+    Filter(#[from] FilterError),
     #[error(transparent)]
     Tracer(#[from] TracerError),
     #[error("the notify backend got no seccomp listener from the sandbox")]
@@ -90,6 +91,16 @@ pub enum StopError {
         pid: Pid,
         #[source]
         source: nix::errno::Errno,
+    },
+    #[error(
+        "task {tid} stopped at the marker and vanished before its process could be read from /proc"
+    )]
+    Vanished { tid: Pid },
+    #[error("cannot list the tasks of process {pid}")]
+    ListTasks {
+        pid: Pid,
+        #[source]
+        source: std::io::Error,
     },
     #[error("the notify thread failed: {0}")]
     Notify(String),
@@ -126,7 +137,8 @@ pub trait StopBackend: Send {
 /// that needs no tracer: the NOTIFY and plain cases, and TRACE with the
 /// re-seize switched off (which reproduces the talk's ENOSYS).
 pub fn continue_tree(root: Pid) -> Result<Vec<Pid>, StopError> {
-    let tree = tracer::tree_tasks(root)?;
+    let tree = crate::sys::procfs::tree_tasks(root)
+        .map_err(|source| StopError::ListTasks { pid: root, source })?;
     let mut pids = Vec::new();
     for (pid, _) in tree {
         match crate::sys::kill(pid, nix::libc::SIGCONT) {

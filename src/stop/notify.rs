@@ -9,10 +9,11 @@
 //! (`seccomp_do_user_notification`); after a restore it returns ENOSYS,
 //! which the wrapper ignores, and the real call proceeds.
 
-use super::filter::{check_marker_signal, compile, FilterRule, StopSyscall};
-use super::tracer::{StopHit, Tracer};
+use super::hit::StopHit;
+use super::tracer::Tracer;
 use super::{preload, Arrival, BackendKind, StopBackend, StopError};
 use crate::explain;
+use crate::filter::{check_marker_signal, compile, FilterRule, StopSyscall};
 use crate::sandbox::{Released, Variant};
 use crossbeam_channel::{Receiver, Sender};
 use libseccomp::{ScmpNotifReq, ScmpNotifResp, ScmpNotifRespFlags};
@@ -75,13 +76,15 @@ impl NotifyBackend {
     }
 }
 
-fn to_hit(req: &ScmpNotifReq) -> StopHit {
+fn to_hit(req: &ScmpNotifReq) -> Result<StopHit, StopError> {
     let tid = crate::sys::pid_from_u32(req.pid);
-    let tgid = super::tracer::tgid_of(tid).as_raw();
+    // The task is blocked in the kernel until we answer: its /proc entry
+    // is there, unless it was killed meanwhile.
+    let tgid = crate::sys::procfs::tgid(tid).ok_or(StopError::Vanished { tid })?;
     let nr = i64::from(i32::from(req.data.syscall));
-    StopHit {
+    Ok(StopHit {
         tid: tid.as_raw(),
-        tgid,
+        tgid: tgid.as_raw(),
         syscall: usize::try_from(nr)
             .ok()
             .and_then(syscalls::Sysno::new)
@@ -89,10 +92,10 @@ fn to_hit(req: &ScmpNotifReq) -> StopHit {
             .unwrap_or_default(),
         nr,
         args: req.data.args,
-        at_unix_ms: crate::instance::unix_ms(),
+        at_unix_ms: crate::sys::time::unix_ms(),
         frozen: Vec::new(),
         held: false,
-    }
+    })
 }
 
 fn respond_continue(fd: i32, id: u64) {
@@ -170,7 +173,13 @@ impl StopBackend for NotifyBackend {
                         return;
                     }
                 };
-                let hit = to_hit(&first);
+                let hit = match to_hit(&first) {
+                    Ok(hit) => hit,
+                    Err(e) => {
+                        let _ = tx.send(Arrival::Failed(e));
+                        return;
+                    }
+                };
                 let what = if direct { "called" } else { "called the marker" };
                 explain::say("notify", &format!("task {} {what} {}({}, {}): it is blocked inside the kernel (seccomp_do_user_notification), neither stopped by a signal nor traced", first.pid, hit.syscall, crate::sys::signed_arg(first.data.args[0]), first.data.args[1]));
                 let _ = tx.send(Arrival::Stopped(hit));
@@ -204,7 +213,7 @@ impl StopBackend for NotifyBackend {
         } else {
             format!(
                 "NOTIFY: SECCOMP_RET_USER_NOTIF on kill(*, {}) only; an LD_PRELOAD wrapper of {}() sends that harmless marker to itself first",
-                crate::stop::tracer::signal_name(self.marker_signal),
+                crate::sys::signal::signal_name(self.marker_signal),
                 self.stop_at.name()
             )
         }

@@ -9,9 +9,9 @@
 //! `PTRACE_O_TRACESECCOMP` before sending SIGCONT, so the replayed trap finds
 //! a tracer, which lets it run.
 
-use super::filter::{compile, FilterRule, StopSyscall};
 use super::tracer::{AttachHow, Event, Policy, Tracer};
 use super::{Arrival, BackendKind, StopBackend, StopError};
+use crate::filter::{compile, FilterRule, StopSyscall};
 use crate::sandbox::{Released, Variant};
 use crossbeam_channel::Receiver;
 use nix::unistd::Pid;

@@ -4,14 +4,17 @@
 //! `waitpid` of the process. Other threads talk to it over crossbeam
 //! channels and wake it with a thread-directed SIGUSR2.
 
-use super::filter::{StopSyscall, TRACE_TAG};
+use super::hit::StopHit;
 use crate::explain;
+use crate::filter::{StopSyscall, TRACE_TAG};
+use crate::sys::exit::ExitStatus;
+use crate::sys::procfs::{self, TaskState};
+use crate::sys::signal::is_stop_signal;
 use crate::sys::{self, Wait};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use nix::errno::Errno;
 use nix::libc;
 use nix::unistd::Pid;
-use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
@@ -38,7 +41,7 @@ pub enum TracerError {
     #[error("tasks {pending:?} did not reach a ptrace-stop within {secs}s while the tree was being frozen")]
     FreezeTimeout { pending: Vec<Pid>, secs: u64 },
     #[error("task {pid} is in state {state:?}, not stopped, after the tree was frozen")]
-    NotStopped { pid: Pid, state: char },
+    NotStopped { pid: Pid, state: TaskState },
     #[error("cannot list the tasks of process {pid}")]
     ListTasks {
         pid: Pid,
@@ -69,63 +72,6 @@ pub enum AttachHow {
     Seize,
     /// `PTRACE_ATTACH`, as the talk's first attempt did; research only.
     LegacyAttach,
-}
-
-/// The stop, as seen by the tracer.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct StopHit {
-    pub tid: i32,
-    pub tgid: i32,
-    pub syscall: String,
-    pub nr: i64,
-    pub args: [u64; 6],
-    /// Unix time of the trap, in milliseconds.
-    pub at_unix_ms: u64,
-    /// Processes frozen in group-stop (empty when held).
-    pub frozen: Vec<i32>,
-    pub held: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExitStatus {
-    Exited(i32),
-    Signaled(i32),
-}
-
-impl ExitStatus {
-    /// Shell convention: the code, or 128 + signal.
-    pub fn code(self) -> i32 {
-        match self {
-            ExitStatus::Exited(c) => c,
-            ExitStatus::Signaled(s) => 128 + s,
-        }
-    }
-}
-
-impl std::fmt::Display for ExitStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ExitStatus::Exited(c) => write!(f, "exit status {c}"),
-            ExitStatus::Signaled(s) => write!(f, "killed by signal {s} ({})", signal_name(*s)),
-        }
-    }
-}
-
-pub fn signal_name(sig: i32) -> String {
-    nix::sys::signal::Signal::try_from(sig)
-        .map(|s| s.as_str().to_string())
-        .unwrap_or_else(|_| {
-            let (min, max) = (sys::sigrtmin(), sys::sigrtmax());
-            if sig >= min && sig <= max {
-                match max - sig {
-                    0 => "SIGRTMAX".to_string(),
-                    d if d <= 8 => format!("SIGRTMAX-{d}"),
-                    _ => format!("SIGRTMIN+{}", sig - min),
-                }
-            } else {
-                format!("signal {sig}")
-            }
-        })
 }
 
 pub enum Event {
@@ -284,65 +230,6 @@ struct State {
     shutdown: bool,
 }
 
-/// The thread group (process) a task belongs to, from /proc.
-pub fn tgid_of(tid: Pid) -> Pid {
-    std::fs::read_to_string(format!("/proc/{tid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Tgid:").map(|v| v.trim().parse().ok()))
-                .flatten()
-        })
-        .map(Pid::from_raw)
-        .unwrap_or(tid)
-}
-
-/// The scheduler state letter of a task ('R', 'S', 'T', 't', 'Z', ...).
-pub fn task_state(pid: Pid, tid: Pid) -> Option<char> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
-    // The comm field may contain spaces and parentheses: the state follows the last ')'.
-    s.rsplit_once(')')?.1.trim_start().chars().next()
-}
-
-/// Every thread of every process in the tree under `root`, parents first.
-pub fn tree_tasks(root: Pid) -> Result<Vec<(Pid, Vec<Pid>)>, TracerError> {
-    let mut out = Vec::new();
-    let mut queue = vec![root];
-    while let Some(pid) = queue.pop() {
-        let dir = match std::fs::read_dir(format!("/proc/{pid}/task")) {
-            Ok(d) => d,
-            // A descendant that exited between the listing and now.
-            Err(e) if pid != root && e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(source) => return Err(TracerError::ListTasks { pid, source }),
-        };
-        let mut tids = Vec::new();
-        for e in dir.flatten() {
-            if let Some(tid) = e.file_name().to_str().and_then(|s| s.parse().ok()) {
-                let tid = Pid::from_raw(tid);
-                tids.push(tid);
-                if let Ok(ch) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children"))
-                {
-                    queue.extend(
-                        ch.split_whitespace()
-                            .filter_map(|c| c.parse().ok())
-                            .map(Pid::from_raw),
-                    );
-                }
-            }
-        }
-        tids.sort();
-        out.push((pid, tids));
-    }
-    Ok(out)
-}
-
-fn is_stop_signal(sig: i32) -> bool {
-    matches!(
-        sig,
-        libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
-    )
-}
-
 impl State {
     fn new(events: Sender<Event>) -> Self {
         State {
@@ -427,10 +314,11 @@ impl State {
                 explain::say("ptrace", &format!("PTRACE_ATTACH {pid} (the 2018 way): the task got a SIGSTOP that the tracer swallowed"));
             }
         }
+        // Callers attach to a process (a sandbox child): its own thread group.
         self.tasks.insert(
             pid,
             Task {
-                tgid: tgid_of(pid),
+                tgid: pid,
                 resume_on_stop: false,
             },
         );
@@ -438,14 +326,15 @@ impl State {
     }
 
     fn seize_tree(&mut self, root: Pid) -> Result<Vec<Pid>, TracerError> {
-        let tree = tree_tasks(root)?;
+        let tree = procfs::tree_tasks(root)
+            .map_err(|source| TracerError::ListTasks { pid: root, source })?;
         for (pid, tids) in &tree {
             for tid in tids {
-                let stopped = task_state(*pid, *tid) == Some('T');
+                let stopped = procfs::task_state(*pid, *tid) == Some(TaskState::Stopped);
                 if let Err(source) = sys::ptrace_seize(*tid, PTRACE_OPTIONS) {
                     // A task that is exiting (or a zombie) cannot be seized
                     // and needs no tracer any more; its exit is reaped as usual.
-                    if matches!(task_state(*pid, *tid), None | Some('Z') | Some('X')) {
+                    if procfs::task_state(*pid, *tid).map_or(true, TaskState::has_ended) {
                         continue;
                     }
                     return Err(TracerError::Seize { pid: *tid, source });
@@ -497,17 +386,30 @@ impl State {
     }
 
     fn on_stop(&mut self, pid: Pid, sig: i32, event: i32) {
-        // A task auto-attached through TRACECLONE/TRACEFORK can report its
-        // first stop before its parent's event does.
-        self.tasks.entry(pid).or_insert_with(|| Task {
-            tgid: tgid_of(pid),
-            resume_on_stop: false,
-        });
+        let tgid = match self.tasks.get(&pid) {
+            Some(t) => t.tgid,
+            // A task auto-attached through TRACECLONE/TRACEFORK can report
+            // its first stop before its parent's event does.
+            None => {
+                let Some(tgid) = procfs::tgid(pid) else {
+                    // Reaped since it stopped: nothing left to resume.
+                    return;
+                };
+                self.tasks.insert(
+                    pid,
+                    Task {
+                        tgid,
+                        resume_on_stop: false,
+                    },
+                );
+                tgid
+            }
+        };
         let r = match event {
             0 => sys::ptrace_cont(pid, sig), // signal-delivery-stop: deliver it
-            libc::PTRACE_EVENT_SECCOMP => return self.on_seccomp(pid),
+            libc::PTRACE_EVENT_SECCOMP => return self.on_seccomp(pid, tgid),
             libc::PTRACE_EVENT_CLONE | libc::PTRACE_EVENT_FORK | libc::PTRACE_EVENT_VFORK => {
-                if let Some((new, tgid)) = self.created_by(pid, event) {
+                if let Some((new, tgid)) = created_by(pid, tgid, event) {
                     self.tasks.entry(new).or_insert(Task {
                         tgid,
                         resume_on_stop: false,
@@ -536,7 +438,7 @@ impl State {
         }
     }
 
-    fn on_seccomp(&mut self, tid: Pid) {
+    fn on_seccomp(&mut self, tid: Pid, tgid: Pid) {
         let target = match self.policy {
             Policy::Armed(s) | Policy::Hold(s) => Some(s),
             Policy::Passthrough => None,
@@ -558,14 +460,13 @@ impl State {
             }
             return;
         };
-        let tgid = self.tasks.get(&tid).map(|t| t.tgid).unwrap_or(tid);
         let mut hit = StopHit {
             tid: tid.as_raw(),
             tgid: tgid.as_raw(),
             syscall: syscall.name(),
             nr: i64::from(syscall.nr),
             args: [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9],
-            at_unix_ms: crate::instance::unix_ms(),
+            at_unix_ms: crate::sys::time::unix_ms(),
             frozen: Vec::new(),
             held: false,
         };
@@ -580,7 +481,7 @@ impl State {
             return;
         }
         self.policy = Policy::Passthrough;
-        match self.freeze(Some(tid)) {
+        match self.freeze(Some((tid, tgid))) {
             Ok(frozen) => {
                 hit.frozen = frozen.iter().map(|p| p.as_raw()).collect();
                 let _ = self.events.send(Event::StopReached(hit));
@@ -610,8 +511,8 @@ impl State {
     /// that CRIU's own PTRACE_SEIZE finds no other tracer. Stopped, detached
     /// tasks stay stopped (kernel `__ptrace_unlink` re-instates the group
     /// stop) and CRIU restores them stopped.
-    fn freeze(&mut self, hit: Option<Pid>) -> Result<Vec<Pid>, TracerError> {
-        if let Some(t) = hit {
+    fn freeze(&mut self, hit: Option<(Pid, Pid)>) -> Result<Vec<Pid>, TracerError> {
+        if let Some((t, _)) = hit {
             self.rewind(t)?;
         }
         let tgids: BTreeSet<Pid> = self.tasks.values().map(|t| t.tgid).collect();
@@ -622,14 +523,13 @@ impl State {
             let list: Vec<String> = tgids.iter().map(|p| p.to_string()).collect();
             explain::say("freeze", &format!("SIGSTOP to process(es) {}: group-stop, so that nothing runs between our detach and CRIU's seize", list.join(", ")));
         }
-        if let Some(t) = hit {
+        if let Some((t, tgid)) = hit {
             // It dequeues the pending SIGSTOP on its way back to user space,
             // before re-executing the rewound syscall. Thread-directed too:
             // in a multi-threaded process another (traced) thread may take
             // the process-directed one into its signal-delivery-stop, and
             // this one would re-execute the syscall untraced: ENOSYS before
             // the dump (threaded_server, about one run in six).
-            let tgid = self.tasks.get(&t).map(|x| x.tgid).unwrap_or(t);
             let _ = sys::tgkill(tgid, t, libc::SIGSTOP);
             let _ = sys::ptrace_detach(t, 0);
             self.tasks.remove(&t);
@@ -641,7 +541,8 @@ impl State {
         // a new thread can report its first stops (and be detached) before
         // its parent's CLONE event names it, which must not bring it back
         // as one to wait for.
-        let mut released: std::collections::HashSet<Pid> = hit.into_iter().collect();
+        let mut released: std::collections::HashSet<Pid> =
+            hit.into_iter().map(|(t, _)| t).collect();
         let deadline = Instant::now() + Duration::from_secs(5);
         while !self.tasks.is_empty() {
             match sys::waitpid(-1, libc::WNOHANG) {
@@ -661,12 +562,15 @@ impl State {
         // Wait until every thread is really in group-stop.
         let deadline = Instant::now() + Duration::from_secs(2);
         for g in &tgids {
-            let Ok(tree) = tree_tasks(*g) else { continue };
+            let Ok(tree) = procfs::tree_tasks(*g) else {
+                continue;
+            };
             for (pid, tids) in tree.iter().filter(|(p, _)| p == g) {
                 for tid in tids {
                     loop {
-                        match task_state(*pid, *tid) {
-                            Some('T') | None | Some('Z') | Some('X') => break,
+                        match procfs::task_state(*pid, *tid) {
+                            None | Some(TaskState::Stopped) => break,
+                            Some(s) if s.has_ended() => break,
                             Some(state) if Instant::now() > deadline => {
                                 return Err(TracerError::NotStopped { pid: *tid, state })
                             }
@@ -679,36 +583,31 @@ impl State {
         Ok(tgids.into_iter().collect())
     }
 
-    /// The task a `PTRACE_EVENT_CLONE`/`FORK`/`VFORK` of `pid` created,
-    /// and its thread group: the parent's for a thread, its own otherwise.
-    fn created_by(&self, pid: Pid, event: i32) -> Option<(Pid, Pid)> {
-        let new = Pid::from_raw(i32::try_from(sys::ptrace_geteventmsg(pid).ok()?).ok()?);
-        let tgid = if event == libc::PTRACE_EVENT_CLONE {
-            self.tasks
-                .get(&pid)
-                .map(|t| t.tgid)
-                .unwrap_or_else(|| tgid_of(pid))
-        } else {
-            new
-        };
-        Some((new, tgid))
-    }
-
     fn freeze_step(&mut self, w: Wait, released: &mut std::collections::HashSet<Pid>) {
         let (pid, sig, event) = match w {
             Wait::Stopped { pid, sig, event } => (pid, sig, event),
             Wait::Exited(..) | Wait::Signaled(..) | Wait::Continued(_) => return self.on_wait(w),
         };
-        self.tasks.entry(pid).or_insert_with(|| {
-            let tgid = tgid_of(pid);
-            if tgid == pid {
-                let _ = sys::kill(pid, libc::SIGSTOP);
+        let tgid = match self.tasks.get(&pid) {
+            Some(t) => t.tgid,
+            None => {
+                let Some(tgid) = procfs::tgid(pid) else {
+                    // Reaped since it stopped: nothing left to detach.
+                    return;
+                };
+                if tgid == pid {
+                    let _ = sys::kill(pid, libc::SIGSTOP);
+                }
+                self.tasks.insert(
+                    pid,
+                    Task {
+                        tgid,
+                        resume_on_stop: false,
+                    },
+                );
+                tgid
             }
-            Task {
-                tgid,
-                resume_on_stop: false,
-            }
-        });
+        };
         let inject = match event {
             0 => sig, // deliver it; a SIGSTOP joins the group stop
             libc::PTRACE_EVENT_SECCOMP => {
@@ -716,7 +615,7 @@ impl State {
                 0
             }
             libc::PTRACE_EVENT_CLONE | libc::PTRACE_EVENT_FORK | libc::PTRACE_EVENT_VFORK => {
-                if let Some((new, tgid)) = self.created_by(pid, event) {
+                if let Some((new, tgid)) = created_by(pid, tgid, event) {
                     if !released.contains(&new) {
                         if tgid == new {
                             let _ = sys::kill(new, libc::SIGSTOP);
@@ -737,30 +636,17 @@ impl State {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn signals_and_exit_statuses_read_as_people_write_them() {
-        assert_eq!(signal_name(libc::SIGTERM), "SIGTERM");
-        assert_eq!(signal_name(sys::sigrtmax()), "SIGRTMAX");
-        assert_eq!(signal_name(sys::sigrtmax() - 4), "SIGRTMAX-4");
-        assert_eq!(signal_name(sys::sigrtmin() + 1), "SIGRTMIN+1");
-        assert_eq!(ExitStatus::Exited(3).code(), 3);
-        assert_eq!(ExitStatus::Signaled(9).code(), 137);
-        assert_eq!(
-            ExitStatus::Signaled(15).to_string(),
-            "killed by signal 15 (SIGTERM)"
-        );
-    }
-
-    #[test]
-    fn task_listing_of_this_process() {
-        let me = nix::unistd::getpid();
-        let tree = tree_tasks(me).unwrap();
-        assert_eq!(tree[0].0, me);
-        assert!(tree[0].1.contains(&me), "the main thread is listed");
-        assert!(matches!(task_state(me, me), Some('R') | Some('S')));
-    }
+/// The task a `PTRACE_EVENT_CLONE`/`FORK`/`VFORK` of `pid` (of thread
+/// group `tgid`) created, and the new task's thread group: the parent's
+/// for a thread, its own otherwise.
+fn created_by(pid: Pid, tgid: Pid, event: i32) -> Option<(Pid, Pid)> {
+    let new = Pid::from_raw(i32::try_from(sys::ptrace_geteventmsg(pid).ok()?).ok()?);
+    Some((
+        new,
+        if event == libc::PTRACE_EVENT_CLONE {
+            tgid
+        } else {
+            new
+        },
+    ))
 }

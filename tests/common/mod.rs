@@ -206,22 +206,12 @@ pub fn mounts_under(dir: &Path) -> Vec<String> {
 
 /// Is `pid` alive (a zombie or a dead task is not)?
 pub fn alive(pid: i32) -> bool {
-    let stat = read(Path::new(&format!("/proc/{pid}/stat")));
-    match stat.rsplit_once(')') {
-        Some((_, rest)) => !matches!(rest.split_whitespace().next(), Some("Z") | Some("X") | None),
-        None => false,
-    }
+    miehisto::sys::procfs::alive(nix::unistd::Pid::from_raw(pid))
 }
 
 /// The parent pid of `pid`, from /proc.
 pub fn ppid_of(pid: i32) -> Option<i32> {
-    let s = read(Path::new(&format!("/proc/{pid}/stat")));
-    s.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    miehisto::sys::procfs::ppid(nix::unistd::Pid::from_raw(pid)).map(|p| p.as_raw())
 }
 
 pub fn comm_of(pid: i32) -> String {

@@ -72,7 +72,7 @@ impl std::fmt::Display for FilterRule {
                 write!(
                     f,
                     "SECCOMP_RET_USER_NOTIF on kill(*, {})",
-                    crate::stop::tracer::signal_name(*sig)
+                    crate::sys::signal::signal_name(*sig)
                 )
             }
             FilterRule::NotifyDirect { syscall } => {
