@@ -343,9 +343,12 @@ fn story(
     let w = xrun::restore_and_watch(
         criu,
         &images,
-        state_dir,
-        &baked_spec,
-        true,
+        xrun::Via::Runmh {
+            state_dir,
+            reseize: true,
+        },
+        &baked_spec.stdout_log(),
+        &baked_spec.stderr_log(),
         port,
         Duration::from_secs(30),
     );
@@ -377,9 +380,12 @@ fn story(
             xrun::restore_and_watch(
                 criu,
                 &images,
-                state_dir,
-                &baked_spec,
-                false,
+                xrun::Via::Runmh {
+                    state_dir,
+                    reseize: false,
+                },
+                &baked_spec.stdout_log(),
+                &baked_spec.stderr_log(),
                 port,
                 Duration::from_secs(10),
             )
@@ -408,9 +414,12 @@ fn story(
             let w = xrun::restore_and_watch(
                 criu,
                 &direct_images,
-                state_dir,
-                &direct_spec,
-                true,
+                xrun::Via::Runmh {
+                    state_dir,
+                    reseize: true,
+                },
+                &direct_spec.stdout_log(),
+                &direct_spec.stderr_log(),
                 port,
                 Duration::from_secs(10),
             );
@@ -441,9 +450,12 @@ fn story(
     let w = xrun::restore_and_watch(
         criu,
         &images,
-        state_dir,
-        &baked_spec,
-        true,
+        xrun::Via::Runmh {
+            state_dir,
+            reseize: true,
+        },
+        &baked_spec.stdout_log(),
+        &baked_spec.stderr_log(),
         port,
         Duration::from_secs(30),
     );

@@ -16,22 +16,21 @@
 //! reports what CRIU did and what the payload logged.
 
 use super::report::{Row, Status};
-use super::run::{self, Ctx};
+use super::run::{self, Ctx, Via};
 use super::scenarios::Payload;
 use crate::criu::argv::{shell_words, DumpArgs};
-use crate::criu::{log as criu_log, private_root, Criu, CriuError};
+use crate::criu::{log as criu_log, Criu, CriuError};
 use crate::explain;
 use crate::filter::StopSyscall;
 use crate::images::Metadata;
 use crate::instance::Instance;
 use crate::prebake::{self, BootError, PrebakeOpts, Research};
+use crate::restore::RestoreError;
 use crate::sandbox::ExternalMount;
 use crate::stop::BackendChoice;
 use crate::sys;
-use crate::sys::procfs;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use nix::libc;
-use nix::unistd::Pid;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -117,7 +116,7 @@ pub enum PatchedError {
     #[error("handoff-supervisor printed no usable 'started' line (got {line:?})")]
     SupervisorStart { line: String },
     #[error("the bare restore could not run")]
-    Restore(#[source] CriuError),
+    Restore(#[source] RestoreError),
     #[error("cannot read the image metadata in {dir}")]
     Metadata {
         dir: PathBuf,
@@ -444,19 +443,8 @@ fn handoff_steps(
         .unwrap_or_else(|| "CRIU logged no parked thread".into());
     // The held task was killed by the dump; its supervisor reports the exit.
     let _ = wait_line(rx, &["exit"], Duration::from_secs(10));
-    let watched = restore_and_watch(
-        criu,
-        images,
-        dir,
-        &logs.join("stdout.log"),
-        port,
-        &restore_externals,
-    )?;
-    watched.fill(row);
-    row.evidence = format!(
-        "hand-off: {parked}; {done}; after restore: {}",
-        watched.evidence
-    );
+    let after = restore_neutralized(row, criu, images, dir, logs, port, &restore_externals)?;
+    row.evidence = format!("hand-off: {parked}; {done}; after restore: {after}");
     Ok(())
 }
 
@@ -524,150 +512,62 @@ fn neutralize_row(
         dir: images.clone(),
         source,
     })?;
-    let watched = restore_and_watch(criu, &images, dir, &spec.stdout_log(), port, &md.externals);
+    let after = restore_neutralized(row, criu, &images, dir, &logs, port, &md.externals);
     let _ = std::fs::remove_dir_all(&images);
-    let watched = watched?;
-    watched.fill(row);
-    row.evidence = watched.evidence;
+    row.evidence = after?;
     Ok(())
 }
 
-/// What a bare restore brought back.
-struct Watched {
-    restored: bool,
-    restore_ms: Option<u64>,
-    listen: Option<super::report::SyscallResult>,
-    served: Option<bool>,
-    evidence: String,
-}
-
-impl Watched {
-    fn fill(&self, row: &mut Row) {
-        row.restored = Some(self.restored);
-        row.restore_ms = self.restore_ms;
-        row.after_restore = self.listen;
-        row.served_http = self.served;
-    }
-}
-
-/// Every process of the tree rooted at `root` (just `root` once it is gone).
-fn tree_pids(root: i32) -> Vec<i32> {
-    procfs::tree_tasks(Pid::from_raw(root))
-        .map(|tree| tree.into_iter().map(|(pid, _)| pid.as_raw()).collect())
-        .unwrap_or_else(|_| vec![root])
-}
-
-/// Is `pid` gone (or a zombie nobody reaped yet)?
-fn gone(pid: i32) -> bool {
-    !procfs::alive(Pid::from_raw(pid))
-}
-
-/// SIGTERM, then SIGKILL, to a restored tree we are not the parent of
-/// (`-d`); reaped here when this process is a subreaper, else by init.
-fn stop_restored(root: i32) {
-    let pids = tree_pids(root);
-    for p in &pids {
-        let _ = sys::kill(Pid::from_raw(*p), libc::SIGTERM);
-    }
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < deadline && !pids.iter().all(|p| gone(*p)) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    for p in &pids {
-        if !gone(*p) {
-            let _ = sys::kill(Pid::from_raw(*p), libc::SIGKILL);
-        }
-    }
-    for p in &pids {
-        // ECHILD when init is the parent: nothing to do then.
-        let _ = sys::waitpid(*p, 0);
-    }
-}
-
-/// `criu restore --seccomp-neutralize-traps -d` the way runmh restores
-/// (a private mount namespace with the host `/` bound onto a fresh
-/// `--root`, each external mount mapped back), then only SIGCONT: no runmh,
-/// no tracer. Watches the payload's own listen line and HTTP, then stops
-/// the tree.
-fn restore_and_watch(
+/// The bare restore of `images` with the patched CRIU's
+/// `--seccomp-neutralize-traps`, watched (run::restore_and_watch with
+/// [`Via::Bare`]): fills the row's restore columns, returns the evidence.
+fn restore_neutralized(
+    row: &mut Row,
     criu: &Criu,
     images: &Path,
     dir: &Path,
-    stdout_log: &Path,
+    logs: &Path,
     port: u16,
     externals: &[ExternalMount],
-) -> Result<Watched, PatchedError> {
-    let rr = dir.join("restore-root");
-    mkdir(&rr)?;
-    // runmh's own restore command line, detached instead of --exec-cmd.
-    let args = crate::criu::RestoreArgs {
-        images_dir: images.to_path_buf(),
-        work_dir: dir.to_path_buf(),
-        log_name: "restore.log".into(),
-        root: rr.clone(),
-        externals: externals.to_vec(),
-        pidfile: dir.join("restored.pid"),
-        exec_cmd: Vec::new(),
-    };
-    let extra = ["--seccomp-neutralize-traps"];
-    explain::say(
-        "criu",
-        "bare restore with neutralized traps, in a private mount namespace, the host / bound onto --root:",
+) -> Result<String, PatchedError> {
+    let w = run::restore_and_watch(
+        criu,
+        images,
+        Via::Bare {
+            work_dir: dir,
+            externals,
+            extra: &["--seccomp-neutralize-traps"],
+        },
+        &logs.join("stdout.log"),
+        &logs.join("stderr.log"),
+        port,
+        Duration::from_secs(5),
     );
-    explain::block(&shell_words(
-        &criu.path,
-        &private_root::detached_argv(&args, &extra),
-    ));
-    let out_at = run::file_len(stdout_log);
-    let t0 = Instant::now();
-    let restored = private_root::restore_detached(criu, &args, &extra, None);
-    let restore_ms = crate::sys::time::millis(t0.elapsed());
-    let _ = std::fs::remove_dir(&rr);
-    let root = match restored {
-        Ok(root) => root,
-        Err(CriuError::RestoreFailed { line, .. }) => {
-            return Ok(Watched {
-                restored: false,
-                restore_ms: None,
-                listen: None,
-                served: None,
-                evidence: line,
-            })
-        }
-        Err(e) => return Err(PatchedError::Restore(e)),
-    };
-    let restore_log = run::read_from(&dir.join("restore.log"), 0);
-    let rewritten = restore_log
+    row.restored = Some(w.restored);
+    row.restore_ms = w.restore_ms;
+    row.after_restore = w.listen.as_ref().map(|(r, _)| *r);
+    row.served_http = w.served;
+    match w.error {
+        Some(RestoreError::Criu(CriuError::RestoreFailed { line, .. })) => return Ok(line),
+        Some(e) => return Err(PatchedError::Restore(e)),
+        None => {}
+    }
+    let rewritten = run::read_from(&dir.join("restore.log"), 0)
         .lines()
         .filter(|l| l.contains("seccomp: Neutralizing"))
         .count();
     explain::say(
-        "resume",
-        &format!("restored as pid {root}; {rewritten} trap return(s) rewritten to SECCOMP_RET_ALLOW; SIGCONT, and nobody else touches it"),
+        "neutralize",
+        &format!("CRIU rewrote {rewritten} trap return(s) to SECCOMP_RET_ALLOW"),
     );
-    // Dumped in group-stop, restored stopped: resume it, with no tracer.
-    let _ = crate::stop::continue_tree(root);
-    let mut w = Watched {
-        restored: true,
-        restore_ms: Some(restore_ms),
-        listen: None,
-        served: None,
-        evidence: String::new(),
-    };
-    let k = run::knock(stdout_log, out_at, port, Duration::from_secs(5));
-    w.listen = k.listen.map(|(r, _)| r);
-    w.served = k.served;
-    let tracer = procfs::status(root)
-        .ok()
-        .and_then(|s| s.tracer_pid)
-        .map_or_else(|| "?".to_string(), |t| t.to_string());
-    stop_restored(root.as_raw());
-    let listen_line = run::parse_listen(&run::read_from(stdout_log, out_at))
+    let listen_line = w
+        .listen
         .map(|(_, l)| l)
         .unwrap_or_else(|| "the payload logged no listen line after the restore".into());
-    w.evidence =
-        format!("{rewritten} trap return(s) neutralized; {listen_line}; TracerPid {tracer}");
-    Ok(w)
+    Ok(format!(
+        "{rewritten} trap return(s) neutralized; {listen_line}; TracerPid {}",
+        w.tracer_pid.as_deref().unwrap_or("?")
+    ))
 }
 
 #[cfg(test)]

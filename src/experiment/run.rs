@@ -1,16 +1,18 @@
 //! Running one scenario for real: a fresh sandbox, the library's prebake
 //! (stop, dump, publish), the library's restore, and what the payload
-//! itself logged. Also the restore-and-watch steps the demo shares.
+//! itself logged. Also the restore-and-watch step that the demo and the
+//! patched-CRIU rows share.
 
 use super::payloads::Resolver;
 use super::report::{Row, Status, SyscallResult};
 use super::scenarios::{backend_word, CriuChoice, Scenario};
-use crate::criu::{Criu, CriuError};
+use crate::criu::{private_root, Criu, CriuError};
 use crate::explain;
 use crate::filter::StopSyscall;
 use crate::instance::Instance;
 use crate::prebake::{self, BootError, PrebakeOpts};
 use crate::restore::{self, RestoreError, RestoreOpts};
+use crate::sandbox::ExternalMount;
 use crate::spec::{SandboxSpec, SpecInput};
 use crate::sys;
 use nix::libc;
@@ -169,6 +171,8 @@ pub struct Watched {
     pub preload: Option<String>,
     /// None: not tried (listen failed, or never reported).
     pub served: Option<bool>,
+    /// The restored root's `TracerPid` while it ran (0: nobody).
+    pub tracer_pid: Option<String>,
 }
 
 /// Sends SIGTERM to a restored supervisor (which forwards it and escalates
@@ -209,26 +213,43 @@ pub fn stop_supervisor(supervisor: Pid, root: Pid, grace: Duration) {
     }
 }
 
+/// How [`restore_and_watch`] brings an image back.
+pub enum Via<'a> {
+    /// runmh's restore: CRIU execs runmh, which gets the tree past its
+    /// stop point (re-seizing a TRACE image's tasks when `reseize`) and
+    /// supervises it.
+    Runmh { state_dir: &'a Path, reseize: bool },
+    /// Bare `criu restore --restore-detached` with `extra` options, in a
+    /// private root under `work_dir` (which gets CRIU's log), `externals`
+    /// mapped back; then only SIGCONT: no runmh, no tracer.
+    Bare {
+        work_dir: &'a Path,
+        externals: &'a [ExternalMount],
+        extra: &'a [&'a str],
+    },
+}
+
+/// The restored tree while it runs: how to stop it afterwards.
+enum Restored {
+    // Boxed: the metadata it carries dwarfs a pid.
+    Supervised(Box<restore::Restored>),
+    Detached(Pid),
+}
+
 /// Restores `images`, watches the service get past its stop point (its
-/// own `listen` line, then HTTP), stops it and cleans up. A failed restore
-/// is reported in [`Watched::error`], with whatever the payload logged.
+/// own `listen` line in `stdout`, then HTTP on `port`), stops it and
+/// cleans up. A failed restore is reported in [`Watched::error`], with
+/// whatever the payload logged.
 pub fn restore_and_watch(
     criu: &Criu,
     images: &Path,
-    state_dir: &Path,
-    spec: &SandboxSpec,
-    reseize: bool,
+    via: Via<'_>,
+    stdout: &Path,
+    stderr: &Path,
     port: u16,
     wait: Duration,
 ) -> Watched {
-    let (out, err) = (spec.stdout_log(), spec.stderr_log());
-    let (out_at, err_at) = (file_len(&out), file_len(&err));
-    let opts = RestoreOpts {
-        images: images.to_path_buf(),
-        state_dir: state_dir.to_path_buf(),
-        reseize,
-        stop_timeout: Duration::from_secs(2),
-    };
+    let (out_at, err_at) = (file_len(stdout), file_len(stderr));
     let t0 = Instant::now();
     let mut w = Watched {
         error: None,
@@ -238,28 +259,59 @@ pub fn restore_and_watch(
         listen: None,
         preload: None,
         served: None,
+        tracer_pid: None,
     };
-    match restore::restore(criu, &opts) {
+    let restored = match via {
+        Via::Runmh { state_dir, reseize } => {
+            let opts = RestoreOpts {
+                images: images.to_path_buf(),
+                state_dir: state_dir.to_path_buf(),
+                reseize,
+                stop_timeout: Duration::from_secs(2),
+            };
+            restore::restore(criu, &opts).map(|r| {
+                w.restore_ms = Some(crate::sys::time::millis(r.took));
+                Restored::Supervised(Box::new(r))
+            })
+        }
+        Via::Bare {
+            work_dir,
+            externals,
+            extra,
+        } => bare_restore(criu, images, work_dir, externals, extra).map(|root| {
+            w.restore_ms = Some(crate::sys::time::millis(t0.elapsed()));
+            Restored::Detached(root)
+        }),
+    };
+    match restored {
         Ok(r) => {
             w.restored = true;
-            let restore_ms = crate::sys::time::millis(r.took);
-            w.restore_ms = Some(restore_ms);
-            explain::say("watch", &format!("restored in {restore_ms} ms; now watching the payload's own log for its listen line, and knocking on port {port}"));
-            let k = knock(&out, out_at, port, wait);
+            let root = match &r {
+                Restored::Supervised(r) => r.root,
+                Restored::Detached(root) => *root,
+            };
+            explain::say("watch", &format!("restored in {} ms; now watching the payload's own log for its listen line, and knocking on port {port}", w.restore_ms.unwrap_or(0)));
+            let k = knock(stdout, out_at, port, wait);
             w.listen = k.listen;
             w.served = k.served;
             w.first_response_ms = k
                 .answered_at
                 .map(|t| crate::sys::time::millis(t.duration_since(t0)));
-            stop_supervisor(r.supervisor, r.root, Duration::from_secs(10));
-            // The supervisor removes its instance directory when it ends normally.
-            r.instance.remove();
+            w.tracer_pid = tracer_pid(root);
+            match r {
+                Restored::Supervised(r) => {
+                    stop_supervisor(r.supervisor, r.root, Duration::from_secs(10));
+                    // The supervisor removes its instance directory when it ends normally.
+                    r.instance.remove();
+                }
+                Restored::Detached(root) => stop_detached(root),
+            }
         }
         Err(e) => {
             // Give a service that got going a moment to finish its line.
             std::thread::sleep(Duration::from_millis(100));
             w.restored = !matches!(e, RestoreError::Criu(CriuError::RestoreFailed { .. }))
-                && file_len(&out) > out_at;
+                && file_len(stdout) > out_at;
             if w.restored {
                 // CRIU did its part; the time is up to runmh's report.
                 w.restore_ms = Some(crate::sys::time::millis(
@@ -274,10 +326,96 @@ pub fn restore_and_watch(
         }
     }
     if w.listen.is_none() {
-        w.listen = parse_listen(&read_from(&out, out_at));
+        w.listen = parse_listen(&read_from(stdout, out_at));
     }
-    w.preload = preload_line(&read_from(&err, err_at));
+    w.preload = preload_line(&read_from(stderr, err_at));
     w
+}
+
+/// [`Via::Bare`]: runmh's own restore command line, detached instead of
+/// `--exec-cmd`; the restored tree is resumed with a plain SIGCONT.
+fn bare_restore(
+    criu: &Criu,
+    images: &Path,
+    work_dir: &Path,
+    externals: &[ExternalMount],
+    extra: &[&str],
+) -> Result<Pid, RestoreError> {
+    let rr = work_dir.join("restore-root");
+    std::fs::create_dir_all(&rr).map_err(|source| RestoreError::Prepare {
+        path: rr.clone(),
+        source,
+    })?;
+    let args = crate::criu::RestoreArgs {
+        images_dir: images.to_path_buf(),
+        work_dir: work_dir.to_path_buf(),
+        log_name: "restore.log".into(),
+        root: rr.clone(),
+        externals: externals.to_vec(),
+        pidfile: work_dir.join("restored.pid"),
+        exec_cmd: Vec::new(),
+    };
+    explain::say(
+        "criu",
+        "bare restore, in a private mount namespace with the host / bound onto --root:",
+    );
+    explain::block(&crate::criu::argv::shell_words(
+        &criu.path,
+        &private_root::detached_argv(&args, extra),
+    ));
+    let restored = private_root::restore_detached(criu, &args, extra, None);
+    let _ = std::fs::remove_dir(&rr);
+    let root = restored?;
+    explain::say(
+        "resume",
+        &format!("restored as pid {root}; SIGCONT, and nobody else touches it"),
+    );
+    // Dumped in group-stop, restored stopped: resume it, with no tracer.
+    let _ = crate::stop::continue_tree(root);
+    Ok(root)
+}
+
+/// The `TracerPid` of a running task, as /proc shows it.
+fn tracer_pid(pid: Pid) -> Option<String> {
+    sys::procfs::status(pid)
+        .ok()
+        .and_then(|s| s.tracer_pid)
+        .map(|t| t.to_string())
+}
+
+/// Every process of the tree rooted at `root` (just `root` once it is gone).
+fn tree_pids(root: Pid) -> Vec<Pid> {
+    sys::procfs::tree_tasks(root)
+        .map(|tree| tree.into_iter().map(|(pid, _)| pid).collect())
+        .unwrap_or_else(|_| vec![root])
+}
+
+/// Is `pid` gone (or a zombie nobody reaped yet)?
+fn gone(pid: Pid) -> bool {
+    !sys::procfs::alive(pid)
+}
+
+/// SIGTERM, then SIGKILL, to a restored tree we are not the parent of
+/// (`--restore-detached`); reaped here when this process is a subreaper,
+/// else by init.
+fn stop_detached(root: Pid) {
+    let pids = tree_pids(root);
+    for p in &pids {
+        let _ = sys::kill(*p, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline && !pids.iter().all(|p| gone(*p)) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for p in &pids {
+        if !gone(*p) {
+            let _ = sys::kill(*p, libc::SIGKILL);
+        }
+    }
+    for p in &pids {
+        // ECHILD when init is the parent: nothing to do then.
+        let _ = sys::waitpid(p.as_raw(), 0);
+    }
 }
 
 /// A sandbox spec for a payload listening on `port`, logging into `log_dir`.
@@ -436,9 +574,12 @@ pub fn run_scenario(sc: &Scenario, attempt: u32, ctx: &mut Ctx<'_>) -> Row {
     let w = restore_and_watch(
         criu,
         &images,
-        ctx.state_dir,
-        &spec,
-        sc.reseize,
+        Via::Runmh {
+            state_dir: ctx.state_dir,
+            reseize: sc.reseize,
+        },
+        &spec.stdout_log(),
+        &spec.stderr_log(),
         port,
         Duration::from_secs(5),
     );
