@@ -75,6 +75,18 @@ fn assert_one_line_error(out: &Output, what: &str) -> String {
     lines[0].to_string()
 }
 
+/// `runmh restore --images IMG`, which must fail with one clear line.
+fn restore_error(c: &Case, img: &Path, what: &str) -> String {
+    let out = c
+        .runmh()
+        .arg("restore")
+        .arg("--images")
+        .arg(img)
+        .output()
+        .expect("runmh restore");
+    assert_one_line_error(&out, what)
+}
+
 /// Every file of an image, by name, with its bytes.
 fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     std::fs::read_dir(dir)
@@ -507,14 +519,7 @@ fn bad_input_is_one_clear_line() {
 
     // restore --images: missing, empty, corrupt metadata.
     let missing = c.state.join("missing-img");
-    let out = c
-        .runmh()
-        .arg("restore")
-        .arg("--images")
-        .arg(&missing)
-        .output()
-        .expect("runmh restore");
-    let line = assert_one_line_error(&out, "missing image dir");
+    let line = restore_error(&c, &missing, "missing image dir");
     assert!(
         line.contains("missing-img") && line.contains("does not exist"),
         "{line}"
@@ -527,14 +532,7 @@ fn bad_input_is_one_clear_line() {
 
     let empty = c.state.join("empty-img");
     std::fs::create_dir(&empty).expect("mkdir");
-    let out = c
-        .runmh()
-        .arg("restore")
-        .arg("--images")
-        .arg(&empty)
-        .output()
-        .expect("runmh restore");
-    let line = assert_one_line_error(&out, "empty image dir");
+    let line = restore_error(&c, &empty, "empty image dir");
     assert!(
         line.contains("empty-img") && line.contains("miehisto.json"),
         "{line}"
@@ -547,14 +545,7 @@ fn bad_input_is_one_clear_line() {
     let text = std::fs::read(&md_path).expect("read metadata");
     std::fs::write(&md_path, &text[..text.len() / 2]).expect("truncate metadata");
     let before = snapshot(&img);
-    let out = c
-        .runmh()
-        .arg("restore")
-        .arg("--images")
-        .arg(&img)
-        .output()
-        .expect("runmh restore");
-    let line = assert_one_line_error(&out, "corrupt metadata");
+    let line = restore_error(&c, &img, "corrupt metadata");
     assert!(
         line.contains("miehisto.json") && line.contains("corrupt"),
         "{line}"

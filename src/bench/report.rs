@@ -375,28 +375,24 @@ impl Report {
                     }
                 }
             }
+            let mut ratio = |name: &str, r: f64| {
+                let _ = writeln!(
+                    out,
+                    "{:<58} {:>6} {:>9} {:>9.2}",
+                    format!("ratio: {name}"),
+                    "x",
+                    "",
+                    r
+                );
+            };
             for (name, a, b) in INFO {
                 if let (Some(x), Some(y)) = (w.median(*a), w.median(*b)) {
-                    let _ = writeln!(
-                        out,
-                        "{:<58} {:>6} {:>9} {:>9.2}",
-                        format!("ratio: {name}"),
-                        "x",
-                        "",
-                        x / y
-                    );
+                    ratio(name, x / y);
                 }
             }
             for (name, a, b) in PAIRED {
                 if let Some(r) = paired_median(w, *a, *b) {
-                    let _ = writeln!(
-                        out,
-                        "{:<58} {:>6} {:>9} {:>9.2}",
-                        format!("ratio: {name}"),
-                        "x",
-                        "",
-                        r
-                    );
+                    ratio(name, r);
                 }
             }
             for e in &w.errors {
