@@ -569,6 +569,8 @@ pub fn ptrace_geteventmsg(pid: Pid) -> SysResult<libc::c_ulong> {
     }
     Ok(msg)
 }
+/// x86_64 only: other architectures read registers with PTRACE_GETREGSET.
+#[cfg(target_arch = "x86_64")]
 pub fn ptrace_getregs(pid: Pid) -> SysResult<libc::user_regs_struct> {
     // SAFETY: user_regs_struct is plain data; PTRACE_GETREGS fills all of it.
     let mut regs: libc::user_regs_struct = unsafe { std::mem::zeroed() };
@@ -586,6 +588,7 @@ pub fn ptrace_getregs(pid: Pid) -> SysResult<libc::user_regs_struct> {
     }
     Ok(regs)
 }
+#[cfg(target_arch = "x86_64")]
 pub fn ptrace_setregs(pid: Pid, regs: &libc::user_regs_struct) -> SysResult<()> {
     // SAFETY: `data` points at a fully initialised user_regs_struct.
     let r = unsafe { libc::ptrace(libc::PTRACE_SETREGS, pid.as_raw(), 0usize, regs as *const _) };

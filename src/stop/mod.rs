@@ -12,6 +12,7 @@
 pub mod hit;
 pub mod notify;
 pub mod preload;
+pub mod ptrace;
 pub mod trace;
 pub mod tracer;
 
