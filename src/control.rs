@@ -32,7 +32,7 @@ pub struct Response {
     #[serde(default)]
     pub pids: Vec<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub state: Option<String>,
+    pub state: Option<crate::instance::InstanceState>,
 }
 
 impl Response {
@@ -185,7 +185,7 @@ mod tests {
                     }
                     Request::Status => Response {
                         ok: true,
-                        state: Some("running".into()),
+                        state: Some(crate::instance::InstanceState::Running),
                         ..Default::default()
                     },
                 };

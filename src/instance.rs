@@ -10,6 +10,11 @@ use std::path::{Path, PathBuf};
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/miehisto/runmh";
 const RECORD: &str = "instance.json";
+/// Version 1 had no `format_version` field and kept the state as free
+/// text, "stopped" meaning the stop point; version 2 names the states.
+pub const RECORD_VERSION: u32 = 2;
+/// An instance record is a few KiB; anything larger is not one.
+const MAX_RECORD_BYTES: u64 = 1 << 20;
 /// Where control sockets go when the state directory's path is too long.
 pub const SHORT_SOCKET_DIR: &str = "/run/miehisto/ctl";
 
@@ -51,8 +56,74 @@ pub fn state_dir(explicit: Option<&Path>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR))
 }
 
+/// Where an instance is in its life, as its record tells other processes
+/// (runmh dump, the daemon, benchmarks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceState {
+    /// A prebake's sandbox is booting towards its stop point.
+    Starting,
+    /// A prebake's service is held at its stop point, about to be dumped.
+    HeldAtStop,
+    /// CRIU is restoring the image.
+    Restoring,
+    /// The service runs under its supervisor.
+    Running,
+    /// A traced service was frozen and let go for CRIU to dump it.
+    Frozen,
+    /// A dump of an untraced service is in progress.
+    Dumping,
+    /// CRIU dumped the service and killed it.
+    Dumped,
+}
+
+impl InstanceState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceState::Starting => "starting",
+            InstanceState::HeldAtStop => "held_at_stop",
+            InstanceState::Restoring => "restoring",
+            InstanceState::Running => "running",
+            InstanceState::Frozen => "frozen",
+            InstanceState::Dumping => "dumping",
+            InstanceState::Dumped => "dumped",
+        }
+    }
+
+    /// The service is up, a dump in progress included.
+    pub fn is_up(self) -> bool {
+        matches!(
+            self,
+            InstanceState::Running | InstanceState::Frozen | InstanceState::Dumping
+        )
+    }
+
+    /// A state as record version 1 wrote it.
+    fn from_v1(s: &str) -> Option<InstanceState> {
+        Some(match s {
+            "starting" => InstanceState::Starting,
+            // Version 1's only other use of "stopped" was never written to
+            // a record: a prebake's service held before its stop syscall.
+            "stopped" => InstanceState::HeldAtStop,
+            "restoring" => InstanceState::Restoring,
+            "running" => InstanceState::Running,
+            "frozen" => InstanceState::Frozen,
+            "dumping" => InstanceState::Dumping,
+            "dumped" => InstanceState::Dumped,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct InstanceRecord {
+    pub format_version: u32,
     pub id: String,
     pub spec: SandboxSpec,
     pub externals: Vec<ExternalMount>,
@@ -67,8 +138,66 @@ pub struct InstanceRecord {
     pub front_pid: Option<i32>,
     /// Host pid of the sandbox's PID 1 (0 until known).
     pub root_pid: i32,
-    pub state: String,
+    pub state: InstanceState,
     pub started_unix_ms: u64,
+}
+
+/// An instance record as version 1 wrote it: no version field, the state
+/// as text.
+#[derive(Deserialize)]
+struct RecordV1 {
+    id: String,
+    spec: SandboxSpec,
+    externals: Vec<ExternalMount>,
+    backend: BackendRecord,
+    #[serde(default)]
+    image: Option<PathBuf>,
+    supervisor_pid: i32,
+    #[serde(default)]
+    front_pid: Option<i32>,
+    root_pid: i32,
+    state: String,
+    started_unix_ms: u64,
+}
+
+impl InstanceRecord {
+    /// Parses a record of any version this runmh knows.
+    pub fn parse(bytes: &[u8]) -> Result<InstanceRecord, String> {
+        #[derive(Deserialize)]
+        struct Probe {
+            #[serde(default)]
+            format_version: Option<u32>,
+        }
+        let probe: Probe = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        match probe.format_version {
+            None => {
+                let v1: RecordV1 = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+                let state = InstanceState::from_v1(&v1.state).ok_or_else(|| {
+                    format!(
+                        "unknown instance state {:?} (version 1 knew starting, stopped, restoring, running, frozen, dumping, dumped)",
+                        v1.state
+                    )
+                })?;
+                Ok(InstanceRecord {
+                    format_version: RECORD_VERSION,
+                    id: v1.id,
+                    spec: v1.spec,
+                    externals: v1.externals,
+                    backend: v1.backend,
+                    image: v1.image,
+                    supervisor_pid: v1.supervisor_pid,
+                    front_pid: v1.front_pid,
+                    root_pid: v1.root_pid,
+                    state,
+                    started_unix_ms: v1.started_unix_ms,
+                })
+            }
+            Some(RECORD_VERSION) => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
+            Some(v) => Err(format!(
+                "format version {v}, this runmh reads versions 1 and {RECORD_VERSION}; use a matching runmh"
+            )),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -89,6 +218,47 @@ mod tests {
             Path::new("/run/miehisto/ctl/1795-42.sock")
         );
         assert!(long.control_socket().as_os_str().len() < 100);
+    }
+
+    /// Written by runmh 0.1.0 (record version 1) for a restored service.
+    const V1_RECORD: &str = include_str!("../tests/fixtures/v1/instance.json");
+
+    #[test]
+    fn a_version_1_record_still_reads() {
+        let rec = InstanceRecord::parse(V1_RECORD.as_bytes()).unwrap();
+        assert_eq!(rec.format_version, RECORD_VERSION);
+        assert_eq!(rec.id, "1796125489262-19484");
+        assert_eq!(rec.state, InstanceState::Running);
+        assert_eq!(rec.backend.kind, crate::stop::BackendKind::Trace);
+        assert_eq!(rec.root_pid, 19500);
+        assert_eq!(rec.front_pid, Some(19484));
+        assert_eq!(rec.image.as_deref(), Some(Path::new("/tmp/s10core/img")));
+
+        // Version 1's "stopped" was a prebake held at its stop point.
+        let held = V1_RECORD.replace("\"state\": \"running\"", "\"state\": \"stopped\"");
+        let rec = InstanceRecord::parse(held.as_bytes()).unwrap();
+        assert_eq!(rec.state, InstanceState::HeldAtStop);
+
+        let bad = V1_RECORD.replace("\"state\": \"running\"", "\"state\": \"sleeping\"");
+        let e = InstanceRecord::parse(bad.as_bytes()).unwrap_err();
+        assert!(e.contains("unknown instance state \"sleeping\""), "{e}");
+    }
+
+    #[test]
+    fn a_record_round_trips_and_a_future_version_is_refused() {
+        let mut rec = InstanceRecord::parse(V1_RECORD.as_bytes()).unwrap();
+        rec.state = InstanceState::HeldAtStop;
+        let text = serde_json::to_string(&rec).unwrap();
+        assert!(text.contains("\"state\":\"held_at_stop\""), "{text}");
+        assert!(text.contains("\"format_version\":2"), "{text}");
+        assert_eq!(InstanceRecord::parse(text.as_bytes()).unwrap(), rec);
+
+        let future = text.replace("\"format_version\":2", "\"format_version\":3");
+        let e = InstanceRecord::parse(future.as_bytes()).unwrap_err();
+        assert!(e.contains("format version 3"), "{e}");
+        // A version 2 record does not fall back to the old state names.
+        let old_name = text.replace("held_at_stop", "stopped");
+        assert!(InstanceRecord::parse(old_name.as_bytes()).is_err());
     }
 }
 
@@ -159,14 +329,19 @@ impl Instance {
 
     pub fn read_record(&self) -> Result<InstanceRecord, InstanceError> {
         let path = self.dir.join(RECORD);
-        let bytes = std::fs::read(&path).map_err(|source| InstanceError::Read {
+        let read = |source| InstanceError::Read {
             path: path.clone(),
             source,
-        })?;
-        serde_json::from_slice(&bytes).map_err(|e| InstanceError::Corrupt {
-            path,
-            detail: e.to_string(),
-        })
+        };
+        let size = std::fs::metadata(&path).map_err(read)?.len();
+        if size > MAX_RECORD_BYTES {
+            return Err(InstanceError::Corrupt {
+                path,
+                detail: format!("{size} bytes, larger than the {MAX_RECORD_BYTES}-byte limit"),
+            });
+        }
+        let bytes = std::fs::read(&path).map_err(read)?;
+        InstanceRecord::parse(&bytes).map_err(|detail| InstanceError::Corrupt { path, detail })
     }
 
     /// Removes the instance directory. The root mount point is only ever

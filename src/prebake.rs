@@ -6,7 +6,7 @@ use crate::dump::{self, DumpFacts, Dumped};
 use crate::explain;
 use crate::filter::StopSyscall;
 use crate::images::{BackendRecord, Staged, StopRecord, StoreError};
-use crate::instance::{Instance, InstanceError, InstanceRecord};
+use crate::instance::{self, Instance, InstanceError, InstanceRecord, InstanceState};
 use crate::sandbox::{self, SandboxError, Variant};
 use crate::spec::SandboxSpec;
 use crate::stop::hit::StopHit;
@@ -117,7 +117,7 @@ fn preload_dir(state_dir: &Path) -> PathBuf {
 
 fn backend_record(kind: BackendKind, reason: String, marker: Option<i32>) -> BackendRecord {
     BackendRecord {
-        kind: kind.as_str().to_string(),
+        kind,
         reason,
         marker_signal: marker,
     }
@@ -276,7 +276,8 @@ fn start(
         supervisor_pid: nix::unistd::getpid().as_raw(),
         front_pid: None,
         root_pid: pid.as_raw(),
-        state: "starting".into(),
+        format_version: instance::RECORD_VERSION,
+        state: InstanceState::Starting,
         started_unix_ms: crate::sys::time::unix_ms(),
     };
     inst.write_record(&record)?;
@@ -427,7 +428,7 @@ pub fn prebake(
         // The 2018 flow: the tracer still holds the task, CRIU will collide.
         explain::say("collide", "the tracer is still attached (PTRACE_ATTACH) — CRIU's PTRACE_SEIZE of the same task will get EPERM");
     }
-    running.record.state = "stopped".into();
+    running.record.state = InstanceState::HeldAtStop;
     let _ = running.instance.write_record(&running.record);
     let dump = dump::criu_dump(
         criu,

@@ -14,7 +14,7 @@ use crate::criu::private_root;
 use crate::criu::{Criu, CriuError, RestoreArgs};
 use crate::explain;
 use crate::images::{Metadata, MetadataError};
-use crate::instance::{Instance, InstanceError, InstanceRecord};
+use crate::instance::{self, Instance, InstanceError, InstanceRecord, InstanceState};
 use crate::stop::tracer::{Tracer, TracerError};
 use crate::stop::{self, BackendKind, StopError};
 use crate::supervisor::{Outcome, Running, SupervisorError};
@@ -150,7 +150,8 @@ pub fn restore(criu: &Criu, opts: &RestoreOpts) -> Result<Restored, RestoreError
         supervisor_pid: 0,
         front_pid: Some(nix::unistd::getpid().as_raw()),
         root_pid: 0,
-        state: "restoring".into(),
+        format_version: instance::RECORD_VERSION,
+        state: InstanceState::Restoring,
         started_unix_ms: crate::sys::time::unix_ms(),
     };
     inst.write_record(&rec)?;
@@ -510,7 +511,7 @@ fn supervise_setup(dir: &Path, reseize: bool) -> Result<Setup, RestoreError> {
     let root = Pid::from_raw(root);
     let tracer = Tracer::start()?;
     let exit = tracer.watch(root)?;
-    let kind = BackendKind::parse(&rec.backend.kind).unwrap_or(BackendKind::None);
+    let kind = rec.backend.kind;
     if let Err(e) = stop::resume_restored(kind, root, &tracer, reseize) {
         // CRIU resumes the tree before it execs us: a service that fails
         // at once may already have been reaped by our tracer thread.
@@ -522,7 +523,7 @@ fn supervise_setup(dir: &Path, reseize: bool) -> Result<Setup, RestoreError> {
     }
     rec.supervisor_pid = nix::unistd::getpid().as_raw();
     rec.root_pid = root.as_raw();
-    rec.state = "running".into();
+    rec.state = InstanceState::Running;
     inst.write_record(&rec)?;
     explain::say(
         "ready",

@@ -6,7 +6,7 @@
 
 use crate::control::{self, Incoming, Request, Response};
 use crate::explain;
-use crate::instance::{Instance, InstanceRecord};
+use crate::instance::{Instance, InstanceRecord, InstanceState};
 use crate::stop::tracer::Tracer;
 use crate::stop::{self, BackendKind};
 use crate::sys;
@@ -94,8 +94,8 @@ fn spawn_signal_thread(tx: crossbeam_channel::Sender<i32>) -> std::io::Result<()
 }
 
 impl Running {
-    fn set_state(&mut self, state: &str) {
-        self.record.state = state.to_string();
+    fn set_state(&mut self, state: InstanceState) {
+        self.record.state = state;
         let _ = self.instance.write_record(&self.record);
     }
 
@@ -103,7 +103,7 @@ impl Running {
         let resp = match inc.req {
             Request::Status => Response {
                 ok: true,
-                state: Some(self.record.state.clone()),
+                state: Some(self.record.state),
                 pids: vec![self.root.as_raw()],
                 ..Default::default()
             },
@@ -112,7 +112,7 @@ impl Running {
                     match self.tracer.freeze() {
                         Ok(pids) => {
                             self.traced = false;
-                            self.set_state("frozen");
+                            self.set_state(InstanceState::Frozen);
                             *dumped = true;
                             Response {
                                 ok: true,
@@ -123,7 +123,7 @@ impl Running {
                         Err(e) => Response::err(e),
                     }
                 } else {
-                    self.set_state("dumping");
+                    self.set_state(InstanceState::Dumping);
                     *dumped = true;
                     Response {
                         ok: true,
@@ -134,12 +134,12 @@ impl Running {
             }
             Request::Thaw { alive: false } => {
                 *dumped = true;
-                self.set_state("dumped");
+                self.set_state(InstanceState::Dumped);
                 Response::ok()
             }
             Request::Thaw { alive: true } => {
                 *dumped = false;
-                let r = if self.record.backend.kind == BackendKind::Trace.as_str() && !self.traced {
+                let r = if self.record.backend.kind == BackendKind::Trace && !self.traced {
                     self.tracer
                         .seize_tree_and_resume(self.root)
                         .map(|_| self.traced = true)
@@ -149,7 +149,7 @@ impl Running {
                         .map(drop)
                         .map_err(|e| e.to_string())
                 };
-                self.set_state("running");
+                self.set_state(InstanceState::Running);
                 match r {
                     Ok(()) => Response::ok(),
                     Err(e) => Response::err(e),
@@ -167,7 +167,7 @@ impl Running {
         let signals = signals();
         let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
         control::serve(&self.instance.control_socket(), ctl_tx)?;
-        self.set_state("running");
+        self.set_state(InstanceState::Running);
         let mut dumped = false;
         let mut kill_at: Option<Instant> = None;
         loop {

@@ -532,7 +532,7 @@ fn concurrent_prebakes_make_whole_generations() {
     );
     for g in &gens {
         let md = Metadata::read(&c.images_dir("web").join(g.to_string())).expect("a whole image");
-        assert_eq!(md.backend.kind, "notify");
+        assert_eq!(md.backend.kind.as_str(), "notify");
         assert!(md.stop.is_some());
     }
     // The second runmh started only after the first had published.

@@ -8,6 +8,7 @@ mod common;
 use common::case::{wait_exit, Case, DEADLINE};
 
 use miehisto::images::Metadata;
+use miehisto::instance::InstanceState;
 use miehisto::sys::procfs::{self, TaskState};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -281,7 +282,7 @@ fn assert_stopped_before_listen(md: &Metadata, backend: &str, p: &Payload) {
         0,
         "no listen before the dump: {log}"
     );
-    assert_eq!(md.backend.kind, backend);
+    assert_eq!(md.backend.kind.as_str(), backend);
     let stop = md.stop.as_ref().expect("a prebaked image records its stop");
     assert_eq!(stop.syscall, "listen");
     let hit = &stop.hit;
@@ -347,7 +348,7 @@ fn restore_serve_stop(c: &Case, img: &Path, md: &Metadata, p: &Payload, round: u
         if let Some((_, r)) = c
             .instances()
             .into_iter()
-            .find(|(_, r)| r.root_pid > 0 && r.state == "running")
+            .find(|(_, r)| r.root_pid > 0 && r.state == InstanceState::Running)
         {
             break r;
         }
@@ -397,7 +398,7 @@ fn restore_serve_stop(c: &Case, img: &Path, md: &Metadata, p: &Payload, round: u
         0,
         "no failed listen (ENOSYS): {log}"
     );
-    if md.backend.kind == "notify" {
+    if md.backend.kind.as_str() == "notify" {
         // After a restore the marker returns ENOSYS, which the wrapper ignores.
         let err = common::read(&md.spec.stderr_log());
         let marker = md.backend.marker_signal.expect("marker");
@@ -555,7 +556,7 @@ fn auto_picks_trace() {
     let p = payload("simple_server");
     let img = c.state.join("img");
     let md = prebake_ok(&c, &img, "auto", &[], &p);
-    assert_eq!(md.backend.kind, "trace");
+    assert_eq!(md.backend.kind.as_str(), "trace");
     assert!(md.backend.reason.contains("auto"), "{}", md.backend.reason);
     assert_stopped_before_listen(&md, "trace", &p);
     restore_serve_stop(&c, &img, &md, &p, 1);
@@ -580,7 +581,7 @@ fn auto_falls_back_to_notify_without_ptrace() {
     );
     c.assert_clean();
     let md = Metadata::read(&img).expect("metadata");
-    assert_eq!(md.backend.kind, "notify");
+    assert_eq!(md.backend.kind.as_str(), "notify");
     let reason = &md.backend.reason;
     assert!(
         reason.contains("auto") && reason.contains("ptrace"),
@@ -799,7 +800,8 @@ fn restored_trace_service_dumped_at_any_moment() {
     );
     let md2 = Metadata::read(&img2).expect("the second image is published");
     assert_eq!(
-        md2.backend.kind, "trace",
+        md2.backend.kind.as_str(),
+        "trace",
         "the image keeps the backend it needs after a restore"
     );
     // Taken back: traced again, and still serving.

@@ -7,7 +7,7 @@ mod common;
 use common::case::{wait_exit, Case, DEADLINE};
 
 use miehisto::images::Metadata;
-use miehisto::instance::InstanceRecord;
+use miehisto::instance::{InstanceRecord, InstanceState};
 use nix::sys::signal::{kill, Signal};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -39,7 +39,7 @@ impl Case {
             if let Some((_, r)) = self
                 .instances()
                 .into_iter()
-                .find(|(_, r)| pick(r) && r.root_pid > 0 && r.state == "running")
+                .find(|(_, r)| pick(r) && r.root_pid > 0 && r.state == InstanceState::Running)
             {
                 return r;
             }
@@ -130,11 +130,9 @@ fn restore_and_check(c: &Case, img: &Path, port: u16, label: &str) -> (Child, In
             if let Ok(Some(st)) = front.try_wait() {
                 panic!("restore exited early ({st}): {}", c.stderr_of(label));
             }
-            if let Some((_, r)) = c
-                .instances()
-                .into_iter()
-                .find(|(_, r)| r.image.is_some() && r.root_pid > 0 && r.state == "running")
-            {
+            if let Some((_, r)) = c.instances().into_iter().find(|(_, r)| {
+                r.image.is_some() && r.root_pid > 0 && r.state == InstanceState::Running
+            }) {
                 break r;
             }
             assert!(
@@ -226,7 +224,11 @@ fn run_dump_restore_twice() {
     assert!(img.join("miehisto.json").is_file());
     assert_eq!(md.spec.argv, python_argv(port));
     assert_eq!(md.dumped_pid, rec.root_pid);
-    assert_eq!(md.backend.kind, "none", "a plain dump has no stop backend");
+    assert_eq!(
+        md.backend.kind.as_str(),
+        "none",
+        "a plain dump has no stop backend"
+    );
     assert!(md.stop.is_none());
     assert!(!md.leave_running);
     assert!(md.image_bytes > 0 && md.image_files > 2, "{md:?}");

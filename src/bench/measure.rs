@@ -248,10 +248,9 @@ impl Ctx {
     ) -> Option<(Instance, i32)> {
         let t0 = Instant::now();
         while t0.elapsed() < Duration::from_secs(5) {
-            if let Some((inst, rec)) = Instance::list(&self.state)
-                .into_iter()
-                .find(|(_, r)| pred(r) && r.root_pid > 0 && r.state == "running")
-            {
+            if let Some((inst, rec)) = Instance::list(&self.state).into_iter().find(|(_, r)| {
+                pred(r) && r.root_pid > 0 && r.state == crate::instance::InstanceState::Running
+            }) {
                 return Some((inst, rec.root_pid));
             }
             std::thread::sleep(Duration::from_millis(1));

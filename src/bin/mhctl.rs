@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use miehisto::daemon::api::{self, ImageInfo, Reply, Request, ServiceInfo};
+use miehisto::daemon::api::{self, ImageInfo, Reply, Request, ServiceInfo, ServiceState};
 use miehisto::daemon::client::Client;
 use miehisto::daemon::remote::{self, DaemonAddr, SshOptions};
 use std::io::{IsTerminal, Write};
@@ -532,11 +532,11 @@ fn print_services(list: &[ServiceInfo]) {
         .map(|s| {
             let state = match &s.busy {
                 Some(op) => format!("{} ({op})", s.state),
-                None => s.state.clone(),
+                None => s.state.to_string(),
             };
-            let image = match (s.state.as_str(), s.generation) {
-                ("running", Some(g)) => format!("gen {g}"),
-                ("running", None) => "cold".into(),
+            let image = match (s.state, s.generation) {
+                (ServiceState::Running, Some(g)) => format!("gen {g}"),
+                (ServiceState::Running, None) => "cold".into(),
                 _ => "-".into(),
             };
             vec![

@@ -305,12 +305,46 @@ pub enum Reply {
     LogEnd,
 }
 
+/// Whether a service runs, as the daemon reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceState {
+    /// Its supervisor and service are alive.
+    Running,
+    /// Not running: never started, stopped, dumped or ended.
+    Stopped,
+}
+
+impl ServiceState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceState::Running => "running",
+            ServiceState::Stopped => "stopped",
+        }
+    }
+}
+
+impl std::fmt::Display for ServiceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a running service was started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartedFrom {
+    /// Restored from an image generation.
+    Restored,
+    /// Booted from its command.
+    Cold,
+}
+
 /// A service as `service.list` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServiceInfo {
     pub name: String,
-    /// `running` or `stopped`.
-    pub state: String,
+    pub state: ServiceState,
     /// The operation in progress (`prebake`, `start`, `dump`, ...), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub busy: Option<String>,
@@ -323,9 +357,9 @@ pub struct ServiceInfo {
     /// The image generation it was restored from; None when started cold.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<u64>,
-    /// `restored` or `cold` while it runs.
+    /// While it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub started_from: Option<String>,
+    pub started_from: Option<StartedFrom>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uptime_ms: Option<u64>,
     /// How the last run ended, as far as the daemon saw it.

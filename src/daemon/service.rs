@@ -20,13 +20,13 @@
 //! first is done (a second `prebake` then makes the next generation).
 //! Requests on different services run in parallel.
 
-use super::api::{CreateService, ErrorCode, ImageInfo, ServiceInfo};
+use super::api::{CreateService, ErrorCode, ImageInfo, ServiceInfo, ServiceState, StartedFrom};
 use super::children::{Children, ChildrenError, ExitInfo};
 use super::registry::{self, Registry, RegistryError, ServiceConfig, ServiceRecord};
 use super::store::{self, ImageStore, ImageStoreError};
 use crate::filter::StopSyscall;
 use crate::images::{Metadata, MetadataError};
-use crate::instance::{Instance, InstanceRecord};
+use crate::instance::{Instance, InstanceRecord, InstanceState};
 use crate::stop::BackendChoice;
 use crate::sys;
 use crate::sys::procfs;
@@ -181,12 +181,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// States of a runmh instance whose service is up (a dump in progress
-/// included).
-fn is_up(state: &str) -> bool {
-    matches!(state, "running" | "frozen" | "dumping")
-}
-
 fn describe_end(info: Option<ExitInfo>) -> String {
     match info {
         Some(ExitInfo::Exited(c)) => {
@@ -329,7 +323,7 @@ impl Services {
         let log_dir = self.log_dir(name);
         Instance::list(&self.runmh_state)
             .into_iter()
-            .filter(|(_, r)| r.spec.log_dir == log_dir && is_up(&r.state))
+            .filter(|(_, r)| r.spec.log_dir == log_dir && r.state.is_up())
             .filter(|(_, r)| {
                 r.supervisor_pid > 0
                     && procfs::alive(Pid::from_raw(r.supervisor_pid))
@@ -370,7 +364,7 @@ impl Services {
         let c = &rec.config;
         let mut info = ServiceInfo {
             name: c.name.clone(),
-            state: "stopped".into(),
+            state: ServiceState::Stopped,
             busy,
             pid: None,
             supervisor_pid: None,
@@ -389,18 +383,15 @@ impl Services {
             created_unix_ms: c.created_unix_ms,
         };
         if let Some(l) = live {
-            info.state = "running".into();
+            info.state = ServiceState::Running;
             info.pid = Some(l.record.root_pid);
             info.supervisor_pid = Some(l.record.supervisor_pid);
             info.generation = self.generation_of(name, l.record.image.as_deref());
-            info.started_from = Some(
-                if l.record.image.is_some() {
-                    "restored"
-                } else {
-                    "cold"
-                }
-                .into(),
-            );
+            info.started_from = Some(if l.record.image.is_some() {
+                StartedFrom::Restored
+            } else {
+                StartedFrom::Cold
+            });
             info.uptime_ms =
                 Some(crate::sys::time::unix_ms().saturating_sub(l.record.started_unix_ms));
         }
@@ -733,9 +724,9 @@ impl Services {
                     log: self.runmh_log(name),
                 });
             }
-            let up = Instance::list(&self.runmh_state)
-                .into_iter()
-                .any(|(i, r)| i.id.ends_with(&suffix) && r.state == "running" && r.root_pid > 0);
+            let up = Instance::list(&self.runmh_state).into_iter().any(|(i, r)| {
+                i.id.ends_with(&suffix) && r.state == InstanceState::Running && r.root_pid > 0
+            });
             if up {
                 return Ok(pid);
             }

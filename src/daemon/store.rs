@@ -298,7 +298,7 @@ pub fn info_of(
         valid: true,
         problem: None,
         created_unix_ms: md.created_unix_ms,
-        backend: md.backend.kind.clone(),
+        backend: md.backend.kind.as_str().to_string(),
         stop_syscall: md.stop.as_ref().map(|s| s.syscall.clone()),
         bytes,
         files,

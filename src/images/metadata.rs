@@ -4,11 +4,17 @@
 use crate::sandbox::ExternalMount;
 use crate::spec::SandboxSpec;
 use crate::stop::hit::StopHit;
+use crate::stop::BackendKind;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 pub const FILE_NAME: &str = "miehisto.json";
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 names the backend kind as an enum; version 1 kept it as free
+/// text, though it only ever wrote the same three words (`trace`,
+/// `notify`, `none`), so a version 1 file reads as version 2.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest version this runmh still reads.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// Metadata larger than this is refused unread: it is a few KiB normally.
 pub const MAX_BYTES: u64 = 1 << 20;
 /// CRIU files an image must have to be restorable at all.
@@ -16,8 +22,8 @@ pub const REQUIRED_FILES: &[&str] = &["inventory.img", "pstree.img"];
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct BackendRecord {
-    /// "trace", "notify" or "none" (a plain dump at any moment).
-    pub kind: String,
+    /// `none` is a plain dump at any moment.
+    pub kind: BackendKind,
     /// Why it was chosen (auto selection, or "requested").
     pub reason: String,
     /// The marker signal (NOTIFY).
@@ -68,7 +74,7 @@ pub enum MetadataError {
     TooLarge { path: PathBuf, size: u64 },
     #[error("{path} is corrupt: {detail}; dump the service again")]
     Corrupt { path: PathBuf, detail: String },
-    #[error("{path} has format version {found}, this runmh reads version {FORMAT_VERSION}; use a matching runmh or dump again")]
+    #[error("{path} has format version {found}, this runmh reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}; use a matching runmh or dump again")]
     Version { path: PathBuf, found: u32 },
     #[error("image {dir} lacks {file}; the dump is incomplete, dump again")]
     Incomplete { dir: PathBuf, file: String },
@@ -119,16 +125,19 @@ impl Metadata {
             path: path.clone(),
             detail: e.to_string(),
         })?;
-        if probe.format_version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&probe.format_version) {
             return Err(MetadataError::Version {
                 path,
                 found: probe.format_version,
             });
         }
-        let md: Metadata = serde_json::from_slice(&bytes).map_err(|e| MetadataError::Corrupt {
-            path: path.clone(),
-            detail: e.to_string(),
-        })?;
+        // Versions 1 and 2 share one layout (see FORMAT_VERSION).
+        let mut md: Metadata =
+            serde_json::from_slice(&bytes).map_err(|e| MetadataError::Corrupt {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?;
+        md.format_version = FORMAT_VERSION;
         if md.spec.argv.is_empty()
             || !md.spec.program.is_absolute()
             || !md.spec.log_dir.is_absolute()
@@ -182,7 +191,7 @@ pub(crate) mod tests {
                 key: "dev".into(),
             }],
             backend: BackendRecord {
-                kind: "trace".into(),
+                kind: BackendKind::Trace,
                 reason: "requested".into(),
                 marker_signal: None,
             },
@@ -255,6 +264,39 @@ pub(crate) mod tests {
             Metadata::read(&d.join("nope")),
             Err(MetadataError::Missing { .. })
         ));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// Written by `runmh prebake` 0.1.0 (format version 1) for
+    /// examples/http_server.py.
+    const V1_METADATA: &str = include_str!("../../tests/fixtures/v1/miehisto.json");
+
+    #[test]
+    fn a_version_1_image_still_reads() {
+        let d = tempdir("v1");
+        std::fs::write(d.join(FILE_NAME), V1_METADATA).unwrap();
+        for f in REQUIRED_FILES {
+            std::fs::write(d.join(f), b"x").unwrap();
+        }
+        let md = Metadata::read(&d).unwrap();
+        assert_eq!(md.format_version, FORMAT_VERSION);
+        assert_eq!(md.backend.kind, BackendKind::Trace);
+        assert_eq!(
+            md.backend.reason,
+            "auto: the supervisor can ptrace the target"
+        );
+        assert_eq!(md.criu_version, "4.2.1");
+        assert_eq!(md.stop.as_ref().unwrap().hit.syscall, "listen");
+        assert_eq!(md.dumped_pid, 19212);
+
+        // A kind version 1 never wrote is refused, naming what was expected.
+        let bad = V1_METADATA.replace("\"kind\": \"trace\"", "\"kind\": \"ptrace\"");
+        std::fs::write(d.join(FILE_NAME), bad).unwrap();
+        let e = Metadata::read(&d).unwrap_err().to_string();
+        assert!(
+            e.contains("unknown variant `ptrace`") && e.contains("`notify`"),
+            "{e}"
+        );
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

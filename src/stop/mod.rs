@@ -41,13 +41,11 @@ impl BackendKind {
             BackendKind::None => "none",
         }
     }
-    pub fn parse(s: &str) -> Option<BackendKind> {
-        match s {
-            "trace" => Some(BackendKind::Trace),
-            "notify" => Some(BackendKind::Notify),
-            "none" => Some(BackendKind::None),
-            _ => None,
-        }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
