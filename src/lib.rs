@@ -11,6 +11,7 @@
 //! checks it; the README's Layout table lists them layer by layer).
 
 pub mod bench;
+pub mod channel;
 pub mod control;
 pub mod criu;
 pub mod daemon;

@@ -9,6 +9,7 @@
 //! "ready" over an inherited pipe, and supervises it. A failed restore
 //! leaves the image untouched: CRIU only reads it, and logs go elsewhere.
 
+use crate::channel::{self, ChannelError, ReadyMsg};
 use crate::criu::kdat::{self, KdatCache};
 use crate::criu::private_root;
 use crate::criu::{Criu, CriuError, RestoreArgs};
@@ -23,7 +24,7 @@ use crate::sys::exit::ExitStatus;
 use nix::libc;
 use nix::unistd::Pid;
 use std::ffi::CString;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -61,6 +62,8 @@ pub enum RestoreError {
         #[source]
         source: nix::errno::Errno,
     },
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
     #[error("the restored supervisor failed: {0}")]
     Supervise(String),
     #[error("cannot read the pid CRIU wrote to {path}")]
@@ -280,18 +283,24 @@ fn spawn_criu(
         }
     };
     drop(ready_w);
-    let reply = {
-        let mut line = String::new();
-        let mut r = BufReader::new(std::fs::File::from(ready_r));
-        let _ = r.read_line(&mut line);
-        line
+    let reply = channel::read_line::<ReadyMsg>(
+        BufReader::new(std::fs::File::from(ready_r)),
+        ReadyMsg::CHANNEL,
+        ReadyMsg::EXPECTED,
+    );
+    let reply = match reply {
+        Ok(r) => r,
+        Err(e) => {
+            // Whoever wrote it is not speaking our protocol: stop the
+            // restore's process (CRIU or the supervisor) rather than leave
+            // a tree nobody knows how to manage.
+            let _ = sys::kill(child, libc::SIGKILL);
+            let _ = sys::waitpid(child.as_raw(), 0);
+            return Err(e.into());
+        }
     };
-    if let Some(pid) = reply.strip_prefix("R ") {
-        let root = pid
-            .trim()
-            .parse()
-            .map(Pid::from_raw)
-            .unwrap_or(Pid::from_raw(0));
+    if let Some(ReadyMsg::Ready { root }) = reply {
+        let root = root.pid();
         if let Some((cache, None)) = &kdat {
             // CRIU probed the kernel and wrote its cache into our tmpfs; the
             // supervisor it exec'd still lives in that mount namespace.
@@ -305,17 +314,18 @@ fn spawn_criu(
     }
     // Failure: reap the child (CRIU, or the supervisor that failed).
     let status = sys::waitpid(child.as_raw(), 0).ok().flatten();
-    if let Some(msg) = reply.strip_prefix("E ") {
-        return Err(RestoreError::Supervise(msg.trim().to_string()));
-    }
-    if let Some(rest) = reply.strip_prefix("C ") {
-        let mut it = rest.split_whitespace();
-        let step = it.next().unwrap_or("?").replace('_', " ");
-        let errno = it.next().and_then(|e| e.parse().ok()).unwrap_or(0);
-        return Err(RestoreError::Child {
-            step,
-            source: nix::errno::Errno::from_raw(errno),
-        });
+    match reply {
+        Some(ReadyMsg::SupervisorFailed { error }) => return Err(RestoreError::Supervise(error)),
+        Some(ReadyMsg::ChildFailed { step, errno }) => {
+            return Err(RestoreError::Child {
+                step,
+                source: nix::errno::Errno::from_raw(errno),
+            })
+        }
+        // Handled above.
+        Some(ReadyMsg::Ready { .. }) => {}
+        // The pipe closed without a word: CRIU failed before its exec.
+        None => {}
     }
     let log = inst.dir.join("restore.log");
     let line = crate::criu::log::decisive_line_of(&log);
@@ -340,30 +350,9 @@ fn spawn_criu(
 }
 
 fn child_fail(fd: RawFd, step: &str, e: nix::errno::Errno) -> ! {
-    // "C <step> <errno>\n", assembled on the stack: no allocation after fork.
-    let mut buf = [0u8; 96];
-    let mut n = 0;
-    let mut push = |bytes: &[u8], n: &mut usize| {
-        let k = bytes.len().min(buf.len() - *n);
-        buf[*n..*n + k].copy_from_slice(&bytes[..k]);
-        *n += k;
-    };
-    push(b"C ", &mut n);
-    push(step.as_bytes(), &mut n);
-    push(b" ", &mut n);
-    let mut digits = [0u8; 12];
-    let mut v = (e as i32).unsigned_abs();
-    let mut d = digits.len();
-    loop {
-        d -= 1;
-        digits[d] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    push(&digits[d..], &mut n);
-    push(b"\n", &mut n);
+    // Assembled on the stack: no allocation after fork.
+    let mut buf = [0u8; 160];
+    let n = ReadyMsg::encode_child_failed(&mut buf, step, e as i32);
     let _ = sys::write_all(fd, &buf[..n]);
     sys::exit_now(127)
 }
@@ -415,10 +404,10 @@ fn restore_child(
     // The ready pipe must survive into CRIU and, through --exec-cmd, into
     // the supervisor: clear its close-on-exec flag.
     if let Err(e) = sys::clear_cloexec(ready) {
-        child_fail(ready, "keep_the_ready_pipe_open", e);
+        child_fail(ready, "keep the ready pipe open", e);
     }
     let e = sys::execve(prog, argv, envp);
-    child_fail(ready, "execute_criu", e)
+    child_fail(ready, "execute criu", e)
 }
 
 /// Waits for a restored supervisor (our child) while forwarding signals to
@@ -463,7 +452,7 @@ pub fn supervise_restored(
         Ok(Setup::Ended { root, status, inst }) => {
             // Restored, but it ended at once (e.g. the talk's ENOSYS): the
             // restore worked; the service's own status tells the rest.
-            let _ = writeln!(ready, "R {root}");
+            send_ready(&mut ready, &ReadyMsg::Ready { root: root.into() });
             log::warn!("the restored service (pid {root}) ended right away: {status}");
             inst.remove();
             return Ok(Outcome {
@@ -472,15 +461,39 @@ pub fn supervise_restored(
             });
         }
         Err(e) => {
-            let _ = writeln!(ready, "E {e}");
+            send_ready(
+                &mut ready,
+                &ReadyMsg::SupervisorFailed {
+                    error: e.to_string(),
+                },
+            );
             return Err(e);
         }
     };
-    let _ = writeln!(ready, "R {}", running.root);
+    send_ready(
+        &mut ready,
+        &ReadyMsg::Ready {
+            root: running.root.into(),
+        },
+    );
     drop(ready);
     let (outcome, inst) = running.supervise(stop_timeout)?;
     inst.remove();
     Ok(outcome)
+}
+
+/// One message on the ready pipe. A failed write leaves the front process
+/// with a closed pipe and no message, which it reports as a failed restore.
+fn send_ready(ready: &mut std::fs::File, msg: &ReadyMsg) {
+    match serde_json::to_vec(msg) {
+        Ok(mut line) => {
+            line.push(b'\n');
+            if let Err(e) = ready.write_all(&line) {
+                log::warn!("cannot report to the restore's front process: {e}");
+            }
+        }
+        Err(e) => log::warn!("cannot encode {msg:?}: {e}"),
+    }
 }
 
 enum Setup {
@@ -504,7 +517,9 @@ fn supervise_setup(dir: &Path, reseize: bool) -> Result<Setup, RestoreError> {
         })?
         .trim()
         .parse()
-        .map_err(|_| RestoreError::Pidfile {
+        .ok()
+        .filter(|&p| p > 0)
+        .ok_or_else(|| RestoreError::Pidfile {
             path: pidfile.clone(),
             source: std::io::ErrorKind::InvalidData.into(),
         })?;

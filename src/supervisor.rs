@@ -160,14 +160,22 @@ impl Running {
     }
 
     /// Supervises until the service ends.
-    pub fn supervise(
+    pub fn supervise(self, stop_timeout: Duration) -> Result<(Outcome, Instance), SupervisorError> {
+        self.supervise_then(stop_timeout, |_| {})
+    }
+
+    /// Supervises until the service ends; `running` is told once the
+    /// service runs and its control socket answers.
+    pub fn supervise_then(
         mut self,
         stop_timeout: Duration,
+        running: impl FnOnce(&InstanceRecord),
     ) -> Result<(Outcome, Instance), SupervisorError> {
         let signals = signals();
         let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
         control::serve(&self.instance.control_socket(), ctl_tx)?;
         self.set_state(InstanceState::Running);
+        running(&self.record);
         let mut dumped = false;
         let mut kill_at: Option<Instant> = None;
         loop {

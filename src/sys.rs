@@ -212,12 +212,6 @@ pub fn set_no_new_privs() -> SysResult<()> {
     check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } as libc::c_long).map(drop)
 }
 
-/// Async-signal-safe `prctl(PR_SET_PDEATHSIG, sig)`.
-pub fn set_parent_death_signal(sig: libc::c_int) -> SysResult<()> {
-    // SAFETY: plain integer arguments.
-    check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, sig, 0, 0, 0) } as libc::c_long).map(drop)
-}
-
 /// Async-signal-safe `seccomp(SECCOMP_SET_MODE_FILTER, flags, prog)`.
 /// Returns the listener fd when `flags` has `SECCOMP_FILTER_FLAG_NEW_LISTENER`.
 pub fn seccomp_load(filter: &[libc::sock_filter], flags: libc::c_ulong) -> SysResult<RawFd> {
@@ -596,18 +590,6 @@ pub fn ptrace_setregs(pid: Pid, regs: &libc::user_regs_struct) -> SysResult<()> 
         return Err(Errno::last());
     }
     Ok(())
-}
-
-/// `ioctl(SECCOMP_IOCTL_NOTIF_ID_VALID)`: is the notification still pending?
-pub fn notif_id_valid(fd: RawFd, id: u64) -> bool {
-    // SAFETY: the ioctl reads one u64 through the pointer, which is valid.
-    unsafe {
-        libc::ioctl(
-            fd,
-            libc::SECCOMP_IOCTL_NOTIF_ID_VALID as _,
-            &id as *const u64,
-        ) == 0
-    }
 }
 
 /// `memfd_create(2)` — an anonymous file to receive libseccomp's BPF export.

@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use miehisto::channel::{HostPid, StepReport};
 use miehisto::criu::Criu;
 use miehisto::filter::StopSyscall;
 use miehisto::instance::{self, Instance};
@@ -10,7 +11,9 @@ use miehisto::restore::{self, RestoreOpts};
 use miehisto::spec::{SandboxSpec, SpecInput};
 use miehisto::stop::BackendChoice;
 use miehisto::{doctor, dump, explain};
+use nix::unistd::{getpid, Pid};
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::Duration;
 
 #[derive(Parser)]
@@ -32,6 +35,10 @@ struct Cli {
     /// With --explain: do not pause between steps.
     #[arg(long, global = true)]
     no_pause: bool,
+    /// Write the step's outcome to FILE as one JSON line (for miehistod):
+    /// the service running, an image published, or the error.
+    #[arg(long, global = true, value_name = "FILE")]
+    report_file: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -175,6 +182,39 @@ fn require_root() -> Result<()> {
     Ok(())
 }
 
+/// `--report-file`, until the step's one report is written.
+static REPORT: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+/// Reports the step's outcome, once: a `run` that reported its service
+/// running says nothing more when the service later fails.
+fn report(r: StepReport) {
+    let Some(path) = REPORT.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+        return;
+    };
+    if let Err(e) = r.write(&path) {
+        eprintln!(
+            "runmh: warning: cannot write the report {}: {e}",
+            path.display()
+        );
+    }
+}
+
+fn report_running(instance: &str, supervisor: Pid, root: Pid) {
+    match (
+        HostPid::new(supervisor.as_raw()),
+        HostPid::new(root.as_raw()),
+    ) {
+        (Ok(supervisor_pid), Ok(root_pid)) => report(StepReport::Running {
+            instance: instance.to_string(),
+            supervisor_pid,
+            root_pid,
+        }),
+        (Err(e), _) | (_, Err(e)) => report(StepReport::Failed {
+            reason: format!("the service started, but its pids are unusable: {e}"),
+        }),
+    }
+}
+
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp(None)
@@ -183,9 +223,13 @@ fn main() {
     if cli.explain {
         explain::enable(!cli.no_pause);
     }
+    *REPORT.lock().unwrap_or_else(|p| p.into_inner()) = cli.report_file.clone();
     match real_main(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
+            report(StepReport::Failed {
+                reason: format!("{e:#}"),
+            });
             eprintln!("runmh: error: {e:#}");
             std::process::exit(1);
         }
@@ -244,7 +288,10 @@ fn real_main(cli: Cli) -> Result<i32> {
                 running.root,
                 spec.log_dir.display()
             );
-            let (outcome, inst) = running.supervise(Duration::from_secs(a.stop_timeout))?;
+            let (outcome, inst) = running
+                .supervise_then(Duration::from_secs(a.stop_timeout), |rec| {
+                    report_running(&rec.id, getpid(), Pid::from_raw(rec.root_pid))
+                })?;
             inst.remove();
             Ok(outcome.exit_code())
         }
@@ -291,6 +338,9 @@ fn real_main(cli: Cli) -> Result<i32> {
                 md.dump_ms,
                 md.image_bytes as f64 / 1e6
             );
+            report(StepReport::Published {
+                image: p.dumped.image.clone(),
+            });
             match p.running {
                 Some(r) => {
                     let (outcome, inst) = r.supervise(Duration::from_secs(sandbox.stop_timeout))?;
@@ -308,6 +358,9 @@ fn real_main(cli: Cli) -> Result<i32> {
             require_root()?;
             let criu = Criu::discover(cli.criu.as_deref())?;
             let d = dump::dump_instance(&criu, &state_dir, pid, &images, leave_running)?;
+            report(StepReport::Published {
+                image: d.image.clone(),
+            });
             eprintln!(
                 "runmh: image published at {} ({} ms, {:.1} MB{})",
                 d.image.display(),
@@ -338,6 +391,7 @@ fn real_main(cli: Cli) -> Result<i32> {
                 stop_timeout: Duration::from_secs(stop_timeout),
             };
             let r = restore::restore(&criu, &opts)?;
+            report_running(&r.instance.id, r.supervisor, r.root);
             eprintln!(
                 "runmh: restored {} as pid {} under runmh pid {} in {} ms",
                 r.metadata.spec.argv.join(" "),

@@ -30,12 +30,13 @@ pub enum Step {
 }
 
 impl Step {
-    /// One word (no spaces: runmh's restore child writes it into a line).
+    /// What the step does, in words (plain text without quotes or
+    /// backslashes: runmh's restore child copies it into a JSON message).
     pub fn name(self) -> &'static str {
         match self {
-            Step::Unshare => "unshare_the_mount_namespace",
-            Step::MakePrivate => "make_the_mounts_private",
-            Step::BindRoot => "bind_the_host_root",
+            Step::Unshare => "unshare the mount namespace",
+            Step::MakePrivate => "make the mounts private",
+            Step::BindRoot => "bind the host root",
         }
     }
 }

@@ -24,9 +24,10 @@ use super::api::{CreateService, ErrorCode, ImageInfo, ServiceInfo, ServiceState,
 use super::children::{Children, ChildrenError, ExitInfo};
 use super::registry::{self, Registry, RegistryError, ServiceConfig, ServiceRecord};
 use super::store::{self, ImageStore, ImageStoreError};
+use crate::channel::{ChannelError, StepReport};
 use crate::filter::StopSyscall;
 use crate::images::{Metadata, MetadataError};
-use crate::instance::{Instance, InstanceRecord, InstanceState};
+use crate::instance::{Instance, InstanceRecord};
 use crate::stop::BackendChoice;
 use crate::sys;
 use crate::sys::procfs;
@@ -449,10 +450,12 @@ impl Services {
         Ok(format!("deleted {name} and its {n} image generation(s)"))
     }
 
-    /// A runmh command line: our state, CRIU, own process group, quiet stdin.
-    fn runmh(&self, cwd: &Path) -> Command {
+    /// A runmh command line for one of `name`'s steps: our state, CRIU,
+    /// the step's report file, own process group, quiet stdin.
+    fn runmh(&self, name: &str, cwd: &Path) -> Command {
         let mut c = Command::new(&self.cfg.runmh);
         c.arg("--state-dir").arg(&self.runmh_state);
+        c.arg("--report-file").arg(self.report_path(name));
         if let Some(criu) = &self.cfg.criu {
             c.arg("--criu").arg(criu);
         }
@@ -472,14 +475,32 @@ impl Services {
         c.arg("--").args(&cfg.command);
     }
 
-    /// Points runmh's output at the service's runmh.log; returns where this
-    /// step's output starts.
+    /// Where runmh reports a step's outcome (one step per service at a
+    /// time: the service's lock serializes them).
+    fn report_path(&self, name: &str) -> PathBuf {
+        self.log_dir(name).join("runmh-report.json")
+    }
+
+    /// Points runmh's output at the service's runmh.log and clears the
+    /// report file of the last step; returns where this step's output
+    /// starts.
     fn attach_log(&self, name: &str, op: &str, c: &mut Command) -> Result<u64, ServiceError> {
         let dir = self.log_dir(name);
         std::fs::create_dir_all(&dir).map_err(|source| ServiceError::Prepare {
             path: dir.clone(),
             source,
         })?;
+        let report = self.report_path(name);
+        match std::fs::remove_file(&report) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(ServiceError::Prepare {
+                    path: report,
+                    source,
+                })
+            }
+        }
         let path = self.runmh_log(name);
         let prep = |source| ServiceError::Prepare {
             path: path.clone(),
@@ -503,8 +524,9 @@ impl Services {
         Ok(offset)
     }
 
-    /// runmh's output since `offset`.
-    fn runmh_output(&self, name: &str, offset: u64) -> Vec<String> {
+    /// The last line of runmh's output since `offset`: context for a runmh
+    /// that ended without a report (it crashed or was killed).
+    fn last_output(&self, name: &str, offset: u64) -> Option<String> {
         let mut text = String::new();
         if let Ok(mut f) = std::fs::File::open(self.runmh_log(name)) {
             if f.seek(SeekFrom::Start(offset)).is_ok() {
@@ -513,45 +535,71 @@ impl Services {
         }
         text.lines()
             .map(str::trim)
-            .filter(|l| !l.is_empty())
+            .rfind(|l| !l.is_empty())
             .map(str::to_string)
-            .collect()
     }
 
-    /// The last `runmh: error:` line since `offset`.
-    fn runmh_error_line(&self, name: &str, offset: u64) -> Option<String> {
-        self.runmh_output(name, offset)
-            .iter()
-            .rev()
-            .find_map(|l| l.strip_prefix("runmh: error: ").map(str::to_string))
-    }
-
-    /// What to tell about a failed runmh step.
-    fn runmh_error(&self, name: &str, offset: u64, status: Option<ExitInfo>) -> String {
-        if let Some(l) = self.runmh_error_line(name, offset) {
-            return l;
-        }
-        let status = status
-            .map(|s| s.to_string())
-            .unwrap_or_else(|| "no status".into());
-        match self.runmh_output(name, offset).last() {
-            Some(l) => format!("runmh ended with {status} after: {l}"),
-            None => format!("runmh ended with {status}"),
+    /// What runmh reported for a step that ended with `status` (None: it
+    /// still runs, as `run` does once its service is up), checked against
+    /// what the step should produce.
+    fn outcome(
+        &self,
+        name: &str,
+        op: &'static str,
+        offset: u64,
+        status: Option<ExitInfo>,
+        expect: Expect,
+    ) -> Result<StepReport, ServiceError> {
+        let fail = |detail: String| ServiceError::Runmh {
+            op,
+            name: name.into(),
+            detail,
+            log: self.runmh_log(name),
+        };
+        let report = StepReport::read(&self.report_path(name), expect.describe())
+            .map_err(|e| fail(e.to_string()))?;
+        let ended = |what: String| {
+            let status = match status {
+                Some(s) => s.to_string(),
+                None => "no exit status".into(),
+            };
+            match self.last_output(name, offset) {
+                Some(l) => format!("runmh ended with {status} {what}; its last output: {l}"),
+                None => format!("runmh ended with {status} {what}"),
+            }
+        };
+        match report {
+            Some(StepReport::Failed { reason }) => Err(fail(reason)),
+            Some(r) if !expect.matches(&r) => Err(fail(
+                ChannelError::UnexpectedMessage {
+                    channel: StepReport::CHANNEL,
+                    expected: expect.describe(),
+                    received: r.describe(),
+                }
+                .to_string(),
+            )),
+            Some(r) => match status {
+                Some(s) if !s.success() => {
+                    Err(fail(ended(format!("after reporting {}", r.describe()))))
+                }
+                _ => Ok(r),
+            },
+            None => Err(fail(ended("without reporting an outcome".into()))),
         }
     }
 
     /// Runs one runmh step to its end.
-    fn run_step(&self, name: &str, op: &'static str, mut c: Command) -> Result<(), ServiceError> {
+    fn run_step(
+        &self,
+        name: &str,
+        op: &'static str,
+        mut c: Command,
+        expect: Expect,
+    ) -> Result<StepReport, ServiceError> {
         let offset = self.attach_log(name, op, &mut c)?;
         let pid = self.children.spawn(&mut c)?;
         match self.children.wait(pid, STEP_TIMEOUT) {
-            Some(s) if s.success() => Ok(()),
-            Some(s) => Err(ServiceError::Runmh {
-                op,
-                name: name.into(),
-                detail: self.runmh_error(name, offset, Some(s)),
-                log: self.runmh_log(name),
-            }),
+            Some(s) => self.outcome(name, op, offset, Some(s), expect),
             None => {
                 // runmh cleans up (its staging directory, the service) on SIGTERM.
                 let _ = sys::kill(Pid::from_raw(pid), libc::SIGTERM);
@@ -597,7 +645,7 @@ impl Services {
         }
         let (gen, dest) = self.next_generation(name)?;
         let cfg = &rec.config;
-        let mut c = self.runmh(&cfg.cwd);
+        let mut c = self.runmh(name, &cfg.cwd);
         c.arg("prebake")
             .arg("--images")
             .arg(&dest)
@@ -606,7 +654,7 @@ impl Services {
             .arg("--stop-at")
             .arg(&cfg.stop_at);
         self.sandbox_args(&mut c, cfg);
-        self.run_step(name, "prebake", c)?;
+        self.run_step(name, "prebake", c, Expect::Published)?;
         self.published(name, gen, dest)
     }
 
@@ -617,7 +665,7 @@ impl Services {
             .live(name)
             .ok_or_else(|| ServiceError::NotRunning { name: name.into() })?;
         let (gen, dest) = self.next_generation(name)?;
-        let mut c = self.runmh(Path::new("/"));
+        let mut c = self.runmh(name, Path::new("/"));
         c.arg("dump")
             .arg("--pid")
             .arg(live.record.root_pid.to_string())
@@ -626,7 +674,7 @@ impl Services {
         if leave_running {
             c.arg("--leave-running");
         }
-        self.run_step(name, "dump", c)?;
+        self.run_step(name, "dump", c, Expect::Published)?;
         let info = self.published(name, gen, dest)?;
         if !leave_running {
             // CRIU killed the tree; its supervisor follows.
@@ -666,69 +714,58 @@ impl Services {
     }
 
     fn restore(&self, name: &str, cfg: &ServiceConfig, gen: u64) -> Result<i32, ServiceError> {
-        let mut c = self.runmh(&cfg.cwd);
+        let mut c = self.runmh(name, &cfg.cwd);
         c.arg("restore")
             .arg("--images")
             .arg(self.store.generation_path(name, gen))
             .arg("--detach");
         c.arg(format!("--stop-timeout={}", self.cfg.stop_timeout));
-        let offset = self.attach_log(name, "restore", &mut c)?;
-        let front = self.children.spawn(&mut c)?;
-        let status = self.children.wait(front, STEP_TIMEOUT);
-        let fail = |detail: String| ServiceError::Runmh {
-            op: "restore",
-            name: name.into(),
-            detail,
-            log: self.runmh_log(name),
-        };
-        match status {
-            Some(s) if s.success() => {}
-            Some(s) => return Err(fail(self.runmh_error(name, offset, Some(s)))),
-            None => {
-                let _ = sys::kill(Pid::from_raw(front), libc::SIGTERM);
-                return Err(ServiceError::Timeout {
-                    op: "restore",
-                    name: name.into(),
-                    secs: STEP_TIMEOUT.as_secs(),
-                    log: self.runmh_log(name),
-                });
-            }
+        match self.run_step(name, "restore", c, Expect::Running)? {
+            StepReport::Running { supervisor_pid, .. } => Ok(supervisor_pid.raw()),
+            // `outcome` let only a running report through.
+            other => Err(ServiceError::Runmh {
+                op: "restore",
+                name: name.into(),
+                detail: format!("runmh reported {}", other.describe()),
+                log: self.runmh_log(name),
+            }),
         }
-        // The front process named the instance after itself.
-        let suffix = format!("-{front}");
-        Instance::list(&self.runmh_state)
-            .into_iter()
-            .find(|(i, r)| i.id.ends_with(&suffix) && r.supervisor_pid > 0)
-            .map(|(_, r)| r.supervisor_pid)
-            .ok_or_else(|| fail("the restore reported success but left no running instance".into()))
     }
 
     fn start_cold(&self, name: &str, cfg: &ServiceConfig) -> Result<i32, ServiceError> {
-        let mut c = self.runmh(&cfg.cwd);
+        let mut c = self.runmh(name, &cfg.cwd);
         c.arg("run");
         self.sandbox_args(&mut c, cfg);
         let offset = self.attach_log(name, "run", &mut c)?;
         let pid = self.children.spawn(&mut c)?;
-        let suffix = format!("-{pid}");
+        let report = self.report_path(name);
         let t0 = Instant::now();
         loop {
-            if let Some(s) = self.children.take(pid) {
-                let detail = match self.runmh_error_line(name, offset) {
-                    Some(l) => l,
-                    None => format!("the service ended as soon as it started (runmh {s}); `mhctl service logs {name}` shows its output"),
+            // runmh reports once its service runs, and keeps supervising it.
+            if report.exists() {
+                return match self.outcome(name, "run", offset, None, Expect::Running)? {
+                    StepReport::Running { supervisor_pid, .. } => Ok(supervisor_pid.raw()),
+                    other => Err(ServiceError::Runmh {
+                        op: "run",
+                        name: name.into(),
+                        detail: format!("runmh reported {}", other.describe()),
+                        log: self.runmh_log(name),
+                    }),
                 };
-                return Err(ServiceError::Runmh {
-                    op: "run",
-                    name: name.into(),
-                    detail,
-                    log: self.runmh_log(name),
-                });
             }
-            let up = Instance::list(&self.runmh_state).into_iter().any(|(i, r)| {
-                i.id.ends_with(&suffix) && r.state == InstanceState::Running && r.root_pid > 0
-            });
-            if up {
-                return Ok(pid);
+            if let Some(s) = self.children.take(pid) {
+                return match self.outcome(name, "run", offset, Some(s), Expect::Running) {
+                    // Up and already gone: how it ended is the service's
+                    // exit status, which `service info` tells.
+                    Ok(_) => Ok(pid),
+                    Err(e) if report.exists() => Err(e),
+                    Err(_) => Err(ServiceError::Runmh {
+                        op: "run",
+                        name: name.into(),
+                        detail: format!("the service ended as soon as it started (runmh {s}); `mhctl service logs {name}` shows its output"),
+                        log: self.runmh_log(name),
+                    }),
+                };
             }
             if t0.elapsed() > COLD_START_TIMEOUT {
                 let _ = sys::kill(Pid::from_raw(pid), libc::SIGTERM);
@@ -789,6 +826,31 @@ impl Services {
             ("stdout", d.join("stdout.log")),
             ("stderr", d.join("stderr.log")),
         ])
+    }
+}
+
+/// What a runmh step reports when it succeeds.
+#[derive(Debug, Clone, Copy)]
+enum Expect {
+    /// `prebake`, `dump`.
+    Published,
+    /// `run`, `restore --detach`.
+    Running,
+}
+
+impl Expect {
+    fn describe(self) -> &'static str {
+        match self {
+            Expect::Published => "published {image} or failed {reason}",
+            Expect::Running => "running {instance, supervisor_pid, root_pid} or failed {reason}",
+        }
+    }
+    fn matches(self, r: &StepReport) -> bool {
+        matches!(
+            (self, r),
+            (Expect::Published, StepReport::Published { .. })
+                | (Expect::Running, StepReport::Running { .. })
+        )
     }
 }
 

@@ -436,8 +436,4 @@ impl Spawned {
     pub fn abort(self) {
         let _ = sys::write_all(self.sync_write.as_raw_fd(), &[u8::MAX]);
     }
-
-    pub fn raw_error_fd(&self) -> RawFd {
-        self.error_read.as_raw_fd()
-    }
 }

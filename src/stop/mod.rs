@@ -168,21 +168,3 @@ pub fn resume_restored(
         BackendKind::Notify | BackendKind::None => continue_tree(root),
     }
 }
-
-/// Builds the backend the user asked for (`Auto` is decided in `attach`).
-pub fn make_backend(
-    choice: BackendChoice,
-    stop_at: StopSyscall,
-    marker_signal: i32,
-    preload_dir: &std::path::Path,
-) -> Result<Box<dyn StopBackend>, StopError> {
-    Ok(match choice {
-        BackendChoice::Trace => Box::new(trace::TraceBackend::new(stop_at)),
-        BackendChoice::Notify => Box::new(notify::NotifyBackend::new(
-            stop_at,
-            marker_signal,
-            preload_dir,
-        )?),
-        BackendChoice::Auto => unreachable!("auto is resolved by prebake::choose"),
-    })
-}

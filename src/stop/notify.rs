@@ -70,10 +70,6 @@ impl NotifyBackend {
         self.sigstop_mode = true;
         self
     }
-
-    pub fn marker_signal(&self) -> i32 {
-        self.marker_signal
-    }
 }
 
 fn to_hit(req: &ScmpNotifReq) -> Result<StopHit, StopError> {
