@@ -112,7 +112,7 @@ fn default_python() -> PathBuf {
 fn cold_boot(spec: &SandboxSpec, state_dir: &Path, port: u16) -> Result<u64, DemoError> {
     let inst = Instance::create(state_dir)?;
     let t0 = Instant::now();
-    let running = prebake::run_cold(spec, state_dir, inst).map_err(|source| DemoError::Boot {
+    let running = prebake::run_cold(spec, inst).map_err(|source| DemoError::Boot {
         step: "cold boot",
         source,
     })?;

@@ -7,7 +7,9 @@ use crate::explain;
 use crate::filter::StopSyscall;
 use crate::images::{BackendRecord, Staged, StopRecord, StoreError};
 use crate::instance::{self, Instance, InstanceError, InstanceRecord, InstanceState};
-use crate::sandbox::{self, SandboxError, Variant};
+use crate::sandbox::{
+    self, ExternalMount, Released, SandboxError, Spawned, Variant, VariantId, Variants,
+};
 use crate::spec::SandboxSpec;
 use crate::stop::hit::StopHit;
 use crate::stop::tracer::{Tracer, TracerError};
@@ -15,23 +17,50 @@ use crate::stop::{self, Arrival, BackendChoice, BackendKind, StopBackend, StopEr
 use crate::supervisor::Running;
 use crate::sys::exit::ExitStatus;
 use crossbeam_channel::{select, Receiver};
+use nix::unistd::Pid;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+/// One variant per step of a boot (see [`prebake`]), carrying its cause.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
+    /// Staging the image beside its destination.
     #[error(transparent)]
-    Sandbox(#[from] SandboxError),
-    #[error(transparent)]
-    Instance(#[from] InstanceError),
+    Stage(StoreError),
+    /// Preparing a stop backend (its filter, the preload library).
     #[error(transparent)]
     Stop(#[from] StopError),
+    #[error("cannot start the tracer thread")]
+    StartTracer(#[source] TracerError),
+    /// Cloning the sandbox child.
     #[error(transparent)]
-    Tracer(#[from] TracerError),
+    Sandbox(#[from] SandboxError),
+    #[error("cannot watch the sandbox's PID 1 (host pid {pid})")]
+    Watch {
+        pid: Pid,
+        #[source]
+        source: TracerError,
+    },
+    #[error("the {kind} backend cannot attach to pid {pid}")]
+    Attach {
+        kind: BackendKind,
+        pid: Pid,
+        #[source]
+        source: StopError,
+    },
+    #[error("cannot stop {program}: ptrace is unavailable ({why}) and the program is statically linked, so the NOTIFY backend's LD_PRELOAD wrapper cannot reach it")]
+    Unstoppable { program: PathBuf, why: String },
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Record(InstanceError),
+    /// The child failed a setup step or its exec.
     #[error(transparent)]
-    Criu(#[from] CriuError),
+    Release(SandboxError),
+    #[error("cannot arm the {kind} backend")]
+    Arm {
+        kind: BackendKind,
+        #[source]
+        source: StopError,
+    },
     #[error(
         "the target exited ({status}) before it reached {stop_at}(2); see its log in {log_dir}"
     )]
@@ -40,16 +69,37 @@ pub enum BootError {
         stop_at: String,
         log_dir: PathBuf,
     },
+    #[error("the {kind} backend failed before the stop point")]
+    StopFailed {
+        kind: BackendKind,
+        #[source]
+        source: StopError,
+    },
+    #[error("the {kind} backend's stop channel closed before the stop point")]
+    StopChannelClosed { kind: BackendKind },
+    #[error("lost track of the sandbox's PID 1 (host pid {pid}): the tracer thread ended")]
+    LostTarget { pid: Pid },
+    #[error("the signal watch ended before the stop point")]
+    LostSignals,
     #[error("the target did not reach {stop_at}(2) within {secs}s{hint}; raise --timeout if it is just slow")]
     Timeout {
         stop_at: String,
         secs: u64,
         hint: String,
     },
-    #[error("cannot stop {program}: ptrace is unavailable ({why}) and the program is statically linked, so the NOTIFY backend's LD_PRELOAD wrapper cannot reach it")]
-    Unstoppable { program: PathBuf, why: String },
     #[error("interrupted by {0} before the stop point; nothing was published")]
     Interrupted(String),
+    /// The dump.
+    #[error(transparent)]
+    Criu(#[from] CriuError),
+    #[error(transparent)]
+    Publish(StoreError),
+    #[error("cannot let pid {pid} go on after the dump")]
+    Resume {
+        pid: Pid,
+        #[source]
+        source: StopError,
+    },
 }
 
 /// Research switches of the stop backends (the matrix's rows).
@@ -61,6 +111,9 @@ pub struct Research {
     pub notify_direct: bool,
     /// NOTIFY: the wrapper raises SIGSTOP instead of the marker.
     pub preload_sigstop: bool,
+    /// TRACE: fail to attach as if ptrace were forbidden, so `auto` falls
+    /// back to NOTIFY on a machine where ptrace works (the tests' switch).
+    pub deny_ptrace: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -115,74 +168,156 @@ fn preload_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("lib")
 }
 
-fn backend_record(kind: BackendKind, reason: String, marker: Option<i32>) -> BackendRecord {
-    BackendRecord {
-        kind,
-        reason,
-        marker_signal: marker,
-    }
+/// A stop backend with the child variant (its filter and environment).
+struct Candidate {
+    backend: Box<dyn StopBackend>,
+    variant: VariantId,
 }
 
-struct Started {
-    running: Running,
-    arrival: Option<Receiver<Arrival>>,
-    backend: Option<Box<dyn StopBackend>>,
-    t0: Instant,
+/// The stop backends a prebake tries, in order, each kept with its filter:
+/// the one requested, or for `auto` TRACE and then NOTIFY (ptrace may be
+/// forbidden: a seccomp'd container, Yama scope 3). Never empty.
+struct Fallback {
+    auto: bool,
+    first: Candidate,
+    then: Option<Candidate>,
 }
 
-/// Clones the sandbox, attaches the stop backend (deciding `auto`), and
-/// lets the child exec.
-fn start(
-    spec: &SandboxSpec,
-    state_dir: &Path,
-    inst: Instance,
-    stop: Option<&PrebakeOpts>,
-) -> Result<Started, BootError> {
-    let tracer = Tracer::start()?;
-    let externals = sandbox::host_externals()?;
-    let mut candidates: Vec<Box<dyn StopBackend>> = Vec::new();
-    if let Some(o) = stop {
+/// The backend that attached, and why it was the one.
+struct Chosen {
+    backend: Box<dyn StopBackend>,
+    variant: VariantId,
+    reason: String,
+    /// Why TRACE was passed over, when `auto` fell back.
+    why_not_trace: Option<String>,
+}
+
+impl Fallback {
+    fn new(
+        opts: &PrebakeOpts,
+        state_dir: &Path,
+        variants: &mut Variants,
+    ) -> Result<Fallback, BootError> {
         let trace = || -> Box<dyn StopBackend> {
-            if o.research.legacy_attached {
-                Box::new(stop::trace::TraceBackend::legacy_attached(o.stop_at))
+            let b = if opts.research.legacy_attached {
+                stop::trace::TraceBackend::legacy_attached(opts.stop_at)
             } else {
-                Box::new(stop::trace::TraceBackend::new(o.stop_at))
-            }
+                stop::trace::TraceBackend::new(opts.stop_at)
+            };
+            Box::new(b.deny_ptrace(opts.research.deny_ptrace))
         };
         let notify = || -> Result<Box<dyn StopBackend>, BootError> {
             let mut n = stop::notify::NotifyBackend::new(
-                o.stop_at,
-                o.marker_signal,
+                opts.stop_at,
+                opts.marker_signal,
                 &preload_dir(state_dir),
             )?;
-            if o.research.notify_direct {
+            if opts.research.notify_direct {
                 n = n.direct();
             }
-            if o.research.preload_sigstop {
+            if opts.research.preload_sigstop {
                 n = n.sigstop();
             }
             Ok(Box::new(n))
         };
-        match o.backend {
-            BackendChoice::Trace => candidates.push(trace()),
-            BackendChoice::Notify => candidates.push(notify()?),
-            BackendChoice::Auto => {
-                candidates.push(trace());
-                candidates.push(notify()?);
+        let mut candidate = |backend: Box<dyn StopBackend>| -> Result<Candidate, BootError> {
+            let variant = variants.add(backend.variant()?)?;
+            Ok(Candidate { backend, variant })
+        };
+        let (first, then) = match opts.backend {
+            BackendChoice::Trace => (candidate(trace())?, None),
+            BackendChoice::Notify => (candidate(notify()?)?, None),
+            BackendChoice::Auto => (candidate(trace())?, Some(candidate(notify()?)?)),
+        };
+        Ok(Fallback {
+            auto: opts.backend == BackendChoice::Auto,
+            first,
+            then,
+        })
+    }
+
+    /// Attaches the first backend that can to the waiting child.
+    fn attach(self, pid: Pid, tracer: &Tracer) -> Result<Chosen, BootError> {
+        let Fallback { auto, first, then } = self;
+        let Candidate {
+            mut backend,
+            variant,
+        } = first;
+        let source = match backend.attach(pid, tracer) {
+            Ok(()) => {
+                let reason = if auto {
+                    format!("auto: {}", first_reason(backend.kind()))
+                } else {
+                    "requested".to_string()
+                };
+                return Ok(Chosen {
+                    backend,
+                    variant,
+                    reason,
+                    why_not_trace: None,
+                });
             }
-        }
+            Err(source) => source,
+        };
+        let Some(Candidate {
+            backend: mut next,
+            variant,
+        }) = then
+        else {
+            return Err(BootError::Attach {
+                kind: backend.kind(),
+                pid,
+                source,
+            });
+        };
+        // With its cause: "cannot ptrace-seize task N" alone does not say
+        // why ptrace is unavailable, and the reason is recorded.
+        let why = crate::error_chain(&source);
+        log::warn!("{}: {source}; trying the next backend", backend.kind());
+        next.attach(pid, tracer)
+            .map_err(|source| BootError::Attach {
+                kind: next.kind(),
+                pid,
+                source,
+            })?;
+        Ok(Chosen {
+            reason: format!(
+                "auto: ptrace is unavailable ({why}), fell back to {}",
+                next.kind().as_str().to_uppercase()
+            ),
+            backend: next,
+            variant,
+            why_not_trace: Some(why),
+        })
     }
-    let mut variants: Vec<Variant> = candidates
-        .iter()
-        .map(|b| b.variant())
-        .collect::<Result<_, _>>()?;
-    if variants.is_empty() {
-        variants.push(Variant {
-            filter: None,
-            extra_env: Vec::new(),
-        });
+}
+
+/// Why `auto` kept its first choice.
+fn first_reason(kind: BackendKind) -> &'static str {
+    match kind {
+        BackendKind::Trace => "the supervisor can ptrace the target",
+        BackendKind::Notify | BackendKind::None => "the first backend attached",
     }
-    for v in &variants {
+}
+
+/// The sandbox child, cloned and waiting, its exit watched by the tracer.
+struct Cloned {
+    tracer: Tracer,
+    spawned: Spawned,
+    exit: Receiver<ExitStatus>,
+    externals: Vec<ExternalMount>,
+}
+
+/// Starts the tracer thread and clones the sandbox child, which waits to
+/// be released with one of `variants`.
+fn clone_sandbox(
+    spec: &SandboxSpec,
+    inst: &Instance,
+    variants: &Variants,
+) -> Result<Cloned, BootError> {
+    let tracer = Tracer::start().map_err(BootError::StartTracer)?;
+    let externals = sandbox::host_externals()?;
+    for v in variants.iter() {
         if let Some(f) = &v.filter {
             explain::say("filter", &format!("seccomp filter the child loads as its last step before exec ({}), as libseccomp renders it:", f.rule));
             explain::block(f.pfc.trim());
@@ -190,103 +325,83 @@ fn start(
             explain::block(f.bpf_listing().trim_end());
         }
     }
-    let spawned = sandbox::spawn(spec, &inst.root(), &variants)?;
-    let pid = spawned.pid;
-    let exit = tracer.watch(pid)?;
-    let t0 = spawned.started;
-
-    // Pick the backend: the first candidate that attaches.
-    let mut chosen: Option<(usize, String)> = None;
-    let mut why_not = String::new();
-    for (i, b) in candidates.iter_mut().enumerate() {
-        match b.attach(pid, &tracer) {
-            Ok(()) => {
-                let reason = match (stop.map(|o| o.backend), b.kind()) {
-                    (Some(BackendChoice::Auto), BackendKind::Trace) => {
-                        "auto: the supervisor can ptrace the target".to_string()
-                    }
-                    (Some(BackendChoice::Auto), _) => {
-                        format!("auto: ptrace is unavailable ({why_not}), fell back to NOTIFY")
-                    }
-                    _ => "requested".to_string(),
-                };
-                chosen = Some((i, reason));
-                break;
-            }
-            Err(e) if has_fallback_after(stop, i) => {
-                // With its cause: "cannot ptrace-seize task N" alone does not
-                // say why ptrace is unavailable, and the reason is recorded.
-                why_not = crate::error_chain(&e);
-                log::warn!("{}: {e}; trying the next backend", b.kind().as_str());
-            }
-            Err(e) => {
-                let early = spawned.early_failure();
-                give_up(spawned, &exit, &inst);
-                return Err(match early {
-                    Some(child) => child.into(),
-                    None => e.into(),
-                });
-            }
+    let spawned = sandbox::spawn(spec, &inst.root(), variants)?;
+    let exit = match tracer.watch(spawned.pid) {
+        Ok(exit) => exit,
+        Err(source) => {
+            let pid = spawned.pid;
+            spawned.abort();
+            // Not watched: reap it here.
+            let _ = crate::sys::waitpid(pid.as_raw(), 0);
+            return Err(BootError::Watch { pid, source });
         }
-    }
-    let (index, reason, backend) = match chosen {
-        Some((i, reason)) => {
-            let b = candidates.swap_remove(i);
-            explain::say(
-                "backend",
-                &format!("{} — chosen because: {reason}", b.describe()),
-            );
-            (i, reason, Some(b))
-        }
-        None => (0, "no stop backend: cold start".to_string(), None),
     };
-    if let (Some(b), Some(o)) = (&backend, stop) {
-        if b.kind() == BackendKind::Notify
-            && o.backend == BackendChoice::Auto
-            && is_static_elf(&spec.program)
-        {
-            give_up(spawned, &exit, &inst);
-            return Err(BootError::Unstoppable {
-                program: spec.program.clone(),
-                why: why_not,
-            });
-        }
-    }
-    let marker = backend
-        .as_ref()
-        .filter(|b| b.kind() == BackendKind::Notify)
-        .and(stop.map(|o| o.marker_signal));
-    let kind = backend
-        .as_ref()
-        .map(|b| b.kind())
-        .unwrap_or(BackendKind::None);
+    Ok(Cloned {
+        tracer,
+        spawned,
+        exit,
+        externals,
+    })
+}
+
+/// Lets a child that never ran its command go (it exits 126) and reaps it.
+fn give_up(spawned: Spawned, exit: &Receiver<ExitStatus>) {
+    spawned.abort();
+    let _ = exit.recv_timeout(Duration::from_secs(5));
+}
+
+/// Kills a tree that ran and reaps it.
+fn kill_tree(running: &Running) {
+    let _ = crate::sys::kill(running.root, nix::libc::SIGKILL);
+    let _ = running.exit.recv_timeout(Duration::from_secs(10));
+}
+
+/// Writes the instance's first record, lets the child exec with `variant`
+/// and hands back the supervised tree.
+fn release(
+    cloned: Cloned,
+    spec: &SandboxSpec,
+    inst: Instance,
+    variant: VariantId,
+    variants: &Variants,
+    backend: BackendRecord,
+) -> Result<(Running, Released), BootError> {
+    let Cloned {
+        tracer,
+        spawned,
+        exit,
+        externals,
+    } = cloned;
+    let pid = spawned.pid;
     // Record the environment the service really got (LD_PRELOAD and the
     // marker settings for NOTIFY): a restore needs the preload library back.
     let mut effective = spec.clone();
-    for (k, v) in &variants[index].extra_env {
+    for (k, v) in &variants.get(variant).extra_env {
         effective.env.retain(|(ek, _)| ek != k);
         effective.env.push((k.clone(), v.clone()));
     }
     let record = InstanceRecord {
+        format_version: instance::RECORD_VERSION,
         id: inst.id.clone(),
         spec: effective,
         externals,
-        backend: backend_record(kind, reason, marker),
+        backend,
         image: None,
         supervisor_pid: nix::unistd::getpid().as_raw(),
         front_pid: None,
         root_pid: pid.as_raw(),
-        format_version: instance::RECORD_VERSION,
         state: InstanceState::Starting,
         started_unix_ms: crate::sys::time::unix_ms(),
     };
-    inst.write_record(&record)?;
-    let mut released = match spawned.release(index) {
+    if let Err(e) = inst.write_record(&record) {
+        give_up(spawned, &exit);
+        return Err(BootError::Record(e));
+    }
+    let released = match spawned.release(variant) {
         Ok(r) => r,
         Err(e) => {
             let _ = exit.recv_timeout(Duration::from_secs(5));
-            inst.remove();
-            return Err(e.into());
+            return Err(BootError::Release(e));
         }
     };
     explain::say(
@@ -296,11 +411,6 @@ fn start(
             spec.program.display()
         ),
     );
-    let mut backend = backend;
-    let arrival = match backend.as_mut() {
-        Some(b) => Some(b.arm(&mut released, &tracer)?),
-        None => None,
-    };
     let running = Running {
         tracer,
         instance: inst,
@@ -309,35 +419,25 @@ fn start(
         exit,
         traced: false,
     };
-    Ok(Started {
-        running,
-        arrival,
-        backend,
-        t0,
-    })
-}
-
-/// Lets a child that never ran its command go (it exits 126), reaps it and
-/// removes the instance.
-fn give_up(spawned: sandbox::Spawned, exit: &Receiver<ExitStatus>, inst: &Instance) {
-    spawned.abort();
-    let _ = exit.recv_timeout(Duration::from_secs(5));
-    inst.remove();
-}
-
-fn has_fallback_after(stop: Option<&PrebakeOpts>, i: usize) -> bool {
-    // Only `auto` has a second candidate to fall back to.
-    stop.is_some_and(|o| o.backend == BackendChoice::Auto) && i == 0
+    Ok((running, released))
 }
 
 /// `runmh run`: boots the command in the sandbox, under supervision.
-pub fn run_cold(
-    spec: &SandboxSpec,
-    state_dir: &Path,
-    inst: Instance,
-) -> Result<Running, BootError> {
-    let s = start(spec, state_dir, inst, None)?;
-    Ok(s.running)
+pub fn run_cold(spec: &SandboxSpec, inst: Instance) -> Result<Running, BootError> {
+    let dir = inst.clone();
+    let run = || {
+        let mut variants = Variants::default();
+        let plain = variants.add(Variant::plain())?;
+        let cloned = clone_sandbox(spec, &inst, &variants)?;
+        let backend = BackendRecord {
+            kind: BackendKind::None,
+            reason: "no stop backend: cold start".into(),
+            marker_signal: None,
+        };
+        let (running, _) = release(cloned, spec, inst, plain, &variants, backend)?;
+        Ok(running)
+    };
+    run().inspect_err(|_| dir.remove())
 }
 
 fn timeout_hint(kind: Option<BackendKind>, program: &Path, stop_at: &str) -> String {
@@ -360,7 +460,9 @@ fn timeout_hint(kind: Option<BackendKind>, program: &Path, stop_at: &str) -> Str
     }
 }
 
-/// `runmh prebake`: boots to the stop point, dumps, publishes.
+/// `runmh prebake`: boots to the stop point, dumps, publishes. Every step
+/// that fails cleans up what the steps before it made: the service is
+/// killed and reaped, the staging directory and the instance removed.
 pub fn prebake(
     spec: &SandboxSpec,
     state_dir: &Path,
@@ -368,53 +470,98 @@ pub fn prebake(
     criu: &Criu,
     opts: &PrebakeOpts,
 ) -> Result<Prebaked, BootError> {
-    let staged = Staged::new(&opts.images)?;
-    let s = start(spec, state_dir, inst, Some(opts))?;
-    let Started {
-        mut running,
-        arrival,
+    let dir = inst.clone();
+    let baked = prebake_steps(spec, state_dir, inst, criu, opts);
+    match &baked {
+        // The instance lives on with the service it left running.
+        Ok(Prebaked {
+            running: Some(_), ..
+        }) => {}
+        _ => dir.remove(),
+    }
+    baked
+}
+
+fn prebake_steps(
+    spec: &SandboxSpec,
+    state_dir: &Path,
+    inst: Instance,
+    criu: &Criu,
+    opts: &PrebakeOpts,
+) -> Result<Prebaked, BootError> {
+    // 1. Stage the image beside its destination (dropped unpublished, it
+    //    removes itself).
+    let staged = Staged::new(&opts.images).map_err(BootError::Stage)?;
+
+    // 2. The backends to try, each with its filter, and clone the child.
+    let mut variants = Variants::default();
+    let fallback = Fallback::new(opts, state_dir, &mut variants)?;
+    let cloned = clone_sandbox(spec, &inst, &variants)?;
+    let pid = cloned.spawned.pid;
+
+    // 3. Attach the first backend that can.
+    let chosen = match fallback.attach(pid, &cloned.tracer) {
+        Ok(c) => c,
+        Err(e) => {
+            // The child's own report, if it failed first, is the real cause.
+            let early = cloned.spawned.early_failure();
+            give_up(cloned.spawned, &cloned.exit);
+            return Err(early.map(BootError::Release).unwrap_or(e));
+        }
+    };
+    let Chosen {
         mut backend,
-        t0,
-    } = s;
-    let arrival = arrival.ok_or(StopError::NoListener)?;
-    let kind = backend.as_ref().map(|b| b.kind());
+        variant,
+        reason,
+        why_not_trace,
+    } = chosen;
+    explain::say(
+        "backend",
+        &format!("{} — chosen because: {reason}", backend.describe()),
+    );
+    let kind = backend.kind();
+
+    // 4. A static program never loads the NOTIFY wrapper: `auto` falling
+    //    back to it would only time out.
+    if let (BackendKind::Notify, Some(why)) = (kind, &why_not_trace) {
+        if is_static_elf(&spec.program) {
+            give_up(cloned.spawned, &cloned.exit);
+            return Err(BootError::Unstoppable {
+                program: spec.program.clone(),
+                why: why.clone(),
+            });
+        }
+    }
+
+    // 5. Record the instance and let the child exec under its filter.
+    let record = BackendRecord {
+        kind,
+        reason,
+        marker_signal: (kind == BackendKind::Notify).then_some(opts.marker_signal),
+    };
+    let t0 = cloned.spawned.started;
+    let (mut running, mut released) = release(cloned, spec, inst, variant, &variants, record)?;
+
+    // 6. Arm the backend: the stop arrives on its channel.
+    let arrival = match backend.arm(&mut released, &running.tracer) {
+        Ok(a) => a,
+        Err(source) => {
+            kill_tree(&running);
+            return Err(BootError::Arm { kind, source });
+        }
+    };
+
+    // 7. Wait for the stop point.
+    let hit = match wait_for_stop(&running, &arrival, kind, spec, opts) {
+        Ok(hit) => hit,
+        // Reaped already: its pid may be another process's by now.
+        Err(e @ BootError::TargetExited { .. }) => return Err(e),
+        Err(e) => {
+            kill_tree(&running);
+            return Err(e);
+        }
+    };
     let stop_name = opts.stop_at.name();
-    let signals = crate::supervisor::signals();
-    let abort = |running: Running, err: BootError| -> BootError {
-        let _ = crate::sys::kill(running.root, nix::libc::SIGKILL);
-        let _ = running.exit.recv_timeout(Duration::from_secs(10));
-        running.instance.remove();
-        err
-    };
-    let hit = select! {
-        recv(arrival) -> a => match a {
-            Ok(Arrival::Stopped(hit)) => hit,
-            Ok(Arrival::Failed(e)) => {
-                // A NOTIFY listener fails as soon as the last task holding
-                // its filter exits, often before the tracer has reaped the
-                // target: the exit status is then the real story.
-                if let Ok(status) = running.exit.recv_timeout(Duration::from_secs(1)) {
-                    running.instance.remove();
-                    return Err(BootError::TargetExited { status, stop_at: stop_name, log_dir: spec.log_dir.clone() });
-                }
-                return Err(abort(running, e.into()));
-            }
-            Err(_) => return Err(abort(running, StopError::Notify("the stop channel closed".into()).into())),
-        },
-        recv(running.exit) -> st => {
-            let status = st.unwrap_or(ExitStatus::Signaled(9));
-            running.instance.remove();
-            return Err(BootError::TargetExited { status, stop_at: stop_name, log_dir: spec.log_dir.clone() });
-        },
-        recv(signals) -> sig => {
-            let name = crate::sys::signal::signal_name(sig.unwrap_or(0));
-            return Err(abort(running, BootError::Interrupted(name)));
-        },
-        default(opts.timeout) => {
-            let hint = timeout_hint(kind, &spec.program, &stop_name);
-            return Err(abort(running, BootError::Timeout { stop_at: stop_name, secs: opts.timeout.as_secs(), hint }));
-        },
-    };
     let since_start = t0.elapsed();
     explain::say(
         "stopped",
@@ -430,6 +577,8 @@ pub fn prebake(
     }
     running.record.state = InstanceState::HeldAtStop;
     let _ = running.instance.write_record(&running.record);
+
+    // 8. Dump.
     let dump = dump::criu_dump(
         criu,
         running.root.as_raw(),
@@ -440,26 +589,33 @@ pub fn prebake(
     );
     let took = match dump {
         Ok(t) => t,
-        Err(e) => return Err(abort(running, e.into())),
+        Err(e) => {
+            kill_tree(&running);
+            return Err(BootError::Criu(e));
+        }
     };
-    let stop = StopRecord {
-        syscall: stop_name.clone(),
-        since_start_ms: crate::sys::time::millis(since_start),
-        hit: hit.clone(),
-    };
+
+    // 9. Publish.
     let facts = DumpFacts {
         criu,
         spec: &running.record.spec,
         externals: &running.record.externals,
         backend: running.record.backend.clone(),
-        stop: Some(stop),
+        stop: Some(StopRecord {
+            syscall: stop_name.clone(),
+            since_start_ms: crate::sys::time::millis(since_start),
+            hit: hit.clone(),
+        }),
         pid: running.root.as_raw(),
         dump_time: took,
         leave_running: opts.leave_running,
     };
     let dumped = match dump::publish(staged, facts) {
         Ok(d) => d,
-        Err(e) => return Err(abort(running, e.into())),
+        Err(e) => {
+            kill_tree(&running);
+            return Err(BootError::Publish(e));
+        }
     };
     explain::say(
         "publish",
@@ -468,11 +624,18 @@ pub fn prebake(
             dumped.image.display()
         ),
     );
+
+    // 10. Let the service go on past its stop point, or reap what CRIU
+    //     killed.
     if opts.leave_running {
-        if let Some(b) = backend.as_mut() {
-            b.resume_after_dump(running.root, &running.tracer)?;
+        if let Err(source) = backend.resume_after_dump(running.root, &running.tracer) {
+            kill_tree(&running);
+            return Err(BootError::Resume {
+                pid: running.root,
+                source,
+            });
         }
-        running.traced = kind == Some(BackendKind::Trace);
+        running.traced = kind == BackendKind::Trace;
         return Ok(Prebaked {
             dumped,
             hit,
@@ -480,9 +643,7 @@ pub fn prebake(
             running: Some(running),
         });
     }
-    // CRIU killed the tree; reap it and clean up.
     let _ = running.exit.recv_timeout(Duration::from_secs(10));
-    running.instance.remove();
     drop(backend);
     Ok(Prebaked {
         dumped,
@@ -490,4 +651,50 @@ pub fn prebake(
         time_to_stop: since_start,
         running: None,
     })
+}
+
+/// Waits until the armed backend reports the stop, the target ends, a
+/// signal interrupts, or the timeout passes.
+fn wait_for_stop(
+    running: &Running,
+    arrival: &Receiver<Arrival>,
+    kind: BackendKind,
+    spec: &SandboxSpec,
+    opts: &PrebakeOpts,
+) -> Result<StopHit, BootError> {
+    let stop_name = opts.stop_at.name();
+    let exited = |status| BootError::TargetExited {
+        status,
+        stop_at: stop_name.clone(),
+        log_dir: spec.log_dir.clone(),
+    };
+    let signals = crate::supervisor::signals();
+    select! {
+        recv(arrival) -> a => match a {
+            Ok(Arrival::Stopped(hit)) => Ok(hit),
+            Ok(Arrival::Failed(e)) => {
+                // A NOTIFY listener fails as soon as the last task holding
+                // its filter exits, often before the tracer has reaped the
+                // target: the exit status is then the real story.
+                match running.exit.recv_timeout(Duration::from_secs(1)) {
+                    Ok(status) => Err(exited(status)),
+                    Err(_) => Err(BootError::StopFailed { kind, source: e }),
+                }
+            }
+            Err(_) => Err(BootError::StopChannelClosed { kind }),
+        },
+        recv(running.exit) -> st => match st {
+            Ok(status) => Err(exited(status)),
+            Err(_) => Err(BootError::LostTarget { pid: running.root }),
+        },
+        recv(signals) -> sig => match sig {
+            Ok(sig) => Err(BootError::Interrupted(crate::sys::signal::signal_name(sig))),
+            Err(_) => Err(BootError::LostSignals),
+        },
+        default(opts.timeout) => Err(BootError::Timeout {
+            stop_at: stop_name.clone(),
+            secs: opts.timeout.as_secs(),
+            hint: timeout_hint(Some(kind), &spec.program, &stop_name),
+        }),
+    }
 }

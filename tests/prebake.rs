@@ -571,9 +571,10 @@ fn auto_falls_back_to_notify_without_ptrace() {
     let c = Case::new("pb-auto-notify");
     let p = payload("simple_server");
     let img = c.state.join("img");
-    let mut cmd = c.prebake(&img, "auto", &[], &p.argv);
-    cmd.env(miehisto::stop::trace::TEST_DENY_PTRACE_ENV, "1");
-    let out = cmd.output().expect("runmh prebake");
+    let out = c
+        .prebake(&img, "auto", &["--research-deny-ptrace"], &p.argv)
+        .output()
+        .expect("runmh prebake");
     assert!(
         out.status.success(),
         "{}",

@@ -92,6 +92,10 @@ enum Cmd {
         /// Keep the service running after the dump.
         #[arg(long)]
         leave_running: bool,
+        /// Research and tests only: make TRACE fail to attach as if ptrace
+        /// were forbidden, so `auto` falls back to NOTIFY.
+        #[arg(long, hide = true)]
+        research_deny_ptrace: bool,
         #[command(flatten)]
         sandbox: SandboxArgs,
     },
@@ -281,7 +285,7 @@ fn real_main(cli: Cli) -> Result<i32> {
                     return Err(e);
                 }
             };
-            let running = prebake::run_cold(&spec, &state_dir, inst)?;
+            let running = prebake::run_cold(&spec, inst)?;
             eprintln!(
                 "runmh: started {} as pid {} (logs in {})",
                 spec.argv.join(" "),
@@ -302,6 +306,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             marker_signal,
             timeout,
             leave_running,
+            research_deny_ptrace,
             sandbox,
         } => {
             require_root()?;
@@ -324,7 +329,10 @@ fn real_main(cli: Cli) -> Result<i32> {
                 marker_signal,
                 timeout: Duration::from_secs(timeout),
                 leave_running,
-                research: Research::default(),
+                research: Research {
+                    deny_ptrace: research_deny_ptrace,
+                    ..Research::default()
+                },
             };
             let p = prebake::prebake(&spec, &state_dir, inst, &criu, &opts)?;
             let md = &p.dumped.metadata;

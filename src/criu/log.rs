@@ -2,8 +2,9 @@
 
 use std::path::Path;
 
-/// Error lines CRIU prints on this machine that do not mean failure
-/// (platform.md: the RLIMIT_NOFILE one appears on every run).
+/// Error lines CRIU prints that do not mean failure: on some hosts it
+/// cannot raise its own open-file limit and logs "Can't setup
+/// RLIMIT_NOFILE for self" as an Error on every run, then carries on.
 const HARMLESS: &[&str] = &["Can't setup RLIMIT_NOFILE for self"];
 
 /// The first error line that matters, without CRIU's timestamp prefix,

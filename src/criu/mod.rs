@@ -11,8 +11,11 @@ use std::process::Command;
 
 pub use argv::{DumpArgs, RestoreArgs};
 
-/// The oldest CRIU that works on this kernel (platform.md: 3.17 fails its
-/// vDSO check on 6.13+, 4.1 cannot dump TCP sockets on 6.16+).
+/// The oldest CRIU that works on current kernels: 3.17 fails its vDSO check
+/// on 6.13+ ("Unexpected rt vDSO area bounds": the vvar area was split,
+/// fixed in CRIU 4.1), and 4.1 cannot dump a TCP socket on 6.16+ (the
+/// kernel refuses SO_PASSCRED/SO_PASSSEC on inet sockets, "Can't get 1:16
+/// opt: Operation not supported").
 pub const MIN_VERSION: Version = Version(4, 2, 0);
 
 /// What to run to get a good CRIU.

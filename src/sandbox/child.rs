@@ -141,8 +141,11 @@ pub fn run(plan: &ChildPlan) -> ! {
         Err(e) => fail(plan, Step::Sync, e),
     }
     sys::close(plan.sync_read);
-    let Some(variant) = plan.variants.get(choice[0] as usize) else {
+    if choice[0] == super::SYNC_ABORT {
         sys::exit_now(126)
+    }
+    let Some(variant) = plan.variants.get(usize::from(choice[0])) else {
+        fail(plan, Step::Sync, nix::errno::Errno::EINVAL)
     };
 
     if let Some((bpf, flags)) = &variant.filter {
@@ -161,8 +164,9 @@ pub fn run(plan: &ChildPlan) -> ! {
                 Step::SendListener,
                 sys::send_fd(plan.listener_sock, listener)
             );
-            // CRIU cannot dump an "anon_inode:seccomp notify" fd: the target
-            // must not keep its own copy (platform.md).
+            // CRIU cannot dump an "anon_inode:seccomp notify" fd (an
+            // unsupported fd type, its dump fails): the target must not
+            // keep its own copy once the supervisor has one.
             sys::close(listener);
         }
     }

@@ -113,6 +113,10 @@ pub enum SandboxError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the sandbox child {pid} sent {received:?} on its error pipe, expected a step number from 1 to {} and an errno", Step::Exec as u8)]
+    ChildMessage { pid: Pid, received: [u8; 8] },
+    #[error("a sandbox child can finish in at most {max} ways")]
+    TooManyVariants { max: usize },
     #[error("cannot read the host's mount table")]
     MountTable(#[source] std::io::Error),
     #[error("{what} contains a NUL byte")]
@@ -152,6 +156,51 @@ pub enum SandboxError {
 pub struct Variant {
     pub filter: Option<CompiledFilter>,
     pub extra_env: Vec<(String, String)>,
+}
+
+impl Variant {
+    /// No filter, no extra environment: a cold start.
+    pub fn plain() -> Variant {
+        Variant {
+            filter: None,
+            extra_env: Vec::new(),
+        }
+    }
+}
+
+/// The sync pipe's byte that tells the waiting child to give up.
+const SYNC_ABORT: u8 = u8::MAX;
+
+/// One of the [`Variants`] a child may finish with, as [`Variants::add`]
+/// handed it out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VariantId(u8);
+
+/// The ways a sandbox child may finish, all prepared before the clone
+/// (the child allocates nothing); the parent picks one after it.
+#[derive(Default)]
+pub struct Variants {
+    list: Vec<Variant>,
+}
+
+impl Variants {
+    pub fn add(&mut self, v: Variant) -> Result<VariantId, SandboxError> {
+        // Every byte but SYNC_ABORT names a variant on the sync pipe.
+        let id = u8::try_from(self.list.len())
+            .ok()
+            .filter(|&i| i != SYNC_ABORT)
+            .ok_or(SandboxError::TooManyVariants {
+                max: usize::from(SYNC_ABORT),
+            })?;
+        self.list.push(v);
+        Ok(VariantId(id))
+    }
+    pub fn get(&self, id: VariantId) -> &Variant {
+        &self.list[usize::from(id.0)]
+    }
+    pub fn iter(&self) -> impl Iterator<Item = &Variant> {
+        self.list.iter()
+    }
 }
 
 /// A cloned child, set up and waiting for [`Spawned::release`].
@@ -214,7 +263,7 @@ pub fn host_externals() -> Result<Vec<ExternalMount>, SandboxError> {
 pub fn spawn(
     spec: &SandboxSpec,
     root: &Path,
-    variants: &[Variant],
+    variants: &Variants,
 ) -> Result<Spawned, SandboxError> {
     let mounts = mounts::mount_points().map_err(SandboxError::MountTable)?;
     let externals = mounts::externals_for(&mounts);
@@ -251,7 +300,7 @@ pub fn spawn(
     argv.push(std::ptr::null());
     let mut env_store: Vec<Vec<CString>> = Vec::new();
     let mut child_variants = Vec::new();
-    for v in variants {
+    for v in variants.iter() {
         let mut env: Vec<(String, String)> = spec.env.clone();
         for (k, val) in &v.extra_env {
             env.retain(|(ek, _)| ek != k);
@@ -339,6 +388,7 @@ pub fn spawn(
         error_read,
         listener_read,
         wants_listener: variants
+            .list
             .iter()
             .map(|v| v.filter.as_ref().is_some_and(|f| f.wants_listener()))
             .collect(),
@@ -361,7 +411,8 @@ fn read_child_error(
         }
     }
     if got == msg.len() {
-        let step = Step::from_u8(msg[0]).unwrap_or(Step::Exec);
+        let step =
+            Step::from_u8(msg[0]).ok_or(SandboxError::ChildMessage { pid, received: msg })?;
         let errno = Errno::from_raw(i32::from_ne_bytes([msg[4], msg[5], msg[6], msg[7]]));
         return Ok(Some(SandboxError::ChildStep {
             step,
@@ -381,16 +432,12 @@ fn read_child_error(
 impl Spawned {
     /// Lets the child load variant `index`'s filter and exec; returns once
     /// the exec happened (or the child reported which step failed).
-    pub fn release(self, index: usize) -> Result<Released, SandboxError> {
+    pub fn release(self, variant: VariantId) -> Result<Released, SandboxError> {
         let pid = self.pid;
-        // The child reads the index as one byte.
-        let byte = u8::try_from(index).map_err(|_| SandboxError::Release {
-            pid,
-            source: Errno::EINVAL,
-        })?;
+        let index = usize::from(variant.0);
         // A child that already failed has closed its end: the write fails
         // (EPIPE), and its report is waiting in the error pipe below.
-        let wrote = sys::write_all(self.sync_write.as_raw_fd(), &[byte]);
+        let wrote = sys::write_all(self.sync_write.as_raw_fd(), &[variant.0]);
         drop(self.sync_write);
         if let Some(e) = read_child_error(self.error_read.as_raw_fd(), &self.program, pid)? {
             return Err(e);
@@ -434,6 +481,6 @@ impl Spawned {
 
     /// Tells the child to give up (it exits 126 without running anything).
     pub fn abort(self) {
-        let _ = sys::write_all(self.sync_write.as_raw_fd(), &[u8::MAX]);
+        let _ = sys::write_all(self.sync_write.as_raw_fd(), &[SYNC_ABORT]);
     }
 }

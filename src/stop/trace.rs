@@ -16,21 +16,15 @@ use crate::sandbox::{Released, Variant};
 use crossbeam_channel::Receiver;
 use nix::unistd::Pid;
 
-/// Test-only switch: when set to `1`, `TraceBackend::attach` fails with
-/// EPERM as if ptrace were forbidden (a seccomp'd container, Yama scope 3),
-/// so the integration tests can exercise `--backend auto`'s fallback to
-/// NOTIFY on a machine where ptrace works. Not for production use.
-pub const TEST_DENY_PTRACE_ENV: &str = "MIEHISTO_TEST_DENY_PTRACE";
-
-fn ptrace_denied_for_test() -> bool {
-    std::env::var_os(TEST_DENY_PTRACE_ENV).is_some_and(|v| v == "1")
-}
-
 pub struct TraceBackend {
     stop_at: StopSyscall,
     /// Research switch: stay attached at the stop (the talk's 2018 tracer).
     hold: bool,
     how: AttachHow,
+    /// Research switch: fail to attach with EPERM as if ptrace were
+    /// forbidden (a seccomp'd container, Yama scope 3), to exercise
+    /// `--backend auto`'s fallback where ptrace works.
+    deny_ptrace: bool,
 }
 
 impl TraceBackend {
@@ -39,6 +33,7 @@ impl TraceBackend {
             stop_at,
             hold: false,
             how: AttachHow::Seize,
+            deny_ptrace: false,
         }
     }
 
@@ -49,7 +44,14 @@ impl TraceBackend {
             stop_at,
             hold: true,
             how: AttachHow::LegacyAttach,
+            deny_ptrace: false,
         }
+    }
+
+    /// See the `deny_ptrace` field.
+    pub fn deny_ptrace(mut self, deny: bool) -> Self {
+        self.deny_ptrace = deny;
+        self
     }
 }
 
@@ -73,7 +75,7 @@ impl StopBackend for TraceBackend {
     }
 
     fn attach(&mut self, child: Pid, tracer: &Tracer) -> Result<(), StopError> {
-        if ptrace_denied_for_test() {
+        if self.deny_ptrace {
             return Err(super::tracer::TracerError::Seize {
                 pid: child,
                 source: nix::errno::Errno::EPERM,
