@@ -30,6 +30,7 @@ pub mod spec;
 pub mod stop;
 pub mod supervisor;
 pub mod sys;
+pub mod timings;
 
 /// An error and its causes on one line, joined like anyhow's `{:#}`: for
 /// records, replies and reports that keep the reason as text. A cause whose

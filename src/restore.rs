@@ -82,6 +82,9 @@ pub struct RestoreOpts {
     /// talk's ENOSYS).
     pub reseize: bool,
     pub stop_timeout: Duration,
+    /// Append phase stamps here (`mhctl bench`'s breakdown; see
+    /// [`crate::timings`]). None on a normal restore.
+    pub timings: Option<PathBuf>,
 }
 
 /// A restore that succeeded: the supervisor runs the tree.
@@ -232,6 +235,10 @@ fn spawn_criu(
     if explain::enabled() {
         exec_cmd.push("--explain".into());
     }
+    if let Some(t) = &opts.timings {
+        exec_cmd.push("--timings".into());
+        exec_cmd.push(t.clone().into_os_string());
+    }
     let args = RestoreArgs {
         images_dir: std::path::absolute(&opts.images).unwrap_or(opts.images.clone()),
         work_dir: inst.dir.clone(),
@@ -270,6 +277,9 @@ fn spawn_criu(
         &[exe.as_path(), inst.control_socket().as_path()],
     );
     let kdat_child = kdat.as_ref().map(|(_, data)| data.as_deref());
+    let stamps = crate::timings::Stamps::new(opts.timings.as_deref());
+    stamps.watch_creation(&inst.dir, "restore.log", Duration::from_secs(60));
+    stamps.mark(crate::timings::CRIU_EXEC);
     // SAFETY: the child only calls async-signal-safe wrappers on the data
     // prepared above and ends in execve or _exit.
     let child = match unsafe { sys::fork_raw() } {
@@ -437,7 +447,10 @@ pub fn supervise_restored(
     ready_fd: RawFd,
     reseize: bool,
     stop_timeout: Duration,
+    timings: Option<&Path>,
 ) -> Result<Outcome, RestoreError> {
+    let stamps = crate::timings::Stamps::new(timings);
+    stamps.mark(crate::timings::SUPERVISOR_START);
     // CRIU leaves every signal but SIGCHLD blocked and its own fds open
     // across --exec-cmd (crtools.c, criu_signals_setup): start clean.
     sys::unblock_all_signals();
@@ -446,7 +459,7 @@ pub fn supervise_restored(
     // SAFETY: the fd number was passed to us by our own front process,
     // which created it for this purpose; nothing else in this fresh process owns it.
     let mut ready = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(ready_fd) });
-    let result = supervise_setup(dir, reseize);
+    let result = supervise_setup(dir, reseize, &stamps);
     let running = match result {
         Ok(Setup::Running(r)) => *r,
         Ok(Setup::Ended { root, status, inst }) => {
@@ -470,6 +483,7 @@ pub fn supervise_restored(
             return Err(e);
         }
     };
+    stamps.mark(crate::timings::READY);
     send_ready(
         &mut ready,
         &ReadyMsg::Ready {
@@ -506,7 +520,11 @@ enum Setup {
     },
 }
 
-fn supervise_setup(dir: &Path, reseize: bool) -> Result<Setup, RestoreError> {
+fn supervise_setup(
+    dir: &Path,
+    reseize: bool,
+    stamps: &crate::timings::Stamps,
+) -> Result<Setup, RestoreError> {
     let inst = Instance::open(dir);
     let mut rec = inst.read_record()?;
     let pidfile = inst.restored_pidfile();
@@ -526,6 +544,7 @@ fn supervise_setup(dir: &Path, reseize: bool) -> Result<Setup, RestoreError> {
     let root = Pid::from_raw(root);
     let tracer = Tracer::start()?;
     let exit = tracer.watch(root)?;
+    stamps.mark(crate::timings::TRACER_READY);
     let kind = rec.backend.kind;
     if let Err(e) = stop::resume_restored(kind, root, &tracer, reseize) {
         // CRIU resumes the tree before it execs us: a service that fails
@@ -536,6 +555,7 @@ fn supervise_setup(dir: &Path, reseize: bool) -> Result<Setup, RestoreError> {
         let _ = sys::kill(root, libc::SIGKILL);
         return Err(e.into());
     }
+    stamps.mark(crate::timings::RESUMED);
     rec.supervisor_pid = nix::unistd::getpid().as_raw();
     rec.root_pid = root.as_raw();
     rec.state = InstanceState::Running;

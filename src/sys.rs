@@ -620,3 +620,46 @@ pub fn set_child_subreaper() -> SysResult<()> {
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
+
+/// Anonymous private memory mapped fresh from the kernel: no page of it is
+/// present until touched (unlike an allocator's, which may hand back
+/// memory it already faulted in). Unmapped on drop.
+pub struct FreshMap {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl FreshMap {
+    pub fn new(len: usize) -> SysResult<FreshMap> {
+        // SAFETY: a new private anonymous mapping at an address the kernel
+        // picks overlaps nothing Rust owns; failure is MAP_FAILED.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Errno::last());
+        }
+        Ok(FreshMap { ptr: p.cast(), len })
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: ptr/len describe a live read-write mapping owned by self
+        // (unmapped only in drop), and &mut self makes the borrow unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for FreshMap {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping created in new(); no slice
+        // borrowed from it outlives self.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}

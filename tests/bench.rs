@@ -68,6 +68,78 @@ fn bench_python_smoke_reports_every_row_with_real_numbers() {
             );
         }
     }
+    // The breakdown: every variant measured once, its phases real numbers
+    // that add up to that restore's first response, CRIU's page read among
+    // them; runmh's own phases only where runmh ran.
+    let median_of = |key: &str| -> f64 {
+        series
+            .iter()
+            .find(|s| s["key"] == key)
+            .and_then(|s| s["stats"]["median"].as_f64())
+            .unwrap_or_else(|| panic!("series {key}"))
+    };
+    let variants = w["breakdown"]["variants"].as_array().expect("breakdown");
+    assert_eq!(variants.len(), 3, "runmh trace, runmh notify, bare criu");
+    for v in variants {
+        assert_eq!(v["runs"], 1, "one run broken down: {v}");
+        let phase = |key: &str| -> Option<f64> {
+            v["phases"]
+                .as_array()?
+                .iter()
+                .find(|p| p["key"] == key)?
+                .get("median")?
+                .as_f64()
+        };
+        let phases = v["phases"].as_array().expect("phases");
+        let sum: f64 = phases.iter().filter_map(|p| p["median"].as_f64()).sum();
+        for p in phases {
+            if let Some(m) = p["median"].as_f64() {
+                assert!(m.is_finite() && m >= 0.0, "a real duration: {p}");
+            }
+        }
+        let total = match v["variant"].as_str() {
+            Some("runmh_trace") => median_of("restore_trace_ms"),
+            Some("runmh_notify") => median_of("restore_notify_ms"),
+            Some("bare_criu") => median_of("bare_criu_ms"),
+            other => panic!("unknown variant {other:?}"),
+        };
+        assert!(
+            (sum - total).abs() < 0.01,
+            "the phases of {} add up to its first response: {sum} vs {total}",
+            v["variant"]
+        );
+        assert!(
+            phase("criu_pages").is_some_and(|p| p > 0.0),
+            "CRIU's page read is found in its log: {v}"
+        );
+        assert!(
+            phase("criu_exec_to_log").is_some(),
+            "CRIU's log start is anchored: {v}"
+        );
+        let runmh = v["variant"] != "bare_criu";
+        for key in [
+            "start_to_criu_exec",
+            "supervisor_tracer",
+            "supervisor_ready",
+        ] {
+            assert_eq!(phase(key).is_some(), runmh, "{key} only under runmh: {v}");
+        }
+    }
+    let (fixed, pages, rate, floor) = (
+        median_of("floor_fixed_ms"),
+        median_of("pages_trace_mib"),
+        median_of("copy_ms_per_mib"),
+        median_of("floor_ms"),
+    );
+    assert!(
+        (floor - (fixed + pages * rate)).abs() < 1e-6,
+        "floor = fixed + pages x rate"
+    );
+    assert!(
+        pages <= median_of("image_trace_mib"),
+        "the pages are part of the image"
+    );
+
     let targets = report["targets"].as_array().expect("targets");
     assert_eq!(
         targets.len(),
@@ -95,6 +167,10 @@ fn bench_python_smoke_reports_every_row_with_real_numbers() {
     assert!(
         chart.contains("python") && chart.contains("rect"),
         "the chart draws the workload's bars"
+    );
+    assert!(
+        chart.contains("by phase") && chart.contains("criu: page read"),
+        "the chart stacks the restore's phases"
     );
 
     // Nothing left behind: no instance, no mount, no scratch directory,

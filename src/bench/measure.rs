@@ -4,6 +4,7 @@
 //! real CRIU, as a user would.
 
 use super::bare;
+use super::breakdown;
 use super::load;
 use super::workloads::Workload;
 use super::BenchError;
@@ -48,6 +49,8 @@ pub struct Boot {
     pub twin_rps: Option<f64>,
     /// CRIU's own restore time, from its log.
     pub criu_ms: Option<f64>,
+    /// Restores only: where the time to the first response went.
+    pub phases: Option<breakdown::Sample>,
 }
 
 /// A published image.
@@ -445,12 +448,17 @@ impl Ctx {
         load_against: Option<&Workload>,
     ) -> Result<Boot, BenchError> {
         let err = self.work.join(format!("runmh-restore-{tag}.err"));
+        let stamps = self.work.join(format!("timings-{tag}.txt"));
+        let _ = std::fs::remove_file(&stamps);
         let mut cmd = self.runmh_cmd();
         cmd.arg("restore")
             .arg("--images")
             .arg(images)
             .arg("--stop-timeout")
-            .arg("1");
+            .arg("1")
+            .arg("--timings")
+            .arg(&stamps);
+        let t0_ns = crate::timings::now_ns();
         let t0 = Instant::now();
         let mut child = self.spawn("runmh restore", &mut cmd, &err)?;
         let r = wait_first_response("runmh restore", port, path, t0, self.timeout, || {
@@ -486,10 +494,27 @@ impl Ctx {
                 rps,
                 twin_rps,
                 criu_ms,
+                phases: None,
             })
         });
         self.take_down(&mut child, root);
-        result
+        // After the take-down: the supervisor has written all its stamps.
+        result.map(|mut b| {
+            b.phases = Some(
+                breakdown::Inputs {
+                    t0_ns,
+                    stamps: crate::timings::read(&stamps).unwrap_or_else(|e| {
+                        log::warn!("{e}");
+                        Vec::new()
+                    }),
+                    criu: breakdown::criu_marks(&self.work.join(format!("restore-{tag}.log"))),
+                    listen_ms: ms(b.listen),
+                    first_ms: ms(b.first_response),
+                }
+                .sample(),
+            );
+            b
+        })
     }
 
     /// (e) bare `criu restore --restore-detached` of the same image, with
@@ -509,6 +534,8 @@ impl Ctx {
         })?;
         let md = Metadata::read(images)?;
         let kdat = self.kdat.as_ref().and_then(|k| k.load().ok().flatten());
+        let log_created = crate::timings::watch_creation(&dir, "restore.log", self.timeout).ok();
+        let t0_ns = crate::timings::now_ns();
         let t0 = Instant::now();
         let restored = bare::restore(
             &self.criu,
@@ -532,11 +559,25 @@ impl Ctx {
                 Err(format!("the restored process {root} is gone"))
             }
         });
+        let log = dir.join("restore.log");
         let result = r.map(|(listen, first)| Boot {
             first_response: first,
             listen,
             rss_mib: rss_mib(root),
-            criu_ms: criu_log_span_ms(&dir.join("restore.log")),
+            criu_ms: criu_log_span_ms(&log),
+            phases: Some(
+                breakdown::Inputs {
+                    t0_ns,
+                    stamps: log_created
+                        .and_then(|rx| rx.try_recv().ok())
+                        .map(|ns| vec![(crate::timings::CRIU_LOG.to_string(), ns)])
+                        .unwrap_or_default(),
+                    criu: breakdown::criu_marks(&log),
+                    listen_ms: ms(listen),
+                    first_ms: ms(first),
+                }
+                .sample(),
+            ),
             ..Default::default()
         });
         bare::kill_tree(root);

@@ -13,6 +13,8 @@
 //! writes JSON and an SVG chart.
 
 pub mod bare;
+pub mod breakdown;
+pub mod floor;
 pub mod load;
 pub mod measure;
 pub mod report;
@@ -196,6 +198,7 @@ fn select_workloads(names: &[String]) -> Result<Vec<workloads::Workload>, BenchE
 /// failure (later steps need earlier ones' images) and returns it.
 fn one_run(
     ctx: &Ctx,
+    empty: Option<&floor::Empty>,
     wl: &workloads::Workload,
     port: u16,
     run: u32,
@@ -235,6 +238,12 @@ fn one_run(
 
     let rt = ctx.runmh_restore(&img_t, port, wl.path, &format!("trace-{tag}"), Some(wl))?;
     push(rep, RESTORE_TRACE, Some(millis(rt.first_response)));
+    let phases = |rep: &mut WorkloadReport, v: breakdown::Variant, b: &measure::Boot| {
+        if let (true, Some(p)) = (count, &b.phases) {
+            rep.breakdown.push(v, p);
+        }
+    };
+    phases(rep, breakdown::Variant::RunmhTrace, &rt);
     push(rep, RESTORE_TRACE_CRIU, rt.criu_ms);
     push(rep, RSS_RESTORED, rt.rss_mib);
     push(rep, RPS_TRACE, rt.rps);
@@ -246,6 +255,7 @@ fn one_run(
         let rn = ctx.runmh_restore(&img_n, port, wl.path, &format!("notify-{tag}"), Some(wl))?;
         push(rep, RESTORE_NOTIFY, Some(millis(rn.first_response)));
         push(rep, RESTORE_NOTIFY_CRIU, rn.criu_ms);
+        phases(rep, breakdown::Variant::RunmhNotify, &rn);
         push(rep, RPS_NOTIFY, rn.rps);
         push(rep, RPS_PLAIN_N, rn.twin_rps);
         Ok(())
@@ -255,6 +265,7 @@ fn one_run(
         push(rep, BARE, Some(millis(b.first_response)));
         push(rep, BARE_CRIU, b.criu_ms);
         push(rep, RSS_BARE, b.rss_mib);
+        phases(rep, breakdown::Variant::Bare, &b);
         Ok(())
     };
     if run % 2 == 0 {
@@ -263,6 +274,17 @@ fn one_run(
     } else {
         bare(rep)?;
         notify(rep)?;
+    }
+
+    // The floor, measured next to the restores it bounds.
+    if let Some(empty) = empty {
+        let fixed = empty.fixed_ms(ctx, &tag)?;
+        let pages = floor::image_page_bytes(&img_t) as f64 / (1024.0 * 1024.0);
+        let rate = floor::copy_ms_per_mib(floor::image_page_bytes(&img_t));
+        push(rep, FLOOR_FIXED, Some(fixed));
+        push(rep, COPY_RATE, Some(rate));
+        push(rep, PAGES_TRACE, Some(pages));
+        push(rep, FLOOR, Some(fixed + pages * rate));
     }
     Ok(())
 }
@@ -323,6 +345,14 @@ pub fn cli(args: &BenchArgs, criu: Option<&Path>, state_dir: &Path) -> Result<i3
         reports.push(WorkloadReport::new(wl.name, wl.about, free_port()?));
     }
     let mut failed = false;
+    let empty = match floor::Empty::prebake(&ctx) {
+        Ok(e) => Some(e),
+        Err(e) => {
+            eprintln!("bench: no floor: the empty payload could not be prebaked: {e}");
+            failed = true;
+            None
+        }
+    };
     for run in 0..args.warmup + args.runs {
         let count = run >= args.warmup;
         for (wl, rep) in wls.iter().zip(reports.iter_mut()) {
@@ -332,7 +362,7 @@ pub fn cli(args: &BenchArgs, criu: Option<&Path>, state_dir: &Path) -> Result<i3
                 "warm-up".into()
             };
             eprintln!("bench: {} {label}", wl.name);
-            if let Err(e) = one_run(&ctx, wl, rep.port, run, rep, count) {
+            if let Err(e) = one_run(&ctx, empty.as_ref(), wl, rep.port, run, rep, count) {
                 eprintln!("bench: {} {label}: {e}", wl.name);
                 rep.errors.push(format!("{label}: {e}"));
                 failed = true;

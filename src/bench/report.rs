@@ -47,6 +47,10 @@ kinds! {
     RPS_TRACE = "rps_trace", "steady state, restored under TRACE supervision", "req/s", false;
     RPS_NOTIFY = "rps_notify", "steady state, restored NOTIFY image (no tracer)", "req/s", false;
     RPS_PLAIN_N = "rps_plain_notify_pair", "steady state without runmh (twin of the NOTIFY run)", "req/s", false;
+    FLOOR_FIXED = "floor_fixed_ms", "floor: bare criu restore of an empty payload -> response", "ms", false;
+    COPY_RATE = "copy_ms_per_mib", "floor: memory copy into fresh pages", "ms/MiB", false;
+    PAGES_TRACE = "pages_trace_mib", "floor: memory pages in the trace image", "MiB", false;
+    FLOOR = "floor_ms", "floor: fixed cost + trace image pages at copy rate", "ms", true;
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -94,6 +98,8 @@ pub struct WorkloadReport {
     pub about: String,
     pub port: u16,
     pub series: Vec<Series>,
+    /// Where each restore's time went, phase by phase.
+    pub breakdown: super::breakdown::Breakdown,
     /// Measurements that failed, one line each.
     pub errors: Vec<String>,
 }
@@ -115,6 +121,7 @@ impl WorkloadReport {
             about: about.to_string(),
             port,
             series,
+            breakdown: Default::default(),
             errors: Vec::new(),
         }
     }
@@ -129,6 +136,7 @@ impl WorkloadReport {
         for s in &mut self.series {
             s.stats = Stats::of(&s.samples);
         }
+        self.breakdown.finish();
     }
 
     pub fn median(&self, kind: Kind) -> Option<f64> {
@@ -203,12 +211,36 @@ const TARGETS: &[TargetDef] = &[
         only: Some("django"),
     },
     TargetDef {
+        name: "cold boot / runmh restore",
+        num: COLD_RUNMH,
+        den: RESTORE_TRACE,
+        op: ">=",
+        goal: 10.0,
+        only: Some(super::workloads::HEAVY),
+    },
+    TargetDef {
+        name: "cold boot / runmh restore (moonshot)",
+        num: COLD_RUNMH,
+        den: RESTORE_TRACE,
+        op: ">=",
+        goal: 20.0,
+        only: Some(super::workloads::HEAVY),
+    },
+    TargetDef {
         name: "runmh restore / bare criu restore",
         num: RESTORE_NOTIFY,
         den: BARE,
         op: "<=",
-        goal: 1.25,
+        goal: 1.08,
         only: None,
+    },
+    TargetDef {
+        name: "runmh restore (trace) / floor",
+        num: RESTORE_TRACE,
+        den: FLOOR,
+        op: "<=",
+        goal: 2.0,
+        only: Some("django"),
     },
     TargetDef {
         name: "req/s TRACE-supervised / without runmh",
@@ -241,6 +273,13 @@ const INFO: &[(&str, Kind, Kind)] = &[
         RESTORE_NOTIFY,
     ),
     ("bare criu restore: cold boot / restore", COLD_RUNMH, BARE),
+    (
+        "runmh restore (trace) / bare criu restore",
+        RESTORE_TRACE,
+        BARE,
+    ),
+    ("runmh restore (trace) / floor", RESTORE_TRACE, FLOOR),
+    ("bare criu restore / floor", BARE, FLOOR),
 ];
 
 /// Pairs measured side by side in every run: the median of the per-run
@@ -326,7 +365,7 @@ pub struct Report {
     pub targets: Vec<Target>,
 }
 
-fn fmt_num(v: f64) -> String {
+pub(crate) fn fmt_num(v: f64) -> String {
     if v >= 1000.0 {
         format!("{v:.0}")
     } else if v >= 100.0 {
@@ -394,6 +433,11 @@ impl Report {
                 if let Some(r) = paired_median(w, *a, *b) {
                     ratio(name, r);
                 }
+            }
+            let bd = w.breakdown.table();
+            if !bd.is_empty() {
+                out.push('\n');
+                out.push_str(&bd);
             }
             for e in &w.errors {
                 let _ = writeln!(out, "error: {e}");
@@ -537,7 +581,9 @@ impl Report {
                 }
             }
             let bottom = y + kinds.len() as f64 * (bar_h + gap);
-            y = bottom + 30.0;
+            let (bd, next) = w.breakdown.svg(bottom + 22.0, left, width);
+            body.push_str(&bd);
+            y = next + 16.0;
             for t in &tg {
                 let r = t
                     .ratio
@@ -592,7 +638,7 @@ impl Report {
 }
 
 /// 1, 2 or 5 times a power of ten, at least `v`.
-fn nice_ceiling(v: f64) -> f64 {
+pub(crate) fn nice_ceiling(v: f64) -> f64 {
     let p = 10f64.powf(v.log10().floor());
     [1.0, 2.0, 2.5, 5.0, 10.0]
         .iter()
@@ -601,7 +647,7 @@ fn nice_ceiling(v: f64) -> f64 {
         .unwrap_or(10.0 * p)
 }
 
-fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -624,18 +670,38 @@ mod tests {
         w.push(RESTORE_TRACE, Some(50.0));
         w.push(RESTORE_NOTIFY, Some(60.0));
         w.push(BARE, Some(40.0));
+        w.push(FLOOR, Some(20.0));
         w.finish();
         let t = targets(&w);
-        assert_eq!(t.len(), 4);
-        assert_eq!(t[0].verdict, Verdict::Pass);
-        assert_eq!(t[0].ratio, Some(20.0));
-        assert_eq!(t[1].verdict, Verdict::Miss, "60/40 = 1.5 > 1.25");
-        assert_eq!(t[2].verdict, Verdict::NotMeasured);
+        let by = |n: &str| t.iter().find(|t| t.name == n).unwrap();
+        assert_eq!(t.len(), 5);
+        assert_eq!(by("cold boot / runmh restore").verdict, Verdict::Pass);
+        assert_eq!(by("cold boot / runmh restore").ratio, Some(20.0));
+        assert_eq!(
+            by("runmh restore / bare criu restore").verdict,
+            Verdict::Miss,
+            "60/40 = 1.5 > 1.08"
+        );
+        assert_eq!(
+            by("runmh restore (trace) / floor").verdict,
+            Verdict::Miss,
+            "50/20 = 2.5 > 2"
+        );
+        assert_eq!(
+            by("req/s TRACE-supervised / without runmh").verdict,
+            Verdict::NotMeasured
+        );
         let other = WorkloadReport::new("python", "x", 1);
         assert_eq!(
             targets(&other).len(),
             3,
-            "the cold/restore target is Django's"
+            "the cold/restore and floor targets are Django's"
+        );
+        let heavy = WorkloadReport::new(super::super::workloads::HEAVY, "x", 1);
+        assert_eq!(
+            targets(&heavy).len(),
+            5,
+            "plus cold/restore >= 10 and >= 20"
         );
         assert_eq!(nice_ceiling(430.0), 500.0);
         assert_eq!(nice_ceiling(1.2), 2.0);

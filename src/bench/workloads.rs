@@ -32,6 +32,24 @@ fn repo() -> &'static Path {
 
 const SETUP: &str = "run `bash setup/workloads.sh`";
 
+/// The heavy workload's name (its targets are its own).
+pub const HEAVY: &str = "fastapi";
+
+/// Whether `venv_python`'s venv has `package` in its site-packages.
+fn venv_has(venv_python: &Path, package: &str) -> bool {
+    venv_python
+        .parent()
+        .and_then(|b| b.parent())
+        .map(|v| v.join("lib"))
+        .is_some_and(|lib| {
+            std::fs::read_dir(lib)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| e.path().join("site-packages").join(package).is_dir())
+        })
+}
+
 /// Debian's python3 (the set-up step exports it), else /usr/bin/python3.
 fn python() -> PathBuf {
     std::env::var_os("MIEHISTO_PYTHON")
@@ -59,6 +77,8 @@ pub fn all() -> Vec<Workload> {
     let django = ex.join("django_app");
     let express = ex.join("express_app");
     let node = on_path("node");
+    let heavy = ex.join("fastapi_app");
+    let heavy_python = repo().join(".deps/venv-fastapi/bin/python");
     vec![
         Workload {
             name: "python",
@@ -88,18 +108,7 @@ pub fn all() -> Vec<Workload> {
             cwd: django.clone(),
             path: "/health",
             missing: need(&venv_python, "the Django venv").or_else(|| {
-                let ok = venv_python
-                    .parent()
-                    .and_then(|b| b.parent())
-                    .map(|v| v.join("lib"))
-                    .is_some_and(|lib| {
-                        std::fs::read_dir(lib)
-                            .into_iter()
-                            .flatten()
-                            .flatten()
-                            .any(|e| e.path().join("site-packages/django").is_dir())
-                    });
-                (!ok).then(|| {
+                (!venv_has(&venv_python, "django")).then(|| {
                     format!(
                         "Django is not installed in {}; {SETUP}",
                         venv_python.display()
@@ -124,6 +133,24 @@ pub fn all() -> Vec<Workload> {
                 None => Some(format!("node is not on PATH; {SETUP}")),
                 Some(_) => need(&express.join("node_modules/express"), "Express"),
             },
+        },
+        Workload {
+            name: HEAVY,
+            about: "FastAPI + pydantic service on uvicorn building a 200k-row pandas/numpy catalogue at boot (examples/fastapi_app)",
+            argv: vec![
+                heavy_python.display().to_string(),
+                heavy.join("app.py").display().to_string(),
+                "--port".into(),
+                "{port}".into(),
+            ],
+            cwd: heavy.clone(),
+            path: "/health",
+            missing: need(&heavy_python, "the FastAPI venv").or_else(|| {
+                ["fastapi", "pandas", "numpy", "uvicorn"]
+                    .iter()
+                    .find(|p| !venv_has(&heavy_python, p))
+                    .map(|p| format!("{p} is not installed in {}; {SETUP}", heavy_python.display()))
+            }),
         },
     ]
 }

@@ -121,6 +121,9 @@ enum Cmd {
         no_reseize: bool,
         #[arg(long, default_value_t = 5, value_name = "SECS")]
         stop_timeout: u64,
+        /// Benchmarks: append phase stamps (CLOCK_MONOTONIC ns) to FILE.
+        #[arg(long, hide = true, value_name = "FILE")]
+        timings: Option<PathBuf>,
     },
     /// Internal: the process CRIU execs after a restore.
     #[command(name = "__supervise", hide = true)]
@@ -133,6 +136,8 @@ enum Cmd {
         no_reseize: bool,
         #[arg(long, default_value_t = 5)]
         stop_timeout: u64,
+        #[arg(long)]
+        timings: Option<PathBuf>,
     },
 }
 
@@ -387,6 +392,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             detach,
             no_reseize,
             stop_timeout,
+            timings,
         } => {
             require_root()?;
             // Cached version: `criu --version` would delay every restore by ~10 ms.
@@ -397,6 +403,7 @@ fn real_main(cli: Cli) -> Result<i32> {
                 state_dir,
                 reseize: !no_reseize,
                 stop_timeout: Duration::from_secs(stop_timeout),
+                timings,
             };
             let r = restore::restore(&criu, &opts)?;
             report_running(&r.instance.id, r.supervisor, r.root);
@@ -417,12 +424,14 @@ fn real_main(cli: Cli) -> Result<i32> {
             ready_fd,
             no_reseize,
             stop_timeout,
+            timings,
         } => {
             let outcome = restore::supervise_restored(
                 &instance,
                 ready_fd,
                 !no_reseize,
                 Duration::from_secs(stop_timeout),
+                timings.as_deref(),
             )?;
             Ok(outcome.exit_code())
         }

@@ -268,6 +268,7 @@ pub fn restore_and_watch(
                 state_dir: state_dir.to_path_buf(),
                 reseize,
                 stop_timeout: Duration::from_secs(2),
+                timings: None,
             };
             restore::restore(criu, &opts).map(|r| {
                 w.restore_ms = Some(crate::sys::time::millis(r.took));
