@@ -5,6 +5,8 @@
 #     .deps/venv, made with Debian's /usr/bin/python3 -m venv (python3-venv is
 #     installed with apt when missing): the sandbox sees the host's / as is,
 #     and a Debian interpreter is the same one on every machine of this kind.
+#   * The heavy workload, FastAPI + pandas/numpy (examples/fastapi_app/
+#     requirements.txt), into its own venv .deps/venv-fastapi.
 #   * Express (examples/express_app/package-lock.json) into
 #     examples/express_app/node_modules (git-ignored) with `npm ci`.
 #
@@ -22,6 +24,7 @@ DEPS="$REPO_ROOT/.deps"
 VENV="$DEPS/venv"
 DJANGO_REQS="$REPO_ROOT/examples/django_app/requirements.txt"
 EXPRESS_DIR="$REPO_ROOT/examples/express_app"
+FASTAPI_REQS="$REPO_ROOT/examples/fastapi_app/requirements.txt"
 
 log() { printf 'workloads.sh: %s\n' "$*" >&2; }
 die() { printf 'workloads.sh: error: %s\n' "$*" >&2; exit 1; }
@@ -70,6 +73,34 @@ django() {
     log "django: installed ($("$VENV/bin/python" -c 'import django; print(django.get_version())'))"
 }
 
+# ------------------------------------------------------ FastAPI (heavy) --
+# The heavy workload: FastAPI, pydantic, uvicorn, numpy and pandas, pinned,
+# as binary wheels (no compiler run: the install stays well under a minute)
+# into a venv of its own, .deps/venv-fastapi, so its packages never change
+# the Django workload's.
+fastapi_app() {
+    local venv="$DEPS/venv-fastapi" stamp want
+    stamp="$venv/.miehisto-requirements.sha256"
+    want=$(hash_of "$FASTAPI_REQS" /usr/bin/python3)
+    if [[ -x $venv/bin/python && -f $stamp && $(cat "$stamp") == "$want" ]]; then
+        log "fastapi: up to date in $venv"
+        return 0
+    fi
+    if ! /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null; then
+        apt_install python3-venv
+    fi
+    rm -rf -- "$venv"
+    log "fastapi: creating $venv with /usr/bin/python3 -m venv"
+    /usr/bin/python3 -m venv "$venv"
+    log "fastapi: pip install -r ${FASTAPI_REQS#"$REPO_ROOT"/}"
+    "$venv/bin/python" -m pip install -q --no-input --only-binary=:all: -r "$FASTAPI_REQS" >&2 ||
+        die "pip could not install the FastAPI workload into $venv; check the network and pip's configuration, then re-run"
+    "$venv/bin/python" -c 'import fastapi, uvicorn, pandas, numpy' ||
+        die "the FastAPI workload does not import from $venv"
+    printf '%s\n' "$want" >"$stamp"
+    log "fastapi: installed ($("$venv/bin/python" -c 'import fastapi, pandas; print("fastapi", fastapi.__version__, "pandas", pandas.__version__)'))"
+}
+
 # ----------------------------------------------------------------- Express --
 express() {
     local stamp="$EXPRESS_DIR/node_modules/.miehisto-lock.sha256" want
@@ -89,4 +120,5 @@ express() {
 }
 
 django
+fastapi_app
 express
