@@ -21,6 +21,15 @@
  *                           kill(getpid(), SIGSTOP) instead of the marker,
  *                           to show that PID 1 of a PID namespace ignores it
  *   MIEHISTO_PRELOAD_QUIET  "1" silences the stderr line
+ *   MIEHISTO_PRELOAD_TRIM   "0" keeps malloc's free memory (see below)
+ *
+ * Right before the marker, malloc_trim(0) hands malloc's free memory back
+ * to the kernel: glibc shrinks each arena's top and madvise(MADV_DONTNEED)s
+ * the whole free pages inside it. Those pages hold nothing the program can
+ * reach, yet CRIU would dump them (they are present) and copy them back on
+ * every restore; trimmed, they are neither in the image nor restored, and
+ * the kernel supplies a fresh page when malloc reuses that memory. What the
+ * program computes is unchanged.
  *
  * When the stop fires, one line goes to stderr (fd 2, write(2), no stdio):
  *   miehisto-preload: marker sig=N before listen ret=R errno=E
@@ -32,6 +41,7 @@
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
+#include <malloc.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -138,6 +148,9 @@ static void maybe_stop(const char *fn)
         sa.sa_handler = SIG_IGN;
         sigemptyset(&sa.sa_mask);
         (void)sigaction(sig, &sa, NULL);
+        const char *trim = getenv("MIEHISTO_PRELOAD_TRIM");
+        if (!trim || strcmp(trim, "0") != 0)
+            (void)malloc_trim(0);
         /* The marker: trapped by the seccomp NOTIFY filter. Its result is
          * deliberately ignored (ENOSYS after a restore). */
         ret = syscall(SYS_kill, (long)getpid(), (long)sig);
