@@ -20,6 +20,7 @@ fn args(workloads: &[&str]) -> BenchArgs {
         runmh: Some(common::runmh()),
         timeout: 60,
         keep: false,
+        prebake_env: Vec::new(),
     }
 }
 

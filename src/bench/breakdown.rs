@@ -200,7 +200,9 @@ impl Inputs {
             .into_iter()
             .map(|(phase, at)| match at {
                 Some(t) if t.is_finite() => {
-                    let t = t.max(prev);
+                    // What happens after the first response (a supervisor
+                    // still reporting ready) is off the critical path.
+                    let t = t.min(self.first_ms).max(prev);
                     let d = t - prev;
                     prev = t;
                     (phase.key, Some(d))
@@ -468,11 +470,20 @@ mod tests {
                 (timings::RESUMED.into(), t0 + ms(31.0)),
                 (timings::READY.into(), t0 + ms(32.0)),
             ],
-            criu: Some(m),
+            criu: Some(m.clone()),
             // Listened before "ready": that phase adds nothing.
             listen_ms: 31.5,
             first_ms: 33.0,
         };
+        let late = Inputs {
+            first_ms: 31.7,
+            ..inp.clone()
+        };
+        let total: f64 = late.sample().iter().filter_map(|(_, d)| *d).sum();
+        assert!(
+            (total - 31.7).abs() < 1e-9,
+            "ready after the response: {total}"
+        );
         let s = inp.sample();
         assert_eq!(s.len(), PHASES.len());
         let total: f64 = s.iter().filter_map(|(_, d)| *d).sum();

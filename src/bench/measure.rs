@@ -34,6 +34,8 @@ pub struct Ctx {
     /// Seconds of steady-state load; 0 skips it.
     pub load_secs: u64,
     pub kdat: Option<KdatCache>,
+    /// `K=V` pairs given to every `runmh prebake` as `-e`.
+    pub prebake_env: Vec<String>,
 }
 
 /// A server that came up.
@@ -394,6 +396,9 @@ impl Ctx {
             .arg(images);
         cmd.arg("--timeout")
             .arg(self.timeout.as_secs().max(1).to_string());
+        for kv in &self.prebake_env {
+            cmd.arg("-e").arg(kv);
+        }
         cmd.arg("--log-dir")
             .arg(&logs)
             .arg("-C")

@@ -57,6 +57,10 @@ pub struct BenchArgs {
     /// Keep the scratch directory (logs, images) for inspection.
     #[arg(long)]
     pub keep: bool,
+    /// Environment for the prebaked services (`runmh prebake -e`), e.g.
+    /// MIEHISTO_PRELOAD_TRIM=0 to measure images without the preload's trim.
+    #[arg(long = "prebake-env", value_name = "K=V")]
+    pub prebake_env: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -330,6 +334,7 @@ pub fn cli(args: &BenchArgs, criu: Option<&Path>, state_dir: &Path) -> Result<i3
         timeout: Duration::from_secs(args.timeout.max(1)),
         load_secs: args.load_secs,
         kdat: kdat_cache,
+        prebake_env: args.prebake_env.clone(),
     };
     eprintln!(
         "bench: {} with {} (CRIU {}), {} warm-up + {} run(s); scratch in {}",
