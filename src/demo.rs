@@ -159,6 +159,28 @@ fn prebake_opts(
     })
 }
 
+/// Restores through runmh (re-seizing a TRACE image's tasks when
+/// `reseize`) and watches the service `spec` describes.
+fn watch_restore(
+    criu: &Criu,
+    images: &Path,
+    state_dir: &Path,
+    spec: &SandboxSpec,
+    reseize: bool,
+    port: u16,
+    wait: Duration,
+) -> Watched {
+    xrun::restore_and_watch(
+        criu,
+        images,
+        xrun::Via::Runmh { state_dir, reseize },
+        &spec.stdout_log(),
+        &spec.stderr_log(),
+        port,
+        wait,
+    )
+}
+
 fn listen_words(w: &Watched) -> String {
     match &w.listen {
         Some((r, l)) => format!("{} — the payload's own line: {l}", r.render()),
@@ -340,15 +362,12 @@ fn story(
 
     headline(3, STEPS, "restore it, and time it");
     explain::say("plan", "bring the image back with criu restore; runmh becomes the restored server's parent, gets it past its stop point, and we time it until it answers HTTP");
-    let w = xrun::restore_and_watch(
+    let w = watch_restore(
         criu,
         &images,
-        xrun::Via::Runmh {
-            state_dir,
-            reseize: true,
-        },
-        &baked_spec.stdout_log(),
-        &baked_spec.stderr_log(),
+        state_dir,
+        &baked_spec,
+        true,
         port,
         Duration::from_secs(30),
     );
@@ -377,15 +396,12 @@ fn story(
                 "plan",
                 "the same image, restored the way the 2018 attempt ended up: resumed with a plain SIGCONT and no tracer attached",
             );
-            xrun::restore_and_watch(
+            watch_restore(
                 criu,
                 &images,
-                xrun::Via::Runmh {
-                    state_dir,
-                    reseize: false,
-                },
-                &baked_spec.stdout_log(),
-                &baked_spec.stderr_log(),
+                state_dir,
+                &baked_spec,
+                false,
                 port,
                 Duration::from_secs(10),
             )
@@ -411,15 +427,12 @@ fn story(
                 source,
             })?;
             line("dumped fine, as in the talk; now the restore:");
-            let w = xrun::restore_and_watch(
+            let w = watch_restore(
                 criu,
                 &direct_images,
-                xrun::Via::Runmh {
-                    state_dir,
-                    reseize: true,
-                },
-                &direct_spec.stdout_log(),
-                &direct_spec.stderr_log(),
+                state_dir,
+                &direct_spec,
+                true,
                 port,
                 Duration::from_secs(10),
             );
@@ -447,15 +460,12 @@ fn story(
         DemoBackend::Notify => "NOTIFY: trap only a harmless marker, kill(self, SIGRTMAX) with SIGRTMAX ignored, sent by an LD_PRELOAD wrapper of listen; after the restore the marker gets ENOSYS, the wrapper ignores it, and the real listen runs",
     };
     line(fix);
-    let w = xrun::restore_and_watch(
+    let w = watch_restore(
         criu,
         &images,
-        xrun::Via::Runmh {
-            state_dir,
-            reseize: true,
-        },
-        &baked_spec.stdout_log(),
-        &baked_spec.stderr_log(),
+        state_dir,
+        &baked_spec,
+        true,
         port,
         Duration::from_secs(30),
     );
