@@ -284,21 +284,32 @@ pub fn exit_now(code: libc::c_int) -> ! {
 #[allow(clippy::cast_possible_truncation)]
 const RAW_FD_SIZE: libc::c_uint = std::mem::size_of::<RawFd>() as libc::c_uint;
 
+/// The control buffer of an SCM_RIGHTS message with one fd: a stack
+/// array; CMSG_SPACE of an int is 24 on x86_64, and 64 leaves room on
+/// every ABI.
+type FdControl = [u64; 8];
+
+/// A message header for one data byte (`iov`) and the control buffer
+/// `cbuf`; the pointers it holds are valid while both are.
+fn one_fd_msghdr(iov: &mut libc::iovec, cbuf: &mut FdControl) -> libc::msghdr {
+    // SAFETY: msghdr is plain data; zeroed is a valid initial state.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(cbuf);
+    msg
+}
+
 /// Async-signal-safe `sendmsg(2)` of one fd with SCM_RIGHTS over a socket.
 pub fn send_fd(sock: RawFd, fd: RawFd) -> SysResult<()> {
-    // The control buffer is a stack array sized for one fd; CMSG_SPACE of
-    // an int is 24 on x86_64, and 64 leaves room on every ABI.
-    let mut cbuf = [0u64; 8];
+    let mut cbuf: FdControl = [0; 8];
     let mut byte = [b'F'];
     let mut iov = libc::iovec {
         iov_base: byte.as_mut_ptr().cast(),
         iov_len: 1,
     };
-    // SAFETY: msghdr is plain data; zeroed is a valid initial state.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
+    let mut msg = one_fd_msghdr(&mut iov, &mut cbuf);
     // SAFETY: CMSG_SPACE is a pure computation.
     msg.msg_controllen = unsafe { libc::CMSG_SPACE(RAW_FD_SIZE) } as usize;
     // SAFETY: msg_control points at cbuf, which is large enough for one
@@ -324,18 +335,13 @@ pub fn send_fd(sock: RawFd, fd: RawFd) -> SysResult<()> {
 /// Receives one fd sent with [`send_fd`]; `Ok(None)` on orderly EOF.
 pub fn recv_fd(sock: RawFd) -> SysResult<Option<std::os::fd::OwnedFd>> {
     use std::os::fd::FromRawFd;
-    let mut cbuf = [0u64; 8];
+    let mut cbuf: FdControl = [0; 8];
     let mut byte = [0u8];
     let mut iov = libc::iovec {
         iov_base: byte.as_mut_ptr().cast(),
         iov_len: 1,
     };
-    // SAFETY: msghdr is plain data; zeroed is a valid initial state.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&cbuf);
+    let mut msg = one_fd_msghdr(&mut iov, &mut cbuf);
     let n = loop {
         // SAFETY: msg points at stack buffers that outlive the call.
         let r = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
