@@ -6,6 +6,7 @@ use crate::criu::{Criu, CriuError, DumpArgs};
 use crate::explain;
 use crate::images::{self, BackendRecord, Metadata, Staged, StopRecord, StoreError};
 use crate::instance::{Instance, InstanceError};
+use crate::migrate::DumpExtra;
 use crate::sandbox::ExternalMount;
 use crate::spec::SandboxSpec;
 use crate::stop::tracer::Tracer;
@@ -46,6 +47,27 @@ pub fn criu_dump(
     leave_running: bool,
     tracer: Option<&Tracer>,
 ) -> Result<Duration, CriuError> {
+    criu_dump_with(
+        criu,
+        pid,
+        staged,
+        externals,
+        leave_running,
+        tracer,
+        &DumpExtra::default(),
+    )
+}
+
+/// [`criu_dump`] with a migration's options (page server, leave stopped).
+pub fn criu_dump_with(
+    criu: &Criu,
+    pid: i32,
+    staged: &Staged,
+    externals: &[ExternalMount],
+    leave_running: bool,
+    tracer: Option<&Tracer>,
+    extra: &DumpExtra,
+) -> Result<Duration, CriuError> {
     let args = DumpArgs {
         pid,
         images_dir: staged.dir.clone(),
@@ -54,7 +76,8 @@ pub fn criu_dump(
         externals: externals.to_vec(),
         leave_running,
     };
-    let argv = args.argv();
+    let mut argv = args.argv();
+    argv.extend(extra.argv());
     explain::say("criu", "the dump command line; CRIU seizes every task with PTRACE_SEIZE + PTRACE_INTERRUPT, so no other tracer may hold them:");
     explain::block(&crate::criu::argv::shell_words(&criu.path, &argv));
     let mut cmd = criu.command();
@@ -133,31 +156,56 @@ pub fn dump_instance(
     images: &Path,
     leave_running: bool,
 ) -> Result<Dumped, DumpError> {
+    dump_instance_with(
+        criu,
+        state_dir,
+        pid,
+        images,
+        leave_running,
+        &DumpExtra::default(),
+    )
+}
+
+/// [`dump_instance`] for a migration. With `extra.leave_stopped` the tree
+/// stays stopped and let go by its supervisor after a successful dump;
+/// whoever migrates it then sends the supervisor `Thaw` (alive to resume
+/// it, not alive before killing it).
+pub fn dump_instance_with(
+    criu: &Criu,
+    state_dir: &Path,
+    pid: i32,
+    images: &Path,
+    leave_running: bool,
+    extra: &DumpExtra,
+) -> Result<Dumped, DumpError> {
     let (inst, rec) = Instance::find_by_pid(state_dir, pid)?;
     let staged = Staged::new(images)?;
     let sock = inst.control_socket();
     let timeout = Duration::from_secs(30);
     control::call(&sock, &Request::Freeze, timeout)
         .map_err(|source| DumpError::Control { pid, source })?;
-    let result = criu_dump(
+    let result = criu_dump_with(
         criu,
         rec.root_pid,
         &staged,
         &rec.externals,
         leave_running,
         None,
+        extra,
     );
     // CRIU leaves the tree running when a dump fails.
     let alive = leave_running || result.is_err();
-    let thaw = control::call(&sock, &Request::Thaw { alive }, timeout);
-    let took = result?;
-    match thaw {
-        Err(e) if alive => {
-            log::warn!("the supervisor did not take the tree back after the dump: {e}")
+    if result.is_err() || !extra.leave_stopped {
+        let thaw = control::call(&sock, &Request::Thaw { alive }, timeout);
+        match thaw {
+            Err(e) if alive => {
+                log::warn!("the supervisor did not take the tree back after the dump: {e}")
+            }
+            // After a killing dump the supervisor may already be gone.
+            _ => {}
         }
-        // After a killing dump the supervisor may already be gone.
-        _ => {}
     }
+    let took = result?;
     Ok(publish(
         staged,
         DumpFacts {

@@ -6,7 +6,8 @@
 //! The modules follow the data's path:
 //! [`spec`] → [`filter`] → [`sandbox`] → [`stop`] → [`criu`] → [`images`] →
 //! [`supervisor`] → [`daemon`]; [`prebake`], [`dump`] and [`restore`] are
-//! the flows that string them together, [`sys`] is the ground they all
+//! the flows that string them together, [`migrate`] is the CRIU side of
+//! live migration, [`sys`] is the ground they all
 //! stand on. They form layers with no import cycle (`tests/layers.rs`
 //! checks it; the README's Layout table lists them layer by layer).
 
@@ -31,6 +32,7 @@ pub mod explain;
 pub mod filter;
 pub mod images;
 pub mod instance;
+pub mod migrate;
 pub mod prebake;
 pub mod restore;
 pub mod sandbox;

@@ -21,6 +21,7 @@ fn args(workloads: &[&str]) -> BenchArgs {
         timeout: 60,
         keep: false,
         prebake_env: Vec::new(),
+        migrate: false,
     }
 }
 

@@ -209,3 +209,184 @@ fn mhctl_host_ssh_round_trip() {
     );
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
 }
+
+/// The count in the payload's `requests=N` answer.
+fn requests_of(body: &str) -> u64 {
+    body.split_whitespace()
+        .find_map(|w| w.strip_prefix("requests="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no requests=N in {body:?}"))
+}
+
+/// A's daemon, ssh settings for B: `mhctl service migrate NAME --to B ...`.
+fn migrate_cmd(hosts: &TwoHosts, name: &str, extra: &[&str]) -> std::process::Output {
+    hosts
+        .mhctl_a_ssh()
+        .arg("--socket")
+        .arg(&hosts.a.socket)
+        .args(["service", "migrate", name, "--to", &hosts.b_url()])
+        .args(extra)
+        .output()
+        .expect("run mhctl service migrate")
+}
+
+/// Creates `web` on A listening on `bind`, prebakes it, starts it from
+/// the image and sends it three requests; returns its pid.
+fn running_on_a(hosts: &TwoHosts, bind: &str) -> i64 {
+    create_python(&hosts.a, "web", bind);
+    hosts.a.ok(&["service", "prebake", "web"]);
+    hosts.a.ok(&["service", "start", "web"]);
+    for _ in 0..3 {
+        hosts
+            .a
+            .wait_http(ADDR_A, PORT, Duration::from_secs(10))
+            .unwrap();
+    }
+    let s = hosts.a.service("web").unwrap();
+    assert_eq!(s["state"], "running", "{s}");
+    s["pid"].as_i64().expect("pid")
+}
+
+/// Live migration of a running service: its pages go from A's dump
+/// straight to a page server on B, B restores it and answers on B's
+/// address with the state it had on A (the request counter goes on), and
+/// only then is A's copy gone. The downtime is printed.
+#[test]
+fn service_migrate_moves_a_running_service_to_b() {
+    if !prerequisites("service_migrate_moves_a_running_service_to_b") {
+        return;
+    }
+    let _l = common::lock();
+    let mut hosts = TwoHosts::new();
+    hosts.start_daemons();
+    hosts.start_sshd();
+    let pid_a = running_on_a(&hosts, "0.0.0.0");
+    let before = requests_of(
+        &hosts
+            .a
+            .wait_http(ADDR_A, PORT, Duration::from_secs(5))
+            .unwrap(),
+    );
+    let out = migrate_cmd(&hosts, "web", &["--probe-port", &PORT.to_string()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "migrate failed ({}): {stdout}{}\ndaemon a: {}\ndaemon b: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        common::read(&hosts.a.daemon_log()),
+        common::read(&hosts.b.daemon_log())
+    );
+    println!("{stdout}");
+    let downtime: u64 = stdout
+        .split("downtime ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no downtime printed: {stdout}"));
+    assert!(downtime > 0, "{stdout}");
+    assert!(stdout.contains("first answer at"), "{stdout}");
+    // B runs it, from a new generation, and it kept its memory.
+    let b = hosts.b.service("web").expect("web on B");
+    assert_eq!(b["state"], "running", "{b}");
+    assert_eq!(b["started_from"], "restored", "{b}");
+    let body = hosts
+        .a
+        .wait_http(ADDR_B, PORT, Duration::from_secs(5))
+        .unwrap();
+    // One more than A served: mhctl's probe, the first answer on B.
+    assert_eq!(requests_of(&body), before + 2, "{body}");
+    // A's copy is gone, and A says where it went.
+    let a = hosts.a.service("web").expect("web still known on A");
+    assert_eq!(a["state"], "stopped", "{a}");
+    assert!(
+        a["last_exit"]
+            .as_str()
+            .unwrap_or("")
+            .contains("migrated to ssh://"),
+        "{a}"
+    );
+    let pid_a = i32::try_from(pid_a).unwrap();
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid_a}/ns/net")).exists(),
+        "A's copy (pid {pid_a}) still runs"
+    );
+    assert!(
+        hosts.a.http_get(ADDR_A, PORT, "/").is_err(),
+        "A still answers"
+    );
+}
+
+/// A migration whose restore on B fails (the service listens on A's own
+/// address, which B does not have, so CRIU cannot bind its socket there)
+/// leaves A's copy running and answering, with its state, and says why.
+#[test]
+fn failed_restore_on_b_leaves_a_running_and_answering() {
+    if !prerequisites("failed_restore_on_b_leaves_a_running_and_answering") {
+        return;
+    }
+    let _l = common::lock();
+    let mut hosts = TwoHosts::new();
+    hosts.start_daemons();
+    hosts.start_sshd();
+    let pid_a = running_on_a(&hosts, &ADDR_A.to_string());
+    let before = requests_of(
+        &hosts
+            .a
+            .wait_http(ADDR_A, PORT, Duration::from_secs(5))
+            .unwrap(),
+    );
+    let out = migrate_cmd(&hosts, "web", &["--probe-port", &PORT.to_string()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the migration should fail: {err}");
+    assert!(
+        err.contains("the restore on ssh://") && err.contains("runs on the source again"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    let a = hosts.a.service("web").unwrap();
+    assert_eq!(a["state"], "running", "{a}");
+    assert_eq!(a["pid"].as_i64(), Some(pid_a), "{a}");
+    let body = hosts
+        .a
+        .wait_http(ADDR_A, PORT, Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(requests_of(&body), before + 1, "{body}");
+    let b = hosts.b.service("web").expect("created on B");
+    assert_eq!(b["state"], "stopped", "{b}");
+    // Once more: A's copy still migrates out and back in (the supervisor
+    // took it back whole).
+    hosts.a.ok(&["service", "dump", "web", "--leave-running"]);
+    hosts
+        .a
+        .wait_http(ADDR_A, PORT, Duration::from_secs(10))
+        .unwrap();
+}
+
+/// `--pre-dump` needs the kernel's memory dirty tracking: here it is
+/// refused with CRIU's reason before anything is dumped (when the kernel
+/// has it, the refusal says the iterations are not built yet).
+#[test]
+fn pre_dump_is_refused_with_a_reason_and_nothing_moves() {
+    if !prerequisites("pre_dump_is_refused_with_a_reason_and_nothing_moves") {
+        return;
+    }
+    let _l = common::lock();
+    let mut hosts = TwoHosts::new();
+    hosts.start_daemons();
+    hosts.start_sshd();
+    let pid_a = running_on_a(&hosts, "0.0.0.0");
+    let out = migrate_cmd(&hosts, "web", &["--pre-dump", "2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("pre-dump"), "{err}");
+    let a = hosts.a.service("web").unwrap();
+    assert_eq!(a["pid"].as_i64(), Some(pid_a), "{a}");
+    hosts
+        .a
+        .wait_http(ADDR_A, PORT, Duration::from_secs(10))
+        .unwrap();
+    let b = hosts.b.service("web").expect("created on B");
+    assert_eq!(b["state"], "stopped", "{b}");
+    assert_eq!(b["images"], 0, "a half-received image was kept: {b}");
+}

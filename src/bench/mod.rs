@@ -17,6 +17,7 @@ pub mod breakdown;
 pub mod floor;
 pub mod load;
 pub mod measure;
+pub mod migrate;
 pub mod report;
 pub mod workloads;
 
@@ -61,6 +62,10 @@ pub struct BenchArgs {
     /// MIEHISTO_PRELOAD_TRIM=0 to measure images without the preload's trim.
     #[arg(long = "prebake-env", value_name = "K=V")]
     pub prebake_env: Vec<String>,
+    /// Measure live-migration downtime between two hosts made of network
+    /// namespaces, against a local restore (default workload: django).
+    #[arg(long)]
+    pub migrate: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -301,6 +306,19 @@ pub fn cli(args: &BenchArgs, criu: Option<&Path>, state_dir: &Path) -> Result<i3
     }
     if args.runs == 0 {
         return Err(BenchError::NoRuns);
+    }
+    if args.migrate {
+        let names = if args.workload.is_empty() {
+            vec!["django".to_string()]
+        } else {
+            args.workload.clone()
+        };
+        let criu = Criu::discover(criu)?;
+        let mut code = 0;
+        for w in select_workloads(&names)? {
+            code = code.max(migrate::run_bench(args, &criu, &w)?);
+        }
+        return Ok(code);
     }
     let wls = select_workloads(&args.workload)?;
     let runmh = find_runmh(args.runmh.as_deref())?;

@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use miehisto::daemon::api::{self, ImageInfo, Reply, Request, ServiceInfo, ServiceState};
 use miehisto::daemon::client::Client;
+use miehisto::daemon::migrate;
 use miehisto::daemon::remote::{self, DaemonAddr, SshOptions};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -128,6 +129,28 @@ enum ServiceCmd {
         /// Keep the service running after the dump.
         #[arg(long)]
         leave_running: bool,
+    },
+    /// Move the running service to another host's daemon (live migration:
+    /// pages streamed by CRIU's page server; this copy stops only once the
+    /// other answers, and is resumed if it does not).
+    Migrate {
+        name: String,
+        /// The destination daemon: ssh://[USER@]HOST[:PORT][/SOCKET].
+        #[arg(long, value_name = "URL")]
+        to: String,
+        /// The destination's address as this host reaches it (default: the
+        /// ssh host of --to); its page server listens there.
+        #[arg(long, value_name = "ADDR")]
+        address: Option<String>,
+        /// Count downtime to the first HTTP answer on ADDR:PORT (else to
+        /// the restore), and resume here if none comes.
+        #[arg(long, value_name = "PORT")]
+        probe_port: Option<u16>,
+        #[arg(long, value_name = "PATH", default_value = "/")]
+        probe_path: String,
+        /// CRIU pre-dump iterations with memory tracking first.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        pre_dump: u32,
     },
     /// Stop the running service.
     Stop { name: String },
@@ -370,6 +393,18 @@ fn service(client: &Client, cmd: ServiceCmd, json: bool) -> Result<i32> {
             with_progress(&format!("stopping {name}"), || client.call(&req))?
         }
         ServiceCmd::Delete { name } => client.call(&Request::ServiceDelete(api::Named { name }))?,
+        ServiceCmd::Migrate {
+            name,
+            to,
+            address,
+            probe_port,
+            probe_path,
+            pre_dump,
+        } => {
+            return migrate_cmd(
+                client, name, &to, address, probe_port, probe_path, pre_dump, json,
+            )
+        }
         ServiceCmd::List => client.call(&Request::ServiceList)?,
         ServiceCmd::Logs { name, follow, tail } => return logs(client, name, follow, tail, json),
     };
@@ -384,6 +419,56 @@ fn service(client: &Client, cmd: ServiceCmd, json: bool) -> Result<i32> {
         Reply::Done { message } => println!("{message}"),
         other => print_json(&other)?,
     }
+    Ok(0)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn migrate_cmd(
+    client: &Client,
+    name: String,
+    to: &str,
+    address: Option<String>,
+    probe_port: Option<u16>,
+    probe_path: String,
+    pre_dump: u32,
+    json: bool,
+) -> Result<i32> {
+    let dst_addr = DaemonAddr::parse(to).context("--to")?;
+    let address = match (&address, &dst_addr) {
+        (Some(a), _) => a.clone(),
+        (None, DaemonAddr::Ssh(t)) => t.host().to_string(),
+        (None, DaemonAddr::Unix(_)) => {
+            bail!("--to {to} is a local socket: give --address, the destination's address as this host reaches it")
+        }
+    };
+    let dst = Client::at(dst_addr, SshOptions::from_env());
+    let req = migrate::MigrateRequest {
+        name: name.clone(),
+        pre_dump,
+        address,
+        probe: probe_port.map(|p| (p, probe_path)),
+        probe_timeout: Duration::from_secs(15),
+    };
+    let r = with_progress(&format!("migrating {name}"), || {
+        migrate::migrate(client, &dst, &req)
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(0);
+    }
+    let answered = match r.answered_ms {
+        Some(ms) => format!(", first answer at {ms} ms"),
+        None => String::new(),
+    };
+    println!("migrated {name} to {to}: {}", describe_service(&r.service));
+    println!(
+        "downtime {} ms (dump with pages streamed {} ms, {} files / {} copied, restored at {} ms{answered})",
+        r.downtime_ms(),
+        r.dump_ms,
+        r.files,
+        human_bytes(r.bytes),
+        r.restored_ms
+    );
     Ok(0)
 }
 

@@ -108,6 +108,13 @@ enum Cmd {
         images: PathBuf,
         #[arg(long)]
         leave_running: bool,
+        /// Send the pages to `criu page-server` at ADDR:PORT (live migration).
+        #[arg(long, value_name = "ADDR:PORT")]
+        page_server: Option<String>,
+        /// Leave the tree stopped (and let go) after the dump, for whoever
+        /// migrates it to kill or resume through its supervisor.
+        #[arg(long, conflicts_with = "leave_running")]
+        leave_stopped: bool,
     },
     /// Restore an image; runmh becomes the restored tree's parent.
     Restore {
@@ -367,10 +374,30 @@ fn real_main(cli: Cli) -> Result<i32> {
             pid,
             images,
             leave_running,
+            page_server,
+            leave_stopped,
         } => {
             require_root()?;
             let criu = Criu::discover(cli.criu.as_deref())?;
-            let d = dump::dump_instance(&criu, &state_dir, pid, &images, leave_running)?;
+            let page_server = match page_server {
+                None => None,
+                Some(s) => {
+                    let (address, port) = s
+                        .rsplit_once(':')
+                        .and_then(|(a, p)| Some((a.to_string(), p.parse::<u16>().ok()?)))
+                        .filter(|(a, p)| !a.is_empty() && *p > 0)
+                        .with_context(|| {
+                            format!("--page-server {s:?}: write ADDR:PORT, e.g. 192.0.2.2:4000")
+                        })?;
+                    Some(miehisto::migrate::PageServerTarget { address, port })
+                }
+            };
+            let extra = miehisto::migrate::DumpExtra {
+                page_server,
+                leave_stopped,
+            };
+            let d =
+                dump::dump_instance_with(&criu, &state_dir, pid, &images, leave_running, &extra)?;
             report(StepReport::Published {
                 image: d.image.clone(),
             });

@@ -185,7 +185,7 @@ impl Criu {
     }
 
     /// Where [`Criu::discover`] finds CRIU, unchecked.
-    fn locate(explicit: Option<&Path>) -> Result<PathBuf, CriuError> {
+    pub fn locate(explicit: Option<&Path>) -> Result<PathBuf, CriuError> {
         let mut looked = Vec::new();
         let candidate = if let Some(p) = explicit {
             Some(p.to_path_buf())

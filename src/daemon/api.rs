@@ -28,6 +28,16 @@
 //! | `image.list`      | `name` (optional)                                             | `images`        |
 //! | `image.inspect`   | `name`, `generation` (optional: newest)                       | `image_detail`  |
 //! | `image.rm`        | `name`, `generation`                                          | `done`          |
+//! | `migrate.receive` | `service` {as `service.create`}, `address`                    | `migrate_listening`, then a session (below) |
+//! | `service.migrate_out` | `name`, `address`, `port`                                 | `migrate_chunk`… `migrate_dumped`, then a session |
+//!
+//! The two migration operations open a session on their connection: the
+//! destination takes `migrate.chunk` (`file`, `offset`, `data` base64,
+//! answered `done`) and one `migrate.restore` (answered `service`); the
+//! source takes one `migrate.finish` (`moved`, `to`; answered `service`).
+//! A session whose connection closes early is rolled back: the
+//! destination forgets the half-received image, the source resumes the
+//! stopped service.
 //!
 //! Unknown fields are refused, so a typo is an error, not a silent default.
 //! `service.logs` is the only streaming operation: it answers with any
@@ -81,6 +91,16 @@ pub enum Request {
     ImageInspect(ImageRef),
     #[serde(rename = "image.rm")]
     ImageRm(ImageRm),
+    #[serde(rename = "migrate.receive")]
+    MigrateReceive(MigrateReceive),
+    #[serde(rename = "migrate.chunk")]
+    MigrateChunk(FileChunk),
+    #[serde(rename = "migrate.restore")]
+    MigrateRestore,
+    #[serde(rename = "service.migrate_out")]
+    MigrateOut(MigrateOut),
+    #[serde(rename = "migrate.finish")]
+    MigrateFinish(MigrateFinish),
 }
 
 impl Request {
@@ -99,6 +119,11 @@ impl Request {
             Request::ImageList(_) => "image.list",
             Request::ImageInspect(_) => "image.inspect",
             Request::ImageRm(_) => "image.rm",
+            Request::MigrateReceive(_) => "migrate.receive",
+            Request::MigrateChunk(_) => "migrate.chunk",
+            Request::MigrateRestore => "migrate.restore",
+            Request::MigrateOut(_) => "service.migrate_out",
+            Request::MigrateFinish(_) => "migrate.finish",
         }
     }
 
@@ -115,7 +140,13 @@ impl Request {
             Request::ImageList(m) => m.name.as_deref(),
             Request::ImageInspect(i) => Some(&i.name),
             Request::ImageRm(i) => Some(&i.name),
-            Request::Ping | Request::ServiceList => None,
+            Request::MigrateReceive(m) => Some(&m.service.name),
+            Request::MigrateOut(m) => Some(&m.name),
+            Request::Ping
+            | Request::ServiceList
+            | Request::MigrateChunk(_)
+            | Request::MigrateRestore
+            | Request::MigrateFinish(_) => None,
         }
     }
 }
@@ -201,6 +232,55 @@ pub struct ImageRef {
 pub struct ImageRm {
     pub name: String,
     pub generation: u64,
+}
+
+/// Opens the destination side of a live migration (one connection, one
+/// session): the service is created from `service` when the host does not
+/// have it yet, and a `criu page-server` listens on `address` for the
+/// pages. Then come `migrate.chunk`s (the rest of the image) and one
+/// `migrate.restore`; a connection that closes before that leaves nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateReceive {
+    pub service: CreateService,
+    /// This host's address, as the source reaches it.
+    pub address: String,
+}
+
+/// Part of one image file, base64 in `data`, written at `offset`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileChunk {
+    pub file: String,
+    pub offset: u64,
+    pub data: String,
+}
+
+/// Opens the source side of a live migration: dumps the running service
+/// with its pages sent to the page server at `address:port`, leaves it
+/// stopped, answers with the image's other files as `migrate_chunk`s and a
+/// `migrate_dumped`, then waits on the same connection for
+/// `migrate.finish`: moved kills the stopped copy, not moved (or a
+/// connection that closes first) resumes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateOut {
+    pub name: String,
+    pub address: String,
+    pub port: u16,
+    /// CRIU pre-dump iterations first (needs memory dirty tracking).
+    #[serde(default)]
+    pub pre_dump: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateFinish {
+    /// The destination answers: the stopped copy here goes.
+    pub moved: bool,
+    /// Where it went, for the service's last_exit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
 }
 
 /// A request line as sent: the version next to the operation.
@@ -303,6 +383,17 @@ pub enum Reply {
         text: String,
     },
     LogEnd,
+    /// `migrate.receive`: the page server listens on this port.
+    MigrateListening {
+        port: u16,
+    },
+    MigrateChunk(FileChunk),
+    /// `service.migrate_out`: the dump is done and every chunk was sent.
+    MigrateDumped {
+        dump_ms: u64,
+        files: u64,
+        bytes: u64,
+    },
 }
 
 /// Whether a service runs, as the daemon reports it.

@@ -84,6 +84,7 @@ pub mod api;
 pub mod children;
 pub mod client;
 pub mod logs;
+pub mod migrate;
 pub mod registry;
 pub mod remote;
 pub mod server;

@@ -11,6 +11,7 @@ use super::api::{
     self, ApiError, ErrorCode, Reply, Request, Response, API_VERSION, MAX_REQUEST_BYTES,
 };
 use super::logs;
+use super::migrate;
 use super::service::{ServiceError, Services};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
@@ -351,7 +352,16 @@ impl Server {
             let op = req.op();
             let name = req.service().map(|n| format!(" {n}")).unwrap_or_default();
             log::info!("pid {} uid {}: {op}{name}", peer.pid, peer.uid);
-            let Some(resp) = self.dispatch(req, &conn) else {
+            // The migration operations open a session that reads further
+            // lines of this connection.
+            let resp = match req {
+                Request::MigrateReceive(m) => {
+                    migrate::serve_receive(&self.services, m, &conn, &mut reader)
+                }
+                Request::MigrateOut(m) => migrate::serve_out(&self.services, m, &conn, &mut reader),
+                other => self.dispatch(other, &conn),
+            };
+            let Some(resp) = resp else {
                 return;
             };
             match &resp.error {
@@ -368,6 +378,19 @@ impl Server {
     fn dispatch(&self, req: Request, conn: &UnixStream) -> Option<Response> {
         let s = &self.services;
         let r: Result<Reply, ServiceError> = match req {
+            Request::MigrateReceive(_)
+            | Request::MigrateOut(_)
+            | Request::MigrateChunk(_)
+            | Request::MigrateRestore
+            | Request::MigrateFinish(_) => {
+                return Some(Response::err(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "{} belongs inside a migration session (after migrate.receive or service.migrate_out on the same connection)",
+                        req.op()
+                    ),
+                ))
+            }
             Request::Ping => Ok(Reply::Pong {
                 daemon_version: env!("CARGO_PKG_VERSION").to_string(),
                 api_version: API_VERSION,

@@ -272,6 +272,22 @@ impl Services {
         &self.cfg.state_dir
     }
 
+    pub fn config(&self) -> &ServicesConfig {
+        &self.cfg
+    }
+
+    pub(super) fn children(&self) -> &Children {
+        &self.children
+    }
+
+    /// Watches (Some) or stops watching (None) a service's supervisor.
+    pub(super) fn watch(&self, name: &str, supervisor: Option<i32>) {
+        match supervisor {
+            Some(pid) => lock(&self.watched).insert(name.to_string(), pid),
+            None => lock(&self.watched).remove(name),
+        };
+    }
+
     pub fn store(&self) -> &ImageStore {
         &self.store
     }
@@ -285,7 +301,7 @@ impl Services {
     }
 
     /// Takes the service's lock, waiting while another request holds it.
-    fn begin(&self, name: &str, op: &str) -> Result<OpGuard<'_>, ServiceError> {
+    pub(super) fn begin(&self, name: &str, op: &str) -> Result<OpGuard<'_>, ServiceError> {
         registry::validate_name(name)?;
         let mut b = lock(&self.ops.busy);
         while b.contains_key(name) {
@@ -298,7 +314,7 @@ impl Services {
         })
     }
 
-    fn record(&self, name: &str) -> Result<ServiceRecord, ServiceError> {
+    pub(super) fn record(&self, name: &str) -> Result<ServiceRecord, ServiceError> {
         registry::validate_name(name)?;
         lock(&self.records)
             .get(name)
@@ -306,7 +322,11 @@ impl Services {
             .ok_or_else(|| ServiceError::NotFound(name.to_string()))
     }
 
-    fn update(&self, name: &str, f: impl FnOnce(&mut ServiceRecord)) -> Result<(), ServiceError> {
+    pub(super) fn update(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut ServiceRecord),
+    ) -> Result<(), ServiceError> {
         let mut recs = lock(&self.records);
         let rec = recs
             .get_mut(name)
@@ -452,7 +472,7 @@ impl Services {
 
     /// A runmh command line for one of `name`'s steps: our state, CRIU,
     /// the step's report file, own process group, quiet stdin.
-    fn runmh(&self, name: &str, cwd: &Path) -> Command {
+    pub(super) fn runmh(&self, name: &str, cwd: &Path) -> Command {
         let mut c = Command::new(&self.cfg.runmh);
         c.arg("--state-dir").arg(&self.runmh_state);
         c.arg("--report-file").arg(self.report_path(name));
@@ -589,7 +609,7 @@ impl Services {
     }
 
     /// Runs one runmh step to its end.
-    fn run_step(
+    pub(super) fn run_step(
         &self,
         name: &str,
         op: &'static str,
@@ -618,7 +638,7 @@ impl Services {
 
     /// Hands out the next generation number, recorded before use so it is
     /// never handed out twice.
-    fn next_generation(&self, name: &str) -> Result<(u64, PathBuf), ServiceError> {
+    pub(super) fn next_generation(&self, name: &str) -> Result<(u64, PathBuf), ServiceError> {
         let rec = self.record(name)?;
         let gen = self.store.next_generation(name, rec.last_generation)?;
         self.update(name, |r| r.last_generation = gen)?;
@@ -713,7 +733,12 @@ impl Services {
         self.info(name)
     }
 
-    fn restore(&self, name: &str, cfg: &ServiceConfig, gen: u64) -> Result<i32, ServiceError> {
+    pub(super) fn restore(
+        &self,
+        name: &str,
+        cfg: &ServiceConfig,
+        gen: u64,
+    ) -> Result<i32, ServiceError> {
         let mut c = self.runmh(name, &cfg.cwd);
         c.arg("restore")
             .arg("--images")
@@ -831,7 +856,7 @@ impl Services {
 
 /// What a runmh step reports when it succeeds.
 #[derive(Debug, Clone, Copy)]
-enum Expect {
+pub(super) enum Expect {
     /// `prebake`, `dump`.
     Published,
     /// `run`, `restore --detach`.
@@ -855,7 +880,7 @@ impl Expect {
 }
 
 /// Polls until `pid` is gone (zombies count as gone); false on timeout.
-fn wait_gone(pid: i32, timeout: Duration) -> bool {
+pub(super) fn wait_gone(pid: i32, timeout: Duration) -> bool {
     let t0 = Instant::now();
     while procfs::alive(Pid::from_raw(pid)) {
         if t0.elapsed() > timeout {
