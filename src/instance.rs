@@ -206,13 +206,14 @@ mod tests {
 
     #[test]
     fn control_socket_path_always_fits_a_unix_address() {
-        let short = Instance::open(Path::new("/tmp/s/instances/1-2"));
+        let short = Instance::open(Path::new("/tmp/s/instances/1-2")).unwrap();
         assert_eq!(
             short.control_socket(),
             Path::new("/tmp/s/instances/1-2/control.sock")
         );
         let deep = "/tmp/".to_string() + &"d".repeat(120) + "/instances/1795-42";
-        let long = Instance::open(Path::new(&deep));
+        let long = Instance::open(Path::new(&deep)).unwrap();
+        assert!(Instance::open(Path::new("/")).is_err());
         assert_eq!(
             long.control_socket(),
             Path::new("/run/miehisto/ctl/1795-42.sock")
@@ -279,15 +280,19 @@ impl Instance {
         Ok(Instance { id, dir })
     }
 
-    pub fn open(dir: &Path) -> Instance {
-        let id = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        Instance {
-            id,
+    /// The instance in `dir`, named by its last component.
+    pub fn open(dir: &Path) -> Result<Instance, InstanceError> {
+        let id =
+            dir.file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| InstanceError::Corrupt {
+                    path: dir.to_path_buf(),
+                    detail: "not an instance directory (it needs a name of its own)".into(),
+                })?;
+        Ok(Instance {
+            id: id.to_string(),
             dir: dir.to_path_buf(),
-        }
+        })
     }
 
     pub fn root(&self) -> PathBuf {
@@ -366,7 +371,7 @@ impl Instance {
         };
         rd.flatten()
             .filter_map(|e| {
-                let inst = Instance::open(&e.path());
+                let inst = Instance::open(&e.path()).ok()?;
                 let rec = inst.read_record().ok()?;
                 Some((inst, rec))
             })

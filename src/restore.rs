@@ -64,6 +64,8 @@ pub enum RestoreError {
     },
     #[error(transparent)]
     Channel(#[from] ChannelError),
+    #[error("{what} contains a NUL byte")]
+    Nul { what: &'static str },
     #[error("the restored supervisor failed: {0}")]
     Supervise(String),
     #[error("cannot read the pid CRIU wrote to {path}")]
@@ -98,10 +100,16 @@ pub struct Restored {
     pub took: Duration,
 }
 
-fn cstring(p: impl AsRef<std::ffi::OsStr>) -> CString {
-    // Paths and arguments come from validated metadata and our own state
-    // directory; a NUL byte cannot occur in an OsStr taken from a Path.
-    CString::new(p.as_ref().as_bytes()).unwrap_or_default()
+fn cstring(what: &'static str, p: impl AsRef<std::ffi::OsStr>) -> Result<CString, RestoreError> {
+    CString::new(p.as_ref().as_bytes()).map_err(|_| RestoreError::Nul { what })
+}
+
+/// The image directory as an absolute path (CRIU runs elsewhere).
+fn absolute_images(opts: &RestoreOpts) -> Result<PathBuf, RestoreError> {
+    std::path::absolute(&opts.images).map_err(|source| RestoreError::Prepare {
+        path: opts.images.clone(),
+        source,
+    })
 }
 
 /// Makes sure what the restored process reopens by path exists: its log
@@ -146,13 +154,14 @@ pub fn restore(criu: &Criu, opts: &RestoreOpts) -> Result<Restored, RestoreError
         );
     }
     prepare_files(&md)?;
+    let images = absolute_images(opts)?;
     let inst = Instance::create(&opts.state_dir)?;
     let rec = InstanceRecord {
         id: inst.id.clone(),
         spec: md.spec.clone(),
         externals: md.externals.clone(),
         backend: md.backend.clone(),
-        image: Some(std::path::absolute(&opts.images).unwrap_or(opts.images.clone())),
+        image: Some(images),
         supervisor_pid: 0,
         front_pid: Some(nix::unistd::getpid().as_raw()),
         root_pid: 0,
@@ -160,7 +169,10 @@ pub fn restore(criu: &Criu, opts: &RestoreOpts) -> Result<Restored, RestoreError
         state: InstanceState::Restoring,
         started_unix_ms: crate::sys::time::unix_ms(),
     };
-    inst.write_record(&rec)?;
+    if let Err(e) = inst.write_record(&rec) {
+        inst.remove();
+        return Err(e.into());
+    }
     match spawn_criu(criu, opts, &inst, &md) {
         Ok((supervisor, root)) => Ok(Restored {
             supervisor,
@@ -240,7 +252,7 @@ fn spawn_criu(
         exec_cmd.push(t.clone().into_os_string());
     }
     let args = RestoreArgs {
-        images_dir: std::path::absolute(&opts.images).unwrap_or(opts.images.clone()),
+        images_dir: absolute_images(opts)?,
         work_dir: inst.dir.clone(),
         log_name: "restore.log".into(),
         root: inst.root(),
@@ -252,10 +264,10 @@ fn spawn_criu(
     explain::say("criu", "restore in a private mount namespace, with the host / bound onto a fresh --root; CRIU then execs runmh, which becomes the restored tree's parent:");
     explain::block(&crate::criu::argv::shell_words(&criu.path, &argv_os));
     // Everything the child needs, built before the fork.
-    let prog = cstring(&criu.path);
-    let argv_c: Vec<CString> = std::iter::once(cstring(&criu.path))
-        .chain(argv_os.iter().map(cstring))
-        .collect();
+    let prog = cstring("the CRIU path", &criu.path)?;
+    let argv_c: Vec<CString> = std::iter::once(cstring("the CRIU path", &criu.path))
+        .chain(argv_os.iter().map(|a| cstring("a CRIU argument", a)))
+        .collect::<Result<_, _>>()?;
     let mut argv: Vec<*const libc::c_char> = argv_c.iter().map(|c| c.as_ptr()).collect();
     argv.push(std::ptr::null());
     let env_c: Vec<CString> = std::env::vars_os()
@@ -263,12 +275,14 @@ fn spawn_criu(
             let mut b = k.as_bytes().to_vec();
             b.push(b'=');
             b.extend_from_slice(v.as_bytes());
-            CString::new(b).unwrap_or_default()
+            CString::new(b).map_err(|_| RestoreError::Nul {
+                what: "an environment variable",
+            })
         })
-        .collect();
+        .collect::<Result<_, _>>()?;
     let mut envp: Vec<*const libc::c_char> = env_c.iter().map(|c| c.as_ptr()).collect();
     envp.push(std::ptr::null());
-    let root = cstring(inst.root());
+    let root = cstring("the instance root", inst.root())?;
     let write_fd = ready_w.as_raw_fd();
     let kdat = kdat_plan(
         criu,
@@ -344,7 +358,9 @@ fn spawn_criu(
         .state_dir
         .join("logs")
         .join(format!("restore-failed-{}.log", inst.id));
-    let _ = std::fs::create_dir_all(kept.parent().unwrap_or(Path::new("/")));
+    if let Some(dir) = kept.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
     let log = if std::fs::copy(&log, &kept).is_ok() {
         kept
     } else {
@@ -525,7 +541,7 @@ fn supervise_setup(
     reseize: bool,
     stamps: &crate::timings::Stamps,
 ) -> Result<Setup, RestoreError> {
-    let inst = Instance::open(dir);
+    let inst = Instance::open(dir)?;
     let mut rec = inst.read_record()?;
     let pidfile = inst.restored_pidfile();
     let root: i32 = std::fs::read_to_string(&pidfile)

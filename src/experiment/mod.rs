@@ -251,7 +251,10 @@ fn find_runmh(explicit: Option<&Path>) -> Result<PathBuf, ExperimentError> {
             })
         };
     }
-    let me = std::env::current_exe().unwrap_or_default();
+    // Without our own path there is no sibling to look for.
+    let me = std::env::current_exe().map_err(|_| ExperimentError::NoRunmh {
+        path: PathBuf::from("/proc/self/exe"),
+    })?;
     if me.file_name().is_some_and(|n| n == "runmh") {
         return Ok(me);
     }

@@ -484,3 +484,70 @@ impl Spawned {
         let _ = sys::write_all(self.sync_write.as_raw_fd(), &[SYNC_ABORT]);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variants_hand_out_distinct_ids_and_keep_the_abort_byte_free() {
+        let mut v = Variants::default();
+        let a = v.add(Variant::plain()).unwrap();
+        let b = v
+            .add(Variant {
+                filter: None,
+                extra_env: vec![("K".into(), "V".into())],
+            })
+            .unwrap();
+        assert_ne!(a, b);
+        assert!(v.get(a).extra_env.is_empty());
+        assert_eq!(v.get(b).extra_env, vec![("K".to_string(), "V".to_string())]);
+        for _ in 2..usize::from(SYNC_ABORT) {
+            v.add(Variant::plain()).unwrap();
+        }
+        // The next id would be the abort byte.
+        let e = v.add(Variant::plain()).unwrap_err();
+        assert!(
+            matches!(e, SandboxError::TooManyVariants { max: 255 }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_child_error_pipe_is_read_strictly() {
+        let pid = Pid::from_raw(4242);
+        let prog = Path::new("/bin/true");
+        let report = |bytes: &[u8]| {
+            let (r, w) = pipe_cloexec("test pipe").unwrap();
+            sys::write_all(w.as_raw_fd(), bytes).unwrap();
+            drop(w);
+            read_child_error(r.as_raw_fd(), prog, pid)
+        };
+        // A closed pipe and nothing in it: the exec happened.
+        assert!(report(&[]).unwrap().is_none());
+        let mut msg = [0u8; 8];
+        msg[0] = Step::Seccomp as u8;
+        msg[4..].copy_from_slice(&libc::EPERM.to_ne_bytes());
+        match report(&msg).unwrap() {
+            Some(SandboxError::ChildStep { step, source, .. }) => {
+                assert_eq!(step, Step::Seccomp);
+                assert_eq!(source, Errno::EPERM);
+            }
+            other => panic!("{other:?}"),
+        }
+        // A step the child never sends is an error, not a guess.
+        msg[0] = 0;
+        let e = report(&msg).unwrap_err();
+        assert!(matches!(e, SandboxError::ChildMessage { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains("expected a step number from 1 to 19"),
+            "{e}"
+        );
+        // Half a message: the child died mid-write.
+        assert!(matches!(
+            report(&msg[..3]).unwrap(),
+            Some(SandboxError::ChildVanished { .. })
+        ));
+    }
+}
