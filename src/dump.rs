@@ -4,6 +4,7 @@
 use crate::control::{self, Request};
 use crate::criu::{Criu, CriuError, DumpArgs};
 use crate::explain;
+use crate::images::compat::{self, HostRecord};
 use crate::images::{self, BackendRecord, Metadata, Staged, StopRecord, StoreError};
 use crate::instance::{Instance, InstanceError};
 use crate::migrate::DumpExtra;
@@ -37,8 +38,18 @@ pub struct Dumped {
     pub metadata: Metadata,
 }
 
-/// Runs `criu dump` of the tree rooted at `pid` into `staged`. CRIU is
-/// reaped by `tracer` when this process has one (it owns every wait).
+/// What one `criu dump` run gave besides the images.
+#[derive(Debug, Clone)]
+pub struct DumpRun {
+    pub took: Duration,
+    /// The host and the files the tree used, for the compatibility check.
+    pub host: HostRecord,
+}
+
+/// Runs `criu dump` of the tree rooted at `pid` into `staged`. CRIU is reaped by `tracer` when this
+/// process has one (it owns every wait). The files the stopped tree maps
+/// or holds open (outside `skip`, its log directory) are recorded first:
+/// a dump that does not leave it running kills it.
 pub fn criu_dump(
     criu: &Criu,
     pid: i32,
@@ -46,7 +57,8 @@ pub fn criu_dump(
     externals: &[ExternalMount],
     leave_running: bool,
     tracer: Option<&Tracer>,
-) -> Result<Duration, CriuError> {
+    skip: &[&Path],
+) -> Result<DumpRun, CriuError> {
     criu_dump_with(
         criu,
         pid,
@@ -54,11 +66,13 @@ pub fn criu_dump(
         externals,
         leave_running,
         tracer,
+        skip,
         &DumpExtra::default(),
     )
 }
 
 /// [`criu_dump`] with a migration's options (page server, leave stopped).
+#[allow(clippy::too_many_arguments)]
 pub fn criu_dump_with(
     criu: &Criu,
     pid: i32,
@@ -66,8 +80,10 @@ pub fn criu_dump_with(
     externals: &[ExternalMount],
     leave_running: bool,
     tracer: Option<&Tracer>,
+    skip: &[&Path],
     extra: &DumpExtra,
-) -> Result<Duration, CriuError> {
+) -> Result<DumpRun, CriuError> {
+    let host = compat::record(pid, skip);
     let args = DumpArgs {
         pid,
         images_dir: staged.dir.clone(),
@@ -97,7 +113,7 @@ pub fn criu_dump_with(
     let took = t0.elapsed();
     if ok {
         explain::say("criu", &format!("dump finished in {} ms", took.as_millis()));
-        return Ok(took);
+        return Ok(DumpRun { took, host });
     }
     // Keep CRIU's log where the user can read it: the staging directory
     // is about to be removed.
@@ -112,6 +128,25 @@ pub fn criu_dump_with(
     Err(CriuError::DumpFailed { pid, line, log })
 }
 
+/// Runs `criu cpuinfo dump` into the staged image: the CPU's features, for
+/// `criu cpuinfo check` before a restore on another host (a CPU without
+/// them would end the restored tree in SIGILL). It costs one CRIU start
+/// (100-200 ms here, most of it CRIU probing the kernel), so callers run it
+/// outside a serving tree's freeze (`runmh dump` before it; a prebake while
+/// the tree still waits at its stop point). Whether `cpuinfo.img` is there.
+pub fn record_cpuinfo(criu: &Criu, staged: &Staged, tracer: Option<&Tracer>) -> bool {
+    let mut c = compat::cpuinfo_dump_command(criu, &staged.dir);
+    let ran = match tracer {
+        Some(t) => t.run(&mut c).map(|st| st.code() == 0),
+        None => c.status().map(|st| st.success()),
+    };
+    let ok = matches!(ran, Ok(true)) && staged.dir.join(compat::CPUINFO_IMG).is_file();
+    if !ok {
+        log::warn!("`criu cpuinfo dump` failed ({ran:?}); the image's CPU features cannot be checked before a restore elsewhere");
+    }
+    ok
+}
+
 /// Everything the metadata records about a dump.
 pub struct DumpFacts<'a> {
     pub criu: &'a Criu,
@@ -122,6 +157,7 @@ pub struct DumpFacts<'a> {
     pub pid: i32,
     pub dump_time: Duration,
     pub leave_running: bool,
+    pub host: Option<HostRecord>,
 }
 
 /// Writes the metadata and publishes the staged image.
@@ -142,6 +178,7 @@ pub fn publish(staged: Staged, facts: DumpFacts<'_>) -> Result<Dumped, StoreErro
         image_bytes: bytes,
         image_files: files + 1,
         leave_running: facts.leave_running,
+        host: facts.host,
     };
     let image = staged.publish(&metadata)?;
     Ok(Dumped { image, metadata })
@@ -182,6 +219,8 @@ pub fn dump_instance_with(
     let staged = Staged::new(images)?;
     let sock = inst.control_socket();
     let timeout = Duration::from_secs(30);
+    // Before the freeze: it does not touch the tree, and costs a CRIU start.
+    let cpuinfo = record_cpuinfo(criu, &staged, None);
     control::call(&sock, &Request::Freeze, timeout)
         .map_err(|source| DumpError::Control { pid, source })?;
     let result = criu_dump_with(
@@ -191,6 +230,7 @@ pub fn dump_instance_with(
         &rec.externals,
         leave_running,
         None,
+        &[rec.spec.log_dir.as_path()],
         extra,
     );
     // CRIU leaves the tree running when a dump fails.
@@ -205,7 +245,8 @@ pub fn dump_instance_with(
             _ => {}
         }
     }
-    let took = result?;
+    let mut run = result?;
+    run.host.cpuinfo = cpuinfo;
     Ok(publish(
         staged,
         DumpFacts {
@@ -215,8 +256,9 @@ pub fn dump_instance_with(
             backend: rec.backend.clone(),
             stop: None,
             pid: rec.root_pid,
-            dump_time: took,
+            dump_time: run.took,
             leave_running,
+            host: Some(run.host),
         },
     )?)
 }

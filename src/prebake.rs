@@ -586,14 +586,16 @@ fn prebake_steps(
         &running.record.externals,
         opts.leave_running,
         Some(&running.tracer),
+        &[running.record.spec.log_dir.as_path()],
     );
-    let took = match dump {
-        Ok(t) => t,
+    let mut run = match dump {
+        Ok(r) => r,
         Err(e) => {
             kill_tree(&running);
             return Err(BootError::Criu(e));
         }
     };
+    run.host.cpuinfo = dump::record_cpuinfo(criu, &staged, Some(&running.tracer));
 
     // 9. Publish.
     let facts = DumpFacts {
@@ -607,8 +609,9 @@ fn prebake_steps(
             hit: hit.clone(),
         }),
         pid: running.root.as_raw(),
-        dump_time: took,
+        dump_time: run.took,
         leave_running: opts.leave_running,
+        host: Some(run.host),
     };
     let dumped = match dump::publish(staged, facts) {
         Ok(d) => d,

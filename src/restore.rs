@@ -14,6 +14,7 @@ use crate::criu::kdat::{self, KdatCache};
 use crate::criu::private_root;
 use crate::criu::{Criu, CriuError, RestoreArgs};
 use crate::explain;
+use crate::images::compat::{self, CompatError, CpuCheck};
 use crate::images::{Metadata, MetadataError};
 use crate::instance::{self, Instance, InstanceError, InstanceRecord, InstanceState};
 use crate::stop::tracer::{Tracer, TracerError};
@@ -34,6 +35,8 @@ use std::time::{Duration, Instant};
 pub enum RestoreError {
     #[error(transparent)]
     Metadata(#[from] MetadataError),
+    #[error(transparent)]
+    Compat(#[from] CompatError),
     #[error(transparent)]
     Instance(#[from] InstanceError),
     #[error(transparent)]
@@ -146,14 +149,10 @@ fn prepare_files(md: &Metadata) -> Result<(), RestoreError> {
 pub fn restore(criu: &Criu, opts: &RestoreOpts) -> Result<Restored, RestoreError> {
     let t0 = Instant::now();
     let md = Metadata::read(&opts.images)?;
-    if md.criu_version != criu.version.to_string() {
-        log::warn!(
-            "image made by CRIU {}, restoring with {}",
-            md.criu_version,
-            criu.version
-        );
-    }
     prepare_files(&md)?;
+    // Before CRIU runs: a mismatch is one error naming every difference,
+    // not a restore failing half-way or a SIGILL after it.
+    compat::check(&md, &opts.images, criu, CpuCheck::UnlessSameBoot)?;
     let images = absolute_images(opts)?;
     let inst = Instance::create(&opts.state_dir)?;
     let rec = InstanceRecord {

@@ -60,6 +60,10 @@ pub struct Metadata {
     pub image_bytes: u64,
     pub image_files: u64,
     pub leave_running: bool,
+    /// The host and the files the tree used, for the compatibility check
+    /// before a restore elsewhere; absent in images made before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<super::compat::HostRecord>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -214,6 +218,7 @@ pub(crate) mod tests {
             image_bytes: 1000,
             image_files: 10,
             leave_running: false,
+            host: None,
         }
     }
 

@@ -2,6 +2,7 @@
 //! its destination and published by `rename(2)`, so a reader sees either no
 //! image or a whole one — never a half-written dump.
 
+pub mod compat;
 pub mod metadata;
 
 pub use metadata::{BackendRecord, Metadata, MetadataError, StopRecord};
@@ -119,6 +120,22 @@ impl Staged {
         })?;
         self.published = true;
         Ok(self.dest.clone())
+    }
+}
+
+impl Staged {
+    /// Like [`Staged::publish`], at another destination than the one it
+    /// was staged for (on the same file system: it is one `rename(2)`).
+    pub fn publish_to(mut self, md: &Metadata, dest: &Path) -> Result<PathBuf, StoreError> {
+        let dest = std::path::absolute(dest).map_err(|source| StoreError::Stage {
+            path: dest.to_path_buf(),
+            source,
+        })?;
+        if dest.exists() && !is_empty_dir(&dest) {
+            return Err(StoreError::Exists { dest });
+        }
+        self.dest = dest;
+        self.publish(md)
     }
 }
 
