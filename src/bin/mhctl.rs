@@ -196,6 +196,35 @@ enum ImageCmd {
         #[arg(value_name = "NAME@GEN")]
         image: String,
     },
+    /// Push a generation (the newest without @GEN) to an OCI registry.
+    Push {
+        #[arg(value_name = "NAME[@GEN]")]
+        image: String,
+        /// Where to: HOST[:PORT]/REPOSITORY[:TAG].
+        #[arg(value_name = "REF")]
+        reference: String,
+        /// Reach this registry (HOST[:PORT]) over plain HTTP (loopback ones always are).
+        #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+        insecure: Vec<String>,
+    },
+    /// Pull an image from an OCI registry into a new generation.
+    Pull {
+        #[arg(value_name = "REF")]
+        reference: String,
+        /// The service to add it to (default: the one it was pushed from;
+        /// created from the image's command when missing).
+        #[arg(long = "as", value_name = "NAME")]
+        as_name: Option<String>,
+        #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+        insecure: Vec<String>,
+    },
+    /// Check whether an image (local NAME[@GEN], or a registry REF) can be restored on the daemon's host.
+    Check {
+        #[arg(value_name = "REF|NAME[@GEN]")]
+        image: String,
+        #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+        insecure: Vec<String>,
+    },
 }
 
 fn main() {
@@ -507,8 +536,109 @@ fn parse_ref(s: &str, need_gen: bool) -> Result<(String, Option<u64>)> {
     }
 }
 
+/// Runs a streaming image transfer, drawing its `progress` replies as a
+/// bar on stderr when it is a terminal; returns the final reply.
+fn transfer(client: &Client, req: &Request, label: &str) -> Result<Reply> {
+    let mut ex = client.send(req)?;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:>20} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        b
+    });
+    loop {
+        match ex.read_reply() {
+            Ok(Reply::Progress { phase, done, total }) => {
+                if let Some(b) = &bar {
+                    b.set_message(format!("{label}: {phase}"));
+                    b.set_length(total);
+                    b.set_position(done);
+                }
+            }
+            other => {
+                if let Some(b) = &bar {
+                    b.finish_and_clear();
+                }
+                return Ok(other?);
+            }
+        }
+    }
+}
+
+/// A registry reference has a `/`; a local image is NAME[@GEN].
+fn is_reference(s: &str) -> bool {
+    s.contains('/')
+}
+
 fn image(client: &Client, cmd: ImageCmd, json: bool) -> Result<i32> {
     let reply = match cmd {
+        ImageCmd::Push {
+            image,
+            reference,
+            insecure,
+        } => {
+            let (name, generation) = parse_ref(&image, false)?;
+            let req = Request::ImagePush(api::PushImage {
+                name,
+                generation,
+                reference,
+                insecure_registries: insecure,
+            });
+            transfer(client, &req, "push")?
+        }
+        ImageCmd::Pull {
+            reference,
+            as_name,
+            insecure,
+        } => {
+            let req = Request::ImagePull(api::PullImage {
+                reference,
+                as_name,
+                insecure_registries: insecure,
+            });
+            transfer(client, &req, "pull")?
+        }
+        ImageCmd::Check { image, insecure } => {
+            let req = if is_reference(&image) {
+                api::CheckImage {
+                    name: None,
+                    generation: None,
+                    reference: Some(image),
+                    insecure_registries: insecure,
+                }
+            } else {
+                let (name, generation) = parse_ref(&image, false)?;
+                api::CheckImage {
+                    name: Some(name),
+                    generation,
+                    reference: None,
+                    insecure_registries: insecure,
+                }
+            };
+            let reply = transfer(client, &Request::ImageCheck(req), "check")?;
+            if json {
+                print_json(&reply)?;
+            }
+            return match reply {
+                Reply::ImageCheck {
+                    compatible: true,
+                    message,
+                    ..
+                } => {
+                    if !json {
+                        println!("{message}");
+                    }
+                    Ok(0)
+                }
+                Reply::ImageCheck { message, .. } => bail!("{message}"),
+                other => bail!("unexpected reply to image check: {other:?}"),
+            };
+        }
         ImageCmd::List { name } => client.call(&Request::ImageList(api::MaybeNamed { name }))?,
         ImageCmd::Inspect { image } => {
             let (name, generation) = parse_ref(&image, false)?;
@@ -530,6 +660,35 @@ fn image(client: &Client, cmd: ImageCmd, json: bool) -> Result<i32> {
         Reply::Images { images } => print_images(&images),
         Reply::ImageDetail { image, metadata } => print_inspect(&image, &metadata),
         Reply::Done { message } => println!("{message}"),
+        Reply::ImagePushed {
+            service,
+            generation,
+            reference,
+            manifest_digest,
+            layer_bytes,
+            ..
+        } => println!(
+            "pushed {service}@{generation} to {reference} ({}, manifest {manifest_digest})",
+            human_bytes(layer_bytes)
+        ),
+        Reply::ImagePulled {
+            image,
+            reference,
+            manifest_digest,
+            created_service,
+            ..
+        } => {
+            println!(
+                "pulled {reference} ({manifest_digest}) as {}@{}{}",
+                image.service,
+                image.generation,
+                if created_service {
+                    " (service created from the image's command)"
+                } else {
+                    ""
+                }
+            );
+        }
         other => print_json(&other)?,
     }
     Ok(0)

@@ -28,6 +28,9 @@
 //! | `image.list`      | `name` (optional)                                             | `images`        |
 //! | `image.inspect`   | `name`, `generation` (optional: newest)                       | `image_detail`  |
 //! | `image.rm`        | `name`, `generation`                                          | `done`          |
+//! | `image.push`      | `name`, `generation` (optional: newest), `reference`, `insecure_registries` | `progress`… then `image_pushed` |
+//! | `image.pull`      | `reference`, `as` (optional: the image's service name), `insecure_registries` | `progress`… then `image_pulled` |
+//! | `image.check`     | `name` + `generation`, or `reference`; `insecure_registries`  | `progress`… then `image_check` |
 //! | `migrate.receive` | `service` {as `service.create`}, `address`                    | `migrate_listening`, then a session (below) |
 //! | `service.migrate_out` | `name`, `address`, `port`                                 | `migrate_chunk`… `migrate_dumped`, then a session |
 //!
@@ -39,8 +42,19 @@
 //! destination forgets the half-received image, the source resumes the
 //! stopped service.
 //!
+//! `reference` is `HOST[:PORT]/REPOSITORY[:TAG]`. Registries on loopback
+//! addresses are reached over plain HTTP; so are those listed in
+//! `insecure_registries` (`HOST[:PORT]`); every other one over HTTPS.
+//! `image.pull` creates the service from the image's recorded command
+//! when no service of that name exists. `image.check` answers
+//! `compatible: false` with every difference when the image would not
+//! restore on the daemon's host.
+//!
 //! Unknown fields are refused, so a typo is an error, not a silent default.
-//! `service.logs` is the only streaming operation: it answers with any
+//!
+//! `progress` results (`phase`, `done`, `total` bytes) precede the final
+//! reply of the image transfers. `service.logs` is the other streaming
+//! operation: it answers with any
 //! number of `log` results (`stream` is `stdout` or `stderr`) and, unless
 //! `follow` is set, a final `log_end`; with `follow` it streams until the
 //! client closes the connection.
@@ -91,6 +105,12 @@ pub enum Request {
     ImageInspect(ImageRef),
     #[serde(rename = "image.rm")]
     ImageRm(ImageRm),
+    #[serde(rename = "image.push")]
+    ImagePush(PushImage),
+    #[serde(rename = "image.pull")]
+    ImagePull(PullImage),
+    #[serde(rename = "image.check")]
+    ImageCheck(CheckImage),
     #[serde(rename = "migrate.receive")]
     MigrateReceive(MigrateReceive),
     #[serde(rename = "migrate.chunk")]
@@ -119,6 +139,9 @@ impl Request {
             Request::ImageList(_) => "image.list",
             Request::ImageInspect(_) => "image.inspect",
             Request::ImageRm(_) => "image.rm",
+            Request::ImagePush(_) => "image.push",
+            Request::ImagePull(_) => "image.pull",
+            Request::ImageCheck(_) => "image.check",
             Request::MigrateReceive(_) => "migrate.receive",
             Request::MigrateChunk(_) => "migrate.chunk",
             Request::MigrateRestore => "migrate.restore",
@@ -140,6 +163,9 @@ impl Request {
             Request::ImageList(m) => m.name.as_deref(),
             Request::ImageInspect(i) => Some(&i.name),
             Request::ImageRm(i) => Some(&i.name),
+            Request::ImagePush(p) => Some(&p.name),
+            Request::ImagePull(p) => p.as_name.as_deref(),
+            Request::ImageCheck(c) => c.name.as_deref(),
             Request::MigrateReceive(m) => Some(&m.service.name),
             Request::MigrateOut(m) => Some(&m.name),
             Request::Ping
@@ -283,6 +309,47 @@ pub struct MigrateFinish {
     pub to: Option<String>,
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushImage {
+    pub name: String,
+    /// None: the newest generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+    /// `HOST[:PORT]/REPOSITORY[:TAG]`.
+    pub reference: String,
+    /// Registries (`HOST[:PORT]`) to reach over plain HTTP besides loopback ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub insecure_registries: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PullImage {
+    pub reference: String,
+    /// The service to add the image to (default: the one it was pushed from).
+    #[serde(rename = "as", default, skip_serializing_if = "Option::is_none")]
+    pub as_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub insecure_registries: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckImage {
+    /// A local image: the service...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// ...and its generation (None: the newest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+    /// Or a remote one, downloaded into scratch space and never published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub insecure_registries: Vec<String>,
+}
+
 /// A request line as sent: the version next to the operation.
 #[derive(Debug, Clone, Serialize)]
 pub struct Envelope<'a> {
@@ -383,6 +450,38 @@ pub enum Reply {
         text: String,
     },
     LogEnd,
+    /// How far an image transfer is (`phase`: pack, upload, download, unpack).
+    Progress {
+        phase: String,
+        done: u64,
+        total: u64,
+    },
+    ImagePushed {
+        service: String,
+        generation: u64,
+        reference: String,
+        manifest_digest: String,
+        layer_digest: String,
+        layer_bytes: u64,
+        annotations: std::collections::BTreeMap<String, String>,
+    },
+    ImagePulled {
+        image: ImageInfo,
+        reference: String,
+        manifest_digest: String,
+        layer_bytes: u64,
+        /// Whether the pull created the service.
+        created_service: bool,
+    },
+    ImageCheck {
+        /// What was checked (`NAME@GEN` or the reference).
+        image: String,
+        compatible: bool,
+        /// Every difference, one line each.
+        differences: Vec<String>,
+        /// The whole verdict in one line.
+        message: String,
+    },
     /// `migrate.receive`: the page server listens on this port.
     MigrateListening {
         port: u16,
@@ -514,6 +613,27 @@ mod tests {
         assert_eq!(serde_json::from_value::<Request>(v).unwrap(), req);
         let list: Request = serde_json::from_str(r#"{"op":"service.list"}"#).unwrap();
         assert_eq!(list, Request::ServiceList);
+    }
+
+    #[test]
+    fn image_transfer_requests() {
+        let pull: Request = serde_json::from_str(
+            r#"{"op":"image.pull","reference":"127.0.0.1:5000/web:1","as":"web2"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            pull,
+            Request::ImagePull(PullImage {
+                reference: "127.0.0.1:5000/web:1".into(),
+                as_name: Some("web2".into()),
+                insecure_registries: vec![],
+            })
+        );
+        assert_eq!(pull.service(), Some("web2"));
+        assert!(serde_json::from_str::<Request>(
+            r#"{"op":"image.push","name":"web","reference":"r/x","insecure":true}"#
+        )
+        .is_err());
     }
 
     #[test]

@@ -13,6 +13,8 @@ use super::api::{
 use super::logs;
 use super::migrate;
 use super::service::{ServiceError, Services};
+use crate::images::compat::CompatError;
+use crate::images::oci::{Progress, RegistryOptions};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -434,11 +436,81 @@ impl Server {
             Request::ImageRm(r) => s
                 .image_rm(&r.name, r.generation)
                 .map(|message| Reply::Done { message }),
+            Request::ImagePush(p) => {
+                let opts = RegistryOptions {
+                    insecure: p.insecure_registries.clone(),
+                };
+                let mut progress = progress_to(conn);
+                s.push(&p.name, p.generation, &p.reference, &opts, &mut progress)
+                    .map(|(generation, pushed)| Reply::ImagePushed {
+                        service: p.name.clone(),
+                        generation,
+                        reference: pushed.reference,
+                        manifest_digest: pushed.manifest_digest,
+                        layer_digest: pushed.layer_digest,
+                        layer_bytes: pushed.layer_bytes,
+                        annotations: pushed.annotations.into_iter().collect(),
+                    })
+            }
+            Request::ImagePull(p) => {
+                let opts = RegistryOptions {
+                    insecure: p.insecure_registries.clone(),
+                };
+                let mut progress = progress_to(conn);
+                s.pull(&p.reference, p.as_name.as_deref(), &opts, &mut progress)
+                    .map(|(image, pulled, created_service)| Reply::ImagePulled {
+                        image,
+                        reference: pulled.reference,
+                        manifest_digest: pulled.manifest_digest,
+                        layer_bytes: pulled.layer_bytes,
+                        created_service,
+                    })
+            }
+            Request::ImageCheck(c) => {
+                let opts = RegistryOptions {
+                    insecure: c.insecure_registries.clone(),
+                };
+                let mut progress = progress_to(conn);
+                let local = c.name.as_deref().map(|n| (n, c.generation));
+                s.check(local, c.reference.as_deref(), &opts, &mut progress)
+                    .map(|(image, differences)| {
+                        let compatible = differences.is_empty();
+                        let message = if compatible {
+                            format!("{image} matches this host: it can be restored here")
+                        } else {
+                            CompatError::Mismatch {
+                                image: image.clone().into(),
+                                differences: differences.clone(),
+                            }
+                            .to_string()
+                        };
+                        Reply::ImageCheck {
+                            image,
+                            compatible,
+                            differences: differences.iter().map(|d| d.to_string()).collect(),
+                            message,
+                        }
+                    })
+            }
         };
         Some(match r {
             Ok(reply) => Response::ok(reply),
             Err(e) => service_err(e),
         })
+    }
+}
+
+/// Sends each progress report as a `progress` reply line. A client that
+/// went away does not stop the transfer: its result is still published.
+fn progress_to(conn: &UnixStream) -> impl FnMut(&Progress) + '_ {
+    move |p: &Progress| {
+        let line = Response::ok(Reply::Progress {
+            phase: p.phase.to_string(),
+            done: p.done,
+            total: p.total,
+        })
+        .to_line();
+        let _ = (&*conn).write_all(line.as_bytes());
     }
 }
 

@@ -25,7 +25,10 @@ use super::children::{Children, ChildrenError, ExitInfo};
 use super::registry::{self, Registry, RegistryError, ServiceConfig, ServiceRecord};
 use super::store::{self, ImageStore, ImageStoreError};
 use crate::channel::{ChannelError, StepReport};
+use crate::criu::{Criu, CriuError};
 use crate::filter::StopSyscall;
+use crate::images::compat::{self, CompatError};
+use crate::images::oci::{self, OciError};
 use crate::images::{Metadata, MetadataError};
 use crate::instance::{Instance, InstanceRecord};
 use crate::stop::BackendChoice;
@@ -44,6 +47,9 @@ use std::time::{Duration, Instant};
 /// The longest a runmh step may take before the daemon gives up on it
 /// (runmh has its own, shorter limits for the stop point and CRIU).
 const STEP_TIMEOUT: Duration = Duration::from_secs(600);
+/// Scratch space of image transfers, under the state directory (the same
+/// file system as the image store, so a pulled image moves in by rename).
+const SCRATCH: &str = "tmp";
 /// How long a cold start may take to report its service running.
 const COLD_START_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -95,6 +101,14 @@ pub enum ServiceError {
         secs: u64,
         log: PathBuf,
     },
+    #[error(transparent)]
+    Oci(#[from] OciError),
+    #[error(transparent)]
+    Compat(#[from] CompatError),
+    #[error(transparent)]
+    Criu(#[from] CriuError),
+    #[error("{reference} does not say which service it is for; pull it with --as NAME")]
+    NoServiceName { reference: String },
     #[error("runmh published {path}, but it does not read back as an image")]
     BadImage {
         path: PathBuf,
@@ -114,8 +128,12 @@ impl ServiceError {
             ServiceError::Running { .. }
             | ServiceError::NotRunning { .. }
             | ServiceError::PrebakeWhileRunning { .. } => ErrorCode::Conflict,
-            ServiceError::BadSpec(_) | ServiceError::Registry(RegistryError::BadName { .. }) => {
-                ErrorCode::BadRequest
+            ServiceError::BadSpec(_)
+            | ServiceError::Registry(RegistryError::BadName { .. })
+            | ServiceError::Oci(OciError::BadReference { .. })
+            | ServiceError::NoServiceName { .. } => ErrorCode::BadRequest,
+            ServiceError::Oci(_) | ServiceError::Compat(_) | ServiceError::Criu(_) => {
+                ErrorCode::Failed
             }
             ServiceError::Runmh { .. }
             | ServiceError::Timeout { .. }
@@ -221,6 +239,9 @@ impl Services {
         for e in errs {
             log::warn!("skipping a service: {e}");
         }
+        // Image transfers run inside the daemon: whatever scratch space is
+        // left was an interrupted one's.
+        let _ = std::fs::remove_dir_all(cfg.state_dir.join(SCRATCH));
         for p in store.clean_stale() {
             log::info!(
                 "removed {}, left by an interrupted image write",
@@ -342,9 +363,18 @@ impl Services {
     /// up, with the service as its child (a recycled pid would not be).
     pub fn live(&self, name: &str) -> Option<Live> {
         let log_dir = self.log_dir(name);
+        let images = self.store.service_dir(name);
+        // A pulled image keeps the log directory of the host it was dumped
+        // on; what it was restored from tells it is ours all the same.
+        let ours = |r: &InstanceRecord| {
+            r.spec.log_dir == log_dir
+                || r.image
+                    .as_ref()
+                    .is_some_and(|i| i.parent() == Some(&images))
+        };
         Instance::list(&self.runmh_state)
             .into_iter()
-            .filter(|(_, r)| r.spec.log_dir == log_dir && r.state.is_up())
+            .filter(|(_, r)| ours(r) && r.state.is_up())
             .filter(|(_, r)| {
                 r.supervisor_pid > 0
                     && procfs::alive(Pid::from_raw(r.supervisor_pid))
@@ -843,6 +873,113 @@ impl Services {
         Ok(format!("removed image generation {generation} of {name}"))
     }
 
+    fn scratch(&self) -> PathBuf {
+        self.cfg.state_dir.join(SCRATCH)
+    }
+
+    /// A fresh scratch directory for one transfer, removed when dropped.
+    fn scratch_dir(&self, what: &str) -> ScratchDir {
+        ScratchDir(self.scratch().join(format!(
+            "{what}-{}-{}",
+            std::process::id(),
+            sys::time::unix_ms()
+        )))
+    }
+
+    /// Pushes one generation (the newest when `generation` is None).
+    pub fn push(
+        &self,
+        name: &str,
+        generation: Option<u64>,
+        reference: &str,
+        opts: &oci::RegistryOptions,
+        progress: oci::ProgressFn<'_>,
+    ) -> Result<(u64, oci::Pushed), ServiceError> {
+        let _g = self.begin(name, "push")?;
+        self.record(name)?;
+        let (info, _) = self.store.metadata(name, generation)?;
+        let work = self.scratch_dir("push");
+        let pushed = oci::push(
+            &info.path,
+            name,
+            info.generation,
+            reference,
+            opts,
+            &work.0,
+            progress,
+        )?;
+        Ok((info.generation, pushed))
+    }
+
+    /// Pulls `reference` into a new generation of `as_name` (default: the
+    /// service it was pushed from), creating the service from the image's
+    /// recorded command when there is none. Verified and validated before
+    /// it is published; a failed pull publishes nothing.
+    pub fn pull(
+        &self,
+        reference: &str,
+        as_name: Option<&str>,
+        opts: &oci::RegistryOptions,
+        progress: oci::ProgressFn<'_>,
+    ) -> Result<(ImageInfo, oci::Pulled, bool), ServiceError> {
+        if let Some(n) = as_name {
+            registry::validate_name(n)?;
+        }
+        let work = self.scratch_dir("pull");
+        let fetched = oci::fetch(reference, &work.0.join("image"), opts, &work.0, progress)?;
+        let name = match as_name {
+            Some(n) => n.to_string(),
+            None => oci::service_of(&fetched.pulled.annotations)
+                .ok_or_else(|| ServiceError::NoServiceName {
+                    reference: reference.to_string(),
+                })?
+                .to_string(),
+        };
+        let _g = self.begin(&name, "pull")?;
+        let created = !lock(&self.records).contains_key(&name);
+        if created {
+            let rec = ServiceRecord::new(config_from_image(&name, &fetched.pulled.metadata));
+            self.registry.save(&rec)?;
+            lock(&self.records).insert(name.clone(), rec);
+        }
+        let (gen, dest) = self.next_generation(&name)?;
+        let pulled = fetched.publish_to(&dest)?;
+        let info = self.published(&name, gen, dest)?;
+        Ok((info, pulled, created))
+    }
+
+    /// Whether an image would restore on this host: a local generation, or
+    /// a remote image downloaded into scratch space (never published).
+    /// Returns what was checked and every difference.
+    pub fn check(
+        &self,
+        local: Option<(&str, Option<u64>)>,
+        reference: Option<&str>,
+        opts: &oci::RegistryOptions,
+        progress: oci::ProgressFn<'_>,
+    ) -> Result<(String, Vec<compat::Difference>), ServiceError> {
+        let criu = Criu::discover(self.cfg.criu.as_deref())?;
+        match (local, reference) {
+            (Some((name, generation)), None) => {
+                let _g = self.begin(name, "check")?;
+                self.record(name)?;
+                let (info, md) = self.store.metadata(name, generation)?;
+                let d = compat::differences(&md, &info.path, &criu, compat::CpuCheck::Always)?;
+                Ok((format!("{name}@{}", info.generation), d))
+            }
+            (None, Some(r)) => {
+                let work = self.scratch_dir("check");
+                let fetched = oci::fetch(r, &work.0.join("image"), opts, &work.0, progress)?;
+                let p = &fetched.pulled;
+                let d = compat::differences(&p.metadata, &p.dir, &criu, compat::CpuCheck::Always)?;
+                Ok((p.reference.clone(), d))
+            }
+            _ => Err(ServiceError::BadSpec(
+                "image.check takes either a name (and generation) or a reference".into(),
+            )),
+        }
+    }
+
     /// The log files `service logs` shows.
     pub fn log_files(&self, name: &str) -> Result<Vec<(&'static str, PathBuf)>, ServiceError> {
         self.record(name)?;
@@ -876,6 +1013,41 @@ impl Expect {
             (Expect::Published, StepReport::Published { .. })
                 | (Expect::Running, StepReport::Running { .. })
         )
+    }
+}
+
+/// A directory removed when dropped.
+struct ScratchDir(PathBuf);
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The service a pulled image implies: its recorded command, its working
+/// directory when this host has it (else `/`), its stop point.
+fn config_from_image(name: &str, md: &Metadata) -> ServiceConfig {
+    let cwd = if md.spec.cwd.is_dir() {
+        md.spec.cwd.clone()
+    } else {
+        PathBuf::from("/")
+    };
+    let backend = match md.backend.kind.to_string().as_str() {
+        k @ ("trace" | "notify") => k.to_string(),
+        _ => "auto".to_string(),
+    };
+    ServiceConfig {
+        name: name.to_string(),
+        command: md.spec.argv.clone(),
+        env: Vec::new(),
+        cwd,
+        backend,
+        stop_at: md
+            .stop
+            .as_ref()
+            .map(|s| s.syscall.clone())
+            .unwrap_or_else(|| "listen".into()),
+        created_unix_ms: sys::time::unix_ms(),
     }
 }
 

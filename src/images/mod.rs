@@ -4,6 +4,7 @@
 
 pub mod compat;
 pub mod metadata;
+pub mod oci;
 
 pub use metadata::{BackendRecord, Metadata, MetadataError, StopRecord};
 use std::path::{Path, PathBuf};
