@@ -178,6 +178,34 @@ install_sshd_quietly() {
     log "openssh-server installed for the tests; the host-wide sshd is neither started nor enabled (/etc/ssh/sshd_not_to_be_run)"
 }
 
+# The OCI tests start their own docker-registry (the CNCF distribution
+# registry: own config file, storage directory and loopback port) and read
+# what miehisto pushed with skopeo. The package's own service (port 5000,
+# /var/lib/docker-registry) must neither start nor stay enabled: only when
+# a package is missing, a policy-rc.d denying every start is put in place
+# for the install when none exists (removed afterwards; an existing one is
+# left alone), and the unit is disabled again when systemctl exists.
+install_registry_quietly() {
+    local -a missing
+    mapfile -t missing < <(missing_packages docker-registry skopeo)
+    ((${#missing[@]})) || return 0
+    local policy=/usr/sbin/policy-rc.d ours=0
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\n# temporary, from miehisto setup/install.sh\nexit 101\n' >"$policy"
+        chmod 0755 "$policy"
+        ours=1
+    fi
+    apt_lists_fresh || apt_update
+    local rc=0
+    apt_install "${missing[@]}" || { apt_update && apt_install "${missing[@]}"; } || rc=$?
+    ((ours)) && rm -f -- "$policy"
+    ((rc == 0)) || die "apt-get install ${missing[*]} failed (see apt's message above)"
+    if command -v systemctl >/dev/null; then
+        systemctl disable --now docker-registry.service >/dev/null 2>&1 || true
+    fi
+    log "installed ${missing[*]} for the OCI tests; the package's registry service is neither started nor enabled"
+}
+
 # -------------------------------------------------------------------- criu --
 
 # version_ge A B: true when version A >= version B.
@@ -478,6 +506,7 @@ summary() {
 
 ensure_packages
 install_sshd_quietly
+install_registry_quietly
 ensure_criu
 write_env
 summary

@@ -8,6 +8,7 @@
 
 pub mod case;
 pub mod hosts;
+pub mod registry;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
