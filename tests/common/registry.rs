@@ -29,15 +29,16 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Starts a registry listening on `addr` (a loopback address, or one of
-    /// a test network namespace when `wrap` enters it) under `dir`.
-    /// `wrap` turns the registry's command into the one to run (identity
-    /// for the host's own network namespace).
+    /// Starts a registry listening on `addr:port` under `dir`; `cmd` is
+    /// the registry binary, or a command that runs it in a test network
+    /// namespace (`serve CONFIG` is appended). Waits until `ready` says it
+    /// answers.
     pub fn start_with(
         dir: &Path,
         addr: &str,
         port: u16,
-        wrap: impl FnOnce(Command) -> Command,
+        mut cmd: Command,
+        ready: impl Fn() -> bool,
     ) -> Registry {
         let storage = dir.join("storage");
         std::fs::create_dir_all(&storage).expect("registry storage dir");
@@ -51,25 +52,20 @@ impl Registry {
         std::fs::write(&config, yaml).expect("registry config");
         let log = std::fs::File::create(dir.join("registry.log")).expect("registry log");
         let err = log.try_clone().expect("registry log");
-        let mut c = Command::new(REGISTRY_BIN);
-        c.arg("serve").arg(&config);
-        let mut c = wrap(c);
-        c.stdin(Stdio::null()).stdout(log).stderr(err);
-        let child = c.spawn().expect("spawn docker-registry");
-        Registry {
+        cmd.arg("serve")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err);
+        let child = cmd.spawn().expect("spawn docker-registry");
+        let mut r = Registry {
             host: format!("{addr}:{port}"),
             dir: dir.to_path_buf(),
             child: Some(child),
-        }
-    }
-
-    /// A registry on 127.0.0.1, answering when this returns.
-    pub fn start(dir: &Path) -> Registry {
-        let port = super::free_port();
-        let mut r = Registry::start_with(dir, "127.0.0.1", port, |c| c);
+        };
         let t0 = Instant::now();
         loop {
-            if let Ok((200, _)) = super::http_get(port, "/v2/") {
+            if ready() {
                 return r;
             }
             if let Some(Ok(Some(st))) = r.child.as_mut().map(|c| c.try_wait()) {
@@ -80,6 +76,14 @@ impl Registry {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// A registry on 127.0.0.1, answering when this returns.
+    pub fn start(dir: &Path) -> Registry {
+        let port = super::free_port();
+        Registry::start_with(dir, "127.0.0.1", port, Command::new(REGISTRY_BIN), || {
+            matches!(super::http_get(port, "/v2/"), Ok((200, _)))
+        })
     }
 
     pub fn log(&self) -> String {
