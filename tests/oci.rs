@@ -6,6 +6,7 @@
 
 mod common;
 
+use common::hosts::TwoHosts;
 use common::registry::{self, Registry};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -524,4 +525,96 @@ fn an_image_whose_cpu_or_files_differ_is_refused_with_every_difference() {
     );
     drop(d);
     let _ = std::fs::remove_dir_all(&base);
+}
+
+/// The fleet version: two network namespaces joined by a veth pair, a
+/// daemon in each, the registry in host A's namespace on A's address (not
+/// loopback, so both sides name it with --insecure-registry). Push on A,
+/// pull on B, start on B, answer on B's address.
+#[test]
+fn two_hosts_push_on_a_pull_on_b_answer_on_b() {
+    if !require("two_hosts_oci") {
+        return;
+    }
+    if let Some(m) = common::hosts::missing_tools() {
+        assert!(!common::in_ci(), "two_hosts_oci: needs {m}");
+        eprintln!("SKIP two_hosts_oci: needs {m}");
+        return;
+    }
+    let _l = common::lock();
+    let mut hosts = TwoHosts::new();
+    hosts.start_daemons();
+    let (a, b) = (&hosts.a, &hosts.b);
+    // A's namespace is its own: a fixed port cannot collide there.
+    let reg_port = 5000;
+    let reg_addr = common::hosts::ADDR_A;
+    let reg = Registry::start_with(
+        &hosts.dir.join("reg"),
+        &reg_addr.to_string(),
+        reg_port,
+        a.command(registry::REGISTRY_BIN),
+        || matches!(a.http_get(reg_addr, reg_port, "/v2/"), Ok((200, _))),
+    );
+    let port = 8089;
+    let python = common::python();
+    let payload = common::python_payload();
+    a.ok(&[
+        "service",
+        "create",
+        "web",
+        "--backend",
+        "trace",
+        "-C",
+        env!("CARGO_MANIFEST_DIR"),
+        "--",
+        python.to_str().expect("utf-8"),
+        payload.to_str().expect("utf-8"),
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "0.0.0.0",
+    ]);
+    a.ok(&["service", "prebake", "web"]);
+    let reference = format!("{}/fleet/web:1", reg.host);
+    // Not loopback: plain HTTP only when asked for.
+    let https = a.mhctl(&["image", "push", "web@1", &reference]);
+    assert!(
+        !https.status.success(),
+        "HTTPS to a plain-HTTP registry fails"
+    );
+    let pushed = a.json(&[
+        "image",
+        "push",
+        "web@1",
+        &reference,
+        "--insecure-registry",
+        &reg.host,
+    ]);
+    let pulled = b.json(&[
+        "image",
+        "pull",
+        &reference,
+        "--insecure-registry",
+        &reg.host,
+    ]);
+    assert_eq!(
+        pulled["manifest_digest"], pushed["manifest_digest"],
+        "{pulled}"
+    );
+    assert_eq!(pulled["created_service"], true, "{pulled}");
+    let check = b.ok(&["image", "check", "web@1"]);
+    assert!(check.contains("matches this host"), "{check}");
+    let started = b.json(&["service", "start", "web"]);
+    assert_eq!(started["state"], "running", "{started}");
+    assert_eq!(started["started_from"], "restored", "{started}");
+    let body = a
+        .wait_http(common::hosts::ADDR_B, port, Duration::from_secs(20))
+        .expect("B's restored service answers on B's address, from A");
+    assert!(body.starts_with("payload=python pid=1 "), "{body}");
+    assert!(
+        a.http_get(common::hosts::ADDR_A, port, "/").is_err(),
+        "nothing answers on A's address"
+    );
+    b.ok(&["service", "stop", "web"]);
+    drop(reg);
 }
