@@ -19,6 +19,9 @@
 //! sudo mhctl service start web --cold                # boot the command instead
 //! sudo mhctl image list web; sudo mhctl image inspect web@1; sudo mhctl image rm web@1
 //! sudo mhctl service logs web -f
+//! sudo mhctl image push web@1 127.0.0.1:5000/miehisto/web:1   # to an OCI registry
+//! sudo mhctl image pull 127.0.0.1:5000/miehisto/web:1         # on another host
+//! sudo mhctl image check web@1                                # would it restore here?
 //! ```
 //!
 //! Every `mhctl` command prints a table or a few lines, or JSON with
