@@ -74,6 +74,12 @@ impl DumpExtra {
                 ps.address.clone().into(),
                 "--port".into(),
                 ps.port.to_string().into(),
+                // Client connections cannot follow to another address:
+                // connected sockets are dumped as closed (the restore's
+                // --tcp-close brings them back shut down), and connections
+                // not yet accepted are dropped, instead of failing the dump.
+                "--tcp-close".into(),
+                "--skip-in-flight".into(),
             ]);
         }
         if self.leave_stopped {
@@ -282,6 +288,8 @@ mod tests {
                 "192.0.2.2",
                 "--port",
                 "4000",
+                "--tcp-close",
+                "--skip-in-flight",
                 "--leave-stopped"
             ]
             .map(OsString::from)

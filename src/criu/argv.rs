@@ -64,6 +64,11 @@ impl RestoreArgs {
             a.push(format!("mnt[{}]:{}", e.key, e.path.display()).into());
         }
         a.extend(["--pidfile".into(), self.pidfile.clone().into_os_string()]);
+        // A connected TCP socket in the image (only a migration's dump,
+        // made with --tcp-close, has one) comes back shut down and unbound
+        // instead of failing the restore: its peer and local address are
+        // another host's. Images without one are unaffected.
+        a.push("--tcp-close".into());
         if !self.exec_cmd.is_empty() {
             a.push("--exec-cmd".into());
             a.push("--".into());
