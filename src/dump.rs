@@ -2,7 +2,7 @@
 //! of a service that some supervisor (this or another runmh) is running.
 
 use crate::control::{self, Request};
-use crate::criu::{Criu, CriuError, DumpArgs};
+use crate::criu::{watchdog, Criu, CriuError, DumpArgs};
 use crate::explain;
 use crate::images::compat::{self, HostRecord};
 use crate::images::{self, BackendRecord, Metadata, Staged, StopRecord, StoreError};
@@ -101,15 +101,34 @@ pub fn criu_dump_with(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
+    let limits = watchdog::Limits::from_env().map_err(CriuError::Limits)?;
     let t0 = Instant::now();
-    let ok = match tracer {
-        Some(t) => t.run(&mut cmd).map(|st| st.code() == 0),
-        None => cmd.status().map(|st| st.success()),
-    }
-    .map_err(|source| CriuError::Spawn {
+    let spawn_err = |source| CriuError::Spawn {
         path: criu.path.clone(),
         source,
-    })?;
+    };
+    let mut child = cmd.spawn().map_err(spawn_err)?;
+    let pid_criu = nix::unistd::Pid::from_raw(child.id() as i32);
+    let dog = watchdog::watch(pid_criu, &staged.dir.join("dump.log"), limits);
+    let ok = match tracer {
+        // The tracer thread owns every wait of this process.
+        Some(t) => t
+            .watch(pid_criu)
+            .map_err(std::io::Error::other)
+            .and_then(|r| {
+                r.recv()
+                    .map_err(|_| std::io::Error::other("tracer thread gone"))
+            })
+            .map(|st| st.code() == 0),
+        None => child.wait().map(|st| st.success()),
+    };
+    if let Some(ending) = dog.finish() {
+        return Err(CriuError::Ended {
+            action: "dump",
+            ending,
+        });
+    }
+    let ok = ok.map_err(spawn_err)?;
     let took = t0.elapsed();
     if ok {
         explain::say("criu", &format!("dump finished in {} ms", took.as_millis()));
@@ -179,6 +198,8 @@ pub fn publish(staged: Staged, facts: DumpFacts<'_>) -> Result<Dumped, StoreErro
         image_files: files + 1,
         leave_running: facts.leave_running,
         host: facts.host,
+        // Filled in by the publish, over the files as they are then.
+        files: Vec::new(),
     };
     let image = staged.publish(&metadata)?;
     Ok(Dumped { image, metadata })

@@ -29,6 +29,7 @@ pub mod doctor;
 pub mod dump;
 pub mod experiment;
 pub mod explain;
+pub mod files;
 pub mod filter;
 pub mod images;
 pub mod instance;

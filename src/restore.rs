@@ -12,7 +12,7 @@
 use crate::channel::{self, ChannelError, ReadyMsg};
 use crate::criu::kdat::{self, KdatCache};
 use crate::criu::private_root;
-use crate::criu::{Criu, CriuError, RestoreArgs};
+use crate::criu::{watchdog, Criu, CriuError, RestoreArgs};
 use crate::explain;
 use crate::images::compat::{self, CompatError, CpuCheck};
 use crate::images::{Metadata, MetadataError};
@@ -37,6 +37,7 @@ pub enum RestoreError {
     Metadata(#[from] MetadataError),
     #[error(transparent)]
     Compat(#[from] CompatError),
+    Damaged(#[from] crate::images::VerifyError),
     #[error(transparent)]
     Instance(#[from] InstanceError),
     #[error(transparent)]
@@ -90,6 +91,12 @@ pub struct RestoreOpts {
     /// Append phase stamps here (`mhctl bench`'s breakdown; see
     /// [`crate::timings`]). None on a normal restore.
     pub timings: Option<PathBuf>,
+    /// Bounds on CRIU's run (and the supervisor's setup after it).
+    pub limits: watchdog::Limits,
+    /// The caller returns once the service runs: CRIU and the supervisor
+    /// get /dev/null and a log file in the instance directory instead of
+    /// the caller's stdio, so `x=$(runmh restore --detach ...)` returns.
+    pub detach: bool,
 }
 
 /// A restore that succeeded: the supervisor runs the tree.
@@ -149,6 +156,8 @@ fn prepare_files(md: &Metadata) -> Result<(), RestoreError> {
 pub fn restore(criu: &Criu, opts: &RestoreOpts) -> Result<Restored, RestoreError> {
     let t0 = Instant::now();
     let md = Metadata::read(&opts.images)?;
+    // CRIU's restorer trusts the image: a short pages file makes it spin.
+    crate::images::verify::verify(&opts.images, &md.files)?;
     prepare_files(&md)?;
     // Before CRIU runs: a mismatch is one error naming every difference,
     // not a restore failing half-way or a SIGILL after it.
@@ -293,10 +302,29 @@ fn spawn_criu(
     let stamps = crate::timings::Stamps::new(opts.timings.as_deref());
     stamps.watch_creation(&inst.dir, "restore.log", Duration::from_secs(60));
     stamps.mark(crate::timings::CRIU_EXEC);
+    let stdio = if opts.detach {
+        let null = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .map_err(|e| RestoreError::Prepare {
+                path: "/dev/null".into(),
+                source: e,
+            })?;
+        let log_path = inst.dir.join("supervisor.log");
+        let log = crate::files::append_private(&log_path).map_err(|e| RestoreError::Prepare {
+            path: log_path,
+            source: e,
+        })?;
+        Some((null, log))
+    } else {
+        None
+    };
+    let stdio_fds = stdio.as_ref().map(|(n, l)| (n.as_raw_fd(), l.as_raw_fd()));
     // SAFETY: the child only calls async-signal-safe wrappers on the data
     // prepared above and ends in execve or _exit.
     let child = match unsafe { sys::fork_raw() } {
-        Ok(0) => restore_child(write_fd, &root, kdat_child, &prog, &argv, &envp),
+        Ok(0) => restore_child(write_fd, stdio_fds, &root, kdat_child, &prog, &argv, &envp),
         Ok(pid) => Pid::from_raw(pid),
         Err(source) => {
             return Err(RestoreError::Fork {
@@ -306,11 +334,23 @@ fn spawn_criu(
         }
     };
     drop(ready_w);
+    // CRIU, then the supervisor it execs, holds the pipe's write end: the
+    // read ends with the ready line, or at EOF when the watchdog has ended
+    // them (too slow, a runaway log, or SIGTERM for us).
+    let dog = watchdog::watch(child, &inst.dir.join("restore.log"), opts.limits);
     let reply = channel::read_line::<ReadyMsg>(
         BufReader::new(std::fs::File::from(ready_r)),
         ReadyMsg::CHANNEL,
         ReadyMsg::EXPECTED,
     );
+    if let Some(ending) = dog.finish() {
+        let _ = sys::waitpid(child.as_raw(), 0);
+        return Err(CriuError::Ended {
+            action: "restore",
+            ending,
+        }
+        .into());
+    }
     let reply = match reply {
         Ok(r) => r,
         Err(e) => {
@@ -416,6 +456,7 @@ fn kdat_plan(
 
 fn restore_child(
     ready: RawFd,
+    stdio: Option<(RawFd, RawFd)>,
     root: &CString,
     kdat: Option<Option<&[u8]>>,
     prog: &CString,
@@ -423,6 +464,13 @@ fn restore_child(
     envp: &[*const libc::c_char],
 ) -> ! {
     sys::unblock_all_signals();
+    if let Some((null, log)) = stdio {
+        for (from, to) in [(null, 0), (null, 1), (log, 2)] {
+            if let Err(e) = sys::dup2(from, to) {
+                child_fail(ready, "redirect_stdio", e);
+            }
+        }
+    }
     if let Err((step, e)) = private_root::enter(root, kdat) {
         child_fail(ready, step.name(), e);
     }

@@ -669,3 +669,12 @@ impl Drop for FreshMap {
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
+
+/// The size of a memory page (CRIU's pages images hold whole pages).
+pub fn page_size() -> u64 {
+    match nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE) {
+        Ok(Some(n)) if n > 0 => n as u64,
+        // sysconf(_SC_PAGESIZE) cannot fail on Linux; 4 KiB is x86_64's.
+        _ => 4096,
+    }
+}

@@ -431,6 +431,8 @@ fn real_main(cli: Cli) -> Result<i32> {
                 reseize: !no_reseize,
                 stop_timeout: Duration::from_secs(stop_timeout),
                 timings,
+                limits: miehisto::criu::watchdog::Limits::from_env().map_err(anyhow::Error::msg)?,
+                detach,
             };
             let r = restore::restore(&criu, &opts)?;
             report_running(&r.instance.id, r.supervisor, r.root);

@@ -5,6 +5,7 @@ pub mod argv;
 pub mod kdat;
 pub mod log;
 pub mod private_root;
+pub mod watchdog;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -89,6 +90,13 @@ pub enum CriuError {
         #[source]
         source: std::io::Error,
     },
+    #[error("criu {action} was ended because {ending}")]
+    Ended {
+        action: &'static str,
+        ending: watchdog::Ending,
+    },
+    #[error("invalid CRIU limits: {0}")]
+    Limits(String),
     #[error("cannot start criu at {path}")]
     Spawn {
         path: PathBuf,

@@ -269,6 +269,8 @@ pub fn restore_and_watch(
                 reseize,
                 stop_timeout: Duration::from_secs(2),
                 timings: None,
+                limits: crate::criu::watchdog::Limits::default(),
+                detach: false,
             };
             restore::restore(criu, &opts).map(|r| {
                 w.restore_ms = Some(crate::sys::time::millis(r.took));

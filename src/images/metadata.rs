@@ -64,6 +64,10 @@ pub struct Metadata {
     /// before a restore elsewhere; absent in images made before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<super::compat::HostRecord>,
+    /// Every CRIU image file's size and checksum, recorded at publish time
+    /// and checked before a restore (empty in images made before).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<super::FileSum>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +98,7 @@ impl Metadata {
     pub fn write(&self, dir: &Path) -> std::io::Result<()> {
         let path = dir.join(FILE_NAME);
         let text = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
-        std::fs::write(&path, text)
+        crate::files::write_atomic(&path, &text)
     }
 
     /// Reads and validates the metadata of the image in `dir`.
@@ -219,6 +223,7 @@ pub(crate) mod tests {
             image_files: 10,
             leave_running: false,
             host: None,
+            files: Vec::new(),
         }
     }
 

@@ -5,9 +5,11 @@
 pub mod compat;
 pub mod metadata;
 pub mod oci;
+pub mod verify;
 
 pub use metadata::{BackendRecord, Metadata, MetadataError, StopRecord};
 use std::path::{Path, PathBuf};
+pub use verify::{FileSum, VerifyError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -34,6 +36,25 @@ pub enum StoreError {
     },
     #[error("invalid image name {0:?}")]
     BadName(String),
+    #[error("cannot seal the staged image")]
+    Seal(#[source] VerifyError),
+    #[error("cannot flush {path} to disk")]
+    Sync {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// fsync(2) of a directory, so that the names in it (a new file, a
+/// rename) survive a crash.
+pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| StoreError::Sync {
+            path: dir.to_path_buf(),
+            source,
+        })
 }
 
 /// An image being written. Dropped unpublished, it is removed.
@@ -102,13 +123,19 @@ impl Staged {
         &self.dest
     }
 
-    /// Writes `md` and renames the staging directory into place.
+    /// Records every image file's size and checksum in `md`, writes it,
+    /// flushes files and directory to disk, and renames the staging
+    /// directory into place: after a crash the published name holds the
+    /// whole image, not files whose data never reached the disk.
     pub fn publish(mut self, md: &Metadata) -> Result<PathBuf, StoreError> {
+        let mut md = md.clone();
+        md.files = verify::seal(&self.dir, true).map_err(StoreError::Seal)?;
         md.write(&self.dir)
             .map_err(|source| StoreError::WriteMetadata {
                 path: self.dir.clone(),
                 source,
             })?;
+        sync_dir(&self.dir)?;
         // An empty destination directory may be replaced; rename(2) onto a
         // non-empty one fails, which is what we want.
         if self.dest.is_dir() && is_empty_dir(&self.dest) {
@@ -120,6 +147,7 @@ impl Staged {
             source,
         })?;
         self.published = true;
+        sync_dir(self.dest.parent().unwrap_or(Path::new("/")))?;
         Ok(self.dest.clone())
     }
 }
