@@ -108,7 +108,7 @@ pub fn criu_dump_with(
         source,
     };
     let mut child = cmd.spawn().map_err(spawn_err)?;
-    let pid_criu = nix::unistd::Pid::from_raw(child.id() as i32);
+    let pid_criu = crate::sys::child_pid(&child);
     let dog = watchdog::watch(pid_criu, &staged.dir.join("dump.log"), limits);
     let ok = match tracer {
         // The tracer thread owns every wait of this process.

@@ -15,11 +15,25 @@ pub const FILE_MODE: u32 = 0o600;
 /// (or CRIU, which follows it) creates without an explicit mode are private.
 pub const PRIVATE_UMASK: u32 = 0o077;
 
-/// Sets [`PRIVATE_UMASK`]; returns the umask it replaced, which a
-/// sandboxed service gets back before its exec.
-pub fn private_umask() -> u32 {
+static CALLER_UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// Sets [`PRIVATE_UMASK`] for this process (once, at start); the umask it
+/// replaced is what a sandboxed service gets back before its exec.
+pub fn private_umask() {
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(PRIVATE_UMASK));
-    old.bits()
+    let _ = CALLER_UMASK.set(old.bits());
+}
+
+/// The umask a service runs with: the one this process was started with
+/// (before [`private_umask`]), else the current one.
+pub fn service_umask() -> u32 {
+    if let Some(m) = CALLER_UMASK.get() {
+        return *m;
+    }
+    // umask(2) only reads by writing: put the value straight back.
+    let cur = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(PRIVATE_UMASK));
+    nix::sys::stat::umask(cur);
+    cur.bits()
 }
 
 /// `create_dir_all`, with every directory it creates 0700, and `dir`
@@ -84,6 +98,17 @@ pub fn tighten_tree(dir: &Path, keep: &[&Path]) -> std::io::Result<usize> {
     Ok(changed)
 }
 
+/// A state directory as runmh finds it on start: the directory and its
+/// direct entries tightened (cheap enough for every restore; the daemon
+/// tightens its whole tree with [`tighten_tree`]).
+pub fn tighten_state(dir: &Path) -> std::io::Result<()> {
+    private_dir(dir)?;
+    for e in std::fs::read_dir(dir)?.flatten() {
+        tighten_one(&e.path())?;
+    }
+    Ok(())
+}
+
 /// Creates (or truncates) `path` as a 0600 file and opens it for writing.
 pub fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
     let f = std::fs::OpenOptions::new()
@@ -115,6 +140,16 @@ static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new
 /// On any failure (a full disk) the temporary file is removed and `path`
 /// keeps its old contents.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    replace(path, bytes, true)
+}
+
+/// [`write_atomic`] without the fsyncs: for runtime records that do not
+/// outlive a crash anyway (a running instance's), on the restore's path.
+pub fn write_replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    replace(path, bytes, false)
+}
+
+fn replace(path: &Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()
@@ -129,10 +164,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
             .mode(FILE_MODE)
             .open(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
         drop(f);
         std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
+        if durable {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

@@ -273,7 +273,7 @@ impl Instance {
     pub fn create(state_dir: &Path) -> Result<Instance, InstanceError> {
         let id = format!("{}-{}", crate::sys::time::unix_ms(), std::process::id());
         let dir = state_dir.join("instances").join(&id);
-        std::fs::create_dir_all(dir.join("root")).map_err(|source| InstanceError::Create {
+        crate::files::private_dir(&dir.join("root")).map_err(|source| InstanceError::Create {
             path: dir.clone(),
             source,
         })?;
@@ -320,16 +320,12 @@ impl Instance {
 
     pub fn write_record(&self, rec: &InstanceRecord) -> Result<(), InstanceError> {
         let path = self.dir.join(RECORD);
-        let tmp = self.dir.join(".instance.json.tmp");
         let text = serde_json::to_vec_pretty(rec).map_err(|e| InstanceError::Write {
             path: path.clone(),
             source: e.into(),
         })?;
-        std::fs::write(&tmp, text).map_err(|source| InstanceError::Write {
-            path: tmp.clone(),
-            source,
-        })?;
-        std::fs::rename(&tmp, &path).map_err(|source| InstanceError::Write { path, source })
+        crate::files::write_replace(&path, &text)
+            .map_err(|source| InstanceError::Write { path, source })
     }
 
     pub fn read_record(&self) -> Result<InstanceRecord, InstanceError> {

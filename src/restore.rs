@@ -130,13 +130,9 @@ fn prepare_files(md: &Metadata) -> Result<(), RestoreError> {
         path: path.to_path_buf(),
         source: e,
     };
-    std::fs::create_dir_all(&md.spec.log_dir).map_err(|e| prep(&md.spec.log_dir, e))?;
+    crate::files::private_dir(&md.spec.log_dir).map_err(|e| prep(&md.spec.log_dir, e))?;
     for log in [md.spec.stdout_log(), md.spec.stderr_log()] {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .map_err(|e| prep(&log, e))?;
+        crate::files::append_private(&log).map_err(|e| prep(&log, e))?;
     }
     if let Some((_, so)) = md.spec.env.iter().find(|(k, _)| k == "LD_PRELOAD") {
         let so = Path::new(so);

@@ -622,6 +622,12 @@ pub fn set_child_subreaper() -> SysResult<()> {
         .map(drop)
 }
 
+/// Async-signal-safe: `umask(2)`.
+pub fn set_umask(mask: libc::mode_t) {
+    // SAFETY: umask only sets a process attribute and cannot fail.
+    unsafe { libc::umask(mask) };
+}
+
 /// Is the effective user root?
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
@@ -673,7 +679,7 @@ impl Drop for FreshMap {
 /// The size of a memory page (CRIU's pages images hold whole pages).
 pub fn page_size() -> u64 {
     match nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE) {
-        Ok(Some(n)) if n > 0 => n as u64,
+        Ok(Some(n)) if n > 0 => n.unsigned_abs(),
         // sysconf(_SC_PAGESIZE) cannot fail on Linux; 4 KiB is x86_64's.
         _ => 4096,
     }

@@ -259,7 +259,7 @@ fn hung_criu_is_ended_by_time_and_by_sigterm() {
     let criu_pid: i32 = common::read(&started).trim().parse().expect("criu pid");
     assert!(Path::new(&format!("/proc/{criu_pid}")).exists());
     let t0 = Instant::now();
-    kill(Pid::from_raw(front.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    kill(miehisto::sys::child_pid(&front), Signal::SIGTERM).expect("SIGTERM");
     let st = wait_exit(&mut front, "runmh restore after SIGTERM");
     assert!(
         t0.elapsed() < Duration::from_secs(3),
@@ -268,5 +268,140 @@ fn hung_criu_is_ended_by_time_and_by_sigterm() {
     assert!(!st.success());
     let err = c.stderr_of("restore-term");
     assert!(err.contains("SIGTERM"), "{err}");
+    c.assert_clean();
+}
+
+/// Runs `argv` as `nobody` (uid and gid 65534, no groups).
+fn as_nobody(argv: &[&str]) -> Output {
+    Command::new("setpriv")
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "--",
+        ])
+        .args(argv)
+        .output()
+        .expect("setpriv")
+}
+
+/// Every path under `dir` (not following symlinks).
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        if let Ok(rd) = std::fs::read_dir(&p) {
+            for e in rd.flatten() {
+                stack.push(e.path());
+            }
+        }
+        out.push(p);
+    }
+    out
+}
+
+/// With umask 022, a prebaked image (memory and environment holding a
+/// secret), its metadata, its logs and the state directory are private:
+/// `nobody` can read none of it; a world-readable leftover is tightened
+/// on the next start.
+#[test]
+fn state_images_and_logs_are_private() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let _g = common::lock();
+    if !common::require_privileged("state_images_and_logs_are_private") {
+        return;
+    }
+    let c = Case::new("flt-private");
+    // The caller's umask is loose; miehisto must not rely on it.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    let img = c.state.join("images/web");
+    let port = common::free_port();
+    let criu = common::criu_path().expect("criu");
+    let mut cmd = c.runmh(&criu);
+    cmd.args(["prebake", "--backend", "trace", "--images"])
+        .arg(&img)
+        .args(["-e", "API_TOKEN=s3cret-token", "-e"])
+        .arg(&c.tag)
+        .arg("--")
+        .arg(common::payload("simple_server"))
+        .args(["--port", &port.to_string()]);
+    let out = cmd.output().expect("prebake");
+    nix::sys::stat::umask(old);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The secret is in the image (so the test can see what it protects).
+    let md = common::read(&img.join("miehisto.json"));
+    assert!(
+        md.contains("s3cret-token"),
+        "the metadata records the environment"
+    );
+
+    let all = walk(&c.state);
+    assert!(all.iter().any(|p| p.ends_with("pages-1.img")));
+    assert!(all.iter().any(|p| p.ends_with("stdout.log")));
+    for p in all.iter().filter(|p| p.starts_with(c.state.join("images"))) {
+        let m = std::fs::symlink_metadata(p).expect("stat");
+        let want = if m.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(m.mode() & 0o777, want, "{}", p.display());
+    }
+    for p in &all {
+        let m = std::fs::symlink_metadata(p).expect("stat");
+        if m.file_type().is_symlink() || p.starts_with(c.state.join("criu-")) {
+            continue;
+        }
+        assert_eq!(
+            m.mode() & 0o077,
+            0,
+            "{} is {:o}",
+            p.display(),
+            m.mode() & 0o777
+        );
+    }
+    let state = c.state.to_string_lossy().into_owned();
+    let out = as_nobody(&["grep", "-rl", "s3cret-token", &state]);
+    assert!(
+        !out.status.success(),
+        "nobody found the secret: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    for p in ["images/web/pages-1.img", "images/web/miehisto.json"] {
+        let out = as_nobody(&["cat", &c.state.join(p).to_string_lossy()]);
+        assert!(
+            !out.status.success() && out.stdout.is_empty(),
+            "nobody read {p}"
+        );
+    }
+
+    // A loose state directory (as older versions left it) is tightened.
+    let loose = c.state.join("logs");
+    std::fs::set_permissions(&c.state, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let out = c.restore(&criu, &img, true).output().expect("restore");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for d in [&c.state, &loose] {
+        let mode = std::fs::metadata(d).expect("stat").mode() & 0o777;
+        assert_eq!(mode, 0o700, "{}", d.display());
+    }
+    common::wait_http(port, DEADLINE).expect("restored service answers");
+    let (_, rec) = c.instances().pop().expect("the restored instance");
+    let inst_mode = walk(&c.state.join("instances"))
+        .iter()
+        .map(|p| {
+            std::fs::symlink_metadata(p)
+                .map(|m| m.mode() & 0o077)
+                .unwrap_or(0)
+        })
+        .max();
+    assert_eq!(inst_mode, Some(0), "instance records are private");
+    kill(Pid::from_raw(rec.supervisor_pid), Signal::SIGTERM).expect("SIGTERM the supervisor");
     c.assert_clean();
 }

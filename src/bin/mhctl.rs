@@ -228,6 +228,8 @@ enum ImageCmd {
 }
 
 fn main() {
+    // What mhctl's experiments write (images, logs) is private.
+    miehisto::files::private_umask();
     let cli = Cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp(None)

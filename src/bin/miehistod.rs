@@ -98,8 +98,21 @@ fn real_main(cli: Cli) -> Result<()> {
     let runmh = find_runmh(cli.runmh)?;
     let state_dir = std::path::absolute(&cli.state_dir)
         .with_context(|| format!("bad --state-dir {}", cli.state_dir.display()))?;
-    std::fs::create_dir_all(&state_dir)
+    miehisto::files::private_umask();
+    miehisto::files::private_dir(&state_dir)
         .with_context(|| format!("cannot create the state directory {}", state_dir.display()))?;
+    // Older versions left images, records and logs readable by everyone.
+    match miehisto::files::tighten_tree(&state_dir, &[]) {
+        Ok(0) => {}
+        Ok(n) => log::warn!(
+            "made {n} entries under {} private (0700 directories, 0600 files)",
+            state_dir.display()
+        ),
+        Err(e) => bail!(
+            "cannot make the state directory {} private: {e}",
+            state_dir.display()
+        ),
+    }
     let lock_path = state_dir.join("miehistod.lock");
     let lock_file = std::fs::OpenOptions::new()
         .create(true)

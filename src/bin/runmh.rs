@@ -232,6 +232,10 @@ fn report_running(instance: &str, supervisor: Pid, root: Pid) {
 }
 
 fn main() {
+    // Images hold the service's memory, records its environment: whatever
+    // this process and CRIU create is private (the service gets the
+    // caller's umask back).
+    miehisto::files::private_umask();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp(None)
         .init();
@@ -254,6 +258,11 @@ fn main() {
 
 fn real_main(cli: Cli) -> Result<i32> {
     let state_dir = instance::state_dir(cli.state_dir.as_deref());
+    if !matches!(cli.cmd, Cmd::Doctor | Cmd::Supervise { .. }) && miehisto::sys::is_root() {
+        miehisto::files::tighten_state(&state_dir).with_context(|| {
+            format!("cannot prepare the state directory {}", state_dir.display())
+        })?;
+    }
     match cli.cmd {
         Cmd::Doctor => {
             let checks = doctor::run(cli.criu.as_deref());

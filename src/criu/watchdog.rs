@@ -252,7 +252,7 @@ mod tests {
             ))
             .spawn()
             .unwrap();
-        let pid = Pid::from_raw(child.id() as i32);
+        let pid = crate::sys::child_pid(&child);
         let t0 = Instant::now();
         // Wait for the sleeper so that the tree has two levels.
         while tree_of(pid.as_raw()).len() < 2 && t0.elapsed() < Duration::from_secs(5) {

@@ -9,7 +9,6 @@
 //! that restarts cannot believe a stale "running".
 
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const FORMAT_VERSION: u32 = 1;
@@ -139,29 +138,15 @@ impl Registry {
     pub fn save(&self, rec: &ServiceRecord) -> Result<(), RegistryError> {
         validate_name(&rec.config.name)?;
         let path = self.path(&rec.config.name);
-        let tmp = self.dir.join(format!(
-            ".{}.json.tmp-{}",
-            rec.config.name,
-            std::process::id()
-        ));
-        let werr = |source| RegistryError::Write {
-            path: tmp.clone(),
-            source,
-        };
-        let text = serde_json::to_vec_pretty(rec).map_err(|e| werr(e.into()))?;
-        let mut f = std::fs::File::create(&tmp).map_err(werr)?;
-        f.write_all(&text).map_err(werr)?;
-        // Durable before it replaces the old record: a crash right after the
-        // rename must not leave an empty file behind.
-        f.sync_all().map_err(werr)?;
-        drop(f);
-        std::fs::rename(&tmp, &path).map_err(|source| {
-            let _ = std::fs::remove_file(&tmp);
-            RegistryError::Write {
-                path: path.clone(),
-                source,
-            }
-        })
+        let text = serde_json::to_vec_pretty(rec).map_err(|e| RegistryError::Write {
+            path: path.clone(),
+            source: e.into(),
+        })?;
+        // Durable before it replaces the old record (a crash right after
+        // the rename must not leave an empty file), and no temporary file
+        // left when the disk is full.
+        crate::files::write_atomic(&path, &text)
+            .map_err(|source| RegistryError::Write { path, source })
     }
 
     pub fn load(&self, name: &str) -> Result<Option<ServiceRecord>, RegistryError> {
@@ -214,12 +199,16 @@ impl Registry {
         };
         for e in rd.flatten() {
             let file = e.file_name().to_string_lossy().into_owned();
+            if crate::files::is_stale_temp(&file) {
+                // A temporary file of an interrupted save (one daemon per
+                // state directory: no save of ours is under way yet).
+                let _ = std::fs::remove_file(e.path());
+                continue;
+            }
             let Some(name) = file.strip_suffix(".json") else {
                 continue;
             };
             if file.starts_with('.') {
-                // A temporary file of an interrupted save.
-                let _ = std::fs::remove_file(e.path());
                 continue;
             }
             match self.load(name) {

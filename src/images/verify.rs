@@ -308,14 +308,14 @@ fn parse_fields(msg: &[u8]) -> Result<Vec<(u32, u64)>, String> {
     };
     while i < msg.len() {
         let key = varint(&mut i)?;
-        let field = (key >> 3) as u32;
+        let field = u32::try_from(key >> 3).map_err(|_| "field number out of range")?;
         match key & 7 {
             0 => out.push((field, varint(&mut i)?)),
             1 => i += 8,
             5 => i += 4,
             2 => {
                 let n = varint(&mut i)?;
-                i = i.saturating_add(n as usize);
+                i = i.saturating_add(usize::try_from(n).map_err(|_| "field too long")?);
             }
             w => return Err(format!("wire type {w}")),
         }
@@ -493,7 +493,7 @@ mod tests {
         assert_eq!(xxh(b"a"), 0xD24E_C4F1_A98C_6E5B);
         assert_eq!(xxh(b"abc"), 0x44BC_2CF5_AD77_0999);
         // Streaming in odd pieces gives the one-shot answer.
-        let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 + 3) as u8).collect();
+        let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 + 3).to_le_bytes()[0]).collect();
         let mut h = Xxh64::new(0);
         for c in data.chunks(13) {
             h.update(c);
@@ -520,7 +520,7 @@ mod tests {
         d.extend_from_slice(&IMG_COMMON_MAGIC.to_le_bytes());
         d.extend_from_slice(&PAGEMAP_MAGIC.to_le_bytes());
         let mut push = |msg: Vec<u8>| {
-            d.extend_from_slice(&(msg.len() as u32).to_le_bytes());
+            d.extend_from_slice(&u32::try_from(msg.len()).unwrap().to_le_bytes());
             d.extend_from_slice(&msg);
         };
         let mut head = vec![0x08];
@@ -568,7 +568,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("mh-verify-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let page = crate::sys::page_size() as usize;
+        let page = usize::try_from(crate::sys::page_size()).unwrap();
         std::fs::write(
             dir.join("pagemap-1.img"),
             pagemap(1, &[(0x1000, 3, PE_PRESENT)]),

@@ -34,6 +34,8 @@ pub struct ChildPlan {
     pub argv: Vec<*const libc::c_char>,
     pub variants: Vec<ChildVariant>,
     pub ids: Option<(libc::uid_t, libc::gid_t)>,
+    /// The caller's umask, given back to the service (ours is 077).
+    pub umask: libc::mode_t,
     pub sync_read: RawFd,
     pub error_write: RawFd,
     pub listener_sock: RawFd,
@@ -116,7 +118,9 @@ pub fn run(plan: &ChildPlan) -> ! {
     sys::close(null);
     let log_flags = libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT | libc::O_CLOEXEC;
     for (log, target) in [(&plan.stdout_log, 1), (&plan.stderr_log, 2)] {
-        let fd = match sys::open(log, log_flags, 0o640) {
+        // Opened as root before the id switch: the service writes through
+        // the inherited fd, nobody else may read what it prints.
+        let fd = match sys::open(log, log_flags, 0o600) {
             Ok(fd) => fd,
             Err(e) => fail(plan, Step::OpenLog, e),
         };
@@ -173,6 +177,7 @@ pub fn run(plan: &ChildPlan) -> ! {
     if plan.listener_sock >= 0 {
         sys::close(plan.listener_sock);
     }
+    sys::set_umask(plan.umask);
     let errno = sys::execve(&plan.program, &plan.argv, &variant.envp);
     fail(plan, Step::Exec, errno)
 }

@@ -267,7 +267,7 @@ pub fn spawn(
 ) -> Result<Spawned, SandboxError> {
     let mounts = mounts::mount_points().map_err(SandboxError::MountTable)?;
     let externals = mounts::externals_for(&mounts);
-    std::fs::create_dir_all(&spec.log_dir).map_err(|source| SandboxError::CreateDir {
+    crate::files::private_dir(&spec.log_dir).map_err(|source| SandboxError::CreateDir {
         path: spec.log_dir.clone(),
         source,
     })?;
@@ -345,6 +345,7 @@ pub fn spawn(
         argv,
         variants: child_variants,
         ids,
+        umask: crate::files::service_umask(),
         sync_read: sync_read.as_raw_fd(),
         error_write: error_write.as_raw_fd(),
         listener_sock: listener_sock.as_raw_fd(),
