@@ -43,6 +43,36 @@ pub mod supervisor;
 pub mod sys;
 pub mod timings;
 
+/// Text from an image, a record or a client, made safe for a terminal:
+/// control characters (escape sequences, newlines, carriage returns) are
+/// shown escaped (`\u{1b}`), everything else as it is.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod printable_tests {
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(
+            super::printable("web\u{1b}[2J\r\nok é"),
+            "web\\u{1b}[2J\\r\\nok é"
+        );
+        assert_eq!(
+            super::printable("plain -m http.server"),
+            "plain -m http.server"
+        );
+    }
+}
+
 /// An error and its causes on one line, joined like anyhow's `{:#}`: for
 /// records, replies and reports that keep the reason as text. A cause whose
 /// text its wrapper already quotes is not repeated.

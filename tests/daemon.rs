@@ -576,3 +576,82 @@ fn concurrent_prebakes_make_whole_generations() {
     assert!(c.live_services().is_empty());
     assert!(common::mounts_under(&c.dir).is_empty());
 }
+
+/// Issue 11 #6: a record that does not parse is shown as broken with its
+/// reason, and neither a create nor a delete of that name touches its
+/// record, images or logs unless forced. Issue 11 #8: `ping` and
+/// `service.list` refuse unknown fields.
+#[test]
+fn broken_record_is_reported_and_kept() {
+    let _g = common::lock();
+    if !common::require_privileged("broken_record_is_reported_and_kept") {
+        return;
+    }
+    let mut c = Case::for_daemon("dbr");
+    c.start_daemon(&[]);
+    c.ok(&["service", "create", "victim", "--", "/bin/sleep", "100"]);
+    c.ok(&["service", "create", "other", "--", "/bin/sleep", "100"]);
+    c.stop_daemon(nix::sys::signal::Signal::SIGTERM);
+    let record = c.state.join("services/victim.json");
+    std::fs::write(&record, b"{\"format_version\": 1, \"config\": {trunc").expect("corrupt");
+    // What the service owns: an image generation and its logs.
+    let image = c.images_dir("victim").join("1");
+    std::fs::create_dir_all(&image).expect("mkdir image");
+    std::fs::write(image.join("pages-1.img"), b"memory").expect("image file");
+    let logs = c.state.join("logs/victim");
+    std::fs::create_dir_all(&logs).expect("mkdir logs");
+    std::fs::write(logs.join("stdout.log"), b"history").expect("log");
+    c.start_daemon(&[]);
+
+    let victim = c.service("victim");
+    assert_eq!(victim["state"], "broken", "{victim}");
+    let problem = victim["problem"].as_str().unwrap_or_default();
+    assert!(
+        problem.contains("victim.json") && problem.contains("corrupt"),
+        "{victim}"
+    );
+    assert_eq!(c.service("other")["state"], "stopped");
+    let table = c.ok(&["service", "list"]);
+    assert!(
+        table.contains("victim") && table.contains("BROKEN"),
+        "{table}"
+    );
+
+    for args in [
+        &["service", "create", "victim", "--", "/bin/true"][..],
+        &["service", "delete", "victim"][..],
+    ] {
+        let out = c.mhctl(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} must be refused");
+        assert!(
+            err.contains("broken") && err.contains("--force"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(&record).expect("record"),
+        b"{\"format_version\": 1, \"config\": {trunc",
+        "the broken record is left as it was"
+    );
+    assert!(image.join("pages-1.img").is_file(), "its image is kept");
+    assert!(logs.join("stdout.log").is_file(), "its logs are kept");
+
+    let created = c.json(&["service", "create", "--force", "victim", "--", "/bin/true"]);
+    assert_eq!(created["state"], "stopped", "{created}");
+    assert_eq!(c.service("victim")["state"], "stopped");
+
+    for line in [
+        &b"{\"v\":1,\"op\":\"ping\",\"x\":1}\n"[..],
+        b"{\"v\":1,\"op\":\"service.list\",\"name\":\"victim\"}\n",
+    ] {
+        let r = raw(&c.socket, line, 1);
+        assert_eq!(error_code(&r[0]), "bad_request", "{:?}", r[0]);
+        assert!(r[0]["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("unknown field"));
+    }
+    c.ok(&["service", "delete", "victim"]);
+    c.ok(&["service", "delete", "other"]);
+}

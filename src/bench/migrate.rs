@@ -382,6 +382,7 @@ pub fn run_bench(args: &BenchArgs, criu: &Criu, w: &Workload) -> Result<i32, Ben
             cwd: w.cwd.clone(),
             backend: "auto".into(),
             stop_at: "listen".into(),
+            force: false,
         }),
         "service create",
     )?;

@@ -111,6 +111,9 @@ enum ServiceCmd {
         /// Working directory of the service (default: the current one).
         #[arg(short = 'C', long = "cwd", value_name = "DIR")]
         cwd: Option<PathBuf>,
+        /// Replace a service whose record is broken, with its images and logs.
+        #[arg(long)]
+        force: bool,
         /// The command and its arguments (never run through a shell).
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
@@ -386,6 +389,7 @@ fn service(client: &Client, cmd: ServiceCmd, json: bool) -> Result<i32> {
             stop_at,
             env,
             cwd,
+            force,
             command,
         } => {
             let cwd = cwd_for(cwd)?;
@@ -396,6 +400,7 @@ fn service(client: &Client, cmd: ServiceCmd, json: bool) -> Result<i32> {
                 cwd,
                 backend,
                 stop_at,
+                force,
             }))?
         }
         ServiceCmd::Prebake { name } => {
@@ -444,10 +449,10 @@ fn service(client: &Client, cmd: ServiceCmd, json: bool) -> Result<i32> {
         return Ok(0);
     }
     match reply {
-        Reply::Service(s) => println!("{}", describe_service(&s)),
+        Reply::Service(s) => println!("{}", miehisto::printable(&describe_service(&s))),
         Reply::Services { services } => print_services(&services),
-        Reply::Image(i) => println!("{}", describe_image(&i)),
-        Reply::Done { message } => println!("{message}"),
+        Reply::Image(i) => println!("{}", miehisto::printable(&describe_image(&i))),
+        Reply::Done { message } => println!("{}", miehisto::printable(&message)),
         other => print_json(&other)?,
     }
     Ok(0)
@@ -730,13 +735,14 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.chars().count());
+            *w = (*w).max(miehisto::printable(c).chars().count());
         }
     }
     let line = |cells: Vec<String>| {
         let n = cells.len();
         let s: Vec<String> = cells
             .into_iter()
+            .map(|c| miehisto::printable(&c))
             .enumerate()
             .map(|(i, c)| {
                 if i + 1 == n {
@@ -798,7 +804,10 @@ fn print_services(list: &[ServiceInfo]) {
                     None => "0".into(),
                 },
                 s.backend.clone(),
-                s.command.join(" "),
+                match &s.problem {
+                    Some(p) => format!("BROKEN RECORD: {p}"),
+                    None => s.command.join(" "),
+                },
             ]
         })
         .collect();
@@ -869,7 +878,7 @@ fn print_images(list: &[ImageInfo]) {
 }
 
 fn print_inspect(i: &ImageInfo, md: &miehisto::images::Metadata) {
-    let kv = |k: &str, v: String| println!("{k:<14} {v}");
+    let kv = |k: &str, v: String| println!("{k:<14} {}", miehisto::printable(&v));
     kv("image", format!("{}@{}", i.service, i.generation));
     kv("path", i.path.display().to_string());
     kv("created", age(md.created_unix_ms));

@@ -309,7 +309,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             let running = prebake::run_cold(&spec, inst)?;
             eprintln!(
                 "runmh: started {} as pid {} (logs in {})",
-                spec.argv.join(" "),
+                miehisto::printable(&spec.argv.join(" ")),
                 running.root,
                 spec.log_dir.display()
             );
@@ -447,7 +447,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             report_running(&r.instance.id, r.supervisor, r.root);
             eprintln!(
                 "runmh: restored {} as pid {} under runmh pid {} in {} ms",
-                r.metadata.spec.argv.join(" "),
+                miehisto::printable(&r.metadata.spec.argv.join(" ")),
                 r.root,
                 r.supervisor,
                 r.took.as_millis()

@@ -207,6 +207,10 @@ pub struct CreateService {
     /// The syscall a prebake stops before.
     #[serde(default = "default_stop_at")]
     pub stop_at: String,
+    /// Replace a record that does not parse (and its images and logs);
+    /// without it such a name is refused, so nothing is lost unasked.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
 }
 
 pub fn default_backend() -> String {
@@ -503,6 +507,8 @@ pub enum ServiceState {
     Running,
     /// Not running: never started, stopped, dumped or ended.
     Stopped,
+    /// Its record does not parse: shown, never touched without `--force`.
+    Broken,
 }
 
 impl ServiceState {
@@ -510,6 +516,7 @@ impl ServiceState {
         match self {
             ServiceState::Running => "running",
             ServiceState::Stopped => "stopped",
+            ServiceState::Broken => "broken",
         }
     }
 }
@@ -535,6 +542,10 @@ pub enum StartedFrom {
 pub struct ServiceInfo {
     pub name: String,
     pub state: ServiceState,
+    /// Why a `broken` service's record does not parse (its images and
+    /// logs are kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
     /// The operation in progress (`prebake`, `start`, `dump`, ...), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub busy: Option<String>,

@@ -688,6 +688,7 @@ fn service_from(info: &ServiceInfo) -> CreateService {
         cwd: info.cwd.clone(),
         backend: info.backend.clone(),
         stop_at: info.stop_at.clone(),
+        force: false,
     }
 }
 

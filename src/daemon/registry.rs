@@ -121,6 +121,20 @@ pub struct Registry {
     dir: PathBuf,
 }
 
+impl RegistryError {
+    /// The service whose record this error is about, when it is one.
+    pub fn service_name(&self) -> Option<String> {
+        match self {
+            RegistryError::Corrupt { path, .. } | RegistryError::Read { path, .. } => path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".json"))
+                .map(str::to_string),
+            _ => None,
+        }
+    }
+}
+
 impl Registry {
     pub fn open(state_dir: &Path) -> Result<Registry, RegistryError> {
         let dir = state_dir.join("services");

@@ -219,7 +219,24 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ApiError> {
             })
         }
     }
-    serde_json::from_value(value).map_err(|e| bad(format!("invalid request: {e}")))
+    let req: Request =
+        serde_json::from_value(value.clone()).map_err(|e| bad(format!("invalid request: {e}")))?;
+    // serde ignores the other fields of an internally tagged unit variant
+    // (`deny_unknown_fields` does not reach it): refuse them here, as the
+    // API promises for every request.
+    if matches!(req, Request::Ping | Request::ServiceList) {
+        let extra: Vec<&String> = value
+            .as_object()
+            .map(|o| o.keys().filter(|k| *k != "op").collect())
+            .unwrap_or_default();
+        if let Some(k) = extra.first() {
+            return Err(bad(format!(
+                "invalid request: unknown field `{k}`: {} takes no fields but \"v\" and \"op\"",
+                req.op()
+            )));
+        }
+    }
+    Ok(req)
 }
 
 impl Server {
@@ -541,6 +558,18 @@ mod tests {
         assert_eq!(
             code(br#"{"v":1,"op":"service.start"}"#),
             ErrorCode::BadRequest
+        );
+        for line in [
+            &br#"{"v":1,"op":"ping","x":1}"#[..],
+            br#"{"v":1,"op":"service.list","name":"web"}"#,
+        ] {
+            let e = parse_request(line).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadRequest);
+            assert!(e.message.contains("unknown field"), "{}", e.message);
+        }
+        assert_eq!(
+            parse_request(br#"{"v":1,"op":"service.list"}"#).unwrap(),
+            Request::ServiceList
         );
         let msg = parse_request(br#"{"v":1,"op":"nope"}"#)
             .unwrap_err()

@@ -65,6 +65,8 @@ pub enum ServiceError {
     NotFound(String),
     #[error("a service named {0:?} already exists; delete it first or choose another name")]
     Exists(String),
+    #[error("the record of service {name:?} is broken ({problem}); its images and logs are kept: repair the file, or replace everything with `mhctl service create --force {name} ...`")]
+    Broken { name: String, problem: String },
     #[error(
         "{name} is already running (pid {pid}); stop it first with `mhctl service stop {name}`"
     )]
@@ -125,6 +127,7 @@ impl ServiceError {
                 ImageStoreError::NoGeneration { .. } | ImageStoreError::NoImage { .. },
             ) => ErrorCode::NotFound,
             ServiceError::Exists(_) => ErrorCode::Exists,
+            ServiceError::Broken { .. } => ErrorCode::Conflict,
             ServiceError::Running { .. }
             | ServiceError::NotRunning { .. }
             | ServiceError::PrebakeWhileRunning { .. } => ErrorCode::Conflict,
@@ -190,6 +193,9 @@ pub struct Services {
     children: Children,
     runmh_state: PathBuf,
     records: Mutex<BTreeMap<String, ServiceRecord>>,
+    /// Services whose record does not parse, with the reason: shown by
+    /// `list`, and never overwritten or deleted without `force`.
+    broken: Mutex<BTreeMap<String, String>>,
     ops: Ops,
     /// The supervisor pid of each service the daemon started or took
     /// back, to tell how it ended once it is gone.
@@ -236,8 +242,12 @@ impl Services {
             })?;
         }
         let (recs, errs) = registry.load_all();
+        let mut broken = BTreeMap::new();
         for e in errs {
-            log::warn!("skipping a service: {e}");
+            log::warn!("a service record is broken: {}", crate::error_chain(&e));
+            if let Some(name) = e.service_name() {
+                broken.insert(name, crate::error_chain(&e));
+            }
         }
         // Image transfers run inside the daemon: whatever scratch space is
         // left was an interrupted one's.
@@ -273,6 +283,7 @@ impl Services {
                     .collect(),
             ),
             ops: Ops::default(),
+            broken: Mutex::new(broken),
             watched: Mutex::new(HashMap::new()),
         };
         let names: Vec<String> = lock(&me.records).keys().cloned().collect();
@@ -416,6 +427,7 @@ impl Services {
         let mut info = ServiceInfo {
             name: c.name.clone(),
             state: ServiceState::Stopped,
+            problem: None,
             busy,
             pid: None,
             supervisor_pid: None,
@@ -451,7 +463,45 @@ impl Services {
 
     pub fn list(&self) -> Vec<ServiceInfo> {
         let names: Vec<String> = lock(&self.records).keys().cloned().collect();
-        names.iter().filter_map(|n| self.info(n).ok()).collect()
+        let mut list: Vec<ServiceInfo> = names.iter().filter_map(|n| self.info(n).ok()).collect();
+        let broken = lock(&self.broken).clone();
+        for (name, problem) in broken {
+            let gens = self.store.generations(&name);
+            list.push(ServiceInfo {
+                state: ServiceState::Broken,
+                problem: Some(problem),
+                busy: None,
+                pid: None,
+                supervisor_pid: None,
+                generation: None,
+                started_from: None,
+                uptime_ms: None,
+                last_exit: None,
+                images: gens.len() as u64,
+                latest_generation: gens.last().copied(),
+                command: Vec::new(),
+                cwd: PathBuf::new(),
+                env: Vec::new(),
+                backend: String::new(),
+                stop_at: String::new(),
+                log_dir: self.log_dir(&name),
+                created_unix_ms: 0,
+                name,
+            });
+        }
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    }
+
+    /// Refuses to touch a service whose record is broken, unless forced.
+    fn refuse_broken(&self, name: &str, force: bool) -> Result<(), ServiceError> {
+        match lock(&self.broken).get(name) {
+            Some(problem) if !force => Err(ServiceError::Broken {
+                name: name.to_string(),
+                problem: problem.clone(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     pub fn names(&self) -> Vec<String> {
@@ -468,6 +518,7 @@ impl Services {
         if lock(&self.records).contains_key(name) {
             return Err(ServiceError::Exists(name.to_string()));
         }
+        self.refuse_broken(name, req.force)?;
         let cfg = validate_create(req)?;
         // What a delete interrupted by a crash may have left behind under
         // this name belongs to no service.
@@ -475,6 +526,7 @@ impl Services {
         let _ = std::fs::remove_dir_all(self.log_dir(name));
         let rec = ServiceRecord::new(cfg);
         self.registry.save(&rec)?;
+        lock(&self.broken).remove(name);
         lock(&self.records).insert(name.to_string(), rec);
         drop(g);
         self.info(name)
@@ -482,6 +534,7 @@ impl Services {
 
     pub fn delete(&self, name: &str) -> Result<String, ServiceError> {
         let _g = self.begin(name, "delete")?;
+        self.refuse_broken(name, false)?;
         self.record(name)?;
         if let Some(l) = self.live(name) {
             return Err(ServiceError::Running {
@@ -1133,6 +1186,7 @@ mod tests {
             cwd: "/".into(),
             backend: "auto".into(),
             stop_at: "listen".into(),
+            force: false,
         }
     }
 

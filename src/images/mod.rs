@@ -83,6 +83,32 @@ fn is_empty_dir(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// Removes the staging directories `<prefix><pid>` in `parent` whose
+/// writer is gone (a runmh killed mid-dump leaves hundreds of MB there).
+/// A live pid, even a reused one, keeps its directory: never a live dump's.
+fn remove_dead_staging(parent: &Path, prefix: &str) {
+    let Ok(rd) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid > 0 && !Path::new(&format!("/proc/{pid}")).exists() {
+            log::info!(
+                "removing {}, left by a dump that was interrupted",
+                e.path().display()
+            );
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 impl Staged {
     /// Prepares to write an image that will be published at `dest`, which
     /// must not exist yet (or be an empty directory).
@@ -102,11 +128,9 @@ impl Staged {
         let name = dest
             .file_name()
             .ok_or_else(|| StoreError::BadName(dest.display().to_string()))?;
-        let dir = parent.join(format!(
-            ".{}.staging-{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
+        let prefix = format!(".{}.staging-", name.to_string_lossy());
+        remove_dead_staging(parent, &prefix);
+        let dir = parent.join(format!("{prefix}{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir(&dir).map_err(|source| StoreError::Stage {
             path: dir.clone(),
@@ -204,6 +228,17 @@ mod tests {
         assert!(dest.join(metadata::FILE_NAME).is_file());
         assert_eq!(dir_usage(&dest).1, 2);
         assert!(matches!(Staged::new(&dest), Err(StoreError::Exists { .. })));
+        // A killed writer's staging directory goes with the next write
+        // to the same place; a live writer's stays.
+        let dead = base.join(".img2.staging-999999999");
+        let live = base.join(format!(".img2.staging-{}", std::process::id()));
+        std::fs::create_dir_all(dead.join("x")).unwrap();
+        drop(Staged::new(&base.join("img2")).unwrap());
+        assert!(!dead.exists() && !live.exists());
+        std::fs::create_dir_all(&dead).unwrap();
+        let s = Staged::new(&base.join("img2")).unwrap();
+        assert!(!dead.exists() && s.dir == live && live.exists());
+        drop(s);
         std::fs::remove_dir_all(&base).unwrap();
     }
 }
