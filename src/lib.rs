@@ -11,14 +11,6 @@
 //! stand on. They form layers with no import cycle (`tests/layers.rs`
 //! checks it; the README's Layout table lists them layer by layer).
 
-// The TRACE backend rewinds a trapped syscall through x86_64's registers
-// (rip -= 2 over the 2-byte `syscall` instruction, rax and orig_rax, in
-// stop::tracer); other architectures need their own rewind first.
-#[cfg(not(target_arch = "x86_64"))]
-compile_error!(
-    "miehisto supports x86_64 only: its TRACE backend rewinds syscalls through x86_64 registers"
-);
-
 pub mod bench;
 pub mod channel;
 pub mod control;

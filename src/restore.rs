@@ -37,6 +37,7 @@ pub enum RestoreError {
     Metadata(#[from] MetadataError),
     #[error(transparent)]
     Compat(#[from] CompatError),
+    #[error(transparent)]
     Damaged(#[from] crate::images::VerifyError),
     #[error(transparent)]
     Instance(#[from] InstanceError),

@@ -56,42 +56,7 @@ impl Outcome {
     }
 }
 
-static SIGNALS: std::sync::OnceLock<Receiver<i32>> = std::sync::OnceLock::new();
-
-/// The signals a supervisor reacts to (SIGTERM, SIGINT, SIGHUP, SIGQUIT),
-/// as a channel fed by one process-wide thread. They must be blocked in
-/// every thread ([`crate::stop::tracer::block_supervisor_signals`]).
-pub fn signals() -> Receiver<i32> {
-    SIGNALS
-        .get_or_init(|| {
-            let (tx, rx) = crossbeam_channel::unbounded();
-            // If the thread cannot start, no signal is ever forwarded; the
-            // blocked signals then stay pending, which is the safe failure.
-            let _ = spawn_signal_thread(tx);
-            rx
-        })
-        .clone()
-}
-
-fn spawn_signal_thread(tx: crossbeam_channel::Sender<i32>) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || loop {
-            match sys::sigtimedwait(
-                &[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT],
-                Duration::from_secs(1),
-            ) {
-                Ok(Some(sig)) => {
-                    if tx.send(sig).is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => {}
-                Err(_) => return,
-            }
-        })
-        .map(drop)
-}
+pub use crate::sys::signal::signals;
 
 impl Running {
     fn set_state(&mut self, state: InstanceState) {

@@ -4,7 +4,7 @@
 //! watchdog thread beside every CRIU run ends it when it takes too long,
 //! when its log grows past a limit, or when the caller is asked to stop
 //! (SIGTERM and friends, when the caller has blocked them for
-//! [`crate::supervisor::signals`]); ending means SIGKILL for CRIU and every
+//! [`crate::sys::signal::signals`]); ending means SIGKILL for CRIU and every
 //! process below it (the tasks it is restoring, or the supervisor it
 //! exec'd into), stopped first so that none forks away meanwhile.
 
@@ -99,7 +99,7 @@ pub struct Watchdog {
 const TICK: Duration = Duration::from_millis(50);
 
 /// Whether this thread has SIGTERM blocked, i.e. the process routes its
-/// termination signals to [`crate::supervisor::signals`].
+/// termination signals to [`crate::sys::signal::signals`].
 fn routes_signals() -> bool {
     nix::sys::signal::SigSet::thread_get_mask()
         .map(|m| m.contains(nix::sys::signal::Signal::SIGTERM))
@@ -110,7 +110,7 @@ fn routes_signals() -> bool {
 pub fn watch(pid: Pid, log: &Path, limits: Limits) -> Watchdog {
     let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
     let signals: Receiver<i32> = if routes_signals() {
-        crate::supervisor::signals()
+        crate::sys::signal::signals()
     } else {
         crossbeam_channel::never()
     };
