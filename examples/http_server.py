@@ -15,7 +15,7 @@ Log lines (stdout, one os.write per line, so never buffered):
   MHLOG python listen ret=<r> errno=<e>
   MHLOG python fatal listen failed                           (then exit 3)
   MHLOG python serving
-  MHLOG python request n=<count>
+  MHLOG python request n=<count> client=<client address>
   MHLOG python exit signal=<sig>                             (SIGTERM/SIGINT)
 
 Usage: http_server.py [--port N] [--bind ADDR] [--boot-imports]   (port: else env PORT, else 8080)
@@ -91,7 +91,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.server.requests_served += 1
         n = self.server.requests_served
-        log(f"request n={n}")
+        log(f"request n={n} client={self.client_address[0]}")
         body = f"payload={NAME} pid={os.getpid()} requests={n}\n".encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")

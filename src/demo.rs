@@ -155,6 +155,7 @@ fn prebake_opts(
         marker_signal: sys::sigrtmax(),
         timeout: Duration::from_secs(60),
         leave_running: false,
+        reuseport: false,
         research,
     })
 }

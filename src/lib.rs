@@ -29,6 +29,7 @@ pub mod migrate;
 pub mod prebake;
 pub mod restore;
 pub mod sandbox;
+pub mod sockets;
 pub mod spec;
 pub mod stop;
 pub mod supervisor;

@@ -61,6 +61,8 @@ pub enum BootError {
         #[source]
         source: StopError,
     },
+    #[error(transparent)]
+    Sockets(#[from] crate::sockets::SocketsError),
     #[error(
         "the target exited ({status}) before it reached {stop_at}(2); see its log in {log_dir}"
     )]
@@ -124,6 +126,9 @@ pub struct PrebakeOpts {
     pub marker_signal: i32,
     pub timeout: Duration,
     pub leave_running: bool,
+    /// Set SO_REUSEPORT on the sockets bound at the stop point (see
+    /// [`crate::sockets`]).
+    pub reuseport: bool,
     pub research: Research,
 }
 
@@ -575,6 +580,36 @@ fn prebake_steps(
         // The 2018 flow: the tracer still holds the task, CRIU will collide.
         explain::say("collide", "the tracer is still attached (PTRACE_ATTACH) — CRIU's PTRACE_SEIZE of the same task will get EPERM");
     }
+    // The tree is held: its bound sockets are what an on-demand daemon
+    // will listen on while the service is at zero.
+    let mut tree: Vec<i32> = vec![running.root.as_raw(), hit.tgid];
+    tree.extend(&hit.frozen);
+    tree.sort();
+    tree.dedup();
+    let bound = match crate::sockets::scan_bound(&tree, opts.reuseport) {
+        Ok(b) => b,
+        Err(e) => {
+            kill_tree(&running);
+            return Err(e.into());
+        }
+    };
+    for b in &bound {
+        explain::say(
+            "socket",
+            &format!(
+                "pid {} fd {} is bound to {}{}{}",
+                b.pid,
+                b.fd,
+                b.addr,
+                if b.listening { " (listening)" } else { "" },
+                if b.reuseport {
+                    ", SO_REUSEPORT set"
+                } else {
+                    ""
+                }
+            ),
+        );
+    }
     running.record.state = InstanceState::HeldAtStop;
     let _ = running.instance.write_record(&running.record);
 
@@ -607,6 +642,7 @@ fn prebake_steps(
             syscall: stop_name.clone(),
             since_start_ms: crate::sys::time::millis(since_start),
             hit: hit.clone(),
+            bound,
         }),
         pid: running.root.as_raw(),
         dump_time: run.took,

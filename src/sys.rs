@@ -684,3 +684,121 @@ pub fn page_size() -> u64 {
         _ => 4096,
     }
 }
+
+/// `pidfd_open(2)`: a descriptor that names process `pid` for good (no pid
+/// reuse race while it is held).
+pub fn pidfd_open(pid: libc::pid_t) -> SysResult<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain integer arguments; the result is a new descriptor.
+    let r = check_int(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })?;
+    // SAFETY: r is a fresh descriptor nobody else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r) })
+}
+
+/// `pidfd_getfd(2)`: a copy, in this process, of descriptor `fd` of the
+/// process behind `pidfd` (the same open file: the same socket). Needs
+/// ptrace-attach rights on it; the copy is close-on-exec.
+pub fn pidfd_getfd(pidfd: RawFd, fd: RawFd) -> SysResult<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain integer arguments; the result is a new descriptor.
+    let r = check_int(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) })?;
+    // SAFETY: r is a fresh descriptor nobody else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r) })
+}
+
+/// `BPF_PROG_TYPE_SK_REUSEPORT` (linux/bpf.h).
+const BPF_PROG_TYPE_SK_REUSEPORT: u32 = 21;
+/// `BPF_SK_REUSEPORT_SELECT_OR_MIGRATE` (linux/bpf.h).
+const BPF_SK_REUSEPORT_SELECT_OR_MIGRATE: u32 = 40;
+/// `BPF_PROG_LOAD` (linux/bpf.h).
+const BPF_PROG_LOAD: libc::c_long = 5;
+/// `SO_ATTACH_REUSEPORT_EBPF` (asm-generic/socket.h).
+const SO_ATTACH_REUSEPORT_EBPF: libc::c_int = 52;
+
+/// The head of `union bpf_attr` as `BPF_PROG_LOAD` reads it (offsets from
+/// linux/bpf.h: `expected_attach_type` at 68); the rest of the 144-byte
+/// union stays zero, which the kernel requires.
+#[repr(C, align(8))]
+struct BpfProgLoad {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+    rest: [u8; 72],
+}
+
+/// Loads the smallest `SK_REUSEPORT` program that enables migration: it
+/// returns `SK_PASS` without selecting a socket, so the kernel picks a
+/// listener by hash as if no program were attached; but because its attach
+/// type is `BPF_SK_REUSEPORT_SELECT_OR_MIGRATE`, a listener of the group
+/// that closes hands its queued connections to another listener of the
+/// group instead of resetting them — `net.ipv4.tcp_migrate_req` for this
+/// one group, with the host's sysctl untouched (net/core/sock_reuseport.c,
+/// `reuseport_migrate_sock`). Needs CAP_BPF.
+pub fn bpf_load_reuseport_migrate() -> SysResult<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // r0 = SK_PASS (1); exit.
+    let insns: [u64; 2] = [
+        // BPF_ALU64 | BPF_MOV | BPF_K (0xb7), dst r0, imm 1.
+        0xb7 | (1u64 << 32),
+        // BPF_JMP | BPF_EXIT (0x95).
+        0x95,
+    ];
+    let license = c"GPL";
+    let mut name = [0u8; 16];
+    name[..10].copy_from_slice(b"mh_migrate");
+    let attr = BpfProgLoad {
+        prog_type: BPF_PROG_TYPE_SK_REUSEPORT,
+        insn_cnt: 2,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 0,
+        log_size: 0,
+        log_buf: 0,
+        kern_version: 0,
+        prog_flags: 0,
+        prog_name: name,
+        prog_ifindex: 0,
+        expected_attach_type: BPF_SK_REUSEPORT_SELECT_OR_MIGRATE,
+        rest: [0; 72],
+    };
+    const ATTR_SIZE: libc::c_uint = 144;
+    const _: () = assert!(std::mem::size_of::<BpfProgLoad>() == ATTR_SIZE as usize);
+    // SAFETY: attr is a fully initialised bpf_attr prefix of the size
+    // passed; the instruction and license buffers outlive the call.
+    let r = check_int(unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            std::ptr::from_ref(&attr),
+            ATTR_SIZE,
+        )
+    })?;
+    // SAFETY: r is a fresh descriptor nobody else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r) })
+}
+
+/// `setsockopt(SO_ATTACH_REUSEPORT_EBPF)`: attaches `prog` to the reuseport
+/// group of socket `sock` (creating the group for a bound socket).
+pub fn attach_reuseport_prog(sock: RawFd, prog: RawFd) -> SysResult<()> {
+    let v: libc::c_int = prog;
+    // SAFETY: the option value is one c_int read through a valid pointer.
+    let r = unsafe {
+        libc::setsockopt(
+            sock,
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_EBPF,
+            std::ptr::from_ref(&v).cast::<libc::c_void>(),
+            4,
+        )
+    };
+    check(libc::c_long::from(r)).map(drop)
+}

@@ -383,6 +383,7 @@ pub fn run_bench(args: &BenchArgs, criu: &Criu, w: &Workload) -> Result<i32, Ben
             backend: "auto".into(),
             stop_at: "listen".into(),
             force: false,
+            on_demand: None,
         }),
         "service create",
     )?;

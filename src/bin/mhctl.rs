@@ -114,10 +114,23 @@ enum ServiceCmd {
         /// Replace a service whose record is broken, with its images and logs.
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        on_demand: OnDemandArgs,
         /// The command and its arguments (never run through a shell).
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
     },
+    /// Change how a service starts: on demand, or by hand only (--manual).
+    Set {
+        name: String,
+        #[command(flatten)]
+        on_demand: OnDemandArgs,
+        /// Start it by hand only (turns --on-demand off).
+        #[arg(long, conflicts_with = "on_demand")]
+        manual: bool,
+    },
+    /// Show an on-demand service's activations and their latency.
+    Stats { name: String },
     /// Boot the service to its stop point, dump it, publish a new image generation.
     Prebake { name: String },
     /// Restore the newest image (or boot cold when there is none, or with --cold).
@@ -171,6 +184,31 @@ enum ServiceCmd {
         #[arg(long, value_name = "BYTES")]
         tail: Option<u64>,
     },
+}
+
+#[derive(Args)]
+struct OnDemandArgs {
+    /// Start on the first connection (restore the newest image), go back
+    /// to zero after --idle-timeout without an open client connection.
+    #[arg(long)]
+    on_demand: bool,
+    /// Seconds without an open client connection before stopping.
+    #[arg(long, value_name = "SECS", requires = "on_demand")]
+    idle_timeout: Option<u64>,
+    /// Also listen on ADDR:PORT while at zero (repeatable; by default the
+    /// addresses the image holds bound at its stop point).
+    #[arg(long, value_name = "ADDR:PORT", requires = "on_demand")]
+    listen: Vec<std::net::SocketAddr>,
+}
+
+impl OnDemandArgs {
+    fn config(&self) -> Option<api::OnDemandConfig> {
+        self.on_demand.then(|| api::OnDemandConfig {
+            idle_timeout_secs: self.idle_timeout.unwrap_or_else(api::default_idle_timeout),
+            standby: false,
+            listen: self.listen.clone(),
+        })
+    }
 }
 
 #[derive(Args)]
@@ -390,6 +428,7 @@ fn service(client: &Client, cmd: ServiceCmd, json: bool) -> Result<i32> {
             env,
             cwd,
             force,
+            on_demand,
             command,
         } => {
             let cwd = cwd_for(cwd)?;
@@ -401,8 +440,23 @@ fn service(client: &Client, cmd: ServiceCmd, json: bool) -> Result<i32> {
                 backend,
                 stop_at,
                 force,
+                on_demand: on_demand.config(),
             }))?
         }
+        ServiceCmd::Set {
+            name,
+            on_demand,
+            manual,
+        } => {
+            if !manual && !on_demand.on_demand {
+                bail!("say how {name} should start: `--on-demand [--idle-timeout SECS] [--listen ADDR:PORT]...` or `--manual`");
+            }
+            client.call(&Request::ServiceSet(api::SetService {
+                name,
+                on_demand: on_demand.config(),
+            }))?
+        }
+        ServiceCmd::Stats { name } => client.call(&Request::ServiceStats(api::Named { name }))?,
         ServiceCmd::Prebake { name } => {
             let req = Request::ServicePrebake(api::Named { name: name.clone() });
             with_progress(&format!("prebaking {name}"), || client.call(&req))?
@@ -453,6 +507,7 @@ fn service(client: &Client, cmd: ServiceCmd, json: bool) -> Result<i32> {
         Reply::Services { services } => print_services(&services),
         Reply::Image(i) => println!("{}", miehisto::printable(&describe_image(&i))),
         Reply::Done { message } => println!("{}", miehisto::printable(&message)),
+        Reply::Stats(st) => print_stats(&st),
         other => print_json(&other)?,
     }
     Ok(0)
@@ -506,6 +561,36 @@ fn migrate_cmd(
         r.restored_ms
     );
     Ok(0)
+}
+
+fn print_stats(st: &api::OnDemandStats) {
+    let i = &st.info;
+    let ms = |v: Option<f64>| {
+        v.map(|v| format!("{v:.1} ms"))
+            .unwrap_or_else(|| "-".into())
+    };
+    let kv = |k: &str, v: String| println!("{k:<18} {v}");
+    kv("service", st.name.clone());
+    kv("state", i.state.as_str().to_string());
+    kv(
+        "listen",
+        i.listen
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    kv("idle timeout", format!("{} s", i.idle_timeout_secs));
+    kv("activations", i.activations.to_string());
+    kv("failures", i.failures.to_string());
+    kv("refused clients", i.refused_connections.to_string());
+    kv("latency median", ms(st.median_ms));
+    kv("latency p95", ms(st.p95_ms));
+    kv("latency max", ms(st.max_ms));
+    kv("latency last", ms(i.last_activation_ms));
+    if let Some(f) = &i.last_failure {
+        kv("last failure", f.clone());
+    }
 }
 
 fn logs(client: &Client, name: String, follow: bool, tail: Option<u64>, json: bool) -> Result<i32> {
@@ -782,9 +867,17 @@ fn print_services(list: &[ServiceInfo]) {
     let rows = list
         .iter()
         .map(|s| {
-            let state = match &s.busy {
-                Some(op) => format!("{} ({op})", s.state),
-                None => s.state.to_string(),
+            let state = match (&s.busy, &s.on_demand) {
+                (Some(op), _) => format!("{} ({op})", s.state),
+                (None, Some(od)) => format!("{} (on-demand: {})", s.state, od.state.as_str()),
+                (None, None) => s.state.to_string(),
+            };
+            let activations = match &s.on_demand {
+                Some(od) => match od.last_activation_ms {
+                    Some(ms) => format!("{} (last {ms:.0} ms)", od.activations),
+                    None => od.activations.to_string(),
+                },
+                None => "-".into(),
             };
             let image = match (s.state, s.generation) {
                 (ServiceState::Running, Some(g)) => format!("gen {g}"),
@@ -804,6 +897,7 @@ fn print_services(list: &[ServiceInfo]) {
                     None => "0".into(),
                 },
                 s.backend.clone(),
+                activations,
                 match &s.problem {
                     Some(p) => format!("BROKEN RECORD: {p}"),
                     None => s.command.join(" "),
@@ -813,7 +907,15 @@ fn print_services(list: &[ServiceInfo]) {
         .collect();
     table(
         &[
-            "NAME", "STATE", "PID", "IMAGE", "UPTIME", "IMAGES", "BACKEND", "COMMAND",
+            "NAME",
+            "STATE",
+            "PID",
+            "IMAGE",
+            "UPTIME",
+            "IMAGES",
+            "BACKEND",
+            "ACTIVATIONS",
+            "COMMAND",
         ],
         rows,
     );
@@ -905,6 +1007,19 @@ fn print_inspect(i: &ImageInfo, md: &miehisto::images::Metadata) {
             ),
         ),
         None => kv("stop event", "none: dumped while running".into()),
+    }
+    for b in md.stop.iter().flat_map(|s| s.bound.iter()) {
+        kv(
+            "bound socket",
+            format!(
+                "{} (pid {} fd {}{}{})",
+                b.addr,
+                b.pid,
+                b.fd,
+                if b.listening { ", listening" } else { "" },
+                if b.reuseport { ", SO_REUSEPORT" } else { "" }
+            ),
+        );
     }
     kv(
         "dump",

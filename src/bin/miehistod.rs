@@ -42,6 +42,10 @@ struct Cli {
     /// Seconds between SIGTERM and SIGKILL when a service is stopped.
     #[arg(long, default_value_t = 5, value_name = "SECS")]
     stop_timeout: u64,
+    /// Serve Prometheus metrics (on-demand activations, latency, failures,
+    /// restores per service) on GET http://ADDR:PORT/metrics.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -157,7 +161,15 @@ fn real_main(cli: Cli) -> Result<()> {
         allow_uids: cli.allow_uid,
         allow_gids: cli.allow_gid,
     };
-    let server = Server::new(Arc::new(services), access);
+    let services = Arc::new(services);
+    if let Some(addr) = cli.metrics {
+        let bound = miehisto::daemon::metrics::serve(addr, Arc::clone(&services))?;
+        log::info!("metrics on http://{bound}/metrics");
+    }
+    // On-demand services wait on their ports again (running ones were
+    // taken back above and go on counting their idle time).
+    services.arm_all();
+    let server = Server::new(services, access);
     server.serve(listener)?;
     log::info!(
         "miehistod {} (pid {}) listening on {}, state in {}",

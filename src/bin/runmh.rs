@@ -96,6 +96,11 @@ enum Cmd {
         /// were forbidden, so `auto` falls back to NOTIFY.
         #[arg(long, hide = true)]
         research_deny_ptrace: bool,
+        /// Set SO_REUSEPORT on the TCP sockets the service holds bound at
+        /// the stop point, so a daemon can listen beside the restored
+        /// service and hand it its waiting clients (on-demand start).
+        #[arg(long)]
+        reuseport: bool,
         #[command(flatten)]
         sandbox: SandboxArgs,
     },
@@ -328,6 +333,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             timeout,
             leave_running,
             research_deny_ptrace,
+            reuseport,
             sandbox,
         } => {
             require_root()?;
@@ -350,6 +356,7 @@ fn real_main(cli: Cli) -> Result<i32> {
                 marker_signal,
                 timeout: Duration::from_secs(timeout),
                 leave_running,
+                reuseport,
                 research: Research {
                     deny_ptrace: research_deny_ptrace,
                     ..Research::default()

@@ -41,6 +41,11 @@
 //! A session whose connection closes early is rolled back: the
 //! destination forgets the half-received image, the source resumes the
 //! stopped service.
+//! | `service.set`     | `name`, `on_demand` (object, or absent to turn it off)        | `service`       |
+//! | `service.stats`   | `name`                                                        | `stats`         |
+//!
+//! `on_demand` (in `service.create` and `service.set`):
+//! `{"idle_timeout_secs":30,"standby":false,"listen":["127.0.0.1:8080"]}`.
 //!
 //! `reference` is `HOST[:PORT]/REPOSITORY[:TAG]`. Registries on loopback
 //! addresses are reached over plain HTTP; so are those listed in
@@ -121,6 +126,10 @@ pub enum Request {
     MigrateOut(MigrateOut),
     #[serde(rename = "migrate.finish")]
     MigrateFinish(MigrateFinish),
+    #[serde(rename = "service.set")]
+    ServiceSet(SetService),
+    #[serde(rename = "service.stats")]
+    ServiceStats(Named),
 }
 
 impl Request {
@@ -147,6 +156,8 @@ impl Request {
             Request::MigrateRestore => "migrate.restore",
             Request::MigrateOut(_) => "service.migrate_out",
             Request::MigrateFinish(_) => "migrate.finish",
+            Request::ServiceSet(_) => "service.set",
+            Request::ServiceStats(_) => "service.stats",
         }
     }
 
@@ -166,6 +177,8 @@ impl Request {
             Request::ImagePush(p) => Some(&p.name),
             Request::ImagePull(p) => p.as_name.as_deref(),
             Request::ImageCheck(c) => c.name.as_deref(),
+            Request::ServiceSet(s) => Some(&s.name),
+            Request::ServiceStats(n) => Some(&n.name),
             Request::MigrateReceive(m) => Some(&m.service.name),
             Request::MigrateOut(m) => Some(&m.name),
             Request::Ping
@@ -211,6 +224,106 @@ pub struct CreateService {
     /// without it such a name is refused, so nothing is lost unasked.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub force: bool,
+    /// Start on the first connection, go back to zero when idle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_demand: Option<OnDemandConfig>,
+}
+
+/// How an on-demand service starts and stops by itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnDemandConfig {
+    /// Seconds without an open client connection before it goes back to zero.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u64,
+    /// Keep a restored instance held at its stop point, ready.
+    #[serde(default)]
+    pub standby: bool,
+    /// Addresses to listen on while at zero, besides (or instead of) the
+    /// ones the image holds bound at its stop point.
+    #[serde(default)]
+    pub listen: Vec<std::net::SocketAddr>,
+}
+
+pub fn default_idle_timeout() -> u64 {
+    60
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetService {
+    pub name: String,
+    /// None: the service is started by hand only.
+    #[serde(default)]
+    pub on_demand: Option<OnDemandConfig>,
+}
+
+/// An on-demand service's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDemandState {
+    /// No image to start from yet: prebake it.
+    NoImage,
+    /// The image holds no bound TCP socket and no --listen was given.
+    NoAddress,
+    /// At zero, the port accepts connections.
+    Waiting,
+    /// A connection came; the newest generation is being restored.
+    Activating,
+    /// The service runs and accepts the clients itself.
+    Running,
+    /// A restored instance is held at its stop point, ready.
+    Standby,
+    /// An image is being made: the port is released meanwhile.
+    Paused,
+}
+
+impl OnDemandState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnDemandState::NoImage => "no_image",
+            OnDemandState::NoAddress => "no_address",
+            OnDemandState::Waiting => "waiting",
+            OnDemandState::Activating => "activating",
+            OnDemandState::Running => "running",
+            OnDemandState::Standby => "standby",
+            OnDemandState::Paused => "paused",
+        }
+    }
+}
+
+/// What `service.list` and `service.stats` tell about an on-demand service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OnDemandInfo {
+    pub state: OnDemandState,
+    pub idle_timeout_secs: u64,
+    pub standby: bool,
+    /// The addresses it answers on while at zero.
+    pub listen: Vec<std::net::SocketAddr>,
+    pub activations: u64,
+    pub failures: u64,
+    /// First queued connection → the service listening on its own socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_activation_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure: Option<String>,
+    /// Client connections closed unserved after a failed activation.
+    pub refused_connections: u64,
+    /// RSS of the instance held at standby (KiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby_rss_kib: Option<u64>,
+}
+
+/// `service.stats`: the activation latency distribution.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OnDemandStats {
+    pub name: String,
+    pub info: OnDemandInfo,
+    /// Activation latencies in ms, oldest first (the last 1000).
+    pub latencies_ms: Vec<f64>,
+    pub median_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
+    pub max_ms: Option<f64>,
 }
 
 pub fn default_backend() -> String {
@@ -497,6 +610,7 @@ pub enum Reply {
         files: u64,
         bytes: u64,
     },
+    Stats(OnDemandStats),
 }
 
 /// Whether a service runs, as the daemon reports it.
@@ -576,6 +690,8 @@ pub struct ServiceInfo {
     pub stop_at: String,
     pub log_dir: PathBuf,
     pub created_unix_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_demand: Option<Box<OnDemandInfo>>,
 }
 
 /// One published image generation.

@@ -689,6 +689,9 @@ fn service_from(info: &ServiceInfo) -> CreateService {
         backend: info.backend.clone(),
         stop_at: info.stop_at.clone(),
         force: false,
+        // The migrated copy runs on the other host as started by hand;
+        // `service set --on-demand` there makes it on-demand again.
+        on_demand: None,
     }
 }
 

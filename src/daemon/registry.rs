@@ -90,6 +90,8 @@ pub struct ServiceConfig {
     pub backend: String,
     pub stop_at: String,
     pub created_unix_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_demand: Option<super::api::OnDemandConfig>,
 }
 
 /// One service's file.
@@ -286,6 +288,7 @@ mod tests {
             backend: "auto".into(),
             stop_at: "listen".into(),
             created_unix_ms: 1,
+            on_demand: None,
         };
         let mut rec = ServiceRecord::new(cfg);
         reg.save(&rec).unwrap();

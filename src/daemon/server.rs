@@ -416,7 +416,14 @@ impl Server {
                 pid: nix::unistd::getpid().as_raw(),
                 state_dir: s.state_dir().to_path_buf(),
             }),
-            Request::ServiceCreate(c) => s.create(&c).map(Reply::Service),
+            Request::ServiceCreate(c) => s.create(&c).map(|info| {
+                if c.on_demand.is_some() {
+                    s.arm(&c.name);
+                }
+                Reply::Service(info)
+            }),
+            Request::ServiceSet(st) => s.set_on_demand(&st.name, st.on_demand).map(Reply::Service),
+            Request::ServiceStats(n) => s.on_demand_stats(&n.name).map(Reply::Stats),
             Request::ServicePrebake(n) => s.prebake(&n.name).map(Reply::Image),
             Request::ServiceStart(st) => s.start(&st.name, st.cold).map(Reply::Service),
             Request::ServiceDump(d) => s.dump(&d.name, d.leave_running).map(Reply::Image),

@@ -111,6 +111,12 @@ pub enum ServiceError {
     Criu(#[from] CriuError),
     #[error("{reference} does not say which service it is for; pull it with --as NAME")]
     NoServiceName { reference: String },
+    #[error("the newest image {path} cannot be restored (it is kept as it is)")]
+    Unrestorable {
+        path: PathBuf,
+        #[source]
+        source: MetadataError,
+    },
     #[error("runmh published {path}, but it does not read back as an image")]
     BadImage {
         path: PathBuf,
@@ -140,7 +146,8 @@ impl ServiceError {
             }
             ServiceError::Runmh { .. }
             | ServiceError::Timeout { .. }
-            | ServiceError::BadImage { .. } => ErrorCode::Failed,
+            | ServiceError::BadImage { .. }
+            | ServiceError::Unrestorable { .. } => ErrorCode::Failed,
             _ => ErrorCode::Internal,
         }
     }
@@ -200,6 +207,8 @@ pub struct Services {
     /// The supervisor pid of each service the daemon started or took
     /// back, to tell how it ended once it is gone.
     watched: Mutex<HashMap<String, i32>>,
+    /// The controllers of on-demand services.
+    pub(super) ondemand: super::ondemand::OnDemand,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -285,6 +294,7 @@ impl Services {
             ops: Ops::default(),
             broken: Mutex::new(broken),
             watched: Mutex::new(HashMap::new()),
+            ondemand: Default::default(),
         };
         let names: Vec<String> = lock(&me.records).keys().cloned().collect();
         for name in names {
@@ -344,6 +354,20 @@ impl Services {
             ops: &self.ops,
             name: name.to_string(),
         })
+    }
+
+    /// The service's declared configuration.
+    pub(super) fn service_config(&self, name: &str) -> Result<ServiceConfig, ServiceError> {
+        self.record(name).map(|r| r.config)
+    }
+
+    /// Changes the service's declared configuration and saves it.
+    pub(super) fn set_config(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut ServiceConfig),
+    ) -> Result<(), ServiceError> {
+        self.update(name, |r| f(&mut r.config))
     }
 
     pub(super) fn record(&self, name: &str) -> Result<ServiceRecord, ServiceError> {
@@ -444,6 +468,10 @@ impl Services {
             stop_at: c.stop_at.clone(),
             log_dir: self.log_dir(name),
             created_unix_ms: c.created_unix_ms,
+            on_demand: c
+                .on_demand
+                .as_ref()
+                .map(|od| Box::new(self.ondemand.info(name, od))),
         };
         if let Some(l) = live {
             info.state = ServiceState::Running;
@@ -486,6 +514,7 @@ impl Services {
                 stop_at: String::new(),
                 log_dir: self.log_dir(&name),
                 created_unix_ms: 0,
+                on_demand: None,
                 name,
             });
         }
@@ -550,6 +579,7 @@ impl Services {
         self.registry.remove(name)?;
         lock(&self.records).remove(name);
         lock(&self.watched).remove(name);
+        self.disarm(name);
         Ok(format!("deleted {name} and its {n} image generation(s)"))
     }
 
@@ -756,9 +786,23 @@ impl Services {
             .arg(&cfg.backend)
             .arg("--stop-at")
             .arg(&cfg.stop_at);
+        // An on-demand service's image must let the daemon listen beside
+        // it; the booting copy binds the port, so the daemon lets it go.
+        let _pause = cfg.on_demand.as_ref().map(|_| {
+            c.arg("--reuseport");
+            self.ondemand.pause(name)
+        });
         self.sandbox_args(&mut c, cfg);
         self.run_step(name, "prebake", c, Expect::Published)?;
-        self.published(name, gen, dest)
+        let info = self.published(name, gen, dest)?;
+        if let Some(od) = &cfg.on_demand {
+            if let Err(why) = super::ondemand::check_image(self, name, od) {
+                return Err(ServiceError::BadSpec(format!(
+                    "image generation {gen} is published and kept, but {why}"
+                )));
+            }
+        }
+        Ok(info)
     }
 
     pub fn dump(&self, name: &str, leave_running: bool) -> Result<ImageInfo, ServiceError> {
@@ -806,10 +850,41 @@ impl Services {
         } else {
             self.store.newest_valid(name)
         };
+        // A cold boot binds the port itself: an on-demand service's waiting
+        // listener lets it go meanwhile.
+        let _pause =
+            (image.is_none() && rec.config.on_demand.is_some()).then(|| self.ondemand.pause(name));
         let sup = match image {
             Some((gen, _)) => self.restore(name, &rec.config, gen)?,
             None => self.start_cold(name, &rec.config)?,
         };
+        lock(&self.watched).insert(name.to_string(), sup);
+        let _ = self.update(name, |r| r.last_exit = None);
+        drop(g);
+        self.info(name)
+    }
+
+    /// Restores the newest generation, and only it: a damaged newest image
+    /// is an error, not a reason to fall back to an older one or to a cold
+    /// boot (an on-demand activation).
+    pub(super) fn restore_newest(&self, name: &str) -> Result<ServiceInfo, ServiceError> {
+        let g = self.begin(name, "start")?;
+        let rec = self.record(name)?;
+        if let Some(l) = self.live(name) {
+            return Err(ServiceError::Running {
+                name: name.into(),
+                pid: l.record.root_pid,
+            });
+        }
+        let gen = self
+            .store
+            .generations(name)
+            .last()
+            .copied()
+            .ok_or_else(|| ServiceError::BadSpec(format!("{name} has no image; prebake it")))?;
+        let path = self.store.generation_path(name, gen);
+        Metadata::read(&path).map_err(|source| ServiceError::Unrestorable { path, source })?;
+        let sup = self.restore(name, &rec.config, gen)?;
         lock(&self.watched).insert(name.to_string(), sup);
         let _ = self.update(name, |r| r.last_exit = None);
         drop(g);
@@ -1101,6 +1176,8 @@ fn config_from_image(name: &str, md: &Metadata) -> ServiceConfig {
             .map(|s| s.syscall.clone())
             .unwrap_or_else(|| "listen".into()),
         created_unix_ms: sys::time::unix_ms(),
+        // A pulled service starts by hand until `service set --on-demand`.
+        on_demand: None,
     }
 }
 
@@ -1163,7 +1240,11 @@ fn validate_create(req: &CreateService) -> Result<ServiceConfig, ServiceError> {
     if let Err(e) = resolved {
         return bad(e.to_string());
     }
+    if let Some(od) = &req.on_demand {
+        super::ondemand::validate(od)?;
+    }
     Ok(ServiceConfig {
+        on_demand: req.on_demand.clone(),
         name: req.name.clone(),
         command: req.command.clone(),
         env: req.env.clone(),
@@ -1187,6 +1268,7 @@ mod tests {
             backend: "auto".into(),
             stop_at: "listen".into(),
             force: false,
+            on_demand: None,
         }
     }
 

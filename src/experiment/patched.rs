@@ -475,6 +475,7 @@ fn neutralize_row(
         marker_signal: sys::sigrtmax(),
         timeout: ctx.stop_timeout,
         leave_running: false,
+        reuseport: false,
         research: Research {
             notify_direct,
             ..Research::default()

@@ -508,6 +508,7 @@ pub fn run_scenario(sc: &Scenario, attempt: u32, ctx: &mut Ctx<'_>) -> Row {
         marker_signal: sys::sigrtmax(),
         timeout: ctx.stop_timeout,
         leave_running: false,
+        reuseport: false,
         research: sc.research,
     };
     let result = prebake::prebake(&spec, ctx.state_dir, inst, criu, &opts);

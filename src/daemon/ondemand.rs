@@ -1,0 +1,705 @@
+//! On-demand services: the daemon owns the service's port while no process
+//! of it runs, restores the newest generation on the first connection, and
+//! stops the service again after `idle_timeout_secs` without an open client
+//! connection.
+//!
+//! One controller thread per on-demand service runs the cycle
+//! waiting → activating → running → (idle) → waiting. The hand-over of the
+//! clients that came while nothing ran is the kernel's, not a proxy's: see
+//! [`crate::sockets`] (the waiting listener and the restored service's
+//! socket share one reuseport group with migration on; when the daemon
+//! closes its listener the queued connections move to the service's).
+//!
+//! * A failed activation (a restore error) answers the waiting clients by
+//!   closing them, logs runmh's error line (which carries CRIU's decisive
+//!   one), keeps the image, and retries on a later connection after a
+//!   backoff (1 s, doubling, at most 60 s); connections inside the backoff
+//!   are closed at once.
+//! * Going back to zero: the daemon first listens beside the running
+//!   service, then stops it; connections queued on the service's socket
+//!   migrate to the daemon's when it closes.
+//! * While an image is made (`prebake`, or a cold `start`) the port is
+//!   released: the booting service binds it itself.
+//! * A daemon restart keeps a running service running (it is taken back and
+//!   its idle time counted again) and re-arms a waiting one.
+
+use super::api::{OnDemandConfig, OnDemandInfo, OnDemandState, OnDemandStats};
+use super::service::{ServiceError, Services};
+use crate::sockets::{self, WaitingListener};
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// How often a controller looks at its service.
+const TICK: Duration = Duration::from_millis(100);
+/// How long a restored service may take to listen on its socket.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(20);
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Activation latencies kept for `service stats`.
+const KEEP_LATENCIES: usize = 1000;
+
+/// Activation latency histogram bounds (ms) for the metrics endpoint.
+pub const LATENCY_BUCKETS_MS: &[f64] =
+    &[10.0, 25.0, 50.0, 100.0, 200.0, 400.0, 800.0, 1600.0, 5000.0];
+
+#[derive(Default)]
+struct Inner {
+    state: Option<OnDemandState>,
+    listeners: Vec<WaitingListener>,
+    /// Addresses the listeners are open on (also while paused).
+    addrs: Vec<SocketAddr>,
+    paused: u32,
+    activations: u64,
+    failures: u64,
+    refused: u64,
+    restores: u64,
+    latencies: VecDeque<f64>,
+    last_failure: Option<String>,
+    backoff: Duration,
+    backoff_until: Option<Instant>,
+}
+
+struct Slot {
+    inner: Mutex<Inner>,
+    stop: AtomicBool,
+}
+
+/// One service's counters for the metrics: name, activations, failures,
+/// restores, refused connections, latencies, state.
+type Snapshot = (String, u64, u64, u64, u64, Vec<f64>, String);
+
+/// The on-demand controllers of one daemon.
+#[derive(Default)]
+pub struct OnDemand {
+    slots: Mutex<HashMap<String, Arc<Slot>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Releases the port while an image is being made; re-armed on drop.
+pub struct Pause {
+    slot: Option<Arc<Slot>>,
+}
+
+impl Drop for Pause {
+    fn drop(&mut self) {
+        if let Some(s) = &self.slot {
+            let mut i = lock(&s.inner);
+            i.paused = i.paused.saturating_sub(1);
+        }
+    }
+}
+
+fn percentile(sorted: &[f64], p: usize) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    // Nearest rank: the smallest value with at least p % of the values at
+    // or below it (integer arithmetic, p in whole percent).
+    let n = sorted.len();
+    let rank = (p * n).div_ceil(100).max(1);
+    sorted.get(rank.min(n) - 1).copied()
+}
+
+impl OnDemand {
+    fn slot(&self, name: &str) -> Option<Arc<Slot>> {
+        lock(&self.slots).get(name).cloned()
+    }
+
+    /// Releases `name`'s port until the guard is dropped (a prebake or a
+    /// cold start binds it itself).
+    pub fn pause(&self, name: &str) -> Pause {
+        let slot = self.slot(name);
+        if let Some(s) = &slot {
+            let mut i = lock(&s.inner);
+            i.paused += 1;
+            i.listeners.clear();
+            i.state = Some(OnDemandState::Paused);
+        }
+        Pause { slot }
+    }
+
+    /// What `service list` shows.
+    pub fn info(&self, name: &str, cfg: &OnDemandConfig) -> OnDemandInfo {
+        let slot = self.slot(name);
+        let empty = Inner::default();
+        let guard = slot.as_ref().map(|s| lock(&s.inner));
+        let i = guard.as_deref().unwrap_or(&empty);
+        OnDemandInfo {
+            state: i.state.unwrap_or(OnDemandState::NoImage),
+            idle_timeout_secs: cfg.idle_timeout_secs,
+            standby: cfg.standby,
+            listen: if i.addrs.is_empty() {
+                cfg.listen.clone()
+            } else {
+                i.addrs.clone()
+            },
+            activations: i.activations,
+            failures: i.failures,
+            last_activation_ms: i.latencies.back().copied(),
+            last_failure: i.last_failure.clone(),
+            refused_connections: i.refused,
+            standby_rss_kib: None,
+        }
+    }
+
+    /// What `service stats` shows.
+    pub fn stats(&self, name: &str, cfg: &OnDemandConfig) -> OnDemandStats {
+        let info = self.info(name, cfg);
+        let latencies: Vec<f64> = self
+            .slot(name)
+            .map(|s| lock(&s.inner).latencies.iter().copied().collect())
+            .unwrap_or_default();
+        let mut sorted = latencies.clone();
+        sorted.sort_by(|a, b| a.total_cmp(b));
+        OnDemandStats {
+            name: name.to_string(),
+            info,
+            median_ms: percentile(&sorted, 50),
+            p95_ms: percentile(&sorted, 95),
+            max_ms: sorted.last().copied(),
+            latencies_ms: latencies,
+        }
+    }
+
+    /// Prometheus text for every on-demand service.
+    pub fn metrics(&self, services: &Services) -> String {
+        let mut names: Vec<String> = lock(&self.slots).keys().cloned().collect();
+        names.sort();
+        let mut out = String::new();
+        let mut fam = |name: &str, kind: &str, help: &str, rows: &mut dyn FnMut(&mut String)| {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+            rows(&mut out);
+        };
+        let snap: Vec<Snapshot> = names
+            .iter()
+            .filter_map(|n| {
+                let s = self.slot(n)?;
+                let i = lock(&s.inner);
+                Some((
+                    n.clone(),
+                    i.activations,
+                    i.failures,
+                    i.restores,
+                    i.refused,
+                    i.latencies.iter().copied().collect(),
+                    i.state
+                        .unwrap_or(OnDemandState::NoImage)
+                        .as_str()
+                        .to_string(),
+                ))
+            })
+            .collect();
+        let _ = services;
+        fam(
+            "miehisto_ondemand_activations_total",
+            "counter",
+            "Activations on a first connection that ended with the service listening.",
+            &mut |o| {
+                for s in &snap {
+                    o.push_str(&format!(
+                        "miehisto_ondemand_activations_total{{service=\"{}\"}} {}\n",
+                        s.0, s.1
+                    ));
+                }
+            },
+        );
+        fam(
+            "miehisto_ondemand_activation_failures_total",
+            "counter",
+            "Activations whose restore failed (the waiting clients were closed).",
+            &mut |o| {
+                for s in &snap {
+                    o.push_str(&format!(
+                        "miehisto_ondemand_activation_failures_total{{service=\"{}\"}} {}\n",
+                        s.0, s.2
+                    ));
+                }
+            },
+        );
+        fam(
+            "miehisto_ondemand_restores_total",
+            "counter",
+            "Restores started by on-demand activation.",
+            &mut |o| {
+                for s in &snap {
+                    o.push_str(&format!(
+                        "miehisto_ondemand_restores_total{{service=\"{}\"}} {}\n",
+                        s.0, s.3
+                    ));
+                }
+            },
+        );
+        fam(
+            "miehisto_ondemand_refused_connections_total",
+            "counter",
+            "Client connections closed unserved after a failed activation.",
+            &mut |o| {
+                for s in &snap {
+                    o.push_str(&format!(
+                        "miehisto_ondemand_refused_connections_total{{service=\"{}\"}} {}\n",
+                        s.0, s.4
+                    ));
+                }
+            },
+        );
+        fam(
+            "miehisto_ondemand_state",
+            "gauge",
+            "1 for the on-demand state the service is in.",
+            &mut |o| {
+                for s in &snap {
+                    o.push_str(&format!(
+                        "miehisto_ondemand_state{{service=\"{}\",state=\"{}\"}} 1\n",
+                        s.0, s.6
+                    ));
+                }
+            },
+        );
+        fam(
+            "miehisto_ondemand_activation_seconds",
+            "histogram",
+            "First queued connection to the restored service listening (last 1000 activations).",
+            &mut |o| {
+                for s in &snap {
+                    for b in LATENCY_BUCKETS_MS {
+                        let n = s.5.iter().filter(|&&l| l <= *b).count();
+                        o.push_str(&format!(
+                            "miehisto_ondemand_activation_seconds_bucket{{service=\"{}\",le=\"{}\"}} {n}\n",
+                            s.0,
+                            b / 1000.0
+                        ));
+                    }
+                    o.push_str(&format!(
+                        "miehisto_ondemand_activation_seconds_bucket{{service=\"{}\",le=\"+Inf\"}} {}\n",
+                        s.0,
+                        s.5.len()
+                    ));
+                    let sum: f64 = s.5.iter().sum::<f64>() / 1000.0;
+                    o.push_str(&format!(
+                        "miehisto_ondemand_activation_seconds_sum{{service=\"{}\"}} {sum}\n",
+                        s.0
+                    ));
+                    o.push_str(&format!(
+                        "miehisto_ondemand_activation_seconds_count{{service=\"{}\"}} {}\n",
+                        s.0,
+                        s.5.len()
+                    ));
+                }
+            },
+        );
+        out
+    }
+}
+
+/// The addresses an on-demand service answers on while at zero: the TCP
+/// sockets its newest image holds bound with SO_REUSEPORT, and `--listen`.
+fn addresses(
+    services: &Services,
+    name: &str,
+    cfg: &OnDemandConfig,
+) -> Result<Vec<SocketAddr>, OnDemandState> {
+    // The newest generation's record, read even when the image is damaged:
+    // clients still wait on its address and see the activation fail.
+    let Some(gen) = services.store().generations(name).last().copied() else {
+        return Err(OnDemandState::NoImage);
+    };
+    let file = services
+        .store()
+        .generation_path(name, gen)
+        .join(crate::images::metadata::FILE_NAME);
+    let Some(md) = std::fs::read(&file)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<crate::images::Metadata>(&b).ok())
+    else {
+        return Err(OnDemandState::NoImage);
+    };
+    let mut v: Vec<SocketAddr> = md
+        .stop
+        .iter()
+        .flat_map(|s| s.bound.iter())
+        .filter(|b| b.reuseport && !b.listening)
+        .map(|b| b.addr)
+        .collect();
+    for a in &cfg.listen {
+        if !v.contains(a) {
+            v.push(*a);
+        }
+    }
+    if v.is_empty() {
+        return Err(OnDemandState::NoAddress);
+    }
+    Ok(v)
+}
+
+/// Why a service cannot be on-demand with its newest image, if it cannot.
+pub fn check_image(services: &Services, name: &str, cfg: &OnDemandConfig) -> Result<(), String> {
+    match addresses(services, name, cfg) {
+        Err(OnDemandState::NoAddress) => Err(format!(
+            "{name}'s newest image holds no TCP socket bound with SO_REUSEPORT at its stop point, so there is no address to wait on; prebake it again with on-demand set (`mhctl service prebake {name}`), or name the address with `--listen ADDR:PORT`"
+        )),
+        _ => Ok(()),
+    }
+}
+
+impl Services {
+    /// Starts the controller of an on-demand service (once).
+    pub fn arm(self: &Arc<Self>, name: &str) {
+        let slot = {
+            let mut slots = lock(&self.ondemand.slots);
+            if slots.contains_key(name) {
+                return;
+            }
+            let s = Arc::new(Slot {
+                inner: Mutex::new(Inner {
+                    backoff: BACKOFF_FIRST,
+                    ..Inner::default()
+                }),
+                stop: AtomicBool::new(false),
+            });
+            slots.insert(name.to_string(), Arc::clone(&s));
+            s
+        };
+        let me = Arc::clone(self);
+        let n = name.to_string();
+        let spawned = std::thread::Builder::new()
+            .name(format!("ondemand-{name}"))
+            .spawn(move || {
+                me.control(&n, &slot);
+                let mut slots = lock(&me.ondemand.slots);
+                if slots.get(&n).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+                    slots.remove(&n);
+                }
+            });
+        if let Err(e) = spawned {
+            log::warn!("{name}: cannot start the on-demand controller: {e}");
+            lock(&self.ondemand.slots).remove(name);
+        }
+    }
+
+    /// Stops the controller (the service was deleted or made manual).
+    pub fn disarm(&self, name: &str) {
+        if let Some(s) = lock(&self.ondemand.slots).remove(name) {
+            s.stop.store(true, Ordering::SeqCst);
+            lock(&s.inner).listeners.clear();
+        }
+    }
+
+    /// Arms every on-demand service (daemon start).
+    pub fn arm_all(self: &Arc<Self>) {
+        for name in self.names() {
+            if self.on_demand_config(&name).is_some() {
+                self.arm(&name);
+            }
+        }
+    }
+
+    /// Prometheus text of the on-demand services.
+    pub fn ondemand_metrics(&self) -> String {
+        self.ondemand.metrics(self)
+    }
+
+    pub fn on_demand_config(&self, name: &str) -> Option<OnDemandConfig> {
+        self.service_config(name).ok().and_then(|c| c.on_demand)
+    }
+
+    /// `service.set`: turns on-demand on (or changes it) or off.
+    pub fn set_on_demand(
+        self: &Arc<Self>,
+        name: &str,
+        od: Option<OnDemandConfig>,
+    ) -> Result<super::api::ServiceInfo, ServiceError> {
+        {
+            let _g = self.begin(name, "set")?;
+            self.service_config(name)?;
+            if let Some(c) = &od {
+                validate(c)?;
+                if let Err(why) = check_image(self, name, c) {
+                    return Err(ServiceError::BadSpec(why));
+                }
+            }
+            self.set_config(name, |cfg| cfg.on_demand = od.clone())?;
+        }
+        self.disarm(name);
+        if od.is_some() {
+            self.arm(name);
+        }
+        self.info(name)
+    }
+
+    pub fn on_demand_stats(&self, name: &str) -> Result<OnDemandStats, ServiceError> {
+        let cfg = self.service_config(name)?;
+        let od = cfg.on_demand.ok_or_else(|| {
+            ServiceError::BadSpec(format!(
+                "{name} is not on-demand; make it so with `mhctl service set {name} --on-demand`"
+            ))
+        })?;
+        Ok(self.ondemand.stats(name, &od))
+    }
+
+    fn control(self: &Arc<Self>, name: &str, slot: &Arc<Slot>) {
+        let set = |st: OnDemandState| lock(&slot.inner).state = Some(st);
+        let mut last_busy = Instant::now();
+        let mut was_live = false;
+        log::info!("{name}: on-demand controller armed");
+        while !slot.stop.load(Ordering::SeqCst) {
+            let Some(cfg) = self.on_demand_config(name) else {
+                break;
+            };
+            if lock(&slot.inner).paused > 0 {
+                std::thread::sleep(TICK);
+                continue;
+            }
+            if let Some(live) = self.live(name) {
+                if !was_live {
+                    last_busy = Instant::now();
+                    was_live = true;
+                }
+                set(OnDemandState::Running);
+                let root = live.record.root_pid;
+                let rows = sockets::tcp_table(Some(root));
+                let mut i = lock(&slot.inner);
+                // Still holding listeners (a service started by hand, or a
+                // slow listen after activation): hand over once it listens.
+                if !i.listeners.is_empty()
+                    && i.listeners
+                        .iter()
+                        .all(|l| sockets::listening_elsewhere(&rows, l.addr, l.inode()))
+                {
+                    i.listeners.clear();
+                }
+                let ports: Vec<u16> = i.addrs.iter().map(|a| a.port()).collect();
+                drop(i);
+                if ports.is_empty() || sockets::open_connections(&rows, &ports) > 0 {
+                    last_busy = Instant::now();
+                } else if last_busy.elapsed() >= Duration::from_secs(cfg.idle_timeout_secs) {
+                    self.to_zero(name, slot, &cfg);
+                    was_live = false;
+                    continue;
+                }
+                std::thread::sleep(TICK);
+                continue;
+            }
+            was_live = false;
+            // Nothing runs: wait on the port.
+            let addrs = match addresses(self, name, &cfg) {
+                Ok(a) => a,
+                Err(st) => {
+                    let mut i = lock(&slot.inner);
+                    i.listeners.clear();
+                    i.state = Some(st);
+                    drop(i);
+                    std::thread::sleep(TICK * 5);
+                    continue;
+                }
+            };
+            let pending = {
+                let mut i = lock(&slot.inner);
+                if i.paused > 0 {
+                    continue;
+                }
+                if i.addrs != addrs || i.listeners.len() != addrs.len() {
+                    i.listeners.clear();
+                    i.addrs = addrs.clone();
+                    for a in &addrs {
+                        match WaitingListener::open(*a) {
+                            Ok(l) => i.listeners.push(l),
+                            Err(e) => {
+                                log::warn!("{name}: {}", crate::error_chain(&e));
+                            }
+                        }
+                    }
+                }
+                i.state = Some(OnDemandState::Waiting);
+                let pending = sockets::wait_any(&i.listeners, TICK);
+                if pending && i.backoff_until.is_some_and(|t| Instant::now() < t) {
+                    let n: usize = i.listeners.iter().map(|l| l.refuse_pending()).sum();
+                    i.refused += n as u64;
+                    false
+                } else {
+                    pending
+                }
+            };
+            if pending {
+                self.activate(name, slot);
+            }
+        }
+        lock(&slot.inner).listeners.clear();
+        log::info!("{name}: on-demand controller stopped");
+    }
+
+    /// A connection is queued: restore, wait for the service to listen,
+    /// hand the queue over.
+    fn activate(self: &Arc<Self>, name: &str, slot: &Arc<Slot>) {
+        let t0 = Instant::now();
+        {
+            let mut i = lock(&slot.inner);
+            i.state = Some(OnDemandState::Activating);
+            i.restores += 1;
+        }
+        log::info!("{name}: a client is waiting; activating");
+        let started = match self.restore_newest(name) {
+            Ok(info) => info
+                .pid
+                .ok_or_else(|| "the restored service has no pid".to_string()),
+            Err(ServiceError::Running { pid, .. }) => Ok(pid),
+            Err(e) => Err(crate::error_chain(&e)),
+        };
+        let root = match started {
+            Ok(p) => p,
+            Err(why) => {
+                let mut i = lock(&slot.inner);
+                let n: usize = i.listeners.iter().map(|l| l.refuse_pending()).sum();
+                i.refused += n as u64;
+                i.failures += 1;
+                i.backoff_until = Some(Instant::now() + i.backoff);
+                log::warn!(
+                    "{name}: activation failed ({why}); closed {n} waiting connection(s), the image is kept; next try in {} s at the earliest",
+                    i.backoff.as_secs()
+                );
+                i.backoff = (i.backoff * 2).min(BACKOFF_MAX);
+                i.last_failure = Some(why);
+                i.state = Some(OnDemandState::Waiting);
+                return;
+            }
+        };
+        // The restored service replays its listen(): its socket joins our
+        // reuseport group. Then our listener can go, and its queue with it
+        // to the service.
+        let deadline = Instant::now() + LISTEN_TIMEOUT;
+        loop {
+            let rows = sockets::tcp_table(Some(root));
+            let i = lock(&slot.inner);
+            let ready = i
+                .listeners
+                .iter()
+                .all(|l| sockets::listening_elsewhere(&rows, l.addr, l.inode()));
+            drop(i);
+            if ready
+                || !crate::sys::procfs::alive(nix::unistd::Pid::from_raw(root))
+                || Instant::now() > deadline
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut i = lock(&slot.inner);
+        let rows = sockets::tcp_table(Some(root));
+        let ready = i
+            .listeners
+            .iter()
+            .all(|l| sockets::listening_elsewhere(&rows, l.addr, l.inode()));
+        if ready {
+            i.listeners.clear();
+            let ms = t0.elapsed().as_secs_f64() * 1000.0;
+            if i.latencies.len() >= KEEP_LATENCIES {
+                i.latencies.pop_front();
+            }
+            i.latencies.push_back(ms);
+            i.activations += 1;
+            i.backoff = BACKOFF_FIRST;
+            i.backoff_until = None;
+            i.state = Some(OnDemandState::Running);
+            log::info!("{name}: activated in {ms:.1} ms (service pid {root})");
+        } else {
+            log::warn!(
+                "{name}: restored (pid {root}) but not listening after {} s; keeping the port until it does",
+                LISTEN_TIMEOUT.as_secs()
+            );
+        }
+    }
+
+    /// Idle: listen beside the service, then stop it (its queue migrates to
+    /// the daemon's listener).
+    fn to_zero(self: &Arc<Self>, name: &str, slot: &Arc<Slot>, cfg: &OnDemandConfig) {
+        log::info!(
+            "{name}: no client connection for {} s; back to zero",
+            cfg.idle_timeout_secs
+        );
+        if let Ok(addrs) = addresses(self, name, cfg) {
+            let mut i = lock(&slot.inner);
+            if i.paused == 0 {
+                i.listeners.clear();
+                i.addrs = addrs.clone();
+                for a in addrs {
+                    // Fails when the running instance's socket has no
+                    // SO_REUSEPORT (started cold); the loop opens it after.
+                    if let Ok(l) = WaitingListener::open(a) {
+                        i.listeners.push(l);
+                    }
+                }
+            }
+        }
+        if let Err(e) = self.stop(name) {
+            log::warn!("{name}: going back to zero: {}", crate::error_chain(&e));
+        }
+        lock(&slot.inner).state = Some(OnDemandState::Waiting);
+    }
+}
+
+/// Checks an on-demand configuration.
+pub fn validate(c: &OnDemandConfig) -> Result<(), ServiceError> {
+    if c.idle_timeout_secs == 0 {
+        return Err(ServiceError::BadSpec(
+            "--idle-timeout must be at least 1 second".into(),
+        ));
+    }
+    if c.standby {
+        return Err(ServiceError::BadSpec(
+            "--standby (a restored instance held at its stop point) is not available in this miehistod; leave it out".into(),
+        ));
+    }
+    for a in &c.listen {
+        if a.port() == 0 {
+            return Err(ServiceError::BadSpec(format!(
+                "--listen {a}: give a port other than 0"
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles() {
+        let v = [1.0, 2.0, 3.0, 4.0, 100.0];
+        assert_eq!(percentile(&v, 50), Some(3.0));
+        assert_eq!(percentile(&v, 95), Some(100.0));
+        assert_eq!(percentile(&v, 0), Some(1.0));
+        assert_eq!(percentile(&[], 50), None);
+    }
+
+    #[test]
+    fn configs_are_checked() {
+        let ok = OnDemandConfig {
+            idle_timeout_secs: 5,
+            standby: false,
+            listen: vec!["127.0.0.1:8080".parse().unwrap()],
+        };
+        assert!(validate(&ok).is_ok());
+        let zero = OnDemandConfig {
+            idle_timeout_secs: 0,
+            ..ok.clone()
+        };
+        assert!(validate(&zero)
+            .unwrap_err()
+            .to_string()
+            .contains("idle-timeout"));
+        let port0 = OnDemandConfig {
+            listen: vec!["127.0.0.1:0".parse().unwrap()],
+            ..ok
+        };
+        assert!(validate(&port0)
+            .unwrap_err()
+            .to_string()
+            .contains("--listen"));
+    }
+}

@@ -1,0 +1,571 @@
+//! On-demand services: the socket hand-over (no CRIU) and the daemon's
+//! waiting → activating → running → idle cycle (real daemon, CRIU, HTTP).
+
+mod common;
+
+use miehisto::sockets::WaitingListener;
+use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+/// A plain reuseport listener on `addr`, as a restored service has it.
+fn service_socket(addr: SocketAddr) -> std::net::TcpListener {
+    let fd = socket::socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    socket::setsockopt(&fd, sockopt::ReusePort, &true).expect("reuseport");
+    socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)).expect("bind beside the daemon");
+    socket::listen(&fd, socket::Backlog::new(64).expect("backlog")).expect("listen");
+    std::net::TcpListener::from(fd)
+}
+
+#[test]
+fn queued_connections_migrate_to_the_service() {
+    if !nix::unistd::geteuid().is_root() {
+        assert!(!common::in_ci(), "needs root (CAP_BPF) in CI");
+        eprintln!("SKIP queued_connections_migrate_to_the_service: needs root");
+        return;
+    }
+    let _l = common::lock();
+    let port = common::free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let waiting = WaitingListener::open(addr).expect("waiting listener");
+    let mut clients: Vec<TcpStream> = (0..50)
+        .map(|i| {
+            let mut c = TcpStream::connect(addr).unwrap_or_else(|e| panic!("client {i}: {e}"));
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            c.write_all(format!("hello {i}\n").as_bytes()).unwrap();
+            c
+        })
+        .collect();
+    assert!(waiting.wait_pending(Duration::from_secs(1)));
+    let service = service_socket(addr);
+    drop(waiting);
+    for i in 0..50 {
+        let (mut s, _) = service.accept().expect("accept a migrated connection");
+        let mut buf = [0u8; 32];
+        let n = s.read(&mut buf).expect("read");
+        s.write_all(&buf[..n]).expect("write");
+        let _ = i;
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        let mut buf = String::new();
+        c.read_to_string(&mut buf)
+            .unwrap_or_else(|e| panic!("client {i} lost: {e}"));
+        assert!(buf.starts_with("hello "), "client {i}: {buf:?}");
+    }
+}
+
+// ---- The daemon end to end ------------------------------------------------
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Instant;
+
+fn alive(pid: i32) -> bool {
+    let stat = common::read(Path::new(&format!("/proc/{pid}/stat")));
+    match stat.rsplit_once(')') {
+        Some((_, rest)) => !matches!(rest.split_whitespace().next(), Some("Z") | Some("X") | None),
+        None => false,
+    }
+}
+
+/// One test's daemon on a temporary socket and state directory.
+struct Daemon {
+    dir: PathBuf,
+    socket: PathBuf,
+    state: PathBuf,
+    child: Option<Child>,
+    starts: u32,
+    metrics: Option<u16>,
+}
+
+impl Daemon {
+    fn start(tag: &str) -> Daemon {
+        let dir = common::temp_dir(tag);
+        let mut d = Daemon {
+            socket: dir.join("d.sock"),
+            state: dir.join("state"),
+            dir,
+            child: None,
+            starts: 0,
+            metrics: None,
+        };
+        d.restart();
+        d
+    }
+
+    fn restart(&mut self) {
+        assert!(self.child.is_none());
+        self.starts += 1;
+        let log = self.dir.join(format!("daemon-{}.log", self.starts));
+        let out = std::fs::File::create(&log).expect("daemon log");
+        let err = out.try_clone().expect("daemon log");
+        let port = *self.metrics.get_or_insert_with(common::free_port);
+        let mut c = Command::new(env!("CARGO_BIN_EXE_miehistod"));
+        c.arg("--socket")
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .arg("--stop-timeout=2")
+            .arg(format!("--metrics=127.0.0.1:{port}"));
+        if let Some(criu) = common::criu_path() {
+            c.arg("--criu").arg(criu);
+        }
+        c.stdin(Stdio::null()).stdout(out).stderr(err);
+        let mut child = c.spawn().expect("spawn miehistod");
+        for _ in 0..500 {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("miehistod exited early ({st}): {}", common::read(&log));
+            }
+            if self.mhctl(&["ping"]).status.success() {
+                self.child = Some(child);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        panic!("miehistod did not answer: {}", common::read(&log));
+    }
+
+    fn stop(&mut self) {
+        let mut child = self.child.take().expect("daemon running");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid")),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        assert!(common::wait_child(&mut child, Duration::from_secs(20)).is_some());
+    }
+
+    fn mhctl(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_mhctl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run mhctl")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.mhctl(args);
+        assert!(
+            out.status.success(),
+            "mhctl {args:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.insert(1, "--json");
+        let text = self.ok(&a);
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("no JSON from {args:?} ({e}): {text}"))
+    }
+
+    fn service(&self, name: &str) -> Value {
+        let list = self.json(&["service", "list"]);
+        list.as_array()
+            .and_then(|a| a.iter().find(|s| s["name"] == name).cloned())
+            .unwrap_or_else(|| panic!("{name} is not in the list: {list}"))
+    }
+
+    fn on_demand_state(&self, name: &str) -> String {
+        self.service(name)["on_demand"]["state"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+
+    fn wait_state(&self, name: &str, want: &str, timeout: Duration) {
+        let t0 = Instant::now();
+        loop {
+            let s = self.on_demand_state(name);
+            if s == want {
+                return;
+            }
+            assert!(
+                t0.elapsed() < timeout,
+                "{name} is {s:?}, not {want:?}, after {timeout:?}: {}",
+                self.service(name)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn create_on_demand(&self, name: &str, backend: &str, port: u16, idle: u64) {
+        let python = common::python();
+        let payload = common::python_payload();
+        let idle = idle.to_string();
+        let port = port.to_string();
+        let v = self.json(&[
+            "service",
+            "create",
+            name,
+            "--backend",
+            backend,
+            "--on-demand",
+            "--idle-timeout",
+            &idle,
+            "-C",
+            env!("CARGO_MANIFEST_DIR"),
+            "--",
+            python.to_str().expect("utf-8"),
+            payload.to_str().expect("utf-8"),
+            "--port",
+            &port,
+        ]);
+        assert_eq!(
+            v["on_demand"]["idle_timeout_secs"],
+            idle.parse::<u64>().unwrap()
+        );
+    }
+
+    fn stdout_log(&self, name: &str) -> String {
+        common::read(&self.state.join("logs").join(name).join("stdout.log"))
+    }
+
+    fn service_pids(&self) -> Vec<i32> {
+        miehisto::instance::Instance::list(&self.state.join("runmh"))
+            .into_iter()
+            .flat_map(|(_, r)| [r.root_pid, r.supervisor_pid])
+            .filter(|&p| p > 0 && alive(p))
+            .collect()
+    }
+
+    fn metrics(&self) -> String {
+        let port = self.metrics.expect("metrics port");
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("metrics connect");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .expect("metrics write");
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("metrics read");
+        text
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut logs: Vec<PathBuf> = (1..=self.starts)
+                .map(|i| self.dir.join(format!("daemon-{i}.log")))
+                .collect();
+            if let Ok(rd) = std::fs::read_dir(self.state.join("logs")) {
+                for d in rd.flatten() {
+                    logs.extend(["runmh.log", "stdout.log"].iter().map(|f| d.path().join(f)));
+                }
+            }
+            for l in logs {
+                eprintln!("===== {}\n{}", l.display(), common::read(&l));
+            }
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for pid in self.service_pids() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        for _ in 0..250 {
+            if self.service_pids().is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One HTTP/1.0 GET from source address `from` (any port); the status
+/// line's code, or the error that ended the exchange.
+fn get_from(from: [u8; 4], port: u16) -> Result<(u16, String), String> {
+    let fd = socket::socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| format!("socket: {e}"))?;
+    let src: SocketAddr = (std::net::Ipv4Addr::from(from), 0).into();
+    socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(src)).map_err(|e| format!("bind: {e}"))?;
+    let dst: SocketAddr = ([127, 0, 0, 1], port).into();
+    socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(dst))
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut s = TcpStream::from(fd);
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)
+        .map_err(|e| format!("read: {e}"))?;
+    let code = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no HTTP status in {buf:?} (closed without an answer)"))?;
+    Ok((code, buf))
+}
+
+/// `n` clients at once; returns how many got no 200, with the reasons.
+fn burst(n: usize, port: u16) -> Vec<String> {
+    let threads: Vec<_> = (0..n)
+        .map(|_| std::thread::spawn(move || get_from([127, 0, 0, 1], port)))
+        .collect();
+    threads
+        .into_iter()
+        .filter_map(|t| match t.join() {
+            Ok(Ok((200, _))) => None,
+            Ok(Ok((c, b))) => Some(format!("status {c}: {b}")),
+            Ok(Err(e)) => Some(e),
+            Err(_) => Some("client thread panicked".into()),
+        })
+        .collect()
+}
+
+fn wait_zero(d: &Daemon, name: &str) {
+    d.wait_state(name, "waiting", Duration::from_secs(60));
+    let t0 = Instant::now();
+    while !d.service_pids().is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "processes left at zero: {:?}",
+            d.service_pids()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn on_demand_cycle(backend: &str) {
+    if !common::require_privileged(&format!("on_demand_cycle_{backend}")) {
+        return;
+    }
+    let _l = common::lock();
+    let d = Daemon::start(&format!("od-{backend}"));
+    let port = common::free_port();
+    d.create_on_demand("web", backend, port, 2);
+    assert_eq!(d.on_demand_state("web"), "no_image");
+    let img = d.json(&["service", "prebake", "web"]);
+    assert_eq!(img["generation"], 1);
+    // The image records the socket bound at the stop point.
+    let inspect = d.json(&["image", "inspect", "web"]);
+    let bound = &inspect["metadata"]["stop"]["bound"];
+    assert_eq!(bound[0]["addr"], format!("127.0.0.1:{port}"), "{inspect}");
+    assert_eq!(bound[0]["reuseport"], true, "{inspect}");
+    assert!(d
+        .ok(&["image", "inspect", "web"])
+        .contains(&format!("127.0.0.1:{port}")));
+    d.wait_state("web", "waiting", Duration::from_secs(10));
+    assert!(d.service_pids().is_empty(), "nothing runs while waiting");
+
+    // Cycle 1: one client at zero, from 127.0.0.7.
+    let (code, body) = get_from([127, 0, 0, 7], port).expect("the first client is answered");
+    assert_eq!(code, 200, "{body}");
+    let svc = d.service("web");
+    assert_eq!(svc["state"], "running", "{svc}");
+    assert_eq!(svc["generation"], 1);
+    assert_eq!(svc["on_demand"]["activations"], 1, "{svc}");
+    assert!(
+        svc["on_demand"]["last_activation_ms"].as_f64().is_some(),
+        "{svc}"
+    );
+    let log = d.stdout_log("web");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("request n=1 client=127.0.0.7")),
+        "the service saw the client's own address: {log}"
+    );
+    wait_zero(&d, "web");
+
+    // Cycles 2 and 3: a burst of 50 concurrent clients at zero, all answered.
+    for cycle in 2..=3u64 {
+        let lost = burst(50, port);
+        assert!(
+            lost.is_empty(),
+            "cycle {cycle}: {} of 50 lost: {lost:?}",
+            lost.len()
+        );
+        let svc = d.service("web");
+        assert_eq!(svc["generation"], 1, "restored from the same generation");
+        assert_eq!(svc["on_demand"]["activations"], cycle, "{svc}");
+        wait_zero(&d, "web");
+    }
+    assert_eq!(
+        d.json(&["image", "list", "web"])
+            .as_array()
+            .map(|a| a.len()),
+        Some(1)
+    );
+
+    let stats = d.json(&["service", "stats", "web"]);
+    assert_eq!(stats["info"]["activations"], 3, "{stats}");
+    assert_eq!(
+        stats["latencies_ms"].as_array().map(|a| a.len()),
+        Some(3),
+        "{stats}"
+    );
+    assert!(
+        stats["median_ms"].as_f64().is_some_and(|m| m > 0.0),
+        "{stats}"
+    );
+    let m = d.metrics();
+    assert!(
+        m.contains("miehisto_ondemand_activations_total{service=\"web\"} 3"),
+        "{m}"
+    );
+    assert!(
+        m.contains("miehisto_ondemand_activation_seconds_count{service=\"web\"} 3"),
+        "{m}"
+    );
+    eprintln!("{backend}: activation latencies {}", stats["latencies_ms"]);
+}
+
+#[test]
+fn on_demand_cycle_trace() {
+    on_demand_cycle("trace");
+}
+
+#[test]
+fn on_demand_cycle_notify() {
+    on_demand_cycle("notify");
+}
+
+#[test]
+fn failed_activation_closes_clients_and_keeps_the_image() {
+    if !common::require_privileged("failed_activation_closes_clients_and_keeps_the_image") {
+        return;
+    }
+    let _l = common::lock();
+    let d = Daemon::start("od-fail");
+    let (good, bad) = (common::free_port(), common::free_port());
+    d.create_on_demand("good", "trace", good, 60);
+    d.create_on_demand("bad", "trace", bad, 60);
+    d.ok(&["service", "prebake", "good"]);
+    d.ok(&["service", "prebake", "bad"]);
+    // Truncate the bad generation's memory pages.
+    let gen = d.state.join("images/bad/1");
+    let mut truncated = 0;
+    for e in std::fs::read_dir(&gen).expect("generation dir").flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.starts_with("pages-") && n.ends_with(".img") {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(e.path())
+                .and_then(|f| f.set_len(4096))
+                .expect("truncate pages");
+            truncated += 1;
+        }
+    }
+    assert!(truncated > 0, "no pages-*.img in {}", gen.display());
+    d.wait_state("bad", "waiting", Duration::from_secs(10));
+    d.wait_state("good", "waiting", Duration::from_secs(10));
+
+    let r = get_from([127, 0, 0, 1], bad);
+    assert!(
+        r.is_err(),
+        "a client of the broken service got an answer: {r:?}"
+    );
+    eprintln!("the client of the broken service: {r:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let stats = d.json(&["service", "stats", "bad"]);
+    assert!(stats["info"]["failures"].as_u64() >= Some(1), "{stats}");
+    assert!(
+        stats["info"]["refused_connections"].as_u64() >= Some(1),
+        "{stats}"
+    );
+    let why = stats["info"]["last_failure"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(!why.is_empty(), "the failure is told: {stats}");
+    eprintln!("the failed activation said: {why}");
+    // The image is kept, the other service still starts on demand.
+    let imgs = d.json(&["image", "list", "bad"]);
+    assert_eq!(imgs.as_array().map(|a| a.len()), Some(1), "{imgs}");
+    assert!(gen.join("pstree.img").is_file());
+    let (code, _) = get_from([127, 0, 0, 1], good).expect("the good service answers");
+    assert_eq!(code, 200);
+    assert_eq!(d.service("good")["on_demand"]["activations"], 1);
+    // Within the backoff a client is closed at once, without a restore.
+    let failures = stats["info"]["failures"].as_u64();
+    let t0 = Instant::now();
+    let r = get_from([127, 0, 0, 1], bad);
+    assert!(r.is_err(), "{r:?}");
+    let st = d.json(&["service", "stats", "bad"]);
+    eprintln!(
+        "second client closed after {:?}, failures {} -> {}",
+        t0.elapsed(),
+        failures.unwrap_or(0),
+        st["info"]["failures"]
+    );
+    assert!(d
+        .metrics()
+        .contains("miehisto_ondemand_activation_failures_total{service=\"bad\"}"));
+}
+
+#[test]
+fn daemon_restart_rearms_waiting_and_keeps_running() {
+    if !common::require_privileged("daemon_restart_rearms_waiting_and_keeps_running") {
+        return;
+    }
+    let _l = common::lock();
+    let mut d = Daemon::start("od-restart");
+    let (a, b) = (common::free_port(), common::free_port());
+    d.create_on_demand("a", "trace", a, 3);
+    d.create_on_demand("b", "notify", b, 300);
+    d.ok(&["service", "prebake", "a"]);
+    d.ok(&["service", "prebake", "b"]);
+    d.wait_state("a", "waiting", Duration::from_secs(10));
+    d.wait_state("b", "waiting", Duration::from_secs(10));
+    // b is activated and must survive the restart.
+    assert_eq!(get_from([127, 0, 0, 1], b).expect("b answers").0, 200);
+    let pid_b = d.service("b")["pid"].as_i64().expect("b runs");
+    d.stop();
+    let t0 = Instant::now();
+    d.restart();
+    // The unserved gap of a: from the old daemon's exit to the port
+    // accepting again.
+    loop {
+        if TcpStream::connect(("127.0.0.1", a)).is_ok() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "a never waits again"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    eprintln!(
+        "port of a unserved for {:?} across the daemon restart",
+        t0.elapsed()
+    );
+    assert_eq!(
+        d.service("b")["pid"].as_i64(),
+        Some(pid_b),
+        "b kept running"
+    );
+    assert_eq!(d.on_demand_state("b"), "running");
+    assert_eq!(get_from([127, 0, 0, 1], a).expect("a answers").0, 200);
+    assert_eq!(get_from([127, 0, 0, 1], b).expect("b answers").0, 200);
+    wait_zero_one(&d, "a");
+}
+
+/// `a` is back at zero (other services may still run).
+fn wait_zero_one(d: &Daemon, name: &str) {
+    d.wait_state(name, "waiting", Duration::from_secs(60));
+    assert!(d.service(name)["pid"].is_null());
+}
