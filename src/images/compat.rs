@@ -48,8 +48,10 @@ pub struct FileRecord {
     pub path: PathBuf,
     pub how: FileUse,
     pub size: u64,
-    /// Modification time, nanoseconds since the epoch.
-    pub mtime_ns: i128,
+    /// Modification time, nanoseconds since the epoch. An i64 (enough until
+    /// 2262), not an i128: serde cannot buffer an i128 inside the API's
+    /// tagged replies, so an image inspect through the daemon would fail.
+    pub mtime_ns: i64,
     /// The ELF GNU build-id, hex.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build_id: Option<String>,
@@ -222,7 +224,7 @@ fn record_of(path: &Path, how: FileUse) -> Option<FileRecord> {
         path: path.to_path_buf(),
         how,
         size: m.size(),
-        mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+        mtime_ns: mtime_ns(&m),
         build_id: build_id(path),
     })
 }
@@ -497,7 +499,7 @@ pub fn differences(
                 }
             }
             None => {
-                let mtime = m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128;
+                let mtime = mtime_ns(&m);
                 if mtime != f.mtime_ns {
                     d.push(Difference::FileMtime {
                         path: f.path.clone(),
@@ -529,6 +531,15 @@ pub fn record(root: i32, skip: &[&Path]) -> HostRecord {
         cpuinfo: false,
         files: collect_files(root, skip),
     }
+}
+
+/// A file's modification time in nanoseconds since the epoch, saturating
+/// (a time past 2262 or before 1678 compares as the bound).
+fn mtime_ns(m: &std::fs::Metadata) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    m.mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(m.mtime_nsec())
 }
 
 #[cfg(test)]
