@@ -200,7 +200,6 @@ pub fn publish(staged: Staged, facts: DumpFacts<'_>) -> Result<Dumped, StoreErro
         host: facts.host,
         // Filled in by the publish, over the files as they are then.
         files: Vec::new(),
-        page_files: images::metadata::page_file_sizes(&staged.dir),
     };
     let image = staged.publish(&metadata)?;
     Ok(Dumped { image, metadata })

@@ -153,12 +153,13 @@ fn prepare_files(md: &Metadata) -> Result<(), RestoreError> {
 pub fn restore(criu: &Criu, opts: &RestoreOpts) -> Result<Restored, RestoreError> {
     let t0 = Instant::now();
     let md = Metadata::read(&opts.images)?;
-    // CRIU's restorer trusts the image: a short pages file makes it spin.
-    crate::images::verify::verify(&opts.images, &md.files)?;
     prepare_files(&md)?;
     // Before CRIU runs: a mismatch is one error naming every difference,
-    // not a restore failing half-way or a SIGILL after it.
+    // not a restore failing half-way or a SIGILL after it. First, since
+    // another host's difference explains more than a changed file does.
     compat::check(&md, &opts.images, criu, CpuCheck::UnlessSameBoot)?;
+    // CRIU's restorer trusts the image: a short pages file makes it spin.
+    crate::images::verify::verify(&opts.images, &md.files)?;
     let images = absolute_images(opts)?;
     let inst = Instance::create(&opts.state_dir)?;
     let rec = InstanceRecord {

@@ -72,25 +72,6 @@ pub struct Metadata {
     /// and checked before a restore (empty in images made before).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<super::FileSum>,
-    /// Sizes of CRIU's memory page files (`pages-*.img`) when published:
-    /// a page file cut short makes CRIU's restorer spin on it instead of
-    /// failing, so a damaged image is refused before CRIU runs.
-    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub page_files: std::collections::BTreeMap<String, u64>,
-}
-
-/// The sizes of the `pages-*.img` files in `dir`.
-pub fn page_file_sizes(dir: &Path) -> std::collections::BTreeMap<String, u64> {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return Default::default();
-    };
-    rd.flatten()
-        .filter_map(|e| {
-            let n = e.file_name().to_str()?.to_string();
-            (n.starts_with("pages-") && n.ends_with(".img"))
-                .then(|| Some((n, e.metadata().ok()?.len())))?
-        })
-        .collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,13 +88,6 @@ pub enum MetadataError {
     Corrupt { path: PathBuf, detail: String },
     #[error("{path} has format version {found}, this runmh reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}; use a matching runmh or dump again")]
     Version { path: PathBuf, found: u32 },
-    #[error("image {dir} is damaged: {file} is {size} bytes, it was {expected} when published; dump or prebake again")]
-    Damaged {
-        dir: PathBuf,
-        file: String,
-        size: u64,
-        expected: u64,
-    },
     #[error("image {dir} lacks {file}; the dump is incomplete, dump again")]
     Incomplete { dir: PathBuf, file: String },
     #[error("cannot read {path}")]
@@ -193,19 +167,6 @@ impl Metadata {
                 });
             }
         }
-        for (file, &expected) in &md.page_files {
-            let size = std::fs::metadata(dir.join(file))
-                .map(|m| m.len())
-                .unwrap_or(0);
-            if size != expected {
-                return Err(MetadataError::Damaged {
-                    dir: dir.to_path_buf(),
-                    file: file.clone(),
-                    size,
-                    expected,
-                });
-            }
-        }
         Ok(md)
     }
 }
@@ -268,7 +229,6 @@ pub(crate) mod tests {
             leave_running: false,
             host: None,
             files: Vec::new(),
-            page_files: Default::default(),
         }
     }
 
