@@ -5,6 +5,7 @@
 mod common;
 
 use common::case::Case;
+use common::daemon::Mhctl;
 
 use miehisto::images::Metadata;
 use serde_json::Value;
@@ -16,106 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-fn miehistod() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_miehistod"))
-}
-
-fn mhctl_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_mhctl"))
-}
-
-/// A daemon test's world is a [`Case`] (common/case.rs) with a miehistod
-/// of its own on a socket in the scratch dir; everything goes when dropped.
 impl Case {
-    fn start_daemon(&mut self, extra: &[&str]) {
-        assert!(self.daemon.is_none(), "a daemon is already running");
-        self.daemon_starts += 1;
-        let log = self.daemon_log(self.daemon_starts);
-        let out = std::fs::File::create(&log).expect("daemon log");
-        let err = out.try_clone().expect("daemon log");
-        let mut c = Command::new(miehistod());
-        c.arg("--socket")
-            .arg(&self.socket)
-            .arg("--state-dir")
-            .arg(&self.state);
-        if let Some(criu) = common::criu_path() {
-            c.arg("--criu").arg(criu);
-        }
-        c.args(extra).stdin(Stdio::null()).stdout(out).stderr(err);
-        let mut child = c.spawn().expect("spawn miehistod");
-        // Ready when it answers.
-        for _ in 0..500 {
-            if let Ok(Some(st)) = child.try_wait() {
-                panic!("miehistod exited early ({st}): {}", common::read(&log));
-            }
-            if self.mhctl(&["ping"]).status.success() {
-                self.daemon = Some(child);
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!(
-            "miehistod did not answer on {}: {}",
-            self.socket.display(),
-            common::read(&log)
-        );
-    }
-
-    fn daemon_pid(&self) -> i32 {
-        miehisto::sys::child_pid(self.daemon.as_ref().expect("daemon running")).as_raw()
-    }
-
-    /// Ends the daemon with `sig` and waits for it.
-    fn stop_daemon(&mut self, sig: nix::sys::signal::Signal) {
-        let mut child = self.daemon.take().expect("daemon running");
-        let _ = nix::sys::signal::kill(miehisto::sys::child_pid(&child), sig);
-        assert!(
-            common::wait_child(&mut child, Duration::from_secs(20)).is_some(),
-            "miehistod did not exit on {sig}"
-        );
-    }
-
-    fn mhctl(&self, args: &[&str]) -> Output {
-        Command::new(mhctl_bin())
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run mhctl")
-    }
-
-    /// Runs mhctl and insists on success; returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.mhctl(args);
-        assert!(
-            out.status.success(),
-            "mhctl {args:?} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        // Right after the command group: anything after `--` would be argv.
-        let mut a = args.to_vec();
-        a.insert(1, "--json");
-        let text = self.ok(&a);
-        serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("mhctl {args:?} --json printed no JSON ({e}): {text}"))
-    }
-
-    fn service(&self, name: &str) -> Value {
-        let list = self.json(&["service", "list"]);
-        list.as_array()
-            .and_then(|a| a.iter().find(|s| s["name"] == name).cloned())
-            .unwrap_or_else(|| panic!("{name} is not in the list: {list}"))
-    }
-
     fn create_python(&self, name: &str, backend: &str, port: u16) {
         let python = common::python();
         let payload = common::python_payload();
@@ -388,7 +290,7 @@ fn refusals_and_bad_requests() {
     let as_nobody = |c: &Case, args: &[&str]| -> Output {
         Command::new("setpriv")
             .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
-            .arg(mhctl_bin())
+            .arg(common::daemon::mhctl_bin())
             .arg("--socket")
             .arg(&c.socket)
             .args(args)
@@ -481,7 +383,7 @@ fn concurrent_prebakes_make_whole_generations() {
     let port = common::free_port();
     c.create_python("web", "notify", port);
     let spawn = |c: &Case| {
-        Command::new(mhctl_bin())
+        Command::new(common::daemon::mhctl_bin())
             .arg("--socket")
             .arg(&c.socket)
             .args(["service", "prebake", "web", "--json"])

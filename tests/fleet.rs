@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::daemon::Mhctl;
 use common::hosts::{TwoHosts, ADDR_A, ADDR_B};
 use std::time::Duration;
 
@@ -57,7 +58,7 @@ fn two_hosts_each_restore_and_answer_across_the_veth() {
         create_python(h, "web", "0.0.0.0");
         h.ok(&["service", "prebake", "web"]);
         h.ok(&["service", "start", "web"]);
-        let s = h.service("web").expect("web listed");
+        let s = h.find_service("web").expect("web listed");
         assert_eq!(s["state"], "running", "{s}");
         assert_eq!(s["started_from"], "restored", "{s}");
     }
@@ -171,11 +172,11 @@ fn mhctl_host_ssh_round_trip() {
     assert_eq!(v[0]["state"], "running", "{v}");
     // The same service as B's local client sees it.
     assert_eq!(
-        hosts.b.service("web").expect("listed on B")["pid"],
+        hosts.b.find_service("web").expect("listed on B")["pid"],
         v[0]["pid"]
     );
     // Nothing of it on A.
-    assert!(hosts.a.service("web").is_none());
+    assert!(hosts.a.find_service("web").is_none());
     let body = hosts
         .a
         .wait_http(ADDR_B, PORT, Duration::from_secs(10))
@@ -184,7 +185,7 @@ fn mhctl_host_ssh_round_trip() {
     let log = common::read(&hosts.b.daemon_log());
     assert!(log.contains("uid 0: service.prebake web"), "{log}");
     a_to_b_ok(&hosts, &["service", "stop", "web"]);
-    assert_eq!(hosts.b.service("web").unwrap()["state"], "stopped");
+    assert_eq!(hosts.b.find_service("web").unwrap()["state"], "stopped");
 
     // A host key that is not in known_hosts is refused, never trusted.
     let sshd = hosts.sshd.as_ref().unwrap();
@@ -242,7 +243,7 @@ fn running_on_a(hosts: &TwoHosts, bind: &str) -> i64 {
             .wait_http(ADDR_A, PORT, Duration::from_secs(10))
             .unwrap();
     }
-    let s = hosts.a.service("web").unwrap();
+    let s = hosts.a.find_service("web").unwrap();
     assert_eq!(s["state"], "running", "{s}");
     s["pid"].as_i64().expect("pid")
 }
@@ -287,7 +288,7 @@ fn service_migrate_moves_a_running_service_to_b() {
     assert!(downtime > 0, "{stdout}");
     assert!(stdout.contains("first answer at"), "{stdout}");
     // B runs it, from a new generation, and it kept its memory.
-    let b = hosts.b.service("web").expect("web on B");
+    let b = hosts.b.find_service("web").expect("web on B");
     assert_eq!(b["state"], "running", "{b}");
     assert_eq!(b["started_from"], "restored", "{b}");
     let body = hosts
@@ -297,7 +298,7 @@ fn service_migrate_moves_a_running_service_to_b() {
     // One more than A served: mhctl's probe, the first answer on B.
     assert_eq!(requests_of(&body), before + 2, "{body}");
     // A's copy is gone, and A says where it went.
-    let a = hosts.a.service("web").expect("web still known on A");
+    let a = hosts.a.find_service("web").expect("web still known on A");
     assert_eq!(a["state"], "stopped", "{a}");
     assert!(
         a["last_exit"]
@@ -344,7 +345,7 @@ fn failed_restore_on_b_leaves_a_running_and_answering() {
         "{err}"
     );
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
-    let a = hosts.a.service("web").unwrap();
+    let a = hosts.a.find_service("web").unwrap();
     assert_eq!(a["state"], "running", "{a}");
     assert_eq!(a["pid"].as_i64(), Some(pid_a), "{a}");
     let body = hosts
@@ -352,7 +353,7 @@ fn failed_restore_on_b_leaves_a_running_and_answering() {
         .wait_http(ADDR_A, PORT, Duration::from_secs(10))
         .unwrap();
     assert_eq!(requests_of(&body), before + 1, "{body}");
-    let b = hosts.b.service("web").expect("created on B");
+    let b = hosts.b.find_service("web").expect("created on B");
     assert_eq!(b["state"], "stopped", "{b}");
     // Once more: A's copy still migrates out and back in (the supervisor
     // took it back whole).
@@ -380,13 +381,13 @@ fn pre_dump_is_refused_with_a_reason_and_nothing_moves() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("pre-dump"), "{err}");
-    let a = hosts.a.service("web").unwrap();
+    let a = hosts.a.find_service("web").unwrap();
     assert_eq!(a["pid"].as_i64(), Some(pid_a), "{a}");
     hosts
         .a
         .wait_http(ADDR_A, PORT, Duration::from_secs(10))
         .unwrap();
-    let b = hosts.b.service("web").expect("created on B");
+    let b = hosts.b.find_service("web").expect("created on B");
     assert_eq!(b["state"], "stopped", "{b}");
     assert_eq!(b["images"], 0, "a half-received image was kept: {b}");
 }

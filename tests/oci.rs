@@ -6,11 +6,12 @@
 
 mod common;
 
+use common::case::Case;
+use common::daemon::Mhctl;
 use common::hosts::TwoHosts;
 use common::registry::{self, Registry};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
 fn require(test: &str) -> bool {
@@ -28,107 +29,14 @@ fn require(test: &str) -> bool {
     true
 }
 
-/// One daemon: its socket, state directory and log.
-struct Daemon {
-    dir: PathBuf,
-    socket: PathBuf,
-    state: PathBuf,
-    child: Option<Child>,
+/// One host's daemon, in a [`Case`] of its own.
+fn daemon(tag: &str) -> Case {
+    let mut c = Case::for_daemon(tag);
+    c.start_daemon(&[]);
+    c
 }
 
-impl Daemon {
-    fn start(dir: &Path) -> Daemon {
-        std::fs::create_dir_all(dir).expect("daemon dir");
-        let mut d = Daemon {
-            dir: dir.to_path_buf(),
-            socket: dir.join("d.sock"),
-            state: dir.join("st"),
-            child: None,
-        };
-        let log = std::fs::File::create(d.dir.join("daemon.log")).expect("daemon log");
-        let err = log.try_clone().expect("daemon log");
-        let mut c = Command::new(env!("CARGO_BIN_EXE_miehistod"));
-        c.arg("--socket")
-            .arg(&d.socket)
-            .arg("--state-dir")
-            .arg(&d.state);
-        if let Some(criu) = common::criu_path() {
-            c.arg("--criu").arg(criu);
-        }
-        let mut child = c
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err)
-            .spawn()
-            .expect("spawn miehistod");
-        for _ in 0..500 {
-            if let Ok(Some(st)) = child.try_wait() {
-                panic!("miehistod exited early ({st}): {}", d.log());
-            }
-            if d.mhctl(&["ping"]).status.success() {
-                d.child = Some(child);
-                return d;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("miehistod did not answer: {}", d.log());
-    }
-
-    fn log(&self) -> String {
-        common::read(&self.dir.join("daemon.log"))
-    }
-
-    fn mhctl(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_mhctl"))
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run mhctl")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.mhctl(args);
-        assert!(
-            out.status.success(),
-            "mhctl {args:?} failed ({}): {}{}\n--- daemon log:\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            self.log()
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Runs mhctl, insists on failure, returns stderr.
-    fn fails(&self, args: &[&str]) -> String {
-        let out = self.mhctl(args);
-        assert!(
-            !out.status.success(),
-            "mhctl {args:?} should fail: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.insert(1, "--json");
-        let text = self.ok(&a);
-        serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("no JSON from {args:?} ({e}): {text}"))
-    }
-
-    fn service(&self, name: &str) -> Value {
-        let list = self.json(&["service", "list"]);
-        list.as_array()
-            .and_then(|a| a.iter().find(|s| s["name"] == name).cloned())
-            .unwrap_or_else(|| panic!("{name} is not in the list: {list}"))
-    }
-
+impl Case {
     fn generations(&self, name: &str) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(self.state.join("images").join(name))
             .map(|r| {
@@ -140,41 +48,9 @@ impl Daemon {
         v.sort();
         v
     }
-
-    /// Stops every running service (so nothing outlives the test).
-    fn stop_all(&self) {
-        if let Ok(Value::Array(list)) =
-            serde_json::from_slice::<Value>(&self.mhctl(&["service", "--json", "list"]).stdout)
-        {
-            for s in list.iter().filter(|s| s["state"] == "running") {
-                if let Some(n) = s["name"].as_str() {
-                    let _ = self.mhctl(&["service", "stop", n]);
-                }
-            }
-        }
-    }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("===== daemon log {}\n{}", self.dir.display(), self.log());
-            if let Ok(rd) = std::fs::read_dir(self.state.join("logs")) {
-                for d in rd.flatten() {
-                    let l = d.path().join("runmh.log");
-                    eprintln!("===== {}\n{}", l.display(), common::read(&l));
-                }
-            }
-        }
-        self.stop_all();
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn create_python(d: &Daemon, name: &str, port: u16) {
+fn create_python(d: &Case, name: &str, port: u16) {
     let python = common::python();
     let payload = common::python_payload();
     d.ok(&[
@@ -201,8 +77,8 @@ fn push_on_a_pull_on_b_start_on_b_and_a_corrupt_layer_is_refused() {
     let _l = common::lock();
     let base = common::temp_dir("oci");
     let reg = Registry::start(&base.join("reg"));
-    let a = Daemon::start(&base.join("a"));
-    let b = Daemon::start(&base.join("b"));
+    let a = daemon("oci-a");
+    let b = daemon("oci-b");
     let port = common::free_port();
     create_python(&a, "web", port);
     let img = a.json(&["service", "prebake", "web"]);
@@ -422,7 +298,7 @@ fn an_image_whose_cpu_or_files_differ_is_refused_with_every_difference() {
     }
     let _l = common::lock();
     let base = common::temp_dir("ocicompat");
-    let d = Daemon::start(&base.join("a"));
+    let d = daemon("ocicompat");
     // A copy of a payload binary, modified after the prebake below.
     let bin = base.join("srv");
     std::fs::copy(common::payload("simple_server"), &bin).expect("copy payload");

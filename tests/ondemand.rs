@@ -8,7 +8,10 @@ use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, Sockadd
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use common::case::Case;
+use common::daemon::Mhctl;
 
 /// A plain reuseport listener on `addr`, as a restored service has it.
 fn service_socket(addr: SocketAddr) -> std::net::TcpListener {
@@ -64,123 +67,15 @@ fn queued_connections_migrate_to_the_service() {
 
 // ---- The daemon end to end ------------------------------------------------
 
-use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::Instant;
-
-fn alive(pid: i32) -> bool {
-    let stat = common::read(Path::new(&format!("/proc/{pid}/stat")));
-    match stat.rsplit_once(')') {
-        Some((_, rest)) => !matches!(rest.split_whitespace().next(), Some("Z") | Some("X") | None),
-        None => false,
-    }
+/// One test's daemon, with a metrics endpoint, in a [`Case`] of its own.
+fn start(tag: &str) -> Case {
+    let mut c = Case::for_daemon(tag);
+    let metrics = format!("--metrics=127.0.0.1:{}", common::free_port());
+    c.start_daemon(&["--stop-timeout=2", &metrics]);
+    c
 }
 
-/// One test's daemon on a temporary socket and state directory.
-struct Daemon {
-    dir: PathBuf,
-    socket: PathBuf,
-    state: PathBuf,
-    child: Option<Child>,
-    starts: u32,
-    metrics: Option<u16>,
-}
-
-impl Daemon {
-    fn start(tag: &str) -> Daemon {
-        let dir = common::temp_dir(tag);
-        let mut d = Daemon {
-            socket: dir.join("d.sock"),
-            state: dir.join("state"),
-            dir,
-            child: None,
-            starts: 0,
-            metrics: None,
-        };
-        d.restart();
-        d
-    }
-
-    fn restart(&mut self) {
-        assert!(self.child.is_none());
-        self.starts += 1;
-        let log = self.dir.join(format!("daemon-{}.log", self.starts));
-        let out = std::fs::File::create(&log).expect("daemon log");
-        let err = out.try_clone().expect("daemon log");
-        let port = *self.metrics.get_or_insert_with(common::free_port);
-        let mut c = Command::new(env!("CARGO_BIN_EXE_miehistod"));
-        c.arg("--socket")
-            .arg(&self.socket)
-            .arg("--state-dir")
-            .arg(&self.state)
-            .arg("--stop-timeout=2")
-            .arg(format!("--metrics=127.0.0.1:{port}"));
-        if let Some(criu) = common::criu_path() {
-            c.arg("--criu").arg(criu);
-        }
-        c.stdin(Stdio::null()).stdout(out).stderr(err);
-        let mut child = c.spawn().expect("spawn miehistod");
-        for _ in 0..500 {
-            if let Ok(Some(st)) = child.try_wait() {
-                panic!("miehistod exited early ({st}): {}", common::read(&log));
-            }
-            if self.mhctl(&["ping"]).status.success() {
-                self.child = Some(child);
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        panic!("miehistod did not answer: {}", common::read(&log));
-    }
-
-    fn stop(&mut self) {
-        let mut child = self.child.take().expect("daemon running");
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid")),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        assert!(common::wait_child(&mut child, Duration::from_secs(20)).is_some());
-    }
-
-    fn mhctl(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_mhctl"))
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run mhctl")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.mhctl(args);
-        assert!(
-            out.status.success(),
-            "mhctl {args:?} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.insert(1, "--json");
-        let text = self.ok(&a);
-        serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("no JSON from {args:?} ({e}): {text}"))
-    }
-
-    fn service(&self, name: &str) -> Value {
-        let list = self.json(&["service", "list"]);
-        list.as_array()
-            .and_then(|a| a.iter().find(|s| s["name"] == name).cloned())
-            .unwrap_or_else(|| panic!("{name} is not in the list: {list}"))
-    }
-
+impl Case {
     fn on_demand_state(&self, name: &str) -> String {
         self.service(name)["on_demand"]["state"]
             .as_str()
@@ -236,57 +131,18 @@ impl Daemon {
         common::read(&self.state.join("logs").join(name).join("stdout.log"))
     }
 
-    fn service_pids(&self) -> Vec<i32> {
-        miehisto::instance::Instance::list(&self.state.join("runmh"))
-            .into_iter()
-            .flat_map(|(_, r)| [r.root_pid, r.supervisor_pid])
-            .filter(|&p| p > 0 && alive(p))
-            .collect()
-    }
-
     fn metrics(&self) -> String {
-        let port = self.metrics.expect("metrics port");
-        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("metrics connect");
+        let addr = self
+            .daemon_args
+            .iter()
+            .find_map(|a| a.strip_prefix("--metrics="))
+            .expect("the daemon serves metrics");
+        let mut s = TcpStream::connect(addr).expect("metrics connect");
         s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
             .expect("metrics write");
         let mut text = String::new();
         s.read_to_string(&mut text).expect("metrics read");
         text
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let mut logs: Vec<PathBuf> = (1..=self.starts)
-                .map(|i| self.dir.join(format!("daemon-{i}.log")))
-                .collect();
-            if let Ok(rd) = std::fs::read_dir(self.state.join("logs")) {
-                for d in rd.flatten() {
-                    logs.extend(["runmh.log", "stdout.log"].iter().map(|f| d.path().join(f)));
-                }
-            }
-            for l in logs {
-                eprintln!("===== {}\n{}", l.display(), common::read(&l));
-            }
-        }
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for pid in self.service_pids() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        for _ in 0..250 {
-            if self.service_pids().is_empty() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -337,14 +193,14 @@ fn burst(n: usize, port: u16) -> Vec<String> {
         .collect()
 }
 
-fn wait_zero(d: &Daemon, name: &str) {
+fn wait_zero(d: &Case, name: &str) {
     d.wait_state(name, "waiting", Duration::from_secs(60));
     let t0 = Instant::now();
-    while !d.service_pids().is_empty() {
+    while !d.live_services().is_empty() {
         assert!(
             t0.elapsed() < Duration::from_secs(20),
             "processes left at zero: {:?}",
-            d.service_pids()
+            d.live_services()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -355,7 +211,7 @@ fn on_demand_cycle(backend: &str) {
         return;
     }
     let _l = common::lock();
-    let d = Daemon::start(&format!("od-{backend}"));
+    let d = start(&format!("od-{backend}"));
     let port = common::free_port();
     d.create_on_demand("web", backend, port, 2);
     assert_eq!(d.on_demand_state("web"), "no_image");
@@ -370,7 +226,7 @@ fn on_demand_cycle(backend: &str) {
         .ok(&["image", "inspect", "web"])
         .contains(&format!("127.0.0.1:{port}")));
     d.wait_state("web", "waiting", Duration::from_secs(10));
-    assert!(d.service_pids().is_empty(), "nothing runs while waiting");
+    assert!(d.live_services().is_empty(), "nothing runs while waiting");
 
     // Cycle 1: one client at zero, from 127.0.0.7.
     let (code, body) = get_from([127, 0, 0, 7], port).expect("the first client is answered");
@@ -450,7 +306,7 @@ fn failed_activation_closes_clients_and_keeps_the_image() {
         return;
     }
     let _l = common::lock();
-    let d = Daemon::start("od-fail");
+    let d = start("od-fail");
     let (good, bad) = (common::free_port(), common::free_port());
     d.create_on_demand("good", "trace", good, 60);
     d.create_on_demand("bad", "trace", bad, 60);
@@ -523,7 +379,7 @@ fn daemon_restart_rearms_waiting_and_keeps_running() {
         return;
     }
     let _l = common::lock();
-    let mut d = Daemon::start("od-restart");
+    let mut d = start("od-restart");
     let (a, b) = (common::free_port(), common::free_port());
     d.create_on_demand("a", "trace", a, 3);
     d.create_on_demand("b", "notify", b, 300);
@@ -534,9 +390,9 @@ fn daemon_restart_rearms_waiting_and_keeps_running() {
     // b is activated and must survive the restart.
     assert_eq!(get_from([127, 0, 0, 1], b).expect("b answers").0, 200);
     let pid_b = d.service("b")["pid"].as_i64().expect("b runs");
-    d.stop();
+    d.stop_daemon(nix::sys::signal::Signal::SIGTERM);
     let t0 = Instant::now();
-    d.restart();
+    d.restart_daemon();
     // The unserved gap of a: from the old daemon's exit to the port
     // accepting again.
     loop {
@@ -565,7 +421,7 @@ fn daemon_restart_rearms_waiting_and_keeps_running() {
 }
 
 /// `a` is back at zero (other services may still run).
-fn wait_zero_one(d: &Daemon, name: &str) {
+fn wait_zero_one(d: &Case, name: &str) {
     d.wait_state(name, "waiting", Duration::from_secs(60));
     assert!(d.service(name)["pid"].is_null());
 }

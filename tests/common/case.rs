@@ -2,7 +2,7 @@
 //! and a tag put into every service's environment so that leftover
 //! processes can be found in /proc (without pgrep, and without ever
 //! touching another test's processes). A daemon test also runs a
-//! `miehistod` of its own on a socket in the scratch dir. Test files add
+//! `miehistod` of its own on a socket in the scratch dir (common/daemon.rs). Test files add
 //! their own methods in `impl Case` blocks.
 
 use miehisto::instance::{Instance, InstanceRecord};
@@ -28,6 +28,8 @@ pub struct Case {
     pub daemon: Option<Child>,
     /// How many times a daemon was started (each logs to `daemon-N.log`).
     pub daemon_starts: u32,
+    /// The extra arguments of the daemon's last start, for a restart.
+    pub daemon_args: Vec<String>,
 }
 
 impl Case {
@@ -58,6 +60,7 @@ impl Case {
             tag,
             daemon: None,
             daemon_starts: 0,
+            daemon_args: Vec::new(),
         }
     }
 

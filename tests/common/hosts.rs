@@ -27,7 +27,7 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -38,13 +38,8 @@ pub const SSH_PORT: u16 = 2222;
 
 static PAIRS: AtomicU32 = AtomicU32::new(0);
 
-pub fn miehistod_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_miehistod"))
-}
-
-pub fn mhctl_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_mhctl"))
-}
+pub use super::daemon::{mhctl_bin, miehistod_bin};
+use super::daemon::{spawn_daemon, Mhctl};
 
 fn run(cmd: &mut Command) -> Result<(), String> {
     let out = cmd
@@ -118,84 +113,15 @@ impl Host {
             self.label
         );
         self.starts += 1;
-        let log = self.daemon_log();
-        let out = std::fs::File::create(&log).expect("daemon log");
-        let err = out.try_clone().expect("daemon log");
         let mut c = self.command(miehistod_bin());
         c.arg("--socket")
             .arg(&self.socket)
             .arg("--state-dir")
             .arg(&self.state);
-        if let Some(criu) = super::criu_path() {
-            c.arg("--criu").arg(criu);
-        }
-        c.stdin(Stdio::null()).stdout(out).stderr(err);
-        let mut child = c.spawn().expect("spawn miehistod");
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(20) {
-            if let Ok(Some(st)) = child.try_wait() {
-                panic!(
-                    "host {}: miehistod exited early ({st}): {}",
-                    self.label,
-                    super::read(&log)
-                );
-            }
-            if self.mhctl(&["ping"]).status.success() {
-                self.daemon = Some(child);
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!(
-            "host {}: miehistod did not answer on {}: {}",
-            self.label,
-            self.socket.display(),
-            super::read(&log)
-        );
-    }
-
-    /// mhctl on this host, in its namespace, talking to its own daemon.
-    pub fn mhctl_cmd(&self) -> Command {
-        let mut c = self.command(mhctl_bin());
-        c.arg("--socket").arg(&self.socket).stdin(Stdio::null());
-        c
-    }
-
-    pub fn mhctl(&self, args: &[&str]) -> Output {
-        self.mhctl_cmd().args(args).output().expect("run mhctl")
-    }
-
-    /// Runs mhctl and insists on success; returns stdout.
-    pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.mhctl(args);
-        assert!(
-            out.status.success(),
-            "host {}: mhctl {args:?} failed ({}): {}{}\ndaemon log: {}",
-            self.label,
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            super::read(&self.daemon_log())
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// `mhctl ARGS --json` parsed (the flag goes right after the command group).
-    pub fn json(&self, args: &[&str]) -> serde_json::Value {
-        let mut a = args.to_vec();
-        a.insert(1, "--json");
-        let text = self.ok(&a);
-        serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("mhctl {args:?} --json printed no JSON ({e}): {text}"))
-    }
-
-    /// The entry of `service list` for `name`, if any.
-    pub fn service(&self, name: &str) -> Option<serde_json::Value> {
-        self.json(&["service", "list"])
-            .as_array()
-            .and_then(|a| a.iter().find(|s| s["name"] == name).cloned())
+        let child = spawn_daemon(c, &self.daemon_log(), || {
+            self.mhctl(&["ping"]).status.success()
+        });
+        self.daemon = Some(child);
     }
 
     /// Runs `f` on a thread inside this host's network namespace.
@@ -230,16 +156,7 @@ impl Host {
             write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
             let mut buf = String::new();
             s.read_to_string(&mut buf)?;
-            let code = buf
-                .split_whitespace()
-                .nth(1)
-                .and_then(|c| c.parse().ok())
-                .unwrap_or(0);
-            let body = buf
-                .split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_string())
-                .unwrap_or_default();
-            Ok((code, body))
+            Ok(super::parse_http(&buf))
         })
     }
 
@@ -572,5 +489,18 @@ impl Drop for TwoHosts {
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+/// mhctl on this host, in its namespace, talking to its own daemon.
+impl Mhctl for Host {
+    fn mhctl_cmd(&self) -> Command {
+        let mut c = self.command(mhctl_bin());
+        c.arg("--socket").arg(&self.socket);
+        c
+    }
+
+    fn context(&self) -> String {
+        format!("host {}: {}", self.label, super::read(&self.daemon_log()))
     }
 }

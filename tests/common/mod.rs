@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod case;
+pub mod daemon;
 pub mod hosts;
 pub mod registry;
 
@@ -119,6 +120,11 @@ pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
     write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
     let mut buf = String::new();
     s.read_to_string(&mut buf)?;
+    Ok(parse_http(&buf))
+}
+
+/// An HTTP response's status code (0 when there is none) and body.
+pub fn parse_http(buf: &str) -> (u16, String) {
     let code = buf
         .split_whitespace()
         .nth(1)
@@ -128,7 +134,7 @@ pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
-    Ok((code, body))
+    (code, body)
 }
 
 /// Polls until a GET answers 200, up to `timeout`.

@@ -1,0 +1,168 @@
+//! Driving a `miehistod` from a test: starting one and waiting until it
+//! answers, and running `mhctl` against it with the checks every daemon test
+//! makes (success, failure, JSON, one service's entry). A [`Case`]'s daemon
+//! and a fleet host's daemon (in its own network namespace) share all of it
+//! through the [`Mhctl`] trait; only how `mhctl` is launched differs.
+
+use super::case::Case;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn miehistod_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_miehistod"))
+}
+
+pub fn mhctl_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_mhctl"))
+}
+
+/// `cmd` (a miehistod command line) spawned with its output in `log`;
+/// returns once `answers()` is true. Panics, with the log, when the daemon
+/// exits early or does not answer within 20 s.
+pub fn spawn_daemon(mut cmd: Command, log: &Path, answers: impl Fn() -> bool) -> Child {
+    let out = std::fs::File::create(log).expect("daemon log");
+    let err = out.try_clone().expect("daemon log");
+    if let Some(criu) = super::criu_path() {
+        cmd.arg("--criu").arg(criu);
+    }
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    let mut child = cmd.spawn().expect("spawn miehistod");
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(20) {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("miehistod exited early ({st}): {}", super::read(log));
+        }
+        if answers() {
+            return child;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("miehistod did not answer: {}", super::read(log));
+}
+
+/// `mhctl` against one daemon, and the checks tests make of its answers.
+pub trait Mhctl {
+    /// An `mhctl` command set up to talk to this daemon.
+    fn mhctl_cmd(&self) -> Command;
+
+    /// What explains a failed command (the daemon's log).
+    fn context(&self) -> String;
+
+    fn mhctl(&self, args: &[&str]) -> Output {
+        self.mhctl_cmd()
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run mhctl")
+    }
+
+    /// Runs mhctl and insists on success; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.mhctl(args);
+        assert!(
+            out.status.success(),
+            "mhctl {args:?} failed ({}): {}{}\n--- daemon log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.context()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs mhctl and insists on failure; returns stderr.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.mhctl(args);
+        assert!(
+            !out.status.success(),
+            "mhctl {args:?} should fail: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// `mhctl ARGS --json` parsed (the flag goes right after the command
+    /// group: anything after `--` would be argv).
+    fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.insert(1, "--json");
+        let text = self.ok(&a);
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("mhctl {args:?} --json printed no JSON ({e}): {text}"))
+    }
+
+    /// The entry of `service list` for `name`, if it is listed.
+    fn find_service(&self, name: &str) -> Option<Value> {
+        self.json(&["service", "list"])
+            .as_array()
+            .and_then(|a| a.iter().find(|s| s["name"] == name).cloned())
+    }
+
+    /// The entry of `service list` for `name`; panics when it is not listed.
+    fn service(&self, name: &str) -> Value {
+        self.find_service(name).unwrap_or_else(|| {
+            panic!(
+                "{name} is not in the list: {}",
+                self.json(&["service", "list"])
+            )
+        })
+    }
+}
+
+/// A daemon test's world is a [`Case`] with a miehistod of its own on a
+/// socket in the scratch dir; everything goes when the case is dropped.
+impl Case {
+    /// Starts this case's miehistod with `extra` arguments (remembered for
+    /// [`Case::restart_daemon`]) and waits until it answers `ping`.
+    pub fn start_daemon(&mut self, extra: &[&str]) {
+        assert!(self.daemon.is_none(), "a daemon is already running");
+        self.daemon_args = extra.iter().map(|a| a.to_string()).collect();
+        self.daemon_starts += 1;
+        let mut c = Command::new(miehistod_bin());
+        c.arg("--socket")
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(extra);
+        let log = self.daemon_log(self.daemon_starts);
+        let child = spawn_daemon(c, &log, || self.mhctl(&["ping"]).status.success());
+        self.daemon = Some(child);
+    }
+
+    /// Starts the daemon again with the arguments of its last start.
+    pub fn restart_daemon(&mut self) {
+        let args = std::mem::take(&mut self.daemon_args);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.start_daemon(&args);
+    }
+
+    pub fn daemon_pid(&self) -> i32 {
+        miehisto::sys::child_pid(self.daemon.as_ref().expect("daemon running")).as_raw()
+    }
+
+    /// Ends the daemon with `sig` and waits for it.
+    pub fn stop_daemon(&mut self, sig: nix::sys::signal::Signal) {
+        let mut child = self.daemon.take().expect("daemon running");
+        let _ = nix::sys::signal::kill(miehisto::sys::child_pid(&child), sig);
+        assert!(
+            super::wait_child(&mut child, Duration::from_secs(20)).is_some(),
+            "miehistod did not exit on {sig}"
+        );
+    }
+}
+
+impl Mhctl for Case {
+    fn mhctl_cmd(&self) -> Command {
+        let mut c = Command::new(mhctl_bin());
+        c.arg("--socket").arg(&self.socket);
+        c
+    }
+
+    fn context(&self) -> String {
+        super::read(&self.daemon_log(self.daemon_starts))
+    }
+}
