@@ -17,6 +17,7 @@
 //! there (`criu check --feature mem_dirty_track`) and a pre-dump is refused
 //! with that reason when they are not.
 
+use crate::criu::argv::{address_port, dirs_and_log};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -68,12 +69,9 @@ impl DumpExtra {
     pub fn argv(&self) -> Vec<OsString> {
         let mut a: Vec<OsString> = Vec::new();
         if let Some(ps) = &self.page_server {
+            a.push("--page-server".into());
+            a.extend(address_port(&ps.address, ps.port));
             a.extend([
-                "--page-server".into(),
-                "--address".into(),
-                ps.address.clone().into(),
-                "--port".into(),
-                ps.port.to_string().into(),
                 // Client connections cannot follow to another address:
                 // connected sockets are dumped as closed (the restore's
                 // --tcp-close brings them back shut down), and connections
@@ -102,25 +100,21 @@ pub struct PageServerArgs {
 
 impl PageServerArgs {
     pub fn argv(&self) -> Vec<OsString> {
-        vec![
-            "page-server".into(),
-            "-D".into(),
-            self.images_dir.clone().into_os_string(),
-            "-W".into(),
-            self.work_dir.clone().into_os_string(),
-            "-o".into(),
-            self.log_name.clone().into(),
-            "-v4".into(),
-            "--address".into(),
-            self.address.clone().into(),
-            "--port".into(),
-            self.port.to_string().into(),
+        let mut a: Vec<OsString> = vec!["page-server".into()];
+        a.extend(dirs_and_log(
+            &self.images_dir,
+            &self.work_dir,
+            &self.log_name,
+        ));
+        a.extend(address_port(&self.address, self.port));
+        a.extend([
             // The parent returns once the socket listens; the server
             // (re-parented to the daemon, a subreaper) takes one dump.
             "--daemon".into(),
             "--pidfile".into(),
             self.pidfile.clone().into_os_string(),
-        ]
+        ]);
+        a
     }
 
     /// Starts the page server with `run` (which runs a command to its end

@@ -71,6 +71,8 @@ pub enum RestoreError {
     Channel(#[from] ChannelError),
     #[error("{what} contains a NUL byte")]
     Nul { what: &'static str },
+    #[error("the image's log file {path} is not an absolute path; the image is damaged: prebake it again")]
+    RelativeLog { path: PathBuf },
     #[error("the restored supervisor failed: {0}")]
     Supervise(String),
     #[error("cannot read the pid CRIU wrote to {path}")]
@@ -98,6 +100,12 @@ pub struct RestoreOpts {
     /// get /dev/null and a log file in the instance directory instead of
     /// the caller's stdio, so `x=$(runmh restore --detach ...)` returns.
     pub detach: bool,
+    /// Where the restored service's stdout.log and stderr.log go. None, or
+    /// the image's own log directory: where they were. Another directory
+    /// (an image pulled or migrated from another host, whose paths are that
+    /// host's): CRIU is handed the new files open, with `--inherit-fd`,
+    /// instead of reopening the old paths.
+    pub log_dir: Option<PathBuf>,
 }
 
 /// A restore that succeeded: the supervisor runs the tree.
@@ -123,17 +131,46 @@ fn absolute_images(opts: &RestoreOpts) -> Result<PathBuf, RestoreError> {
     })
 }
 
+/// A log file the restored service gets open from us instead of by path.
+struct LogRedirect {
+    file: std::fs::File,
+    /// The image's path of the file, as CRIU keys it: without the leading
+    /// `/` (a regular file's name relative to the restored root).
+    key: PathBuf,
+}
+
 /// Makes sure what the restored process reopens by path exists: its log
 /// files (O_APPEND, so CRIU does not check their size) and, for NOTIFY
-/// images, the preload library it had mapped.
-fn prepare_files(md: &Metadata) -> Result<(), RestoreError> {
+/// images, the preload library it had mapped. Logs that go to another
+/// directory than the image's are opened here, to be inherited.
+fn prepare_files(md: &Metadata, log_dir: Option<&Path>) -> Result<Vec<LogRedirect>, RestoreError> {
     let prep = |path: &Path, e: std::io::Error| RestoreError::Prepare {
         path: path.to_path_buf(),
         source: e,
     };
-    crate::files::private_dir(&md.spec.log_dir).map_err(|e| prep(&md.spec.log_dir, e))?;
-    for log in [md.spec.stdout_log(), md.spec.stderr_log()] {
-        crate::files::append_private(&log).map_err(|e| prep(&log, e))?;
+    let mut redirects = Vec::new();
+    match log_dir.filter(|d| *d != md.spec.log_dir) {
+        None => {
+            crate::files::private_dir(&md.spec.log_dir).map_err(|e| prep(&md.spec.log_dir, e))?;
+            for log in [md.spec.stdout_log(), md.spec.stderr_log()] {
+                crate::files::append_private(&log).map_err(|e| prep(&log, e))?;
+            }
+        }
+        Some(dir) => {
+            crate::files::private_dir(dir).map_err(|e| prep(dir, e))?;
+            for (old, name) in [
+                (md.spec.stdout_log(), "stdout.log"),
+                (md.spec.stderr_log(), "stderr.log"),
+            ] {
+                let new = dir.join(name);
+                let file = crate::files::append_private(&new).map_err(|e| prep(&new, e))?;
+                let key = old
+                    .strip_prefix("/")
+                    .map_err(|_| RestoreError::RelativeLog { path: old.clone() })?
+                    .to_path_buf();
+                redirects.push(LogRedirect { file, key });
+            }
+        }
     }
     if let Some((_, so)) = md.spec.env.iter().find(|(k, _)| k == "LD_PRELOAD") {
         let so = Path::new(so);
@@ -146,14 +183,14 @@ fn prepare_files(md: &Metadata) -> Result<(), RestoreError> {
             }
         }
     }
-    Ok(())
+    Ok(redirects)
 }
 
 /// Starts the restore; returns once the supervisor reports the tree ready.
 pub fn restore(criu: &Criu, opts: &RestoreOpts) -> Result<Restored, RestoreError> {
     let t0 = Instant::now();
     let md = Metadata::read(&opts.images)?;
-    prepare_files(&md)?;
+    let redirects = prepare_files(&md, opts.log_dir.as_deref())?;
     // Before CRIU runs: a mismatch is one error naming every difference,
     // not a restore failing half-way or a SIGILL after it. First, since
     // another host's difference explains more than a changed file does.
@@ -162,9 +199,13 @@ pub fn restore(criu: &Criu, opts: &RestoreOpts) -> Result<Restored, RestoreError
     crate::images::verify::verify(&opts.images, &md.files)?;
     let images = absolute_images(opts)?;
     let inst = Instance::create(&opts.state_dir)?;
+    let mut spec = md.spec.clone();
+    if let Some(dir) = opts.log_dir.as_ref().filter(|_| !redirects.is_empty()) {
+        spec.log_dir.clone_from(dir);
+    }
     let rec = InstanceRecord {
         id: inst.id.clone(),
-        spec: md.spec.clone(),
+        spec,
         externals: md.externals.clone(),
         backend: md.backend.clone(),
         image: Some(images),
@@ -179,7 +220,7 @@ pub fn restore(criu: &Criu, opts: &RestoreOpts) -> Result<Restored, RestoreError
         inst.remove();
         return Err(e.into());
     }
-    match spawn_criu(criu, opts, &inst, &md) {
+    match spawn_criu(criu, opts, &inst, &md, &redirects) {
         Ok((supervisor, root)) => Ok(Restored {
             supervisor,
             root,
@@ -227,6 +268,7 @@ fn spawn_criu(
     opts: &RestoreOpts,
     inst: &Instance,
     md: &Metadata,
+    redirects: &[LogRedirect],
 ) -> Result<(Pid, Pid), RestoreError> {
     let exe = supervisor_exe().map_err(|e| RestoreError::Prepare {
         path: "/proc/self/exe".into(),
@@ -264,8 +306,13 @@ fn spawn_criu(
         root: inst.root(),
         externals: md.externals.clone(),
         pidfile: inst.restored_pidfile(),
+        inherit_fds: redirects
+            .iter()
+            .map(|r| (r.file.as_raw_fd(), r.key.clone()))
+            .collect(),
         exec_cmd,
     };
+    let inherited: Vec<RawFd> = redirects.iter().map(|r| r.file.as_raw_fd()).collect();
     let argv_os = args.argv();
     explain::say("criu", "restore in a private mount namespace, with the host / bound onto a fresh --root; CRIU then execs runmh, which becomes the restored tree's parent:");
     explain::block(&crate::criu::argv::shell_words(&criu.path, &argv_os));
@@ -322,7 +369,18 @@ fn spawn_criu(
     // SAFETY: the child only calls async-signal-safe wrappers on the data
     // prepared above and ends in execve or _exit.
     let child = match unsafe { sys::fork_raw() } {
-        Ok(0) => restore_child(write_fd, stdio_fds, &root, kdat_child, &prog, &argv, &envp),
+        Ok(0) => restore_child(
+            &ChildFds {
+                ready: write_fd,
+                stdio: stdio_fds,
+                inherited: &inherited,
+            },
+            &root,
+            kdat_child,
+            &prog,
+            &argv,
+            &envp,
+        ),
         Ok(pid) => Pid::from_raw(pid),
         Err(source) => {
             return Err(RestoreError::Fork {
@@ -452,9 +510,18 @@ fn kdat_plan(
     Some((cache, data))
 }
 
-fn restore_child(
+/// The descriptors the restore child arranges before it execs CRIU.
+struct ChildFds<'a> {
+    /// The ready pipe's write end, kept open into the supervisor.
     ready: RawFd,
+    /// /dev/null and a log for stdio (`--detach`), else the caller's.
     stdio: Option<(RawFd, RawFd)>,
+    /// Files CRIU gets by `--inherit-fd`.
+    inherited: &'a [RawFd],
+}
+
+fn restore_child(
+    fds: &ChildFds<'_>,
     root: &CString,
     kdat: Option<Option<&[u8]>>,
     prog: &CString,
@@ -462,7 +529,8 @@ fn restore_child(
     envp: &[*const libc::c_char],
 ) -> ! {
     sys::unblock_all_signals();
-    if let Some((null, log)) = stdio {
+    let ready = fds.ready;
+    if let Some((null, log)) = fds.stdio {
         for (from, to) in [(null, 0), (null, 1), (log, 2)] {
             if let Err(e) = sys::dup2(from, to) {
                 child_fail(ready, "redirect_stdio", e);
@@ -476,6 +544,11 @@ fn restore_child(
     // the supervisor: clear its close-on-exec flag.
     if let Err(e) = sys::clear_cloexec(ready) {
         child_fail(ready, "keep the ready pipe open", e);
+    }
+    for &fd in fds.inherited {
+        if let Err(e) = sys::clear_cloexec(fd) {
+            child_fail(ready, "keep an inherited log open", e);
+        }
     }
     let e = sys::execve(prog, argv, envp);
     child_fail(ready, "execute criu", e)

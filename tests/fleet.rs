@@ -297,6 +297,24 @@ fn service_migrate_moves_a_running_service_to_b() {
         .unwrap();
     // One more than A served: mhctl's probe, the first answer on B.
     assert_eq!(requests_of(&body), before + 2, "{body}");
+    // B's copy logs to B's log directory (its files handed to CRIU in
+    // place of A's paths); A's log ends where A's copy stopped.
+    let stdout_log = |h: &common::hosts::Host| common::read(&h.state.join("logs/web/stdout.log"));
+    let last = format!("request n={} ", before + 2);
+    let t0 = std::time::Instant::now();
+    while !stdout_log(&hosts.b).contains(&last) && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        stdout_log(&hosts.b).contains(&last),
+        "B's stdout.log lacks {last:?}: {}",
+        stdout_log(&hosts.b)
+    );
+    assert!(
+        !stdout_log(&hosts.a).contains(&format!("request n={} ", before + 1)),
+        "A's stdout.log got B's requests: {}",
+        stdout_log(&hosts.a)
+    );
     // A's copy is gone, and A says where it went.
     let a = hosts.a.find_service("web").expect("web still known on A");
     assert_eq!(a["state"], "stopped", "{a}");

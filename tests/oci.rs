@@ -188,6 +188,24 @@ fn push_on_a_pull_on_b_start_on_b_and_a_corrupt_layer_is_refused() {
     let body = common::wait_http(port, Duration::from_secs(20)).expect("B's restore answers");
     assert!(body.starts_with("payload=python pid=1 "), "{body}");
     assert_eq!(a.service("web")["state"], "stopped", "A runs nothing");
+    // B's restore writes to B's log directory, not to A's paths that the
+    // image was dumped with (CRIU gets B's files by --inherit-fd).
+    let stdout_of = |d: &Case| common::read(&d.state.join("logs/web/stdout.log"));
+    let t0 = std::time::Instant::now();
+    while !stdout_of(&b).contains("request n=1 ") && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        stdout_of(&b).contains("request n=1 "),
+        "B's stdout.log: {}",
+        stdout_of(&b)
+    );
+    assert!(
+        !stdout_of(&a).contains("request n="),
+        "A's stdout.log got B's requests: {}",
+        stdout_of(&a)
+    );
+    assert!(b.ok(&["service", "logs", "web"]).contains("request n=1 "));
     b.ok(&["service", "stop", "web"]);
 
     // A layer whose bytes no longer match its digest is refused, and

@@ -31,6 +31,7 @@ pub fn restore(
         root: dir.join("root"),
         externals: md.externals.clone(),
         pidfile: dir.join("restored.pid"),
+        inherit_fds: Vec::new(),
         exec_cmd: Vec::new(),
     };
     let run_tmpfs = tmpfs_run.then(|| kdat.map(<[u8]>::to_vec));

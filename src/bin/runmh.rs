@@ -136,6 +136,10 @@ enum Cmd {
         /// Benchmarks: append phase stamps (CLOCK_MONOTONIC ns) to FILE.
         #[arg(long, hide = true, value_name = "FILE")]
         timings: Option<PathBuf>,
+        /// Where the service's stdout.log and stderr.log go (default: where
+        /// the image had them; an image from another host had that host's).
+        #[arg(long, value_name = "DIR")]
+        log_dir: Option<PathBuf>,
     },
     /// Internal: the process CRIU execs after a restore.
     #[command(name = "__supervise", hide = true)]
@@ -436,6 +440,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             no_reseize,
             stop_timeout,
             timings,
+            log_dir,
         } => {
             require_root()?;
             // Cached version: `criu --version` would delay every restore by ~10 ms.
@@ -449,6 +454,7 @@ fn real_main(cli: Cli) -> Result<i32> {
                 timings,
                 limits: miehisto::criu::watchdog::Limits::from_env().map_err(anyhow::Error::msg)?,
                 detach,
+                log_dir,
             };
             let r = restore::restore(&criu, &opts)?;
             report_running(&r.instance.id, r.supervisor, r.root);

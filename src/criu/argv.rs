@@ -3,7 +3,33 @@
 
 use crate::sandbox::ExternalMount;
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// `-D IMAGES -W WORK -o LOG -v4`: every CRIU run here logs at `-v4` into
+/// its work dir, where the restore breakdown and the decisive-line finder
+/// read it (`-o` is relative to `-W`).
+pub fn dirs_and_log(images: &Path, work: &Path, log: &str) -> [OsString; 7] {
+    [
+        "-D".into(),
+        images.as_os_str().to_owned(),
+        "-W".into(),
+        work.as_os_str().to_owned(),
+        "-o".into(),
+        log.into(),
+        "-v4".into(),
+    ]
+}
+
+/// `--address ADDR --port PORT`, as both ends of a page-server transfer
+/// take them.
+pub fn address_port(address: &str, port: u16) -> [OsString; 4] {
+    [
+        "--address".into(),
+        address.into(),
+        "--port".into(),
+        port.to_string().into(),
+    ]
+}
 
 /// `criu dump` of a sandboxed tree.
 #[derive(Debug, Clone)]
@@ -20,9 +46,11 @@ pub struct DumpArgs {
 impl DumpArgs {
     pub fn argv(&self) -> Vec<OsString> {
         let mut a: Vec<OsString> = vec!["dump".into(), "-t".into(), self.pid.to_string().into()];
-        a.extend(["-D".into(), self.images_dir.clone().into_os_string()]);
-        a.extend(["-W".into(), self.work_dir.clone().into_os_string()]);
-        a.extend(["-o".into(), self.log_name.clone().into(), "-v4".into()]);
+        a.extend(dirs_and_log(
+            &self.images_dir,
+            &self.work_dir,
+            &self.log_name,
+        ));
         for e in &self.externals {
             // Bind mounts from outside the sandbox root are invisible to
             // CRIU's mount tree walk: each must be named on dump...
@@ -46,6 +74,10 @@ pub struct RestoreArgs {
     pub root: PathBuf,
     pub externals: Vec<ExternalMount>,
     pub pidfile: PathBuf,
+    /// Files handed to CRIU open (`--inherit-fd fd[N]:KEY`): it uses fd N
+    /// wherever the image has the file KEY (a regular file's path without
+    /// its leading `/`, as CRIU keys it) instead of reopening that path.
+    pub inherit_fds: Vec<(i32, PathBuf)>,
     /// The command CRIU execs after the restore; it becomes the parent of
     /// the restored tree.
     pub exec_cmd: Vec<OsString>,
@@ -54,9 +86,11 @@ pub struct RestoreArgs {
 impl RestoreArgs {
     pub fn argv(&self) -> Vec<OsString> {
         let mut a: Vec<OsString> = vec!["restore".into()];
-        a.extend(["-D".into(), self.images_dir.clone().into_os_string()]);
-        a.extend(["-W".into(), self.work_dir.clone().into_os_string()]);
-        a.extend(["-o".into(), self.log_name.clone().into(), "-v4".into()]);
+        a.extend(dirs_and_log(
+            &self.images_dir,
+            &self.work_dir,
+            &self.log_name,
+        ));
         a.extend(["--root".into(), self.root.clone().into_os_string()]);
         for e in &self.externals {
             // ...and mapped back to a host path on restore.
@@ -69,6 +103,12 @@ impl RestoreArgs {
         // instead of failing the restore: its peer and local address are
         // another host's. Images without one are unaffected.
         a.push("--tcp-close".into());
+        for (fd, key) in &self.inherit_fds {
+            a.push("--inherit-fd".into());
+            let mut k = OsString::from(format!("fd[{fd}]:"));
+            k.push(key);
+            a.push(k);
+        }
         if !self.exec_cmd.is_empty() {
             a.push("--exec-cmd".into());
             a.push("--".into());
@@ -139,12 +179,17 @@ mod tests {
             root: "/r".into(),
             externals: ext(),
             pidfile: "/w/pid".into(),
+            inherit_fds: vec![(7, "var/log/a/stdout.log".into())],
             exec_cmd: vec!["/bin/runmh".into(), "__supervise".into()],
         };
         let a = r.argv();
         let s = shell_words("criu".as_ref(), &a);
         assert!(
             s.contains("--root /r --external 'mnt[dev]:/dev' --external 'mnt[devpts]:/dev/pts'"),
+            "{s}"
+        );
+        assert!(
+            s.contains("--inherit-fd 'fd[7]:var/log/a/stdout.log' --exec-cmd"),
             "{s}"
         );
         assert!(s.ends_with("--exec-cmd -- /bin/runmh __supervise"), "{s}");

@@ -329,21 +329,9 @@ fn receive(
         }
     }
     let mut md = Metadata::read(&staged.dir).map_err(MigrationError::Metadata)?;
-    let own_logs = s.log_dir(&name);
-    if md.spec.log_dir != own_logs {
-        // CRIU re-opens the files by the paths they had on the source.
-        for p in [md.spec.stdout_log(), md.spec.stderr_log()] {
-            if let Some(d) = p.parent() {
-                std::fs::create_dir_all(d).map_err(io("create", d))?;
-            }
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&p)
-                .map_err(io("create", &p))?;
-        }
-        md.spec.log_dir = own_logs;
-    }
+    // The metadata keeps the source's log paths: they are what CRIU's
+    // images name, and the restore hands CRIU this service's own log files
+    // in their place (`runmh restore --log-dir`, `--inherit-fd`).
     let (bytes, files) = crate::images::dir_usage(&staged.dir);
     md.image_bytes = bytes;
     md.image_files = files;

@@ -399,8 +399,9 @@ impl Services {
     pub fn live(&self, name: &str) -> Option<Live> {
         let log_dir = self.log_dir(name);
         let images = self.store.service_dir(name);
-        // A pulled image keeps the log directory of the host it was dumped
-        // on; what it was restored from tells it is ours all the same.
+        // A generation restored by an older runmh kept the log directory of
+        // the host it was dumped on; what it was restored from tells it is
+        // ours all the same.
         let ours = |r: &InstanceRecord| {
             r.spec.log_dir == log_dir
                 || r.image
@@ -901,7 +902,12 @@ impl Services {
         c.arg("restore")
             .arg("--images")
             .arg(self.store.generation_path(name, gen))
-            .arg("--detach");
+            .arg("--detach")
+            // The service's own log directory, also for a generation made
+            // on another host (pulled or migrated), whose paths are that
+            // host's.
+            .arg("--log-dir")
+            .arg(self.log_dir(name));
         c.arg(format!("--stop-timeout={}", self.cfg.stop_timeout));
         match self.run_step(name, "restore", c, Expect::Running)? {
             StepReport::Running { supervisor_pid, .. } => Ok(supervisor_pid.raw()),

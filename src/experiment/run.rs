@@ -271,6 +271,7 @@ pub fn restore_and_watch(
                 timings: None,
                 limits: crate::criu::watchdog::Limits::default(),
                 detach: false,
+                log_dir: None,
             };
             restore::restore(criu, &opts).map(|r| {
                 w.restore_ms = Some(crate::sys::time::millis(r.took));
@@ -356,6 +357,7 @@ fn bare_restore(
         root: rr.clone(),
         externals: externals.to_vec(),
         pidfile: work_dir.join("restored.pid"),
+        inherit_fds: Vec::new(),
         exec_cmd: Vec::new(),
     };
     explain::say(
