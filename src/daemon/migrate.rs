@@ -27,11 +27,10 @@
 //! until `migrate.finish`: what it would have done in between waits in its
 //! sockets' queues.
 //!
-//! CRIU re-opens the service's files by the paths it had on A, its log
-//! files included; B makes sure those exist (with the same default state
-//! directory on both hosts they are B's own log files) and records its own
-//! log directory in the image's metadata, so that it recognises the
-//! restored service as its own.
+//! CRIU re-opens the service's files by the paths they had on A, except
+//! its log files: B's restore hands CRIU B's own in their place (`runmh
+//! restore --log-dir`, with `--inherit-fd`), so the image keeps A's paths,
+//! which are what CRIU's images name.
 
 use super::api::{
     ApiError, CreateService, ErrorCode, FileChunk, MigrateFinish, MigrateOut, MigrateReceive,
