@@ -11,12 +11,17 @@
 #   .deps/criu-patched/env.sh                exports MIEHISTO_CRIU_PATCHED, MIEHISTO_HANDOFF_SUPERVISOR
 #   .deps/criu-patched/build.log             the last build's output
 #
-# The pristine source tree is the one setup/install.sh keeps (its path is
-# in .deps/criu/SOURCE_DIR); it is copied, never modified. When it is
-# missing, setup/install.sh is run first. Must run as root (`criu check`).
+# The series is pinned to CRIU 4.2.1: it was written and verified against
+# that tree, and 4.3's source could not be fetched where it was last checked,
+# so it is unverified on 4.3. The pristine 4.2.1 tree is the one
+# setup/install.sh keeps when it built 4.2.1 (its path is in
+# .deps/criu/SOURCE_DIR); otherwise `setup/install.sh --pristine-tree 4.2.1`
+# fetches and unpacks one. It is copied, never modified. Must run as root
+# (`criu check`).
 #
 # Optional environment:
-#   MIEHISTO_CRIU_SOURCE_DIR  use this pristine CRIU 4.2.1 tree instead
+#   MIEHISTO_CRIU_SOURCE_DIR  use this pristine CRIU tree instead (another
+#                             version is tried with a warning)
 #   JOBS                      parallel make jobs (default: nproc)
 
 set -euo pipefail
@@ -52,30 +57,6 @@ PATCHES=("$SCRIPT_DIR"/[0-9][0-9][0-9][0-9]-*.patch)
 shopt -u nullglob
 ((${#PATCHES[@]})) || die "no NNNN-*.patch files in $SCRIPT_DIR"
 
-# Prints the pristine tree's path, or nothing.
-find_source() {
-    local src=""
-    if [[ -n ${MIEHISTO_CRIU_SOURCE_DIR:-} ]]; then
-        src=$MIEHISTO_CRIU_SOURCE_DIR
-    elif [[ -r $DEPS/criu/SOURCE_DIR ]]; then
-        src=$(cat -- "$DEPS/criu/SOURCE_DIR")
-    fi
-    [[ -n $src && -f $src/Makefile.versions && -d $src/criu ]] && printf '%s\n' "$src"
-    return 0
-}
-
-SRC=$(find_source)
-if [[ -z $SRC ]]; then
-    [[ -z ${MIEHISTO_CRIU_SOURCE_DIR:-} ]] ||
-        die "MIEHISTO_CRIU_SOURCE_DIR=$MIEHISTO_CRIU_SOURCE_DIR is not a CRIU source tree (no Makefile.versions)"
-    log "no pristine CRIU source tree yet: running setup/install.sh"
-    bash "$REPO_ROOT/setup/install.sh" >&2 || die "setup/install.sh failed (see above)"
-    SRC=$(find_source)
-    # install.sh keeps a source tree only when it built CRIU itself; with a
-    # good system CRIU it fetches none.
-    [[ -n $SRC ]] || die "setup/install.sh kept no CRIU source tree (it found a system CRIU); point MIEHISTO_CRIU_SOURCE_DIR at an unpacked criu-$TARGET_VERSION tree and re-run"
-fi
-
 version_of() {
     awk -F':=' '
         /^CRIU_VERSION_MAJOR/ { gsub(/[ \t]/, "", $2); ma = $2 }
@@ -83,6 +64,21 @@ version_of() {
         /^CRIU_VERSION_SUBLEVEL/ { gsub(/[ \t]/, "", $2); su = $2 }
         END { printf "%s.%s%s\n", ma, mi, (su == "" ? "" : "." su) }' "$1/Makefile.versions"
 }
+
+is_tree() { [[ -n $1 && -f $1/Makefile.versions && -d $1/criu ]]; }
+
+if [[ -n ${MIEHISTO_CRIU_SOURCE_DIR:-} ]]; then
+    SRC=$MIEHISTO_CRIU_SOURCE_DIR
+    is_tree "$SRC" || die "MIEHISTO_CRIU_SOURCE_DIR=$SRC is not a CRIU source tree (no Makefile.versions)"
+else
+    SRC=$(cat -- "$DEPS/criu/SOURCE_DIR" 2>/dev/null || true)
+    if ! is_tree "$SRC" || [[ $(version_of "$SRC") != "$TARGET_VERSION" ]]; then
+        log "getting a pristine CRIU $TARGET_VERSION tree (setup/install.sh --pristine-tree $TARGET_VERSION)"
+        SRC=$(bash "$REPO_ROOT/setup/install.sh" --pristine-tree "$TARGET_VERSION") ||
+            die "setup/install.sh could not provide a CRIU $TARGET_VERSION source tree (see above); point MIEHISTO_CRIU_SOURCE_DIR at an unpacked criu-$TARGET_VERSION tree and re-run"
+        is_tree "$SRC" || die "setup/install.sh printed '$SRC', which is not a CRIU source tree"
+    fi
+fi
 VERSION=$(version_of "$SRC")
 [[ $VERSION == "$TARGET_VERSION" ]] ||
     log "warning: the pristine tree is CRIU $VERSION, the series was written for $TARGET_VERSION; trying anyway"

@@ -6,10 +6,14 @@
 #      need. apt is skipped entirely when everything is already installed, so
 #      a second run takes well under a second or two.
 #   2. Provides a CRIU >= 4.2 whose `criu check` passes on this kernel
-#      (see /work/shared/platform.md: bookworm's 3.17 fails `criu check` on
-#      kernels >= 6.13, 4.1 cannot dump TCP sockets on kernels >= 6.16).
-#      Order: a system criu if good enough, else the cached build in
-#      .deps/criu, else a fresh build from Debian unstable's source package.
+#      (bookworm's 3.17 fails `criu check` on kernels >= 6.13, 4.1 cannot
+#      dump TCP sockets on kernels >= 6.16). Order: a system criu if good
+#      enough, else the cached build in .deps/criu, else a build from
+#      Debian unstable's source package (4.2.1). Another suite and version
+#      can be asked for (below; e.g. experimental's 4.3), with unstable as
+#      the fallback when that suite lacks it; a cached build older than an
+#      asked-for version is replaced once that one can be fetched (tried at
+#      most once a day). Always built from source, never a binary package.
 #   3. Writes .deps/env.sh (MIEHISTO_CRIU, MIEHISTO_PYTHON) and prints one
 #      summary line per component.
 #
@@ -17,11 +21,19 @@
 # mirror's host name into the repository: the mirror is read at run time
 # from the machine's apt configuration (or MIEHISTO_DEBIAN_MIRROR).
 #
+# `setup/install.sh --pristine-tree VERSION` only prints the path of an
+# unpacked, unmodified CRIU VERSION source tree (fetched when not kept);
+# seize-patch/build.sh uses it for the version its patches are written for.
+#
 # Optional environment:
 #   MIEHISTO_CRIU            use this criu binary (must pass the same checks)
 #   MIEHISTO_DEBIAN_MIRROR   Debian mirror URI to fetch CRIU's source from
-#   MIEHISTO_CRIU_SOURCE     apt source spec, e.g. "criu=4.2.1-1" (default
-#                            "criu": whatever unstable has)
+#   MIEHISTO_CRIU_SUITE      Debian suite to build CRIU from (default
+#                            "unstable"; e.g. "experimental")
+#   MIEHISTO_CRIU_VERSION    upstream version wanted from it (default: any
+#                            >= 4.2; e.g. "4.3"); unstable's is the fallback
+#   MIEHISTO_CRIU_SOURCE     apt source spec in that suite (default "criu";
+#                            e.g. "criu=4.3-1~exp2")
 
 set -euo pipefail
 
@@ -290,20 +302,25 @@ debian_mirror() {
     printf '%s\n' "$mirror"
 }
 
-# Downloads CRIU's upstream tarball (criu_X.orig.tar.*) from Debian
-# unstable's source package into directory $1, using a private apt
-# configuration so the machine's own sources, lists and cache stay untouched.
+# Downloads CRIU's upstream tarball (criu_X.orig.tar.*) from the source
+# package "$3" (an apt source spec: "criu" or "criu=DEBIAN-VERSION") of
+# Debian suite "$2" into directory $1, using a private apt configuration so
+# the machine's own sources, lists and cache stay untouched. With a fourth
+# argument, only a tarball of that upstream version is accepted. Returns 1,
+# with a warning saying why, when the suite has no such tarball or a mirror
+# does not serve it (experimental's files have been seen listed in the index
+# and answering 404); dies only on what re-running cannot fix.
 fetch_criu_orig() {
-    local out=$1 mirror apt_dir spec keyring_opt=""
+    local out=$1 suite=$2 spec=$3 want=${4:-} mirror apt_dir keyring_opt=""
     local -a apt_opts
     mirror=$(debian_mirror)
-    spec=${MIEHISTO_CRIU_SOURCE:-criu}
-    apt_dir="$TMP_DIR/apt"
+    apt_dir="$TMP_DIR/apt-$suite"
+    rm -rf -- "$out"
     mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$out"
     if [[ -r /usr/share/keyrings/debian-archive-keyring.gpg ]]; then
         keyring_opt="[signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
     fi
-    printf 'deb-src %s%s unstable main\n' "$keyring_opt" "$mirror" >"$apt_dir/sources.list"
+    printf 'deb-src %s%s %s main\n' "$keyring_opt" "$mirror" "$suite" >"$apt_dir/sources.list"
     apt_opts=(
         "${APT_COMMON[@]}"
         -o "Dir::Etc::sourcelist=$apt_dir/sources.list"
@@ -315,38 +332,61 @@ fetch_criu_orig() {
         # (and its warning) for this download only.
         -o "APT::Sandbox::User=root"
     )
-    log "fetching the index of Debian unstable sources (private apt state in $apt_dir)"
-    apt-get "${apt_opts[@]}" update </dev/null >&2 ||
-        die "apt-get update of the private unstable deb-src source failed (mirror $mirror): check the network or set MIEHISTO_DEBIAN_MIRROR"
+    log "fetching the index of Debian $suite sources (private apt state in $apt_dir)"
+    if ! apt-get "${apt_opts[@]}" update </dev/null >&2; then
+        warn "apt-get update of the private $suite deb-src source failed (mirror from the apt configuration or MIEHISTO_DEBIAN_MIRROR)"
+        return 1
+    fi
 
-    # The .debian.tar.xz part has been seen answering 404 (platform.md);
-    # only the upstream tarball is needed, so a failure here is not fatal.
-    log "apt-get source --download-only $spec"
-    (cd "$out" && apt-get "${apt_opts[@]}" source --download-only "$spec" </dev/null >&2) ||
-        warn "apt-get source did not fetch every part; falling back to the upstream tarball alone"
+    # Which upstream tarball the source package has, and its checksum, from
+    # the signed index (the URI comes from apt at run time).
+    local uris line uri file sum algo version
+    if ! uris=$(cd "$out" && apt-get "${apt_opts[@]}" source --print-uris "$spec" </dev/null 2>/dev/null); then
+        warn "Debian $suite has no source package matching '$spec'"
+        return 1
+    fi
+    line=$(grep -E "^'[^']+' criu_[^ ]+\.orig\.tar\.[a-z0-9]+ " <<<"$uris" | head -n 1 || true)
+    if [[ -z $line ]]; then
+        warn "apt lists no criu_*.orig.tar.* for '$spec' in Debian $suite"
+        return 1
+    fi
+    read -r uri file _ sum <<<"$line"
+    uri=${uri//\'/}
+    version=${file#criu_}
+    version=${version%.orig.tar.*}
+    if [[ -n $want && $version != "$want" ]]; then
+        warn "Debian $suite has CRIU $version, not $want"
+        return 1
+    fi
 
-    if ! compgen -G "$out/criu_*.orig.tar.*" >/dev/null; then
-        # Fallback: ask apt for the tarball's URI and checksum (the URI comes
-        # from apt at run time), download that single file and verify it.
-        local uris line uri file sum algo
-        uris=$(cd "$out" && apt-get "${apt_opts[@]}" source --print-uris "$spec" </dev/null) ||
-            die "apt-get source --print-uris $spec failed: is CRIU still in Debian unstable? Set MIEHISTO_CRIU_SOURCE"
-        line=$(grep -E "^'[^']+' criu_[^ ]+\.orig\.tar\.[a-z0-9]+ " <<<"$uris" | head -n 1 || true)
-        [[ -n $line ]] || die "apt did not list a criu_*.orig.tar.* for $spec; cannot build CRIU"
-        read -r uri file _ sum <<<"$line"
-        uri=${uri//\'/}
+    # The .debian.tar.xz part has been seen answering 404; only the upstream
+    # tarball is needed, so a failure of `apt-get source` is not final.
+    log "apt-get source --download-only $spec (Debian $suite, CRIU $version)"
+    if ! (cd "$out" && apt-get "${apt_opts[@]}" source --download-only "$spec" </dev/null >&2); then
+        if [[ -f $out/$file ]]; then
+            log "apt-get source did not fetch every part, but $file is there (the only part needed)"
+        else
+            log "apt-get source did not fetch $file; trying it alone"
+        fi
+    fi
+    if [[ ! -f $out/$file ]]; then
         log "downloading $file"
-        curl -fsSL --retry 3 -o "$out/$file.part" "$uri" ||
-            die "download of $file failed: check the network and re-run"
+        if ! curl -fsSL --retry 3 -o "$out/$file.part" "$uri"; then
+            rm -f -- "$out/$file.part"
+            warn "download of $file from Debian $suite failed (the mirror does not serve it)"
+            return 1
+        fi
         algo=${sum%%:*}
         sum=${sum#*:}
         case ${algo^^} in
         SHA256) echo "$sum  $out/$file.part" | sha256sum -c --quiet - ;;
         SHA512) echo "$sum  $out/$file.part" | sha512sum -c --quiet - ;;
         *) die "unexpected checksum type '$algo' from apt for $file" ;;
-        esac || die "checksum mismatch for $file: delete $out and re-run"
+        esac || die "checksum mismatch for $file from Debian $suite: re-run (a mirror served a damaged file)"
         mv -- "$out/$file.part" "$out/$file"
     fi
+    # Keep only the tarball: the caller globs for exactly one.
+    find "$out" -maxdepth 1 -type f ! -name "$file" -delete
 }
 
 # Unpacks tarball $1 as the pristine tree CRIU_SRC_ROOT/criu-<version>,
@@ -372,10 +412,12 @@ unpack_pristine() {
 
 # Builds CRIU from the pristine tree $1 (in a throw-away copy, so the
 # pristine tree stays unmodified for patching) and installs it as
-# CRIU_BUILT once it passes the checks.
+# CRIU_BUILT once it passes the checks. Returns 1 with CRIU_REASON set on
+# failure (CRIU_BUILT is then left as it was).
 build_criu() {
     local src=$1 build jobs buildlog="$DEPS/criu-build.log"
     build="$TMP_DIR/build"
+    rm -rf -- "$build"
     mkdir -p "$build"
     cp -a -- "$src" "$build/"
     build="$build/$(basename -- "$src")"
@@ -384,12 +426,16 @@ build_criu() {
     # WERROR=0: a newer compiler's new warning must not break the build.
     if ! make -C "$build" -j"$jobs" WERROR=0 criu >"$buildlog" 2>&1 </dev/null; then
         tail -n 25 "$buildlog" >&2
-        die "CRIU build failed (full log: $buildlog): install the missing -dev package it names and re-run"
+        CRIU_REASON="the build of $src failed (full log: $buildlog): install the missing -dev package it names and re-run"
+        return 1
     fi
     mkdir -p "$CRIU_PREFIX/sbin"
     install -m 0755 "$build/criu/criu" "$CRIU_BUILT.new"
-    criu_usable "$CRIU_BUILT.new" ||
-        die "freshly built CRIU is unusable: $CRIU_REASON"
+    if ! criu_usable "$CRIU_BUILT.new"; then
+        rm -f -- "$CRIU_BUILT.new"
+        CRIU_REASON="the CRIU built from $src is unusable: $CRIU_REASON"
+        return 1
+    fi
     mv -f -- "$CRIU_BUILT.new" "$CRIU_BUILT"
 }
 
@@ -400,12 +446,103 @@ record_criu_build() {
     printf '%s\n' "$src" >"$CRIU_PREFIX/SOURCE_DIR"
 }
 
+# Prints the kept tarball of upstream version $1 (nothing when there is none).
+kept_tarball() {
+    local -a t
+    shopt -s nullglob
+    t=("$CRIU_SRC_ROOT/criu_$1".orig.tar.*)
+    shopt -u nullglob
+    ((${#t[@]})) && printf '%s\n' "${t[0]}"
+    return 0
+}
+
+# Prints the newest kept tarball whose version is >= CRIU_MIN_VERSION and
+# is not $1 (the wanted version, when falling back from it).
+newest_kept_tarball() {
+    local skip=${1:-} t v best="" bestv=""
+    shopt -s nullglob
+    for t in "$CRIU_SRC_ROOT"/criu_*.orig.tar.*; do
+        v=$(basename -- "$t")
+        v=${v#criu_}
+        v=${v%.orig.tar.*}
+        version_ge "$v" "$CRIU_MIN_VERSION" || continue
+        [[ $v != "$skip" ]] || continue
+        if [[ -z $bestv ]] || version_ge "$v" "$bestv"; then
+            best=$t
+            bestv=$v
+        fi
+    done
+    shopt -u nullglob
+    [[ -z $best ]] || printf '%s\n' "$best"
+}
+
+# obtain_tarball SUITE SPEC [VERSION [SKIP]]: prints the path of a kept
+# upstream tarball of VERSION (without one: the newest kept one that is not
+# SKIP), fetching it from Debian SUITE's source package SPEC into
+# CRIU_SRC_ROOT when it is not kept yet (a kept tarball was verified by apt
+# or our checksum before it was moved into place, and keeps the version
+# stable while a suite moves on). Returns 1 when the suite does not have it.
+obtain_tarball() {
+    local suite=$1 spec=$2 want=${3:-} skip=${4:-} t
+    local -a got
+    if [[ -n $want ]]; then
+        t=$(kept_tarball "$want")
+    else
+        t=$(newest_kept_tarball "$skip")
+    fi
+    if [[ -n $t ]]; then
+        log "reusing $t"
+        printf '%s\n' "$t"
+        return 0
+    fi
+    [[ -n $TMP_DIR ]] || TMP_DIR=$(mktemp -d "$DEPS/tmp.XXXXXX")
+    fetch_criu_orig "$TMP_DIR/dl" "$suite" "$spec" "$want" || return 1
+    shopt -s nullglob
+    got=("$TMP_DIR"/dl/criu_*.orig.tar.*)
+    shopt -u nullglob
+    ((${#got[@]} == 1)) || die "expected one criu_*.orig.tar.* after download, got ${#got[@]}"
+    mkdir -p "$CRIU_SRC_ROOT"
+    t="$CRIU_SRC_ROOT/$(basename -- "${got[0]}")"
+    mv -f -- "${got[0]}" "$t"
+    printf '%s\n' "$t"
+}
+
+# The CRIU this step builds when there is no good system CRIU: the source
+# package CRIU_SOURCE_SPEC of Debian CRIU_SUITE, of upstream version
+# CRIU_WANT_VERSION when one is asked for (any version >= CRIU_MIN_VERSION
+# otherwise), else whatever CRIU_FALLBACK_SUITE has. The default is
+# unstable's (4.2.1): experimental's 4.3 passed the whole suite here but
+# restored no faster (NOTES.md section 6), and its source was not served by
+# the mirror. A cached build older than an asked-for version is replaced
+# once that version can be fetched. An unfetchable version is retried at
+# most once a day (WANT_UNAVAILABLE_MARK), so a mirror without it costs one
+# index download a day, not one per run.
+CRIU_SUITE=${MIEHISTO_CRIU_SUITE:-unstable}
+CRIU_WANT_VERSION=${MIEHISTO_CRIU_VERSION:-}
+CRIU_SOURCE_SPEC=${MIEHISTO_CRIU_SOURCE:-criu}
+CRIU_FALLBACK_SUITE=unstable
+WANT_UNAVAILABLE_MARK="$DEPS/criu-$CRIU_SUITE-${CRIU_WANT_VERSION:-any}.unavailable"
+
+want_recently_unavailable() { [[ -n $(find "$WANT_UNAVAILABLE_MARK" -mmin -1440 2>/dev/null) ]]; }
+
+# Prints a pristine tree of the wanted CRIU, fetching and unpacking it when
+# needed; returns 1 (and marks it unavailable for a day) when that fails.
+wanted_tree() {
+    local t
+    if ! t=$(obtain_tarball "$CRIU_SUITE" "$CRIU_SOURCE_SPEC" "$CRIU_WANT_VERSION"); then
+        touch "$WANT_UNAVAILABLE_MARK"
+        warn "CRIU ${CRIU_WANT_VERSION:-source} is not available from Debian $CRIU_SUITE here; retrying tomorrow (delete $WANT_UNAVAILABLE_MARK to retry now)"
+        return 1
+    fi
+    rm -f -- "$WANT_UNAVAILABLE_MARK"
+    unpack_pristine "$t"
+}
+
 # Sets CRIU_PATH/CRIU_ORIGIN to a usable criu, building one if needed.
 CRIU_PATH=""
 CRIU_ORIGIN=""
 ensure_criu() {
-    local c tarball src
-    local -a tarballs
+    local c tarball src cached_version
 
     # An explicit choice wins, but must be good: silently ignoring it would
     # hide a broken patched CRIU.
@@ -433,18 +570,37 @@ ensure_criu() {
         log "not using system criu $c: $CRIU_REASON"
     done
 
-    shopt -s nullglob
-    tarballs=("$CRIU_SRC_ROOT"/criu_*.orig.tar.*)
-    shopt -u nullglob
-
-    # Cache: a previous build that still passes.
+    # Cache: a previous build that still passes, unless it is older than
+    # the wanted version and that version may be fetchable now (then it is
+    # replaced by a build of the wanted one, or kept when that fails).
     if criu_usable "$CRIU_BUILT"; then
+        cached_version=$CRIU_VERSION
+        if [[ -n $CRIU_WANT_VERSION ]] && ! version_ge "$cached_version" "$CRIU_WANT_VERSION" &&
+            ! want_recently_unavailable; then
+            log "cached CRIU $cached_version is older than $CRIU_WANT_VERSION: trying to build $CRIU_WANT_VERSION from Debian $CRIU_SUITE"
+            TMP_DIR=${TMP_DIR:-$(mktemp -d "$DEPS/tmp.XXXXXX")}
+            mkdir -p "$CRIU_SRC_ROOT"
+            if src=$(wanted_tree); then
+                if build_criu "$src"; then
+                    record_criu_build "$src"
+                    CRIU_PATH=$CRIU_BUILT
+                    CRIU_ORIGIN="built from Debian $CRIU_SUITE's source package, replacing $cached_version"
+                    return
+                fi
+                warn "keeping CRIU $cached_version: $CRIU_REASON"
+                touch "$WANT_UNAVAILABLE_MARK"
+            fi
+            criu_usable "$CRIU_BUILT" || die "the cached CRIU stopped passing its checks: $CRIU_REASON"
+        fi
         src=$(cat -- "$CRIU_PREFIX/SOURCE_DIR" 2>/dev/null || true)
         # Keep the pristine tree available for patching even if someone
         # deleted it (or moved the clone); the tarball is kept next to it.
-        if [[ ! -d $src ]] && ((${#tarballs[@]} == 1)); then
-            TMP_DIR=$(mktemp -d "$DEPS/tmp.XXXXXX")
-            src=$(unpack_pristine "${tarballs[0]}")
+        if [[ ! -d $src ]]; then
+            tarball=$(kept_tarball "$CRIU_VERSION")
+            if [[ -n $tarball ]]; then
+                TMP_DIR=${TMP_DIR:-$(mktemp -d "$DEPS/tmp.XXXXXX")}
+                src=$(unpack_pristine "$tarball")
+            fi
         fi
         [[ -d $src ]] || warn "CRIU source tree is missing; delete $CRIU_PREFIX and re-run to get it back"
         record_criu_build "$src"
@@ -454,29 +610,48 @@ ensure_criu() {
     fi
     [[ ! -e $CRIU_BUILT ]] || log "rebuilding: $CRIU_BUILT is unusable: $CRIU_REASON"
 
-    TMP_DIR=$(mktemp -d "$DEPS/tmp.XXXXXX")
+    TMP_DIR=${TMP_DIR:-$(mktemp -d "$DEPS/tmp.XXXXXX")}
     mkdir -p "$CRIU_SRC_ROOT"
-    # Reuse a tarball from an earlier attempt (it is only moved into place
-    # after apt or our checksum verified it); this also keeps the version
-    # stable while unstable moves on.
-    if ((${#tarballs[@]} == 1)); then
-        tarball=${tarballs[0]}
-        log "reusing $tarball"
-    else
-        rm -f -- "${tarballs[@]}"
-        fetch_criu_orig "$TMP_DIR/dl"
-        shopt -s nullglob
-        tarballs=("$TMP_DIR"/dl/criu_*.orig.tar.*)
-        shopt -u nullglob
-        ((${#tarballs[@]} == 1)) || die "expected one criu_*.orig.tar.* after download, got ${#tarballs[@]}"
-        tarball="$CRIU_SRC_ROOT/$(basename -- "${tarballs[0]}")"
-        mv -- "${tarballs[0]}" "$tarball"
+    if ! want_recently_unavailable && src=$(wanted_tree); then
+        if build_criu "$src"; then
+            record_criu_build "$src"
+            CRIU_PATH=$CRIU_BUILT
+            CRIU_ORIGIN="built from Debian $CRIU_SUITE's source package"
+            return
+        fi
+        # The same source again would fail the same way.
+        [[ -n $CRIU_WANT_VERSION || $CRIU_SUITE != "$CRIU_FALLBACK_SUITE" ]] || die "$CRIU_REASON"
+        warn "falling back to Debian $CRIU_FALLBACK_SUITE's CRIU: $CRIU_REASON"
+        touch "$WANT_UNAVAILABLE_MARK"
     fi
+    tarball=$(obtain_tarball "$CRIU_FALLBACK_SUITE" criu "" "$CRIU_WANT_VERSION") ||
+        die "no CRIU source from Debian $CRIU_SUITE or $CRIU_FALLBACK_SUITE: check the network, or set MIEHISTO_DEBIAN_MIRROR / MIEHISTO_CRIU_SUITE / MIEHISTO_CRIU_VERSION"
     src=$(unpack_pristine "$tarball")
-    build_criu "$src"
+    build_criu "$src" || die "$CRIU_REASON"
     record_criu_build "$src"
     CRIU_PATH=$CRIU_BUILT
-    CRIU_ORIGIN="built from Debian's source package"
+    CRIU_ORIGIN="built from Debian $CRIU_FALLBACK_SUITE's source package"
+}
+
+# Pristine-tree mode, for seize-patch/build.sh (its series is pinned to one
+# CRIU version, which need not be the one this step builds): prints the
+# path of an unpacked pristine tree of upstream version $1, fetching it from
+# Debian CRIU_SUITE or CRIU_FALLBACK_SUITE when it is not kept. Touches
+# neither packages nor the built CRIU.
+pristine_tree_only() {
+    local want=$1 t="" suite
+    TMP_DIR=$(mktemp -d "$DEPS/tmp.XXXXXX")
+    mkdir -p "$CRIU_SRC_ROOT"
+    if [[ -f $CRIU_SRC_ROOT/criu-$want/Makefile.versions ]]; then
+        printf '%s\n' "$CRIU_SRC_ROOT/criu-$want"
+        return
+    fi
+    for suite in "$CRIU_SUITE" "$CRIU_FALLBACK_SUITE"; do
+        t=$(obtain_tarball "$suite" criu "$want") && break
+        t=""
+    done
+    [[ -n $t ]] || die "no CRIU $want source tarball in Debian $CRIU_SUITE or $CRIU_FALLBACK_SUITE: point MIEHISTO_CRIU_SOURCE_DIR at an unpacked criu-$want tree"
+    unpack_pristine "$t"
 }
 
 # ------------------------------------------------------------------ output --
@@ -503,6 +678,12 @@ summary() {
     fi
     printf '%-11s %s\n' "env:" "$DEPS/env.sh"
 }
+
+if [[ ${1:-} == --pristine-tree ]]; then
+    [[ -n ${2:-} ]] || die "usage: setup/install.sh --pristine-tree VERSION"
+    pristine_tree_only "$2"
+    exit 0
+fi
 
 ensure_packages
 install_sshd_quietly
