@@ -64,7 +64,8 @@ fn main() {
         .filter(|s| !s.trim().is_empty())
         .unwrap_or_else(|| "gcc".into());
 
-    println!("cargo:rerun-if-changed=build.rs");
+    // Paths are relative to the package root, where this script is not.
+    println!("cargo:rerun-if-changed=src/build.rs");
     println!("cargo:rerun-if-env-changed=CC");
     let mut sources = vec![PRELOAD_SRC, PAYLOAD_HEADER];
     for p in PAYLOADS {
