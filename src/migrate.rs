@@ -16,6 +16,13 @@
 //! (CONFIG_MEM_SOFT_DIRTY); [`dirty_tracking`] asks CRIU whether they are
 //! there (`criu check --feature mem_dirty_track`) and a pre-dump is refused
 //! with that reason when they are not.
+//!
+//! The pages are the service's memory (its secrets included), so the page
+//! server and the dump speak TLS (CRIU's `--tls`, GnuTLS), with a CA and
+//! a certificate made for this one migration ([`TlsMaterial`]): the
+//! destination makes them and the source receives them through the
+//! migration's own channel (the daemons' sockets, or ssh), so no other
+//! party can connect to the page server or pose as it.
 
 use crate::criu::argv::{address_port, dirs_and_log};
 use std::ffi::OsString;
@@ -48,6 +55,135 @@ pub enum MigrateError {
     NoPid { path: PathBuf },
     #[error("malformed base64 data: {0}")]
     Base64(String),
+    #[error("cannot make the page server's TLS certificate for {address}")]
+    Certificate {
+        address: String,
+        #[source]
+        source: rcgen::Error,
+    },
+    #[error("cannot write the page server's TLS file {path}")]
+    WriteTls {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One migration's TLS: a CA made for it and one certificate, for the
+/// destination's address, signed by it. Both ends present the certificate
+/// and trust only the CA: CRIU requires a client certificate and checks
+/// either peer's against the page server's address (`--address`).
+///
+/// Validity: rcgen's default span (1975–4096) on purpose. The key pair and
+/// the CA live for one migration and are deleted after it, so the dates
+/// protect nothing, while a short span would fail a migration between
+/// hosts whose clocks differ.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsMaterial {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsMaterial")
+            .field("ca_pem", &format!("{} bytes", self.ca_pem.len()))
+            .field("cert_pem", &format!("{} bytes", self.cert_pem.len()))
+            .field("key_pem", &"(secret)")
+            .finish()
+    }
+}
+
+impl TlsMaterial {
+    /// A fresh CA and a certificate for `address` (an IP address or a host
+    /// name, as the dump will name the page server).
+    pub fn generate(address: &str) -> Result<TlsMaterial, MigrateError> {
+        let fail = |source| MigrateError::Certificate {
+            address: address.to_string(),
+            source,
+        };
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+            KeyPair, KeyUsagePurpose,
+        };
+        let ca_key = KeyPair::generate().map_err(fail)?;
+        let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(fail)?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        ca.distinguished_name
+            .push(DnType::CommonName, "miehisto migration CA");
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca_cert = ca.self_signed(&ca_key).map_err(fail)?;
+        let key = KeyPair::generate().map_err(fail)?;
+        let mut leaf = CertificateParams::new(vec![address.to_string()]).map_err(fail)?;
+        leaf.distinguished_name.push(DnType::CommonName, address);
+        leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        leaf.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let issuer = Issuer::new(ca, ca_key);
+        let cert = leaf.signed_by(&key, &issuer).map_err(fail)?;
+        Ok(TlsMaterial {
+            ca_pem: ca_cert.pem(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Writes the three PEM files into `dir` (private: 0700 / 0600).
+    pub fn write(&self, dir: &Path) -> Result<TlsFiles, MigrateError> {
+        let files = TlsFiles::in_dir(dir);
+        crate::files::private_dir(dir).map_err(|source| MigrateError::WriteTls {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        for (path, pem) in [
+            (&files.cacert, &self.ca_pem),
+            (&files.cert, &self.cert_pem),
+            (&files.key, &self.key_pem),
+        ] {
+            crate::files::write_replace(path, pem.as_bytes()).map_err(|source| {
+                MigrateError::WriteTls {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+        }
+        Ok(files)
+    }
+}
+
+/// Where a [`TlsMaterial`] was written, as CRIU's `--tls-*` options take it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cacert: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// The file names [`TlsMaterial::write`] uses in `dir`.
+    pub fn in_dir(dir: &Path) -> TlsFiles {
+        TlsFiles {
+            cacert: dir.join("ca.pem"),
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+        }
+    }
+
+    pub fn argv(&self) -> Vec<OsString> {
+        vec![
+            "--tls".into(),
+            "--tls-cacert".into(),
+            self.cacert.clone().into_os_string(),
+            "--tls-cert".into(),
+            self.cert.clone().into_os_string(),
+            "--tls-key".into(),
+            self.key.clone().into_os_string(),
+        ]
+    }
 }
 
 /// Where a dump sends its pages.
@@ -55,6 +191,8 @@ pub enum MigrateError {
 pub struct PageServerTarget {
     pub address: String,
     pub port: u16,
+    /// The migration's TLS files (None: plain TCP, only for research).
+    pub tls: Option<TlsFiles>,
 }
 
 /// What a migration adds to `criu dump`.
@@ -71,6 +209,9 @@ impl DumpExtra {
         if let Some(ps) = &self.page_server {
             a.push("--page-server".into());
             a.extend(address_port(&ps.address, ps.port));
+            if let Some(t) = &ps.tls {
+                a.extend(t.argv());
+            }
             a.extend([
                 // Client connections cannot follow to another address:
                 // connected sockets are dumped as closed (the restore's
@@ -96,6 +237,8 @@ pub struct PageServerArgs {
     pub address: String,
     pub port: u16,
     pub pidfile: PathBuf,
+    /// The migration's TLS files (None: plain TCP, only for research).
+    pub tls: Option<TlsFiles>,
 }
 
 impl PageServerArgs {
@@ -107,6 +250,9 @@ impl PageServerArgs {
             &self.log_name,
         ));
         a.extend(address_port(&self.address, self.port));
+        if let Some(t) = &self.tls {
+            a.extend(t.argv());
+        }
         a.extend([
             // The parent returns once the socket listens; the server
             // (re-parented to the daemon, a subreaper) takes one dump.
@@ -271,6 +417,7 @@ mod tests {
             page_server: Some(PageServerTarget {
                 address: "192.0.2.2".into(),
                 port: 4000,
+                tls: None,
             }),
             leave_stopped: true,
         };
@@ -296,6 +443,7 @@ mod tests {
             address: "192.0.2.2".into(),
             port: 4000,
             pidfile: "/w/ps.pid".into(),
+            tls: Some(TlsFiles::in_dir(Path::new("/w/tls"))),
         };
         let a: Vec<String> = ps
             .argv()
@@ -305,5 +453,32 @@ mod tests {
         assert_eq!(a[0], "page-server");
         assert!(a.windows(2).any(|w| w == ["--port", "4000"]));
         assert!(a.contains(&"--daemon".to_string()));
+        assert!(
+            a.windows(3)
+                .any(|w| w == ["--tls", "--tls-cacert", "/w/tls/ca.pem"]),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn tls_material_is_a_ca_and_a_certificate_for_the_address() {
+        let m = TlsMaterial::generate("192.0.2.2").unwrap();
+        assert!(m.ca_pem.starts_with("-----BEGIN CERTIFICATE-----"));
+        assert!(m.cert_pem.starts_with("-----BEGIN CERTIFICATE-----"));
+        assert!(m.key_pem.starts_with("-----BEGIN PRIVATE KEY-----"));
+        assert_ne!(m.ca_pem, m.cert_pem);
+        // Another migration, other keys.
+        assert_ne!(
+            TlsMaterial::generate("192.0.2.2").unwrap().key_pem,
+            m.key_pem
+        );
+        assert!(!format!("{m:?}").contains("PRIVATE"), "Debug hides the key");
+        let d = std::env::temp_dir().join(format!("mh-tls-unit-{}", std::process::id()));
+        let files = m.write(&d).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&files.key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(std::fs::read_to_string(&files.cert).unwrap(), m.cert_pem);
+        let _ = std::fs::remove_dir_all(&d);
     }
 }

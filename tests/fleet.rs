@@ -409,3 +409,117 @@ fn pre_dump_is_refused_with_a_reason_and_nothing_moves() {
     assert_eq!(b["state"], "stopped", "{b}");
     assert_eq!(b["images"], 0, "a half-received image was kept: {b}");
 }
+
+/// The page server takes pages only from a dump holding this migration's
+/// certificate: a dump presenting another migration's CA and key fails the
+/// TLS handshake and nothing is written; this migration's goes through,
+/// encrypted. Real CRIU on loopback, a sleeping process as the payload.
+#[test]
+fn page_server_takes_pages_only_over_this_migrations_tls() {
+    use miehisto::migrate::{
+        run_plain, DumpExtra, PageServerArgs, PageServerTarget, TlsFiles, TlsMaterial,
+    };
+    use std::process::{Command, Stdio};
+    if !common::require_privileged("page_server_takes_pages_only_over_this_migrations_tls") {
+        return;
+    }
+    let _l = common::lock();
+    let criu = common::criu_path().expect("a CRIU");
+    let dir = common::temp_dir("pstls");
+    // setsid(1) execs in place (its caller is no group leader): the pid is
+    // the sleeper's, alone in its session as CRIU wants a tree.
+    let mut sleeper = Command::new("/usr/bin/setsid")
+        .args(["/bin/sleep", "600"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn the sleeper");
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = sleeper.id().to_string();
+    let ours = TlsMaterial::generate("127.0.0.1")
+        .and_then(|m| m.write(&dir.join("tls-ours")))
+        .expect("this migration's TLS");
+    let theirs = TlsMaterial::generate("127.0.0.1")
+        .and_then(|m| m.write(&dir.join("tls-theirs")))
+        .expect("another migration's TLS");
+    let pages = |d: &std::path::Path| -> usize {
+        std::fs::read_dir(d)
+            .map(|r| {
+                r.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("pages-"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    // One page server (it takes one dump) and one dump with `tls`.
+    let attempt = |tag: &str, tls: &TlsFiles| -> (bool, String, usize) {
+        let ps = PageServerArgs {
+            images_dir: dir.join(format!("received-{tag}")),
+            work_dir: dir.join(format!("ps-{tag}")),
+            log_name: "page-server.log".into(),
+            address: "127.0.0.1".into(),
+            port: common::free_port(),
+            pidfile: dir.join(format!("ps-{tag}/pid")),
+            tls: Some(ours.clone()),
+        };
+        for d in [&ps.images_dir, &ps.work_dir] {
+            std::fs::create_dir_all(d).expect("page server dirs");
+        }
+        let server = ps.start(&criu, run_plain).expect("the page server starts");
+        let out = dir.join(format!("dump-{tag}"));
+        std::fs::create_dir_all(&out).expect("dump dir");
+        let extra = DumpExtra {
+            page_server: Some(PageServerTarget {
+                address: ps.address.clone(),
+                port: ps.port,
+                tls: Some(tls.clone()),
+            }),
+            leave_stopped: false,
+        };
+        let ok = Command::new(&criu)
+            .args(["dump", "-t", &pid, "-D"])
+            .arg(&out)
+            .arg("-W")
+            .arg(&out)
+            .args(["-o", "dump.log", "-v4", "--leave-running"])
+            .args(extra.argv())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("run criu dump")
+            .success();
+        // A page server that was refused may still wait for a dump.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(server),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        (
+            ok,
+            common::read(&out.join("dump.log")),
+            pages(&ps.images_dir),
+        )
+    };
+
+    let (ok, log, written) = attempt("theirs", &theirs);
+    assert!(
+        !ok,
+        "a dump with another migration's CA went through: {log}"
+    );
+    assert!(log.contains("TLS") || log.contains("tls"), "{log}");
+    assert_eq!(written, 0, "the page server wrote pages for a stranger");
+    assert!(
+        common::alive(i32::try_from(sleeper.id()).unwrap()),
+        "the payload runs on"
+    );
+
+    let (ok, log, written) = attempt("ours", &ours);
+    assert!(ok, "this migration's dump failed: {log}");
+    assert!(log.contains("TLS handshake completed"), "{log}");
+    assert!(written > 0, "no pages reached the page server");
+
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -120,6 +120,10 @@ enum Cmd {
         /// migrates it to kill or resume through its supervisor.
         #[arg(long, conflicts_with = "leave_running")]
         leave_stopped: bool,
+        /// With --page-server: CRIU's TLS files (ca.pem, cert.pem, key.pem)
+        /// in DIR, as the destination made them for this migration.
+        #[arg(long, value_name = "DIR", requires = "page_server")]
+        page_server_tls: Option<PathBuf>,
     },
     /// Restore an image; runmh becomes the restored tree's parent.
     Restore {
@@ -396,6 +400,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             leave_running,
             page_server,
             leave_stopped,
+            page_server_tls,
         } => {
             require_root()?;
             let criu = Criu::discover(cli.criu.as_deref())?;
@@ -409,7 +414,13 @@ fn real_main(cli: Cli) -> Result<i32> {
                         .with_context(|| {
                             format!("--page-server {s:?}: write ADDR:PORT, e.g. 192.0.2.2:4000")
                         })?;
-                    Some(miehisto::migrate::PageServerTarget { address, port })
+                    Some(miehisto::migrate::PageServerTarget {
+                        address,
+                        port,
+                        tls: page_server_tls
+                            .as_deref()
+                            .map(miehisto::migrate::TlsFiles::in_dir),
+                    })
                 }
             };
             let extra = miehisto::migrate::DumpExtra {

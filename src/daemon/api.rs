@@ -31,8 +31,8 @@
 //! | `image.push`      | `name`, `generation` (optional: newest), `reference`, `insecure_registries` | `progress`… then `image_pushed` |
 //! | `image.pull`      | `reference`, `as` (optional: the image's service name), `insecure_registries` | `progress`… then `image_pulled` |
 //! | `image.check`     | `name` + `generation`, or `reference`; `insecure_registries`  | `progress`… then `image_check` |
-//! | `migrate.receive` | `service` {as `service.create`}, `address`                    | `migrate_listening`, then a session (below) |
-//! | `service.migrate_out` | `name`, `address`, `port`                                 | `migrate_chunk`… `migrate_dumped`, then a session |
+//! | `migrate.receive` | `service` {as `service.create`}, `address`                    | `migrate_listening` (`port`, `tls`: the PEMs made for it), then a session (below) |
+//! | `service.migrate_out` | `name`, `address`, `port`, `tls` (from `migrate_listening`), `pre_dump` | `migrate_chunk`… `migrate_dumped`, then a session |
 //!
 //! The two migration operations open a session on their connection: the
 //! destination takes `migrate.chunk` (`file`, `offset`, `data` base64,
@@ -414,6 +414,8 @@ pub struct MigrateOut {
     /// CRIU pre-dump iterations first (needs memory dirty tracking).
     #[serde(default)]
     pub pre_dump: u32,
+    /// The page server's TLS, from the destination's `migrate_listening`.
+    pub tls: crate::migrate::TlsMaterial,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -602,6 +604,10 @@ pub enum Reply {
     /// `migrate.receive`: the page server listens on this port.
     MigrateListening {
         port: u16,
+        /// The page server's TLS, made for this migration: the source's
+        /// dump must present it (it travels only on the migration's own
+        /// channel).
+        tls: crate::migrate::TlsMaterial,
     },
     MigrateChunk(FileChunk),
     /// `service.migrate_out`: the dump is done and every chunk was sent.

@@ -6,8 +6,8 @@
 //! mhctl                     source daemon (A)             destination daemon (B)
 //!   migrate.receive ───────────────────────────────────▶ create the service if new,
 //!                                                         criu page-server on B's address
-//!   ◀── migrate_listening {port} ─────────────────────────
-//!   service.migrate_out ──▶ freeze, criu dump --page-server B:port --leave-stopped
+//!   ◀── migrate_listening {port, tls} ────────────────────  (a CA + cert made for this migration)
+//!   service.migrate_out ──▶ freeze, criu dump --page-server B:port --tls --leave-stopped
 //!                           (pages go straight to B) ───▶ pagemap + pages written
 //!   ◀── migrate_chunk… ──── the image's other files
 //!   migrate.chunk… ─────────────────────────────────────▶ written beside the pages
@@ -43,7 +43,7 @@ use super::service::{wait_gone, Expect, ServiceError, Services};
 use crate::control;
 use crate::criu::{Criu, CriuError};
 use crate::images::{Metadata, MetadataError, Staged, StoreError};
-use crate::migrate::{base64_decode, base64_encode, MigrateError, PageServerArgs};
+use crate::migrate::{base64_decode, base64_encode, MigrateError, PageServerArgs, TlsMaterial};
 use crate::sys;
 use nix::libc;
 use nix::unistd::Pid;
@@ -257,6 +257,7 @@ fn receive(
             source,
         })?
         .port();
+    let tls = TlsMaterial::generate(&req.address)?;
     let ps_args = PageServerArgs {
         images_dir: staged.dir.clone(),
         work_dir: work.clone(),
@@ -264,6 +265,7 @@ fn receive(
         address: req.address.clone(),
         port,
         pidfile: work.join("page-server.pid"),
+        tls: Some(tls.write(&work.join("tls"))?),
     };
     let mut ps = PageServer {
         s,
@@ -276,7 +278,7 @@ fn receive(
         req.address
     );
     let _ = conn.set_read_timeout(Some(SESSION_IDLE));
-    if !send(conn, &Response::ok(Reply::MigrateListening { port })) {
+    if !send(conn, &Response::ok(Reply::MigrateListening { port, tls })) {
         return Ok(None);
     }
     let mut received: u64 = 0;
@@ -414,6 +416,11 @@ fn out(
     }
     let work = work_dir(s, &name, "out")?;
     let dest = work.join("image");
+    let tls_dir = work.join("tls");
+    if let Err(e) = req.tls.write(&tls_dir) {
+        let _ = std::fs::remove_dir_all(&work);
+        return Err(e.into());
+    }
     let mut c = s.runmh(&name, Path::new("/"));
     c.arg("dump")
         .arg("--pid")
@@ -422,6 +429,8 @@ fn out(
         .arg(&dest)
         .arg("--page-server")
         .arg(format!("{}:{}", req.address, req.port))
+        .arg("--page-server-tls")
+        .arg(&tls_dir)
         .arg("--leave-stopped");
     let t0 = Instant::now();
     if let Err(e) = s.run_step(&name, "migrate dump", c, Expect::Published) {
@@ -725,14 +734,14 @@ pub fn migrate(
         });
     }
     let mut b: Exchange = dst.connect().map_err(de)?;
-    let port = match b
+    let (port, tls) = match b
         .call(&Request::MigrateReceive(MigrateReceive {
             service: service_from(&info),
             address: req.address.clone(),
         }))
         .map_err(de)?
     {
-        Reply::MigrateListening { port } => port,
+        Reply::MigrateListening { port, tls } => (port, tls),
         other => {
             return Err(MigrateClientError::Unexpected {
                 side: "the destination",
@@ -748,6 +757,7 @@ pub fn migrate(
         address: req.address.clone(),
         port,
         pre_dump: req.pre_dump,
+        tls,
     }))
     .map_err(se)?;
     let (dump_ms, files, bytes) = loop {
