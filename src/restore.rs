@@ -393,7 +393,21 @@ fn spawn_criu(
     // CRIU, then the supervisor it execs, holds the pipe's write end: the
     // read ends with the ready line, or at EOF when the watchdog has ended
     // them (too slow, a runaway log, or SIGTERM for us).
-    let dog = watchdog::watch(child, &inst.dir.join("restore.log"), opts.limits);
+    // The supervisor moves the record on from Restoring once it runs the
+    // tree; a SIGTERM after that is the service's to handle.
+    let record_of = Instance::open(&inst.dir);
+    let dog = watchdog::watch_until_handoff(
+        child,
+        &inst.dir.join("restore.log"),
+        opts.limits,
+        move || {
+            record_of
+                .as_ref()
+                .ok()
+                .and_then(|i| i.read_record().ok())
+                .is_some_and(|r| r.state != InstanceState::Restoring)
+        },
+    );
     let reply = channel::read_line::<ReadyMsg>(
         BufReader::new(std::fs::File::from(ready_r)),
         ReadyMsg::CHANNEL,
