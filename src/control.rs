@@ -21,6 +21,9 @@ pub enum Request {
     Thaw {
         alive: bool,
     },
+    /// The dump succeeded and the tree stays stopped for someone else's
+    /// later `Thaw` (a migration): the dumper may end now.
+    KeepFrozen,
     Status,
 }
 
@@ -110,6 +113,8 @@ pub fn call(path: &Path, req: &Request, timeout: Duration) -> Result<Response, C
 pub struct Incoming {
     pub req: Request,
     pub reply: Sender<Response>,
+    /// The client's pid (SO_PEERCRED), when the kernel gave it.
+    pub peer: Option<i32>,
 }
 
 /// Listens on `path` in a background thread; requests arrive on `tx`.
@@ -146,7 +151,12 @@ fn handle(conn: UnixStream, tx: &Sender<Incoming>) -> std::io::Result<()> {
         Err(e) => Response::err(format!("malformed request: {e}")),
         Ok(req) => {
             let (reply, r) = crossbeam_channel::bounded(1);
-            if tx.send(Incoming { req, reply }).is_err() {
+            let peer =
+                nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
+                    .ok()
+                    .map(|c| c.pid())
+                    .filter(|&p| p > 0);
+            if tx.send(Incoming { req, reply, peer }).is_err() {
                 Response::err("the supervisor is shutting down")
             } else {
                 r.recv_timeout(Duration::from_secs(30))
@@ -171,9 +181,10 @@ mod tests {
         std::thread::spawn(move || {
             while let Ok(inc) = rx.recv() {
                 let resp = match inc.req {
+                    // The client's pid, as the supervisor watches it.
                     Request::Freeze => Response {
                         ok: true,
-                        pids: vec![7],
+                        pids: inc.peer.into_iter().collect(),
                         ..Default::default()
                     },
                     Request::Thaw { alive } => {
@@ -188,6 +199,7 @@ mod tests {
                         state: Some(crate::instance::InstanceState::Running),
                         ..Default::default()
                     },
+                    Request::KeepFrozen => Response::ok(),
                 };
                 let _ = inc.reply.send(resp);
             }
@@ -196,7 +208,7 @@ mod tests {
             call(&path, &Request::Freeze, Duration::from_secs(5))
                 .unwrap()
                 .pids,
-            vec![7]
+            vec![std::process::id() as i32]
         );
         assert!(call(
             &path,

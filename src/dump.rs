@@ -266,6 +266,11 @@ pub fn dump_instance_with(
             _ => {}
         }
     }
+    if result.is_ok() && extra.leave_stopped {
+        // Or the supervisor, seeing us end without a thaw, kills the tree.
+        control::call(&sock, &Request::KeepFrozen, timeout)
+            .map_err(|source| DumpError::Control { pid, source })?;
+    }
     let mut run = result?;
     run.host.cpuinfo = cpuinfo;
     Ok(publish(

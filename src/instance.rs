@@ -3,13 +3,20 @@
 //! and a record of what runs there. It lives as long as the service.
 
 use crate::images::BackendRecord;
+use crate::sandbox::cgroup::InstanceCgroup;
 use crate::sandbox::ExternalMount;
 use crate::spec::SandboxSpec;
 use serde::{Deserialize, Serialize};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/miehisto/runmh";
 const RECORD: &str = "instance.json";
+/// Held (a shared flock) by the instance's owners for as long as they
+/// live: the runmh that made it, and for a restore the supervisor CRIU
+/// execs. A cleaner's exclusive lock only succeeds once all are gone.
+pub const OWNER_LOCK: &str = "owner.lock";
 /// Version 1 had no `format_version` field and kept the state as free
 /// text, "stopped" meaning the stop point; version 2 names the states.
 pub const RECORD_VERSION: u32 = 2;
@@ -267,17 +274,183 @@ mod tests {
 pub struct Instance {
     pub id: String,
     pub dir: PathBuf,
+    /// This process's hold on [`OWNER_LOCK`], when it owns the instance
+    /// (never inherited by children: close-on-exec).
+    lock: Option<Arc<OwnedFd>>,
+    /// The instance's cgroup, when the system gave it one.
+    pub cgroup: Option<InstanceCgroup>,
+}
+
+/// What [`clean_dead`] found and ended: an instance whose owner is gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cleaned {
+    pub id: String,
+    pub state: Option<InstanceState>,
+    /// The processes it killed (the cgroup's, or the recorded root's).
+    pub killed: Vec<i32>,
+}
+
+/// Opens (creating it) the owner lock of the instance directory `dir`.
+fn open_lock(dir: &Path) -> std::io::Result<OwnedFd> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(dir.join(OWNER_LOCK))
+        .map(OwnedFd::from)
+}
+
+/// A shared hold on the owner lock of `dir`.
+fn take_shared(dir: &Path) -> std::io::Result<OwnedFd> {
+    let fd = open_lock(dir)?;
+    match crate::sys::try_flock(fd.as_raw_fd(), false) {
+        Ok(true) => Ok(fd),
+        Ok(false) => Err(std::io::Error::other(
+            "its owner lock is held by a cleaner: its owners were gone",
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether the instance in `dir` has lost its owners: the process that
+/// named it (`<ms>-<pid>`) is gone (while it lives it holds the lock, or is
+/// about to take it), and nobody else holds the lock (a restored supervisor
+/// outlives its front process). Returns the lock, taken exclusively, when
+/// the file exists.
+fn take_if_dead(dir: &Path, id: &str) -> Option<Option<OwnedFd>> {
+    let creator: i32 = id.rsplit_once('-')?.1.parse().ok()?;
+    if crate::sys::procfs::alive(nix::unistd::Pid::from_raw(creator)) {
+        return None;
+    }
+    if !dir.join(OWNER_LOCK).exists() {
+        return Some(None);
+    }
+    let fd = open_lock(dir).ok()?;
+    match crate::sys::try_flock(fd.as_raw_fd(), true) {
+        Ok(true) => Some(Some(fd)),
+        _ => None,
+    }
+}
+
+/// Ends what runmh processes that died without cleaning up (SIGKILL, a
+/// crash) left under `state_dir`: every instance whose owner is gone has
+/// its cgroup killed and removed, then its directory. A live owner's
+/// instance is never touched. Called by runmh before each run and by the
+/// daemon on start; each one cleaned is logged with what was killed.
+pub fn clean_dead(state_dir: &Path) -> Vec<Cleaned> {
+    let Ok(rd) = std::fs::read_dir(state_dir.join("instances")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in rd.flatten() {
+        let dir = e.path();
+        let Some(id) = dir.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
+            continue;
+        };
+        if !crate::sandbox::cgroup::valid_id(&id) {
+            continue;
+        }
+        // Held until the directory is gone: a second cleaner finds it locked.
+        let Some(lock) = take_if_dead(&dir, &id) else {
+            continue;
+        };
+        let inst = Instance {
+            cgroup: InstanceCgroup::existing(&id),
+            id: id.clone(),
+            dir: dir.clone(),
+            lock: lock.map(Arc::new),
+        };
+        let rec = inst.read_record().ok();
+        let mut killed = Vec::new();
+        let mut how = String::new();
+        match &inst.cgroup {
+            Some(cg) => match cg.destroy() {
+                Ok(pids) => {
+                    killed = pids;
+                    how = format!(" in {}", cg.path.display());
+                }
+                Err(e) => log::warn!(
+                    "cannot end the instance {id} left by a dead runmh: {}",
+                    crate::error_chain(&e)
+                ),
+            },
+            // No cgroup: the recorded root, if it still is a namespace's init.
+            None => {
+                if let Some(root) = rec.as_ref().map(|r| r.root_pid).filter(|&p| p > 0) {
+                    let pid = nix::unistd::Pid::from_raw(root);
+                    let is_init = crate::sys::procfs::status(pid)
+                        .is_ok_and(|s| s.ns_pids.len() > 1 && s.ns_pids.last() == Some(&1));
+                    if is_init && crate::sys::kill(pid, nix::libc::SIGKILL).is_ok() {
+                        killed.push(root);
+                        how = " (its recorded PID 1)".into();
+                    }
+                }
+            }
+        }
+        let state = rec.as_ref().map(|r| r.state);
+        let state_text = state.map_or_else(|| "unrecorded".to_string(), |s| s.to_string());
+        if killed.is_empty() {
+            log::warn!(
+                "removed the instance {id} ({state_text}) left by a runmh that ended without cleaning up; nothing of it was running"
+            );
+        } else {
+            log::warn!(
+                "removed the instance {id} ({state_text}) left by a runmh that ended without cleaning up: killed pids {killed:?}{how}"
+            );
+        }
+        inst.remove();
+        out.push(Cleaned { id, state, killed });
+    }
+    out
 }
 
 impl Instance {
+    /// Makes a new instance owned by this process: its directory, the owner
+    /// lock (held until this process and whatever inherited the lock end),
+    /// and its cgroup where the system has one.
     pub fn create(state_dir: &Path) -> Result<Instance, InstanceError> {
         let id = format!("{}-{}", crate::sys::time::unix_ms(), std::process::id());
         let dir = state_dir.join("instances").join(&id);
-        crate::files::private_dir(&dir.join("root")).map_err(|source| InstanceError::Create {
+        let created = |source| InstanceError::Create {
             path: dir.clone(),
             source,
+        };
+        crate::files::private_dir(&dir.join("root")).map_err(created)?;
+        let lock = match take_shared(&dir) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(created(e));
+            }
+        };
+        let cgroup = match InstanceCgroup::create(&id) {
+            Ok(cg) => Some(cg),
+            Err(e) => {
+                crate::sandbox::cgroup::warn_unavailable(&e);
+                None
+            }
+        };
+        Ok(Instance {
+            id,
+            dir,
+            lock: Some(Arc::new(lock)),
+            cgroup,
+        })
+    }
+
+    /// Becomes one of the instance's owners (a restored supervisor taking
+    /// over from the front process). Fails when a cleaner got there first:
+    /// the owners were all gone, and the instance is being ended.
+    pub fn take_ownership(&mut self) -> Result<(), InstanceError> {
+        let lock = take_shared(&self.dir).map_err(|source| InstanceError::Create {
+            path: self.dir.clone(),
+            source,
         })?;
-        Ok(Instance { id, dir })
+        self.lock = Some(Arc::new(lock));
+        Ok(())
     }
 
     /// The instance in `dir`, named by its last component.
@@ -290,8 +463,10 @@ impl Instance {
                     detail: "not an instance directory (it needs a name of its own)".into(),
                 })?;
         Ok(Instance {
+            cgroup: InstanceCgroup::existing(id),
             id: id.to_string(),
             dir: dir.to_path_buf(),
+            lock: None,
         })
     }
 
@@ -350,6 +525,19 @@ impl Instance {
     /// from the caller's view; an unmount is attempted anyway for the
     /// restored supervisor, which lives in the namespace that has it.
     pub fn remove(&self) {
+        // The cgroup first: a directory without one is what a cleaner
+        // looks for, never a cgroup without its directory.
+        if let Some(cg) = &self.cgroup {
+            match cg.destroy() {
+                Ok(killed) if !killed.is_empty() => log::info!(
+                    "instance {}: killed pids {killed:?} left in {}",
+                    self.id,
+                    cg.path.display()
+                ),
+                Ok(_) => {}
+                Err(e) => log::warn!("instance {}: {}", self.id, crate::error_chain(&e)),
+            }
+        }
         if let Ok(c) = std::ffi::CString::new(self.root().as_os_str().as_encoded_bytes()) {
             let _ = crate::sys::umount2(&c, nix::libc::MNT_DETACH);
         }

@@ -330,7 +330,7 @@ fn clone_sandbox(
             explain::block(f.bpf_listing().trim_end());
         }
     }
-    let spawned = sandbox::spawn(spec, &inst.root(), variants)?;
+    let spawned = sandbox::spawn(spec, &inst.root(), variants, inst.cgroup.as_ref())?;
     let exit = match tracer.watch(spawned.pid) {
         Ok(exit) => exit,
         Err(source) => {

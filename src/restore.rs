@@ -292,6 +292,24 @@ fn spawn_criu(
     if !opts.reseize {
         exec_cmd.push("--no-reseize".into());
     }
+    // The supervisor leaves the instance cgroup CRIU runs in for ours:
+    // only the restored tree stays in it.
+    let cgroup_procs = match &inst.cgroup {
+        Some(cg) => match cg.procs_for_child() {
+            Ok(fd) => {
+                if let Some(origin) = crate::sandbox::cgroup::cgroup_of(None) {
+                    exec_cmd.push("--cgroup-origin".into());
+                    exec_cmd.push(origin.into());
+                }
+                Some(fd)
+            }
+            Err(e) => {
+                crate::sandbox::cgroup::warn_unavailable(&e);
+                None
+            }
+        },
+        None => None,
+    };
     if explain::enabled() {
         exec_cmd.push("--explain".into());
     }
@@ -374,6 +392,7 @@ fn spawn_criu(
                 ready: write_fd,
                 stdio: stdio_fds,
                 inherited: &inherited,
+                cgroup_procs: cgroup_procs.as_ref().map(|fd| fd.as_raw_fd()),
             },
             &root,
             kdat_child,
@@ -390,6 +409,7 @@ fn spawn_criu(
         }
     };
     drop(ready_w);
+    drop(cgroup_procs);
     // CRIU, then the supervisor it execs, holds the pipe's write end: the
     // read ends with the ready line, or at EOF when the watchdog has ended
     // them (too slow, a runaway log, or SIGTERM for us).
@@ -532,6 +552,9 @@ struct ChildFds<'a> {
     stdio: Option<(RawFd, RawFd)>,
     /// Files CRIU gets by `--inherit-fd`.
     inherited: &'a [RawFd],
+    /// The instance cgroup's `cgroup.procs`: CRIU, and so the tree it
+    /// forks, runs in the instance's cgroup.
+    cgroup_procs: Option<RawFd>,
 }
 
 fn restore_child(
@@ -544,6 +567,13 @@ fn restore_child(
 ) -> ! {
     sys::unblock_all_signals();
     let ready = fds.ready;
+    // First: whatever this child becomes is in the instance cgroup.
+    if let Some(fd) = fds.cgroup_procs {
+        if let Err(e) = sys::write_all(fd, b"0") {
+            child_fail(ready, "enter the instance cgroup", e);
+        }
+        sys::close(fd);
+    }
     if let Some((null, log)) = fds.stdio {
         for (from, to) in [(null, 0), (null, 1), (log, 2)] {
             if let Err(e) = sys::dup2(from, to) {
@@ -590,15 +620,30 @@ pub fn wait_supervisor(supervisor: Pid) -> i32 {
 }
 
 /// `runmh __supervise`: runs in the process CRIU exec'd into.
+/// How the front process hands a restore over to its supervisor.
+pub struct Handover<'a> {
+    pub dir: &'a Path,
+    pub ready_fd: RawFd,
+    /// The cgroup to move to out of the instance's (the front's own).
+    pub cgroup_origin: Option<&'a str>,
+}
+
 pub fn supervise_restored(
-    dir: &Path,
-    ready_fd: RawFd,
+    h: Handover<'_>,
     reseize: bool,
     stop_timeout: Duration,
     timings: Option<&Path>,
 ) -> Result<Outcome, RestoreError> {
     let stamps = crate::timings::Stamps::new(timings);
     stamps.mark(crate::timings::SUPERVISOR_START);
+    // Out of the instance cgroup before anything else: it is the restored
+    // tree's, and killing it must not kill its supervisor.
+    if let Some(origin) = h.cgroup_origin {
+        if let Err(e) = crate::sandbox::cgroup::move_self_to(origin) {
+            log::warn!("{}", crate::error_chain(&e));
+        }
+    }
+    let ready_fd = h.ready_fd;
     // CRIU leaves every signal but SIGCHLD blocked and its own fds open
     // across --exec-cmd (crtools.c, criu_signals_setup): start clean.
     sys::unblock_all_signals();
@@ -607,7 +652,7 @@ pub fn supervise_restored(
     // SAFETY: the fd number was passed to us by our own front process,
     // which created it for this purpose; nothing else in this fresh process owns it.
     let mut ready = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(ready_fd) });
-    let result = supervise_setup(dir, reseize, &stamps);
+    let result = supervise_setup(h.dir, reseize, &stamps);
     let running = match result {
         Ok(Setup::Running(r)) => *r,
         Ok(Setup::Ended { root, status, inst }) => {
@@ -673,7 +718,10 @@ fn supervise_setup(
     reseize: bool,
     stamps: &crate::timings::Stamps,
 ) -> Result<Setup, RestoreError> {
-    let inst = Instance::open(dir)?;
+    let mut inst = Instance::open(dir)?;
+    // Beside the front process, which holds it until it ends; if both were
+    // gone, a cleaner may be ending the instance: then fail, it kills the tree.
+    inst.take_ownership()?;
     let mut rec = inst.read_record()?;
     let pidfile = inst.restored_pidfile();
     let root: i32 = std::fs::read_to_string(&pidfile)

@@ -58,14 +58,51 @@ impl Outcome {
 
 pub use crate::sys::signal::signals;
 
+/// How often a frozen tree's dumper is checked.
+const DUMPER_POLL: Duration = Duration::from_millis(100);
+
+/// The process that froze the tree for a dump, by pidfd (a pid could be
+/// reused; a pidfd names the one process).
+struct Dumper {
+    pid: i32,
+    pidfd: std::os::fd::OwnedFd,
+}
+
+impl Dumper {
+    fn watch(pid: i32) -> Option<Dumper> {
+        match sys::pidfd_open(pid) {
+            Ok(pidfd) => Some(Dumper { pid, pidfd }),
+            Err(e) => {
+                log::warn!("cannot watch the dump's process {pid}: {e}");
+                None
+            }
+        }
+    }
+
+    /// A pidfd polls readable once its process has exited.
+    fn gone(&self) -> bool {
+        use std::os::fd::AsFd;
+        let mut fds = [nix::poll::PollFd::new(
+            self.pidfd.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0)
+    }
+}
+
 impl Running {
     fn set_state(&mut self, state: InstanceState) {
         self.record.state = state;
         let _ = self.instance.write_record(&self.record);
     }
 
-    fn on_control(&mut self, inc: Incoming, dumped: &mut bool) {
+    fn on_control(&mut self, inc: Incoming, dumped: &mut bool, dumper: &mut Option<Dumper>) {
+        let freeze = inc.req == Request::Freeze;
+        if matches!(inc.req, Request::Thaw { .. } | Request::KeepFrozen) {
+            *dumper = None;
+        }
         let resp = match inc.req {
+            Request::KeepFrozen => Response::ok(),
             Request::Status => Response {
                 ok: true,
                 state: Some(self.record.state),
@@ -121,6 +158,12 @@ impl Running {
                 }
             }
         };
+        // Watched until it thaws the tree: if it dies first (SIGKILL of
+        // `runmh dump` and its CRIU), the tree would stay frozen, or
+        // half-dumped, forever.
+        if freeze && resp.ok {
+            *dumper = inc.peer.and_then(Dumper::watch);
+        }
         let _ = inc.reply.send(resp);
     }
 
@@ -143,10 +186,26 @@ impl Running {
         running(&self.record);
         let mut dumped = false;
         let mut kill_at: Option<Instant> = None;
+        let mut dumper: Option<Dumper> = None;
         loop {
-            let wait = kill_at
+            if dumper.as_ref().is_some_and(Dumper::gone) {
+                if let Some(d) = dumper.take() {
+                    log::warn!(
+                        "the dump's process (pid {}) ended before it gave the service back: killing the service (pid {}), which it left {}",
+                        d.pid,
+                        self.root,
+                        self.record.state
+                    );
+                }
+                dumped = false;
+                let _ = sys::kill(self.root, libc::SIGKILL);
+            }
+            let mut wait = kill_at
                 .map(|t| t.saturating_duration_since(Instant::now()))
                 .unwrap_or(Duration::from_secs(3600));
+            if dumper.is_some() {
+                wait = wait.min(DUMPER_POLL);
+            }
             select! {
                 recv(self.exit) -> st => {
                     let status = st.map_err(|_| SupervisorError::LostChild)?;
@@ -164,7 +223,7 @@ impl Running {
                 }
                 recv(ctl_rx) -> inc => {
                     if let Ok(inc) = inc {
-                        self.on_control(inc, &mut dumped);
+                        self.on_control(inc, &mut dumped, &mut dumper);
                     }
                 }
                 default(wait) => {

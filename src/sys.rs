@@ -212,6 +212,41 @@ pub fn set_no_new_privs() -> SysResult<()> {
     check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } as libc::c_long).map(drop)
 }
 
+/// Async-signal-safe `prctl(PR_SET_PDEATHSIG, sig)`: `sig` is sent to this
+/// process when the thread that created it exits (prctl(2): the parent
+/// *thread*, not the process). The kernel forces SIGKILL onto a PID
+/// namespace's init when it comes from an ancestor namespace.
+pub fn set_parent_death_signal(sig: libc::c_int) -> SysResult<()> {
+    // SAFETY: plain integer arguments.
+    check(
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) }
+            as libc::c_long,
+    )
+    .map(drop)
+}
+
+/// `flock(fd, LOCK_SH or LOCK_EX | LOCK_NB)`: whether the lock was taken
+/// (false when another open file description holds a conflicting one). A
+/// lock lives as long as its open file description, and goes away with its
+/// last descriptor however the holder ends.
+pub fn try_flock(fd: RawFd, exclusive: bool) -> SysResult<bool> {
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    };
+    loop {
+        // SAFETY: flock only changes the lock state of the descriptor's file.
+        let r = unsafe { libc::flock(fd, op | libc::LOCK_NB) };
+        match check(r as libc::c_long) {
+            Ok(_) => return Ok(true),
+            Err(Errno::EWOULDBLOCK) => return Ok(false),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Async-signal-safe `seccomp(SECCOMP_SET_MODE_FILTER, flags, prog)`.
 /// Returns the listener fd when `flags` has `SECCOMP_FILTER_FLAG_NEW_LISTENER`.
 pub fn seccomp_load(filter: &[libc::sock_filter], flags: libc::c_ulong) -> SysResult<RawFd> {

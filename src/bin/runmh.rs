@@ -153,6 +153,8 @@ enum Cmd {
         #[arg(long)]
         ready_fd: i32,
         #[arg(long)]
+        cgroup_origin: Option<String>,
+        #[arg(long)]
         no_reseize: bool,
         #[arg(long, default_value_t = 5)]
         stop_timeout: u64,
@@ -275,6 +277,8 @@ fn real_main(cli: Cli) -> Result<i32> {
         miehisto::files::tighten_state(&state_dir).with_context(|| {
             format!("cannot prepare the state directory {}", state_dir.display())
         })?;
+        // What runmh processes killed before us left (each is logged).
+        instance::clean_dead(&state_dir);
     }
     match cli.cmd {
         Cmd::Doctor => {
@@ -479,18 +483,33 @@ fn real_main(cli: Cli) -> Result<i32> {
             if detach {
                 return Ok(0);
             }
-            Ok(restore::wait_supervisor(r.supervisor))
+            let code = restore::wait_supervisor(r.supervisor);
+            // A supervisor that ended without removing its instance was
+            // killed: end the tree it left (its cgroup) and the instance.
+            if r.instance.dir.exists() {
+                log::warn!(
+                    "the supervisor (pid {}) ended ({code}) without cleaning up: ending its instance {}",
+                    r.supervisor,
+                    r.instance.id
+                );
+                r.instance.remove();
+            }
+            Ok(code)
         }
         Cmd::Supervise {
             instance,
             ready_fd,
+            cgroup_origin,
             no_reseize,
             stop_timeout,
             timings,
         } => {
             let outcome = restore::supervise_restored(
-                &instance,
-                ready_fd,
+                restore::Handover {
+                    dir: &instance,
+                    ready_fd,
+                    cgroup_origin: cgroup_origin.as_deref(),
+                },
                 !no_reseize,
                 Duration::from_secs(stop_timeout),
                 timings.as_deref(),

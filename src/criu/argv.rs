@@ -60,6 +60,9 @@ impl DumpArgs {
         if self.leave_running {
             a.push("--leave-running".into());
         }
+        // The tree's cgroup is its instance's, named by a run that is over
+        // by the time the image restores: nothing of it belongs in the image.
+        a.push("--manage-cgroups=ignore".into());
         a
     }
 }
@@ -103,6 +106,10 @@ impl RestoreArgs {
         // instead of failing the restore: its peer and local address are
         // another host's. Images without one are unaffected.
         a.push("--tcp-close".into());
+        // The restored tree stays in CRIU's own cgroup, the new instance's,
+        // whatever cgroups the image names (an image dumped by another tool
+        // would otherwise send it into, and create, the dumped ones).
+        a.push("--manage-cgroups=ignore".into());
         for (fd, key) in &self.inherit_fds {
             a.push("--inherit-fd".into());
             let mut k = OsString::from(format!("fd[{fd}]:"));
@@ -166,7 +173,7 @@ mod tests {
         let s = shell_words("criu".as_ref(), &d.argv());
         assert_eq!(
             s,
-            "criu dump -t 42 -D /img -W /w -o dump.log -v4 --external 'mnt[/dev]:dev' --external 'mnt[/dev/pts]:devpts' --leave-running"
+            "criu dump -t 42 -D /img -W /w -o dump.log -v4 --external 'mnt[/dev]:dev' --external 'mnt[/dev/pts]:devpts' --leave-running --manage-cgroups=ignore"
         );
     }
 
@@ -193,6 +200,7 @@ mod tests {
             "{s}"
         );
         assert!(s.ends_with("--exec-cmd -- /bin/runmh __supervise"), "{s}");
+        assert!(s.contains(" --manage-cgroups=ignore "), "{s}");
         assert!(
             !a.iter().any(|x| x == "-d" || x == "--restore-detached"),
             "exec-cmd excludes -d"

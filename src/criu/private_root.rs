@@ -64,14 +64,19 @@ pub fn enter(root: &CStr, run_tmpfs: Option<Option<&[u8]>>) -> Result<(), (Step,
 pub fn detached_argv(args: &RestoreArgs, extra: &[&str]) -> Vec<OsString> {
     let mut argv = args.argv();
     argv.push("--restore-detached".into());
+    // The restored root becomes the caller's child, not CRIU's: an image of
+    // a runmh sandbox carries a parent-death signal, which would kill the
+    // root the moment CRIU exits (CRIU restores prctl(PR_SET_PDEATHSIG)).
+    argv.push("--restore-sibling".into());
     argv.extend(extra.iter().map(OsString::from));
     argv
 }
 
 /// `criu restore --restore-detached` (plus `extra` options) of `args`
 /// inside a private root ([`enter`] on `args.root`, which must exist):
-/// CRIU restores the tree, detaches and exits, and the tree's root is
-/// re-parented (to this process when it is a child subreaper). `args`
+/// CRIU restores the tree as a sibling (the root is this process's child,
+/// forked by the calling thread: its parent-death signal, if the image has
+/// one, fires when that thread ends), detaches and exits. `args`
 /// should have no `exec_cmd`. Returns the restored root's host pid.
 pub fn restore_detached(
     criu: &Criu,

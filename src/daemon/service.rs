@@ -267,18 +267,16 @@ impl Services {
                 p.display()
             );
         }
-        // Instance records of supervisors that died without cleaning up
-        // (killed with SIGKILL, machine crash) would shadow nothing, but
-        // they pile up: remove those whose supervisor is certainly gone.
-        for (inst, rec) in Instance::list(&runmh_state) {
-            if rec.supervisor_pid > 0 && !procfs::alive(Pid::from_raw(rec.supervisor_pid)) {
-                log::info!(
-                    "removing the stale runmh instance {} (its supervisor {} is gone)",
-                    inst.id,
-                    rec.supervisor_pid
-                );
-                inst.remove();
-            }
+        // Instances whose runmh died without cleaning up (SIGKILL, a
+        // crash): their trees are killed (each instance's cgroup) and
+        // their directories removed, so a service's port is free again.
+        // Live supervisors' instances are left alone.
+        for c in crate::instance::clean_dead(&runmh_state) {
+            log::info!(
+                "ended the instance {} left by a killed runmh (killed pids {:?})",
+                c.id,
+                c.killed
+            );
         }
         let me = Services {
             cfg,

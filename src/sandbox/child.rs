@@ -39,6 +39,12 @@ pub struct ChildPlan {
     pub sync_read: RawFd,
     pub error_write: RawFd,
     pub listener_sock: RawFd,
+    /// The instance cgroup's `cgroup.procs`: the child moves itself in
+    /// first, so nothing of the tree ever runs outside it.
+    pub cgroup_procs: Option<RawFd>,
+    /// Whether to take SIGKILL when the supervisor thread that cloned us
+    /// ends (see `sys::set_parent_death_signal`).
+    pub parent_death: bool,
 }
 
 fn fail(plan: &ChildPlan, step: Step, errno: nix::errno::Errno) -> ! {
@@ -64,6 +70,10 @@ const PROC: &CStr = c"proc";
 /// The child's whole life. Never returns.
 pub fn run(plan: &ChildPlan) -> ! {
     sys::unblock_all_signals();
+    // "0" moves the writer (cgroups(7)); close_fds_except closes the fd.
+    if let Some(fd) = plan.cgroup_procs {
+        step!(plan, Step::JoinCgroup, sys::write_all(fd, b"0"));
+    }
     // Nothing we do may propagate back to the host's mount namespace
     // (mount_namespaces(7): a new namespace copies the propagation type).
     step!(
@@ -130,6 +140,17 @@ pub fn run(plan: &ChildPlan) -> ! {
     step!(plan, Step::Cwd, sys::chdir(&plan.cwd));
     if let Some((uid, gid)) = plan.ids {
         step!(plan, Step::SetIds, sys::set_ids(uid, gid));
+    }
+    // After the id switch, which clears it (prctl(2)); it survives execve.
+    // A supervisor that died before this line is seen below: the sync
+    // pipe reads EOF. CRIU dumps the setting and restores it, so a restored
+    // root dies with its restored supervisor too.
+    if plan.parent_death {
+        step!(
+            plan,
+            Step::ParentDeath,
+            sys::set_parent_death_signal(libc::SIGKILL)
+        );
     }
     // Every inherited fd but our three pipes goes: a stray fd (say, one on
     // the host's /dev) makes criu dump fail with "Can't lookup mount".

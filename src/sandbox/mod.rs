@@ -4,6 +4,7 @@
 //! `setsid`, stdin from /dev/null and output appended to log files, then
 //! `execve`. A process started this way can be dumped and restored by CRIU.
 
+pub mod cgroup;
 pub mod child;
 pub mod mounts;
 
@@ -44,6 +45,8 @@ pub enum Step {
     Seccomp,
     SendListener,
     Exec,
+    JoinCgroup,
+    ParentDeath,
 }
 
 impl Step {
@@ -69,6 +72,8 @@ impl Step {
             Seccomp,
             SendListener,
             Exec,
+            JoinCgroup,
+            ParentDeath,
         ]
         .into_iter()
         .find(|s| *s as u8 == v)
@@ -95,6 +100,8 @@ impl Step {
             Step::Seccomp => "load the seccomp filter",
             Step::SendListener => "hand the seccomp listener to the supervisor",
             Step::Exec => "execute the command",
+            Step::JoinCgroup => "enter the instance cgroup",
+            Step::ParentDeath => "set the parent-death signal",
         }
     }
 }
@@ -144,6 +151,8 @@ pub enum SandboxError {
         #[source]
         source: Errno,
     },
+    #[error(transparent)]
+    Cgroup(cgroup::CgroupError),
     #[error("cannot receive the seccomp listener from the sandbox child {pid}")]
     Listener {
         pid: Pid,
@@ -264,6 +273,7 @@ pub fn spawn(
     spec: &SandboxSpec,
     root: &Path,
     variants: &Variants,
+    cgroup: Option<&cgroup::InstanceCgroup>,
 ) -> Result<Spawned, SandboxError> {
     let mounts = mounts::mount_points().map_err(SandboxError::MountTable)?;
     let externals = mounts::externals_for(&mounts);
@@ -330,6 +340,17 @@ pub fn spawn(
         what: "listener socket",
         source,
     })?;
+    let cgroup_procs = cgroup
+        .map(|cg| cg.procs_for_child())
+        .transpose()
+        .map_err(SandboxError::Cgroup)?;
+    // The parent-death signal follows the cloning thread: only the main
+    // thread lives as long as the process (a library caller's worker
+    // thread may end while its service should go on).
+    let parent_death = sys::gettid() == nix::unistd::getpid();
+    if !parent_death {
+        log::debug!("cloning from a worker thread: no parent-death signal for the sandbox");
+    }
     let ids = (spec.uid != nix::unistd::geteuid().as_raw()
         || spec.gid != nix::unistd::getegid().as_raw())
     .then_some((spec.uid, spec.gid));
@@ -349,6 +370,8 @@ pub fn spawn(
         sync_read: sync_read.as_raw_fd(),
         error_write: error_write.as_raw_fd(),
         listener_sock: listener_sock.as_raw_fd(),
+        cgroup_procs: cgroup_procs.as_ref().map(|fd| fd.as_raw_fd()),
+        parent_death,
     };
     crate::explain::say(
         "clone",
@@ -368,6 +391,7 @@ pub fn spawn(
         error_write,
         listener_sock,
         plan,
+        cgroup_procs,
         env_store,
         argv_c,
     ));
@@ -542,7 +566,7 @@ mod tests {
         assert!(matches!(e, SandboxError::ChildMessage { .. }), "{e}");
         assert!(
             e.to_string()
-                .contains("expected a step number from 1 to 19"),
+                .contains("expected a step number from 1 to 21"),
             "{e}"
         );
         // Half a message: the child died mid-write.

@@ -163,6 +163,9 @@ pub struct Status {
     pub tracer_pid: Option<i32>,
     pub groups: Vec<u32>,
     pub vm_rss_kib: Option<u64>,
+    /// The pid in each PID namespace, outermost first ("NSpid"): a
+    /// namespace's init ends in 1.
+    pub ns_pids: Vec<i32>,
 }
 
 /// Parses `/proc/<pid>/status` ("Key:\tvalue" lines).
@@ -180,6 +183,12 @@ pub fn parse_status(text: &str) -> Status {
                 s.groups = value
                     .split_whitespace()
                     .filter_map(|g| g.parse().ok())
+                    .collect()
+            }
+            "NSpid" => {
+                s.ns_pids = value
+                    .split_whitespace()
+                    .filter_map(|p| p.parse().ok())
                     .collect()
             }
             // "VmRSS:\t   27392 kB"
