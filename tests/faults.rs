@@ -10,6 +10,7 @@ use common::case::{wait_exit, Case, DEADLINE};
 use miehisto::images::Metadata;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -404,4 +405,578 @@ fn state_images_and_logs_are_private() {
     assert_eq!(inst_mode, Some(0), "instance records are private");
     kill(Pid::from_raw(rec.supervisor_pid), Signal::SIGTERM).expect("SIGTERM the supervisor");
     c.assert_clean();
+}
+
+// ---------------------------------------------------------------------------
+// The kill -9 tier (issue 11, defect 2): runmh, CRIU, the supervisor or the
+// dumping runmh is SIGKILLed (alone, or with its whole process group) at
+// each phase of a prebake, a dump and a restore, for both backends. After
+// it, no process of the service runs, nothing is mounted or half-published,
+// and the next run of the same service on the same port succeeds (and
+// reports what it cleaned up).
+
+/// What a kill hits: one process, or its whole process group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kill {
+    Process,
+    Group,
+}
+
+/// SIGKILL to `pid`, or to the group it leads.
+fn sigkill(pid: i32, how: Kill) {
+    let target = match how {
+        Kill::Process => pid,
+        Kill::Group => -pid,
+    };
+    // It may have ended by itself a moment ago: nothing else to do then.
+    let _ = kill(Pid::from_raw(target), Signal::SIGKILL);
+}
+
+/// Polls `cond` (a real event: a file, a record, /proc) until it holds.
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < DEADLINE, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A live process (not a zombie).
+fn alive(pid: i32) -> bool {
+    pid > 0 && common::alive(pid)
+}
+
+/// The cgroup (v2 path) of `pid`.
+fn cgroup_of(pid: i32) -> String {
+    miehisto::sandbox::cgroup::cgroup_of(Some(pid)).unwrap_or_default()
+}
+
+/// Instance `id`'s cgroup directory, which must be gone after a cleanup.
+fn instance_cgroup(id: &str) -> PathBuf {
+    miehisto::sandbox::cgroup::InstanceCgroup::locate(id)
+        .expect("the cgroup v2 hierarchy (CI runs the cgroup path)")
+        .path
+}
+
+/// A CRIU wrapper: `dump` writes `$W/criu-dump-started` (its pid) and
+/// runs `dump_body`; `restore` writes `$W/criu-started` and runs
+/// `restore_body`; anything else goes to the real CRIU.
+fn wrapped_criu(c: &Case, label: &str, dump_body: &str, restore_body: &str) -> PathBuf {
+    let real = common::criu_path().expect("criu");
+    let script = c.state.join(format!("criu-{label}"));
+    let text = format!(
+        "#!/bin/sh\n\
+         W=\n\
+         prev=\n\
+         for a in \"$@\"; do [ \"$prev\" = -W ] && W=\"$a\"; prev=\"$a\"; done\n\
+         case \"$1\" in\n\
+         dump) echo $$ > \"$W/criu-dump-started\"; {dump_body} ;;\n\
+         restore) echo $$ > \"$W/criu-started\"; {restore_body} ;;\n\
+         esac\n\
+         exec '{real}' \"$@\"\n",
+        real = real.display()
+    );
+    std::fs::write(&script, text).expect("write criu wrapper");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    script
+}
+
+/// The file `name` in any staging directory beside `img` (a dump's `-W`).
+fn in_staging(img: &Path, name: &str) -> Option<PathBuf> {
+    let parent = img.parent()?;
+    let prefix = format!(".{}.staging-", img.file_name()?.to_string_lossy());
+    std::fs::read_dir(parent)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path().join(name))
+        .find(|p| p.exists())
+}
+
+/// Entries beside `img` other than `img` itself: a staging directory or a
+/// half-written image would show here.
+fn beside(img: &Path) -> Vec<String> {
+    let name = img.file_name().map(|n| n.to_os_string());
+    let mut v: Vec<String> = std::fs::read_dir(img.parent().expect("parent"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| Some(e.file_name()) != name)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.') || n.ends_with(".img"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// When a prebake is killed.
+#[derive(Debug, Clone, Copy)]
+enum PrebakePhase {
+    /// The sandbox exists, its command on its way to the stop point.
+    Booting,
+    /// Held at the stop point (CRIU's CPU record runs, then the dump).
+    Held,
+    /// CRIU dumps the held tree.
+    Dumping,
+}
+
+impl Case {
+    /// The one instance record of this state dir, once it has a root pid.
+    fn one_instance(
+        &self,
+    ) -> Option<(
+        miehisto::instance::Instance,
+        miehisto::instance::InstanceRecord,
+    )> {
+        self.instances().into_iter().find(|(_, r)| r.root_pid > 0)
+    }
+
+    fn prebake_with(&self, criu: &Path, img: &Path, backend: &str, port: u16) -> Command {
+        let mut c = self.runmh(criu);
+        c.args(["prebake", "--backend", backend, "--images"])
+            .arg(img)
+            .arg("-e")
+            .arg(&self.tag)
+            .arg("--")
+            .arg(common::payload("simple_server"))
+            .args(["--port", &port.to_string()]);
+        c
+    }
+
+    /// After a kill that left instance `id` behind: the next prebake to
+    /// the same place, on the same port, cleans it up and succeeds.
+    fn next_prebake_cleans(&self, img: &Path, backend: &str, port: u16, dead: &str) {
+        let out = self.prebake(img, backend, port);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "the next prebake: {err}");
+        assert!(
+            err.contains(&format!("removed the instance {dead} ")),
+            "the next prebake names what it cleaned: {err}"
+        );
+        Metadata::read(img).expect("a whole image");
+        assert_eq!(beside(img), Vec::<String>::new(), "nothing half-published");
+        assert!(
+            !instance_cgroup(dead).exists(),
+            "the dead instance's cgroup is removed"
+        );
+    }
+}
+
+fn killed_prebakes(backend: &str) {
+    let c = Case::new(&format!("flt-kprebake-{backend}"));
+    let criu = wrapped_criu(&c, "pb", "", "");
+    for phase in [
+        PrebakePhase::Booting,
+        PrebakePhase::Held,
+        PrebakePhase::Dumping,
+    ] {
+        for how in [Kill::Process, Kill::Group] {
+            let what = format!("{backend} {phase:?} {how:?}");
+            let img = c.state.join(format!("img-{phase:?}-{how:?}"));
+            let port = common::free_port();
+            let mut cmd = c.prebake_with(&criu, &img, backend, port);
+            cmd.process_group(0);
+            let mut runmh = c.spawn(cmd, "kprebake");
+            let runmh_pid = miehisto::sys::child_pid(&runmh).as_raw();
+            let mut seen = None;
+            wait_for(&format!("{what}: the phase"), || {
+                let inst = c.one_instance();
+                let hit = match (phase, &inst) {
+                    (PrebakePhase::Booting, Some(_)) => true,
+                    (PrebakePhase::Held, Some((_, r))) => {
+                        r.state == miehisto::instance::InstanceState::HeldAtStop
+                    }
+                    (PrebakePhase::Dumping, Some(_)) => {
+                        in_staging(&img, "criu-dump-started").is_some()
+                    }
+                    _ => false,
+                };
+                if hit {
+                    seen = inst;
+                }
+                assert!(
+                    runmh.try_wait().expect("try_wait").is_none(),
+                    "{what}: runmh ended first: {}",
+                    c.stderr_of("kprebake")
+                );
+                hit
+            });
+            let (inst, rec) = seen.expect("instance");
+            let root = rec.root_pid;
+            // The tree is in the instance's cgroup (CI must exercise it;
+            // a child just cloned moves itself in as its first step).
+            let own = format!("/miehisto/{}", inst.id);
+            wait_for(&format!("{what}: {root} in {own}"), || {
+                cgroup_of(root).ends_with(&own) || !alive(root)
+            });
+            sigkill(runmh_pid, how);
+            wait_exit(&mut runmh, &what);
+            // The sandbox's PID 1 goes down with its supervisor at once
+            // (its parent-death signal): no later run is needed for that.
+            wait_for(&format!("{what}: the service ends"), || !alive(root));
+            assert!(!img.exists(), "{what}: nothing published");
+            c.next_prebake_cleans(&img, backend, port, &inst.id);
+            c.assert_clean();
+        }
+    }
+}
+
+#[test]
+fn killed_prebake_trace_leaves_nothing_running() {
+    let _g = common::lock();
+    if !common::require_privileged("killed_prebake_trace_leaves_nothing_running") {
+        return;
+    }
+    killed_prebakes("trace");
+}
+
+#[test]
+fn killed_prebake_notify_leaves_nothing_running() {
+    let _g = common::lock();
+    if !common::require_privileged("killed_prebake_notify_leaves_nothing_running") {
+        return;
+    }
+    killed_prebakes("notify");
+}
+
+/// When a restore is killed, and what.
+#[derive(Debug, Clone, Copy)]
+enum RestoreKill {
+    /// CRIU, as soon as it starts restoring.
+    Criu,
+    /// The front `runmh restore`, while CRIU restores.
+    Front,
+    /// The front's whole group (the front and CRIU) while CRIU restores.
+    FrontGroup,
+    /// The supervisor of a detached restore, once the service runs.
+    Supervisor,
+    /// A waiting front and its supervisor (one group), once it runs.
+    RunningGroup,
+}
+
+impl Case {
+    /// The next restore of `img` answers on `port`; it is then stopped.
+    fn next_restore_serves(&self, img: &Path, port: u16, what: &str) -> String {
+        let criu = common::criu_path().expect("criu");
+        let out = self.restore(&criu, img, true).output().expect("restore");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{what}: the next restore: {err}");
+        common::wait_http(port, DEADLINE).expect("the next restore serves");
+        let (_, rec) = self.instances().pop().expect("the restored instance");
+        kill(Pid::from_raw(rec.supervisor_pid), Signal::SIGTERM).expect("SIGTERM the supervisor");
+        self.assert_clean();
+        err
+    }
+}
+
+fn killed_restores(backend: &str) {
+    let c = Case::new(&format!("flt-krestore-{backend}"));
+    let (img, port) = c.prebaked("img", backend);
+    let criu = wrapped_criu(&c, "rs", "", "");
+    for (kind, how) in [
+        (RestoreKill::Criu, Kill::Process),
+        (RestoreKill::Front, Kill::Process),
+        (RestoreKill::FrontGroup, Kill::Group),
+        (RestoreKill::Supervisor, Kill::Process),
+        (RestoreKill::RunningGroup, Kill::Group),
+    ] {
+        let what = format!("{backend} {kind:?}");
+        let detach = matches!(kind, RestoreKill::Supervisor);
+        let mut cmd = c.restore(&criu, &img, detach);
+        cmd.process_group(0);
+        let mut front = c.spawn(cmd, "krestore");
+        let front_pid = miehisto::sys::child_pid(&front).as_raw();
+        let mut dead_id = None;
+        match kind {
+            RestoreKill::Criu | RestoreKill::Front | RestoreKill::FrontGroup => {
+                let mut marker = None;
+                wait_for(&format!("{what}: CRIU starts"), || {
+                    marker = c
+                        .instance_dirs()
+                        .into_iter()
+                        .map(|d| d.join("criu-started"))
+                        .find(|p| !common::read(p).trim().is_empty());
+                    marker.is_some()
+                });
+                let marker = marker.expect("marker");
+                let id = marker
+                    .parent()
+                    .and_then(|d| d.file_name())
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .expect("instance id");
+                let criu_pid: i32 = common::read(&marker).trim().parse().expect("criu pid");
+                match kind {
+                    RestoreKill::Criu => sigkill(criu_pid, how),
+                    _ => sigkill(front_pid, how),
+                }
+                let st = wait_exit(&mut front, &what);
+                match kind {
+                    RestoreKill::Criu => {
+                        // The front saw its CRIU die and ended the instance
+                        // (its cgroup: a half-restored tree) itself.
+                        assert!(!st.success(), "{what}");
+                        c.assert_clean();
+                        assert!(!instance_cgroup(&id).exists(), "{what}: cgroup removed");
+                    }
+                    RestoreKill::Front => {
+                        // CRIU goes on; the supervisor it execs takes the
+                        // instance over: the service is managed.
+                        let mut sup = None;
+                        wait_for(&format!("{what}: the supervisor takes over"), || {
+                            sup = c
+                                .instances()
+                                .into_iter()
+                                .find(|(_, r)| {
+                                    r.state == miehisto::instance::InstanceState::Running
+                                        && alive(r.supervisor_pid)
+                                })
+                                .map(|(_, r)| r.supervisor_pid);
+                            sup.is_some()
+                        });
+                        common::wait_http(port, DEADLINE).expect("the service answers");
+                        kill(Pid::from_raw(sup.expect("supervisor")), Signal::SIGTERM)
+                            .expect("SIGTERM the supervisor");
+                        c.assert_clean();
+                    }
+                    _ => dead_id = Some(id),
+                }
+            }
+            RestoreKill::Supervisor | RestoreKill::RunningGroup => {
+                let mut rec = None;
+                wait_for(&format!("{what}: the service runs"), || {
+                    rec = c
+                        .instances()
+                        .into_iter()
+                        .find(|(_, r)| r.state == miehisto::instance::InstanceState::Running);
+                    rec.is_some()
+                });
+                let (inst, rec) = rec.expect("record");
+                common::wait_http(port, DEADLINE).expect("restored service answers");
+                let root = rec.root_pid;
+                assert!(
+                    cgroup_of(root).ends_with(&format!("/miehisto/{}", inst.id)),
+                    "{what}: the restored tree is in its instance's cgroup: {:?}",
+                    cgroup_of(root)
+                );
+                assert!(
+                    !cgroup_of(rec.supervisor_pid).contains(&inst.id),
+                    "{what}: its supervisor left it: {:?}",
+                    cgroup_of(rec.supervisor_pid)
+                );
+                if detach {
+                    wait_exit(&mut front, &what);
+                    sigkill(rec.supervisor_pid, how);
+                } else {
+                    sigkill(front_pid, how);
+                    wait_exit(&mut front, &what);
+                }
+                // The restored root kept its parent-death signal.
+                wait_for(&format!("{what}: the restored service ends"), || {
+                    !alive(root)
+                });
+                dead_id = Some(inst.id);
+            }
+        }
+        // Whatever a killed owner left, the next run on the same port
+        // finds it, ends it and says so.
+        let left = dead_id.filter(|id| c.instance_dirs().iter().any(|d| d.ends_with(id)));
+        let err = c.next_restore_serves(&img, port, &what);
+        if let Some(id) = left {
+            assert!(
+                err.contains(&format!("removed the instance {id} ")),
+                "{what}: the next restore names what it cleaned: {err}"
+            );
+            assert!(!instance_cgroup(&id).exists(), "{what}: cgroup removed");
+        }
+    }
+}
+
+#[test]
+fn killed_restore_trace_leaves_nothing_running() {
+    let _g = common::lock();
+    if !common::require_privileged("killed_restore_trace_leaves_nothing_running") {
+        return;
+    }
+    killed_restores("trace");
+}
+
+#[test]
+fn killed_restore_notify_leaves_nothing_running() {
+    let _g = common::lock();
+    if !common::require_privileged("killed_restore_notify_leaves_nothing_running") {
+        return;
+    }
+    killed_restores("notify");
+}
+
+/// The state letter of `pid` in /proc (R, S, T, ...).
+fn state_of(pid: i32) -> char {
+    miehisto::sys::procfs::stat(Pid::from_raw(pid))
+        .map(|s| s.state.letter())
+        .unwrap_or('?')
+}
+
+fn killed_dumps(backend: &str) {
+    let c = Case::new(&format!("flt-kdump-{backend}"));
+    let (img, port) = c.prebaked("img", backend);
+    // The dump's CRIU never gets to run: the tree stays frozen for it.
+    let criu = wrapped_criu(&c, "dmp", "exec sleep 1000", "");
+    let real = common::criu_path().expect("criu");
+    for how in [Kill::Process, Kill::Group] {
+        let what = format!("{backend} dump {how:?}");
+        let out = c.restore(&real, &img, true).output().expect("restore");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        common::wait_http(port, DEADLINE).expect("restored service answers");
+        let (inst, rec) = c.instances().pop().expect("the restored instance");
+        let root = rec.root_pid;
+        let img2 = c.state.join(format!("dumped-{how:?}"));
+        let mut cmd = c.runmh(&criu);
+        cmd.arg("dump")
+            .arg("--pid")
+            .arg(rec.supervisor_pid.to_string())
+            .arg("--images")
+            .arg(&img2)
+            .process_group(0);
+        let mut dumper = c.spawn(cmd, "kdump");
+        let mut marker = None;
+        wait_for(&format!("{what}: the dump's CRIU starts"), || {
+            marker = in_staging(&img2, "criu-dump-started")
+                .filter(|p| !common::read(p).trim().is_empty());
+            marker.is_some()
+        });
+        let criu_pid: i32 = common::read(&marker.expect("marker"))
+            .trim()
+            .parse()
+            .expect("criu pid");
+        if backend == "trace" {
+            // The issue's case: frozen in group-stop, no tracer.
+            assert_eq!(
+                state_of(root),
+                'T',
+                "{what}: the tree is frozen for the dump"
+            );
+        }
+        sigkill(miehisto::sys::child_pid(&dumper).as_raw(), how);
+        wait_exit(&mut dumper, &what);
+        // Its supervisor sees the dumper gone without a thaw: it kills the
+        // tree, ends, and removes the instance.
+        wait_for(&format!("{what}: the service ends"), || !alive(root));
+        wait_for(&format!("{what}: the supervisor ends"), || {
+            !alive(rec.supervisor_pid)
+        });
+        if how == Kill::Process {
+            // The wrapper outlived its runmh; it is ours to end.
+            sigkill(criu_pid, Kill::Process);
+        }
+        c.assert_clean();
+        assert!(
+            !instance_cgroup(&inst.id).exists(),
+            "{what}: cgroup removed"
+        );
+        assert!(!img2.exists(), "{what}: nothing published");
+        let err = c.stderr_of("kdump");
+        assert!(
+            err.is_empty() || !err.contains("image published"),
+            "{what}: {err}"
+        );
+        // The service comes back, and a dump to the same place succeeds
+        // (and removes the killed one's staging directory).
+        let out = c.restore(&real, &img, true).output().expect("restore");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        common::wait_http(port, DEADLINE).expect("restored again");
+        let (_, rec) = c.instances().pop().expect("the restored instance");
+        let out = c
+            .runmh(&real)
+            .arg("dump")
+            .arg("--pid")
+            .arg(rec.supervisor_pid.to_string())
+            .arg("--images")
+            .arg(&img2)
+            .output()
+            .expect("dump");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Metadata::read(&img2).expect("a whole image");
+        assert_eq!(
+            beside(&img2),
+            Vec::<String>::new(),
+            "{what}: nothing half-published"
+        );
+        c.assert_clean();
+        std::fs::remove_dir_all(&img2).expect("remove the dump");
+    }
+}
+
+#[test]
+fn killed_dump_trace_kills_the_frozen_tree() {
+    let _g = common::lock();
+    if !common::require_privileged("killed_dump_trace_kills_the_frozen_tree") {
+        return;
+    }
+    killed_dumps("trace");
+}
+
+#[test]
+fn killed_dump_notify_kills_the_held_tree() {
+    let _g = common::lock();
+    if !common::require_privileged("killed_dump_notify_kills_the_held_tree") {
+        return;
+    }
+    killed_dumps("notify");
+}
+
+/// `runmh run`'s supervisor killed: its cold-started service goes with it,
+/// and the next run of the same command on the same port starts.
+#[test]
+fn killed_cold_supervisor_takes_its_service_along() {
+    let _g = common::lock();
+    if !common::require_privileged("killed_cold_supervisor_takes_its_service_along") {
+        return;
+    }
+    let c = Case::new("flt-kcold");
+    let real = common::criu_path().expect("criu");
+    let port = common::free_port();
+    let run = |label: &str| {
+        let mut cmd = c.runmh(&real);
+        cmd.arg("run")
+            .arg("-e")
+            .arg(&c.tag)
+            .arg("--")
+            .arg(common::payload("simple_server"))
+            .args(["--port", &port.to_string()])
+            .process_group(0);
+        c.spawn(cmd, label)
+    };
+    for how in [Kill::Process, Kill::Group] {
+        let mut sup = run("kcold");
+        common::wait_http(port, DEADLINE).expect("the cold service answers");
+        let (inst, rec) = c.one_instance().expect("instance");
+        assert!(cgroup_of(rec.root_pid).ends_with(&format!("/miehisto/{}", inst.id)));
+        sigkill(miehisto::sys::child_pid(&sup).as_raw(), how);
+        wait_exit(&mut sup, "killed runmh run");
+        wait_for("the cold service ends", || !alive(rec.root_pid));
+        let mut next = run("kcold-next");
+        common::wait_http(port, DEADLINE).expect("the next run answers on the same port");
+        let err = c.stderr_of("kcold-next");
+        assert!(
+            err.contains(&format!("removed the instance {} ", inst.id)),
+            "the next run names what it cleaned: {err}"
+        );
+        assert!(!instance_cgroup(&inst.id).exists());
+        kill(miehisto::sys::child_pid(&next), Signal::SIGTERM).expect("SIGTERM");
+        wait_exit(&mut next, "runmh run after SIGTERM");
+        c.assert_clean();
+    }
 }
