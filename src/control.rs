@@ -208,7 +208,7 @@ mod tests {
             call(&path, &Request::Freeze, Duration::from_secs(5))
                 .unwrap()
                 .pids,
-            vec![std::process::id() as i32]
+            vec![nix::unistd::getpid().as_raw()]
         );
         assert!(call(
             &path,

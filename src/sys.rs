@@ -217,12 +217,9 @@ pub fn set_no_new_privs() -> SysResult<()> {
 /// *thread*, not the process). The kernel forces SIGKILL onto a PID
 /// namespace's init when it comes from an ancestor namespace.
 pub fn set_parent_death_signal(sig: libc::c_int) -> SysResult<()> {
+    let sig = libc::c_ulong::try_from(sig).map_err(|_| Errno::EINVAL)?;
     // SAFETY: plain integer arguments.
-    check(
-        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) }
-            as libc::c_long,
-    )
-    .map(drop)
+    check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, sig, 0, 0, 0) } as libc::c_long).map(drop)
 }
 
 /// `flock(fd, LOCK_SH or LOCK_EX | LOCK_NB)`: whether the lock was taken

@@ -463,7 +463,8 @@ fn instance_cgroup(id: &str) -> PathBuf {
 /// `restore_body`; anything else goes to the real CRIU.
 fn wrapped_criu(c: &Case, label: &str, dump_body: &str, restore_body: &str) -> PathBuf {
     let real = common::criu_path().expect("criu");
-    let script = c.state.join(format!("criu-{label}"));
+    // The scratch dir: a daemon's state dir does not exist before it starts.
+    let script = c.dir.join(format!("criu-{label}"));
     let text = format!(
         "#!/bin/sh\n\
          W=\n\
@@ -979,4 +980,103 @@ fn killed_cold_supervisor_takes_its_service_along() {
         wait_exit(&mut next, "runmh run after SIGTERM");
         c.assert_clean();
     }
+}
+
+/// The issue's own case under the daemon: miehistod and the whole process
+/// group of its runmh (runmh and CRIU) SIGKILLed while CRIU dumps a
+/// prebake. The service goes down with its runmh; the restarted daemon
+/// ends the dead instance (and says so), publishes nothing half-written,
+/// and the next prebake and start of the same service on the same port
+/// succeed.
+fn killed_daemon_prebake(backend: &str) {
+    use common::daemon::Mhctl;
+    let mut c = Case::for_daemon(&format!("fkd{backend}"));
+    let criu = wrapped_criu(&c, "d", "", "");
+    let criu_arg = criu.to_string_lossy().into_owned();
+    c.start_daemon(&["--criu", &criu_arg]);
+    let port = common::free_port();
+    let payload = common::payload("simple_server");
+    c.ok(&[
+        "service",
+        "create",
+        "web",
+        "--backend",
+        backend,
+        "-e",
+        &c.tag,
+        "--",
+        payload.to_str().expect("utf-8 path"),
+        "--port",
+        &port.to_string(),
+    ]);
+    let mut client = c.spawn(
+        {
+            let mut m = c.mhctl_cmd();
+            m.args(["service", "prebake", "web"]);
+            m
+        },
+        "kd-prebake",
+    );
+    let gen1 = c.state.join("images/web/1");
+    wait_for("the daemon's prebake reaches CRIU", || {
+        in_staging(&gen1, "criu-dump-started").is_some()
+    });
+    let runmh_state = c.state.join("runmh");
+    let (inst, rec) = miehisto::instance::Instance::list(&runmh_state)
+        .into_iter()
+        .find(|(_, r)| r.root_pid > 0)
+        .expect("the prebake's instance");
+    let root = rec.root_pid;
+    assert!(
+        cgroup_of(root).ends_with(&format!("/miehisto/{}", inst.id)),
+        "{:?}",
+        cgroup_of(root)
+    );
+    // runmh leads its own process group (the daemon's children do).
+    sigkill(rec.supervisor_pid, Kill::Group);
+    c.stop_daemon(Signal::SIGKILL);
+    wait_exit(&mut client, "mhctl service prebake");
+    wait_for("the service ends with its runmh", || !alive(root));
+    assert!(!gen1.exists(), "nothing published");
+
+    c.restart_daemon();
+    let log = common::read(&c.daemon_log(c.daemon_starts));
+    assert!(
+        log.contains(&format!("removed the instance {} ", inst.id)),
+        "the restarted daemon names what it cleaned: {log}"
+    );
+    assert!(!instance_cgroup(&inst.id).exists(), "cgroup removed");
+    let img = c.json(&["service", "prebake", "web"]);
+    assert_eq!(img["valid"], true, "{img}");
+    let gen = img["generation"].as_u64().expect("generation");
+    let beside_gen = beside(&c.state.join(format!("images/web/{gen}")));
+    assert_eq!(beside_gen, Vec::<String>::new(), "nothing half-published");
+    let started = c.json(&["service", "start", "web"]);
+    assert_eq!(started["state"], "running", "{started}");
+    common::wait_http(port, DEADLINE).expect("the service answers on its port");
+    c.ok(&["service", "stop", "web"]);
+    c.stop_daemon(Signal::SIGTERM);
+    c.assert_clean();
+    assert!(
+        miehisto::instance::Instance::list(&runmh_state).is_empty(),
+        "no runmh instance left"
+    );
+}
+
+#[test]
+fn killed_daemon_and_runmh_group_trace() {
+    let _g = common::lock();
+    if !common::require_privileged("killed_daemon_and_runmh_group_trace") {
+        return;
+    }
+    killed_daemon_prebake("trace");
+}
+
+#[test]
+fn killed_daemon_and_runmh_group_notify() {
+    let _g = common::lock();
+    if !common::require_privileged("killed_daemon_and_runmh_group_notify") {
+        return;
+    }
+    killed_daemon_prebake("notify");
 }

@@ -232,7 +232,7 @@ impl InstanceCgroup {
     /// otherwise SIGKILL to each listed pid until none is left (a fork
     /// racing the loop lands in the cgroup and is listed next round).
     pub fn kill_all(&self) -> Result<Vec<i32>, CgroupError> {
-        let me = std::process::id() as i32;
+        let me = nix::unistd::getpid().as_raw();
         let first = self.pids();
         if first.contains(&me) {
             // Killing our own cgroup would kill us: the caller moves out first.
@@ -304,7 +304,7 @@ impl InstanceCgroup {
 pub fn move_self_to(path: &str) -> Result<(), CgroupError> {
     let dir = hierarchy()?.join(path.trim_start_matches('/'));
     let procs = dir.join("cgroup.procs");
-    let me = std::process::id() as i32;
+    let me = nix::unistd::getpid().as_raw();
     std::fs::write(&procs, me.to_string()).map_err(|source| CgroupError::Join {
         pid: me,
         path: dir,

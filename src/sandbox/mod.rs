@@ -120,7 +120,7 @@ pub enum SandboxError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the sandbox child {pid} sent {received:?} on its error pipe, expected a step number from 1 to {} and an errno", Step::Exec as u8)]
+    #[error("the sandbox child {pid} sent {received:?} on its error pipe, expected a step number from 1 to {} and an errno", Step::ParentDeath as u8)]
     ChildMessage { pid: Pid, received: [u8; 8] },
     #[error("a sandbox child can finish in at most {max} ways")]
     TooManyVariants { max: usize },
