@@ -137,6 +137,28 @@ pub fn run(criu: Option<&Path>) -> Vec<Check> {
         Ok(()) => ok("ptrace", "PTRACE_SEIZE allowed (TRACE backend usable)"),
         Err(e) => bad("ptrace", Level::Warn, e, "the TRACE backend needs ptrace (check kernel.yama.ptrace_scope and CAP_SYS_PTRACE); --backend notify works without it"),
     });
+    let ids = crate::sandbox::userns::probe();
+    let lacking = if ids.cap_sys_resource {
+        ""
+    } else {
+        ", which this process lacks"
+    };
+    out.push(match (&ids.userns, ids.cap_sys_resource) {
+        (Ok(()), _) => ok(
+            "non-root",
+            format!("a service run with -u gets a user namespace of its own, where CRIU holds CAP_SYS_RESOURCE{lacking}"),
+        ),
+        (Err(why), true) => ok(
+            "non-root",
+            format!("no user namespace ({why}); -u switches ids directly, and CRIU can dump them with this process's CAP_SYS_RESOURCE"),
+        ),
+        (Err(why), false) => bad(
+            "non-root",
+            Level::Warn,
+            format!("a service run with -u cannot be dumped: CAP_SYS_RESOURCE is missing and no user namespace is possible ({why})"),
+            "run services as root, or give runmh CAP_SYS_RESOURCE or user namespaces (user.max_user_namespaces)",
+        ),
+    });
     match Criu::discover(criu) {
         Ok(c) => {
             out.push(ok(

@@ -200,6 +200,7 @@ struct Chosen {
 impl Fallback {
     fn new(
         opts: &PrebakeOpts,
+        spec: &SandboxSpec,
         state_dir: &Path,
         variants: &mut Variants,
     ) -> Result<Fallback, BootError> {
@@ -223,6 +224,16 @@ impl Fallback {
             if opts.research.preload_sigstop {
                 n = n.sigstop();
             }
+            // Our state is private; the service's user must still load it.
+            let lib = n.preload_path();
+            stop::preload::open_to(lib, state_dir, spec.uid, spec.gid).map_err(
+                |(dir, source)| StopError::PreloadUnreachable {
+                    lib: lib.to_path_buf(),
+                    uid: spec.uid,
+                    dir,
+                    source,
+                },
+            )?;
             Ok(Box::new(n))
         };
         let mut candidate = |backend: Box<dyn StopBackend>| -> Result<Candidate, BootError> {
@@ -232,7 +243,20 @@ impl Fallback {
         let (first, then) = match opts.backend {
             BackendChoice::Trace => (candidate(trace())?, None),
             BackendChoice::Notify => (candidate(notify()?)?, None),
-            BackendChoice::Auto => (candidate(trace())?, Some(candidate(notify()?)?)),
+            BackendChoice::Auto => {
+                let first = candidate(trace())?;
+                let then = match notify() {
+                    Ok(n) => Some(candidate(n)?),
+                    // TRACE does not need the library: auto only loses
+                    // its fallback (said if TRACE cannot attach).
+                    Err(BootError::Stop(e @ StopError::PreloadUnreachable { .. })) => {
+                        log::info!("no NOTIFY fallback: {e}");
+                        None
+                    }
+                    Err(e) => return Err(e),
+                };
+                (first, then)
+            }
         };
         Ok(Fallback {
             auto: opts.backend == BackendChoice::Auto,
@@ -500,7 +524,7 @@ fn prebake_steps(
 
     // 2. The backends to try, each with its filter, and clone the child.
     let mut variants = Variants::default();
-    let fallback = Fallback::new(opts, state_dir, &mut variants)?;
+    let fallback = Fallback::new(opts, spec, state_dir, &mut variants)?;
     let cloned = clone_sandbox(spec, &inst, &variants)?;
     let pid = cloned.spawned.pid;
 

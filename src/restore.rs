@@ -317,12 +317,13 @@ fn spawn_criu(
         exec_cmd.push("--timings".into());
         exec_cmd.push(t.clone().into_os_string());
     }
+    let staged = private_root::stage_externals(&inst.dir, &md.externals)?;
     let args = RestoreArgs {
         images_dir: absolute_images(opts)?,
         work_dir: inst.dir.clone(),
         log_name: "restore.log".into(),
         root: inst.root(),
-        externals: md.externals.clone(),
+        externals: staged.externals.clone(),
         pidfile: inst.restored_pidfile(),
         inherit_fds: redirects
             .iter()
@@ -359,7 +360,11 @@ fn spawn_criu(
         criu,
         opts,
         md,
-        &[exe.as_path(), inst.control_socket().as_path()],
+        &[
+            exe.as_path(),
+            inst.control_socket().as_path(),
+            inst.dir.join("ext").as_path(),
+        ],
     );
     let kdat_child = kdat.as_ref().map(|(_, data)| data.as_deref());
     let stamps = crate::timings::Stamps::new(opts.timings.as_deref());
@@ -395,6 +400,7 @@ fn spawn_criu(
                 cgroup_procs: cgroup_procs.as_ref().map(|fd| fd.as_raw_fd()),
             },
             &root,
+            &staged.binds,
             kdat_child,
             &prog,
             &argv,
@@ -560,6 +566,7 @@ struct ChildFds<'a> {
 fn restore_child(
     fds: &ChildFds<'_>,
     root: &CString,
+    stage: &[(CString, CString)],
     kdat: Option<Option<&[u8]>>,
     prog: &CString,
     argv: &[*const libc::c_char],
@@ -581,7 +588,7 @@ fn restore_child(
             }
         }
     }
-    if let Err((step, e)) = private_root::enter(root, kdat) {
+    if let Err((step, e)) = private_root::enter(root, stage, kdat) {
         child_fail(ready, step.name(), e);
     }
     // The ready pipe must survive into CRIU and, through --exec-cmd, into

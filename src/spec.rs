@@ -13,8 +13,19 @@ pub enum SpecError {
     CommandNotFound { name: String, path: String },
     #[error("environment setting {0:?} is not of the form KEY=VALUE")]
     BadEnv(String),
-    #[error("user {0:?} is not of the form UID[:GID] with numeric ids")]
+    #[error("user {0:?} is not of the form USER[:GROUP] (names or numeric ids)")]
     BadUser(String),
+    #[error("no user named {name:?} on this host (the passwd database has none); give another name or a numeric UID[:GID]")]
+    UnknownUser { name: String },
+    #[error("no group named {name:?} on this host (the group database has none); give another name or a numeric GID")]
+    UnknownGroup { name: String },
+    #[error("cannot look up {what} {name:?}")]
+    Lookup {
+        what: &'static str,
+        name: String,
+        #[source]
+        source: nix::errno::Errno,
+    },
     #[error("working directory {path} does not exist or is not a directory")]
     BadCwd { path: PathBuf },
     #[error("{what} contains a NUL byte: {value:?}")]
@@ -70,18 +81,65 @@ pub fn parse_env(kv: &str) -> Result<(String, String), SpecError> {
     }
 }
 
+/// `USER[:GROUP]`, each a name or a number, as `(uid, gid)`. Without a
+/// group, a named user gets its primary group and a number the same
+/// number. Names are looked up (getpwnam_r/getgrnam_r, so NSS too) here,
+/// before any fork.
 pub fn parse_user(s: &str) -> Result<(u32, u32), SpecError> {
+    parse_user_with(s, &|name| lookup_user(name), &|name| lookup_group(name))
+}
+
+type Lookup<'a> = &'a dyn Fn(&str) -> Result<Option<(u32, u32)>, SpecError>;
+
+fn parse_user_with(s: &str, user: Lookup, group: Lookup) -> Result<(u32, u32), SpecError> {
     let bad = || SpecError::BadUser(s.to_string());
     let (u, g) = match s.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (s, None),
     };
-    let uid: u32 = u.parse().map_err(|_| bad())?;
-    let gid: u32 = match g {
-        Some(g) => g.parse().map_err(|_| bad())?,
-        None => uid,
+    // A name starts with no digit (useradd(8)); all digits is an id.
+    let numeric = |x: &str| !x.is_empty() && x.bytes().all(|b| b.is_ascii_digit());
+    let plausible =
+        |x: &str| !x.is_empty() && !x.starts_with('-') && !x.contains(['\0', '/', ':', ' ', '\n']);
+    let (uid, primary) = if numeric(u) {
+        let uid: u32 = u.parse().map_err(|_| bad())?;
+        (uid, uid)
+    } else if plausible(u) {
+        user(u)?.ok_or_else(|| SpecError::UnknownUser { name: u.into() })?
+    } else {
+        return Err(bad());
+    };
+    let gid = match g {
+        None => primary,
+        Some(g) if numeric(g) => g.parse().map_err(|_| bad())?,
+        Some(g) if plausible(g) => {
+            group(g)?
+                .ok_or_else(|| SpecError::UnknownGroup { name: g.into() })?
+                .1
+        }
+        Some(_) => return Err(bad()),
     };
     Ok((uid, gid))
+}
+
+fn lookup_user(name: &str) -> Result<Option<(u32, u32)>, SpecError> {
+    nix::unistd::User::from_name(name)
+        .map(|u| u.map(|u| (u.uid.as_raw(), u.gid.as_raw())))
+        .map_err(|source| SpecError::Lookup {
+            what: "user",
+            name: name.into(),
+            source,
+        })
+}
+
+fn lookup_group(name: &str) -> Result<Option<(u32, u32)>, SpecError> {
+    nix::unistd::Group::from_name(name)
+        .map(|g| g.map(|g| (0, g.gid.as_raw())))
+        .map_err(|source| SpecError::Lookup {
+            what: "group",
+            name: name.into(),
+            source,
+        })
 }
 
 /// Finds `name` the way execvp would: as a path when it has a slash,
@@ -184,8 +242,39 @@ mod tests {
         assert!(matches!(parse_env("=x"), Err(SpecError::BadEnv(_))));
         assert_eq!(parse_user("1000").unwrap(), (1000, 1000));
         assert_eq!(parse_user("1000:50").unwrap(), (1000, 50));
-        assert!(parse_user("bob").is_err());
-        assert!(parse_user("1:x").is_err());
+        assert!(matches!(parse_user("1:"), Err(SpecError::BadUser(_))));
+        assert!(matches!(parse_user(":1"), Err(SpecError::BadUser(_))));
+        assert!(matches!(parse_user("-1"), Err(SpecError::BadUser(_))));
+    }
+
+    #[test]
+    fn user_and_group_names() {
+        let users = |n: &str| Ok((n == "postgres").then_some((105, 112)));
+        let groups = |n: &str| Ok((n == "nogroup").then_some((0, 65534)));
+        let p = |s: &str| parse_user_with(s, &users, &groups);
+        assert_eq!(p("postgres").unwrap(), (105, 112), "its primary group");
+        assert_eq!(p("postgres:nogroup").unwrap(), (105, 65534));
+        assert_eq!(p("postgres:7").unwrap(), (105, 7));
+        assert_eq!(p("1000:nogroup").unwrap(), (1000, 65534));
+        let e = p("nosuchuser").unwrap_err();
+        assert!(
+            matches!(&e, SpecError::UnknownUser { name } if name == "nosuchuser"),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("no user named \"nosuchuser\""),
+            "{e}"
+        );
+        let e = p("postgres:nosuchgroup").unwrap_err();
+        assert!(matches!(e, SpecError::UnknownGroup { .. }), "{e}");
+        // The real databases: every Debian system has root and nobody.
+        assert_eq!(parse_user("root").unwrap(), (0, 0));
+        assert_eq!(parse_user("nobody").unwrap().0, 65534);
+        assert_eq!(parse_user("nobody:nogroup").unwrap(), (65534, 65534));
+        assert!(matches!(
+            parse_user("definitely-not-a-user-xyz"),
+            Err(SpecError::UnknownUser { .. })
+        ));
     }
 
     #[test]

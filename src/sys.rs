@@ -116,6 +116,50 @@ pub fn mount(
     check(ret as libc::c_long).map(drop)
 }
 
+/// `open_tree(dirfd=AT_FDCWD, path, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC)`:
+/// a detached copy of the one mount at `path`, without the mounts under it.
+pub fn open_tree_clone(path: &CStr) -> SysResult<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // OPEN_TREE_CLONE (1) and OPEN_TREE_CLOEXEC (O_CLOEXEC): linux/mount.h.
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    #[allow(clippy::cast_sign_loss)]
+    let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint;
+    // SAFETY: `path` is a valid NUL-terminated string for the duration of
+    // the call; the other arguments are plain integers.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::c_ulong::from(flags),
+        )
+    };
+    let fd = check_int(ret)?;
+    // SAFETY: the kernel just returned this fd, and nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Async-signal-safe `move_mount(tree, "", AT_FDCWD, target,
+/// MOVE_MOUNT_F_EMPTY_PATH)`: attaches a tree from [`open_tree_clone`].
+pub fn move_mount_fd(tree: RawFd, target: &CStr) -> SysResult<()> {
+    // MOVE_MOUNT_F_EMPTY_PATH: linux/mount.h.
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_ulong = 0x4;
+    // SAFETY: the empty string and `target` are valid NUL-terminated
+    // strings for the duration of the call; `tree` is a plain integer (a
+    // stale fd only makes the call fail).
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree,
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            target.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    check(ret).map(drop)
+}
+
 /// Async-signal-safe `umount2(2)`.
 pub fn umount2(target: &CStr, flags: libc::c_int) -> SysResult<()> {
     // SAFETY: target is a valid NUL-terminated string.

@@ -384,6 +384,7 @@ pub fn run_bench(args: &BenchArgs, criu: &Criu, w: &Workload) -> Result<i32, Ben
             stop_at: "listen".into(),
             force: false,
             on_demand: None,
+            user: None,
         }),
         "service create",
     )?;

@@ -114,6 +114,9 @@ enum ServiceCmd {
         /// Replace a service whose record is broken, with its images and logs.
         #[arg(long)]
         force: bool,
+        /// Run the service as this user (names or ids; root only).
+        #[arg(short = 'u', long = "user", value_name = "USER[:GROUP]")]
+        user: Option<String>,
         #[command(flatten)]
         on_demand: OnDemandArgs,
         /// The command and its arguments (never run through a shell).
@@ -428,6 +431,7 @@ fn service(client: &Client, cmd: ServiceCmd, json: bool) -> Result<i32> {
             env,
             cwd,
             force,
+            user,
             on_demand,
             command,
         } => {
@@ -441,6 +445,7 @@ fn service(client: &Client, cmd: ServiceCmd, json: bool) -> Result<i32> {
                 stop_at,
                 force,
                 on_demand: on_demand.config(),
+                user,
             }))?
         }
         ServiceCmd::Set {

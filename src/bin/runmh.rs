@@ -52,7 +52,7 @@ struct SandboxArgs {
     #[arg(short = 'C', long = "cwd", value_name = "DIR")]
     cwd: Option<PathBuf>,
     /// Run the service as this user.
-    #[arg(short = 'u', long = "user", value_name = "UID[:GID]")]
+    #[arg(short = 'u', long = "user", value_name = "USER[:GROUP]")]
     user: Option<String>,
     /// Where stdout.log and stderr.log go (default: STATE/logs/<instance>).
     #[arg(long, value_name = "DIR")]

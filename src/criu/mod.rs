@@ -82,6 +82,12 @@ pub enum CriuError {
         line: String,
         log: PathBuf,
     },
+    #[error("cannot create the staging directory {path} of an external mount")]
+    Stage {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the restore root {path} contains a NUL byte")]
     Root { path: PathBuf },
     #[error("cannot read the pid CRIU wrote to {path}")]

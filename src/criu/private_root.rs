@@ -6,12 +6,21 @@
 //! on the command line) and runs CRIU there. Nothing of it is seen by the
 //! host, and it all goes with the last process in the namespace.
 //!
+//! CRIU binds each external mount from the host path the command line
+//! names, non-recursively. When the image's tree is in a user namespace CRIU
+//! does that from inside it, where a mount with submounts (`/dev` with
+//! `/dev/pts`, `/sys` with cgroups) is locked to them and a lone bind of it
+//! fails with EINVAL. So every restore first binds each external mount
+//! alone onto a staging directory ([`stage_externals`]) and names that: a
+//! mount without submounts binds anywhere, and the result is the same.
+//!
 //! runmh's own restore forks by hand and calls [`enter`] in the child; the
 //! bare restores that runmh's is measured and compared against (the bench's
 //! baseline, the research matrix's patched-CRIU rows) use
 //! [`restore_detached`].
 
 use super::{kdat, log, Criu, CriuError, RestoreArgs};
+use crate::sandbox::ExternalMount;
 use crate::sys;
 use nix::errno::Errno;
 use nix::libc;
@@ -19,6 +28,7 @@ use nix::unistd::Pid;
 use std::ffi::{CStr, CString, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::Stdio;
 
 /// A step of [`enter`], for the report of a child that failed at it.
@@ -27,6 +37,7 @@ pub enum Step {
     Unshare,
     MakePrivate,
     BindRoot,
+    BindExternal,
 }
 
 impl Step {
@@ -37,20 +48,67 @@ impl Step {
             Step::Unshare => "unshare the mount namespace",
             Step::MakePrivate => "make the mounts private",
             Step::BindRoot => "bind the host root",
+            Step::BindExternal => "bind an external mount alone",
         }
     }
 }
 
+/// External mounts as a restore names them: each host mount bound alone
+/// (by [`enter`]) onto its own directory under `dir`.
+#[derive(Debug, Clone)]
+pub struct Staged {
+    /// What CRIU's command line maps each key to.
+    pub externals: Vec<ExternalMount>,
+    /// (host mount, staging directory) pairs for [`enter`].
+    pub binds: Vec<(CString, CString)>,
+}
+
+/// Creates the staging directories under `dir` (which must not be under
+/// the restore's root) for `externals`.
+pub fn stage_externals(dir: &Path, externals: &[ExternalMount]) -> Result<Staged, CriuError> {
+    let base = dir.join("ext");
+    let mut staged = Staged {
+        externals: Vec::new(),
+        binds: Vec::new(),
+    };
+    for (i, e) in externals.iter().enumerate() {
+        let at = base.join(i.to_string());
+        crate::files::private_dir(&at).map_err(|source| CriuError::Stage {
+            path: at.clone(),
+            source,
+        })?;
+        let c = |p: &Path| {
+            CString::new(p.as_os_str().as_bytes()).map_err(|_| CriuError::Root {
+                path: p.to_path_buf(),
+            })
+        };
+        staged.binds.push((c(&e.path)?, c(&at)?));
+        staged.externals.push(ExternalMount {
+            path: at,
+            key: e.key.clone(),
+        });
+    }
+    Ok(staged)
+}
+
 /// Async-signal-safe, for a forked child before it execs CRIU: enters a
-/// fresh private mount namespace and binds the host `/` onto `root`. With
+/// fresh private mount namespace, binds the host `/` onto `root` and each
+/// external mount of `stage` alone onto its directory. With
 /// `run_tmpfs` it also mounts a tmpfs over `/run` for CRIU's kdat cache,
 /// holding the saved cache when there is one (see [`kdat`]).
-pub fn enter(root: &CStr, run_tmpfs: Option<Option<&[u8]>>) -> Result<(), (Step, Errno)> {
+pub fn enter(
+    root: &CStr,
+    stage: &[(CString, CString)],
+    run_tmpfs: Option<Option<&[u8]>>,
+) -> Result<(), (Step, Errno)> {
     sys::unshare(libc::CLONE_NEWNS).map_err(|e| (Step::Unshare, e))?;
     // Private, so that neither the bind below nor the tmpfs reaches the host.
     sys::mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE)
         .map_err(|e| (Step::MakePrivate, e))?;
     sys::mount(Some(c"/"), root, None, libc::MS_BIND).map_err(|e| (Step::BindRoot, e))?;
+    for (src, dst) in stage {
+        sys::mount(Some(src), dst, None, libc::MS_BIND).map_err(|e| (Step::BindExternal, e))?;
+    }
     // After the non-recursive bind above, so the restored tree's root never
     // sees this tmpfs; only CRIU and what it execs do. Best effort: without
     // it CRIU just probes the kernel.
@@ -87,6 +145,12 @@ pub fn restore_detached(
     let root = CString::new(args.root.as_os_str().as_bytes()).map_err(|_| CriuError::Root {
         path: args.root.clone(),
     })?;
+    let staged = stage_externals(&args.work_dir, &args.externals)?;
+    let args = &RestoreArgs {
+        externals: staged.externals,
+        ..args.clone()
+    };
+    let stage = staged.binds;
     // CRIU opens its pidfile O_EXCL.
     let _ = std::fs::remove_file(&args.pidfile);
     let mut cmd = criu.command();
@@ -95,7 +159,7 @@ pub fn restore_detached(
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let hook = move || -> std::io::Result<()> {
-        enter(&root, run_tmpfs.as_ref().map(|d| d.as_deref()))
+        enter(&root, &stage, run_tmpfs.as_ref().map(|d| d.as_deref()))
             .map_err(|(_, e)| std::io::Error::from_raw_os_error(e as i32))
     };
     // SAFETY: the hook runs in the forked child before exec; it only calls

@@ -227,6 +227,9 @@ pub struct CreateService {
     /// Start on the first connection, go back to zero when idle.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_demand: Option<OnDemandConfig>,
+    /// `USER[:GROUP]` (names or ids) the service runs as; root only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// How an on-demand service starts and stops by itself.
@@ -698,6 +701,9 @@ pub struct ServiceInfo {
     pub created_unix_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_demand: Option<Box<OnDemandInfo>>,
+    /// `USER[:GROUP]` it runs as, when not root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// One published image generation.

@@ -688,6 +688,7 @@ fn service_from(info: &ServiceInfo) -> CreateService {
         // The migrated copy runs on the other host as started by hand;
         // `service set --on-demand` there makes it on-demand again.
         on_demand: None,
+        user: info.user.clone(),
     }
 }
 

@@ -92,6 +92,9 @@ pub struct ServiceConfig {
     pub created_unix_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_demand: Option<super::api::OnDemandConfig>,
+    /// `USER[:GROUP]` the service runs as (runmh's `-u`); none: root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// One service's file.
@@ -289,6 +292,7 @@ mod tests {
             stop_at: "listen".into(),
             created_unix_ms: 1,
             on_demand: None,
+            user: Some("nobody:nogroup".into()),
         };
         let mut rec = ServiceRecord::new(cfg);
         reg.save(&rec).unwrap();

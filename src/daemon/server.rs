@@ -175,6 +175,12 @@ fn service_err(e: ServiceError) -> Response {
 
 /// Writes a last reply, then reads (and drops) what the client may still
 /// be sending, so it can read the reply instead of getting ECONNRESET.
+/// Whether the connection's peer is root (SO_PEERCRED); a peer that
+/// cannot be told is not.
+fn peer_is_root(conn: &UnixStream) -> bool {
+    getsockopt(conn, PeerCredentials).is_ok_and(|c| c.uid() == 0)
+}
+
 fn last_word(conn: &UnixStream, resp: Response) {
     let _ = (&*conn).write_all(resp.to_line().as_bytes());
     let _ = conn.shutdown(std::net::Shutdown::Write);
@@ -416,6 +422,12 @@ impl Server {
                 pid: nix::unistd::getpid().as_raw(),
                 state_dir: s.state_dir().to_path_buf(),
             }),
+            Request::ServiceCreate(c) if c.user.is_some() && !peer_is_root(conn) => {
+                return Some(Response::err(
+                    ErrorCode::Forbidden,
+                    "only root may choose the user a service runs as (--user)",
+                ))
+            }
             Request::ServiceCreate(c) => s.create(&c).map(|info| {
                 if c.on_demand.is_some() {
                     s.arm(&c.name);

@@ -471,6 +471,7 @@ impl Services {
                 .on_demand
                 .as_ref()
                 .map(|od| Box::new(self.ondemand.info(name, od))),
+            user: c.user.clone(),
         };
         if let Some(l) = live {
             info.state = ServiceState::Running;
@@ -514,6 +515,7 @@ impl Services {
                 log_dir: self.log_dir(&name),
                 created_unix_ms: 0,
                 on_demand: None,
+                user: None,
                 name,
             });
         }
@@ -603,6 +605,9 @@ impl Services {
         c.arg(format!("--stop-timeout={}", self.cfg.stop_timeout));
         for e in &cfg.env {
             c.arg(format!("--env={e}"));
+        }
+        if let Some(u) = &cfg.user {
+            c.arg(format!("--user={u}"));
         }
         c.arg("--").args(&cfg.command);
     }
@@ -1182,6 +1187,10 @@ fn config_from_image(name: &str, md: &Metadata) -> ServiceConfig {
         created_unix_ms: sys::time::unix_ms(),
         // A pulled service starts by hand until `service set --on-demand`.
         on_demand: None,
+        // A cold start runs as the image's service did.
+        user: (md.spec.uid, md.spec.gid)
+            .ne(&(0, 0))
+            .then(|| format!("{}:{}", md.spec.uid, md.spec.gid)),
     }
 }
 
@@ -1247,7 +1256,13 @@ fn validate_create(req: &CreateService) -> Result<ServiceConfig, ServiceError> {
     if let Some(od) = &req.on_demand {
         super::ondemand::validate(od)?;
     }
+    if let Some(u) = &req.user {
+        // Resolved now for a clear error; runmh resolves it again at each
+        // start (the name is what the record keeps).
+        crate::spec::parse_user(u).map_err(|e| ServiceError::BadSpec(e.to_string()))?;
+    }
     Ok(ServiceConfig {
+        user: req.user.clone(),
         on_demand: req.on_demand.clone(),
         name: req.name.clone(),
         command: req.command.clone(),
@@ -1273,6 +1288,7 @@ mod tests {
             stop_at: "listen".into(),
             force: false,
             on_demand: None,
+            user: None,
         }
     }
 

@@ -20,6 +20,16 @@ pub struct ChildVariant {
     pub envp: Vec<*const libc::c_char>,
 }
 
+/// The child's side of a user namespace (see `userns`): it waits on
+/// `ready` for its id maps, then attaches the detached mount copies instead
+/// of binding (which the namespace's locked mounts refuse).
+pub struct ChildUserns {
+    pub ready: RawFd,
+    pub root_tree: RawFd,
+    /// One per `binds` entry, in the same order.
+    pub trees: Vec<RawFd>,
+}
+
 /// Everything the child needs, prepared before the clone.
 pub struct ChildPlan {
     pub root: CString,
@@ -34,6 +44,7 @@ pub struct ChildPlan {
     pub argv: Vec<*const libc::c_char>,
     pub variants: Vec<ChildVariant>,
     pub ids: Option<(libc::uid_t, libc::gid_t)>,
+    pub userns: Option<ChildUserns>,
     /// The caller's umask, given back to the service (ours is 077).
     pub umask: libc::mode_t,
     pub sync_read: RawFd,
@@ -74,6 +85,17 @@ pub fn run(plan: &ChildPlan) -> ! {
     if let Some(fd) = plan.cgroup_procs {
         step!(plan, Step::JoinCgroup, sys::write_all(fd, b"0"));
     }
+    if let Some(u) = &plan.userns {
+        // Until the parent wrote our maps we are the overflow uid, unable
+        // to open what we must.
+        let mut b = [0u8; 1];
+        match sys::read(u.ready, &mut b) {
+            Ok(1) => {}
+            Ok(_) => sys::exit_now(126),
+            Err(e) => fail(plan, Step::WaitIdMap, e),
+        }
+        sys::close(u.ready);
+    }
     // Nothing we do may propagate back to the host's mount namespace
     // (mount_namespaces(7): a new namespace copies the propagation type).
     step!(
@@ -81,41 +103,62 @@ pub fn run(plan: &ChildPlan) -> ! {
         Step::MakePrivate,
         sys::mount(None, SLASH, None, libc::MS_REC | libc::MS_PRIVATE)
     );
-    // Non-recursive on purpose: the talk's "separate but almost the same" root.
-    step!(
-        plan,
-        Step::BindRoot,
-        sys::mount(Some(SLASH), &plan.root, None, libc::MS_BIND)
-    );
-    for (src, dst) in &plan.binds {
+    if let Some(u) = &plan.userns {
+        // The same tree from the parent's lone copies (OPEN_TREE_CLONE
+        // without AT_RECURSIVE): here a bind of `/` is refused, since it
+        // would separate it from its locked submounts.
         step!(
             plan,
-            Step::BindSpecial,
-            sys::mount(Some(src), dst, None, libc::MS_BIND)
+            Step::BindRoot,
+            sys::move_mount_fd(u.root_tree, &plan.root)
         );
+        for ((_, dst), tree) in plan.binds.iter().zip(&u.trees) {
+            step!(plan, Step::BindSpecial, sys::move_mount_fd(*tree, dst));
+        }
+    } else {
+        // Non-recursive on purpose: the talk's "separate but almost the same" root.
+        step!(
+            plan,
+            Step::BindRoot,
+            sys::mount(Some(SLASH), &plan.root, None, libc::MS_BIND)
+        );
+        for (src, dst) in &plan.binds {
+            step!(
+                plan,
+                Step::BindSpecial,
+                sys::mount(Some(src), dst, None, libc::MS_BIND)
+            );
+        }
     }
     // pivot_root(".", ".") stacks the old root on the new one; detaching it
     // then leaves only the new root, with no put_old directory needed
     // (pivot_root(2), NOTES section; chroot would not change the namespace's root).
     step!(plan, Step::Chdir, sys::chdir(&plan.root));
     step!(plan, Step::PivotRoot, sys::pivot_root(DOT, DOT));
+    // A fresh proc: PIDs as the new PID namespace sees them. In a user
+    // namespace the kernel mounts a proc only while another one is fully
+    // visible (mount_too_revealing in fs/namespace.c): the old root's, so
+    // before it is detached.
+    let mount_proc = || {
+        sys::mount(
+            Some(PROC),
+            &plan.proc_dir,
+            Some(PROC),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        )
+    };
+    if plan.userns.is_some() {
+        step!(plan, Step::MountProc, mount_proc());
+    }
     step!(
         plan,
         Step::UnmountOldRoot,
         sys::umount2(DOT, libc::MNT_DETACH)
     );
     step!(plan, Step::Chdir, sys::chdir(SLASH));
-    // A fresh proc: PIDs as the new PID namespace sees them.
-    step!(
-        plan,
-        Step::MountProc,
-        sys::mount(
-            Some(PROC),
-            &plan.proc_dir,
-            Some(PROC),
-            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC
-        )
-    );
+    if plan.userns.is_none() {
+        step!(plan, Step::MountProc, mount_proc());
+    }
     // CRIU needs the dumped tree's root to lead its own session.
     step!(plan, Step::Setsid, sys::setsid());
     // No tty and nothing outside the root: stdin from /dev/null, output

@@ -7,11 +7,12 @@
 pub mod cgroup;
 pub mod child;
 pub mod mounts;
+pub mod userns;
 
 use crate::filter::CompiledFilter;
 use crate::spec::SandboxSpec;
 use crate::sys;
-use child::{ChildPlan, ChildVariant};
+use child::{ChildPlan, ChildUserns, ChildVariant};
 pub use mounts::ExternalMount;
 use nix::errno::Errno;
 use nix::libc;
@@ -26,7 +27,8 @@ use std::time::Instant;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Step {
-    MakePrivate = 1,
+    WaitIdMap = 1,
+    MakePrivate,
     BindRoot,
     BindSpecial,
     Chdir,
@@ -53,6 +55,7 @@ impl Step {
     fn from_u8(v: u8) -> Option<Step> {
         use Step::*;
         [
+            WaitIdMap,
             MakePrivate,
             BindRoot,
             BindSpecial,
@@ -81,6 +84,7 @@ impl Step {
 
     pub fn describe(self) -> &'static str {
         match self {
+            Step::WaitIdMap => "wait for its user namespace's id maps",
             Step::MakePrivate => "make the mounts private",
             Step::BindRoot => "bind the host / onto the sandbox root",
             Step::BindSpecial => "bind a special mount (/dev, /dev/pts, /dev/shm, /sys)",
@@ -136,6 +140,15 @@ pub enum SandboxError {
     },
     #[error("clone(CLONE_NEWPID|CLONE_NEWNS) failed (are you root?)")]
     Clone(#[source] Errno),
+    /// Running the service as another user.
+    #[error(transparent)]
+    Ids(#[from] userns::UsernsError),
+    #[error("cannot take a detached copy of the mount {path} for the sandbox's user namespace")]
+    OpenTree {
+        path: PathBuf,
+        #[source]
+        source: Errno,
+    },
     #[error("the sandbox failed to {} for {program}", .step.describe())]
     ChildStep {
         step: Step,
@@ -275,6 +288,9 @@ pub fn spawn(
     variants: &Variants,
     cgroup: Option<&cgroup::InstanceCgroup>,
 ) -> Result<Spawned, SandboxError> {
+    // Before anything is created: a service this host could not dump is
+    // refused up front.
+    let switch = userns::switch_for(spec.uid, spec.gid)?;
     let mounts = mounts::mount_points().map_err(SandboxError::MountTable)?;
     let externals = mounts::externals_for(&mounts);
     crate::files::private_dir(&spec.log_dir).map_err(|source| SandboxError::CreateDir {
@@ -351,9 +367,31 @@ pub fn spawn(
     if !parent_death {
         log::debug!("cloning from a worker thread: no parent-death signal for the sandbox");
     }
-    let ids = (spec.uid != nix::unistd::geteuid().as_raw()
-        || spec.gid != nix::unistd::getegid().as_raw())
-    .then_some((spec.uid, spec.gid));
+    let ids = (switch != userns::IdSwitch::Keep).then_some((spec.uid, spec.gid));
+    // The user namespace's mounts: detached copies of `/` and each special
+    // mount, taken here (their mounts are not locked in our namespace), and
+    // the pipe on which the child waits for its id maps.
+    let mut trees: Vec<OwnedFd> = Vec::new();
+    let mut id_map_pipe = None;
+    if switch == userns::IdSwitch::UserNs {
+        for path in
+            std::iter::once(Path::new("/")).chain(externals.iter().map(|e| e.path.as_path()))
+        {
+            let c = cstr("mount path", path)?;
+            trees.push(
+                sys::open_tree_clone(&c).map_err(|source| SandboxError::OpenTree {
+                    path: path.to_path_buf(),
+                    source,
+                })?,
+            );
+        }
+        id_map_pipe = Some(pipe_cloexec("id map pipe")?);
+    }
+    let child_userns = id_map_pipe.as_ref().map(|(r, _)| ChildUserns {
+        ready: r.as_raw_fd(),
+        root_tree: trees[0].as_raw_fd(),
+        trees: trees[1..].iter().map(|t| t.as_raw_fd()).collect(),
+    });
     let plan = ChildPlan {
         root: cstr("root path", &root_abs)?,
         binds,
@@ -366,6 +404,7 @@ pub fn spawn(
         argv,
         variants: child_variants,
         ids,
+        userns: child_userns,
         umask: crate::files::service_umask(),
         sync_read: sync_read.as_raw_fd(),
         error_write: error_write.as_raw_fd(),
@@ -377,15 +416,40 @@ pub fn spawn(
         "clone",
         "clone(CLONE_NEWPID | CLONE_NEWNS): the child becomes PID 1 of a new PID namespace, so a restore never collides with a host PID, and gets its own mount table",
     );
+    let mut flags = libc::CLONE_NEWPID | libc::CLONE_NEWNS;
+    if id_map_pipe.is_some() {
+        crate::explain::say(
+            "clone",
+            &format!("and CLONE_NEWUSER: the service runs as {}:{} in a user namespace we own (every id mapped to itself), where CRIU holds every capability it needs, CAP_SYS_RESOURCE included", spec.uid, spec.gid),
+        );
+        flags |= libc::CLONE_NEWUSER;
+    }
     // SAFETY: the child only runs `child::run`, which keeps to
     // async-signal-safe system calls on `plan` (built above, never freed in
     // the child) and ends in execve or _exit.
-    let pid = match unsafe { sys::clone_fork(libc::CLONE_NEWPID | libc::CLONE_NEWNS) } {
+    let pid = match unsafe { sys::clone_fork(flags) } {
         Ok(0) => child::run(&plan),
         Ok(pid) => Pid::from_raw(pid),
         Err(e) => return Err(SandboxError::Clone(e)),
     };
     let started = Instant::now();
+    drop(trees);
+    if let Some((map_read, map_write)) = id_map_pipe {
+        drop(map_read);
+        let mapped = userns::write_maps(pid).and_then(|()| {
+            sys::write_all(map_write.as_raw_fd(), &[1]).map_err(|e| userns::UsernsError::Map {
+                path: "the id map pipe".into(),
+                pid,
+                source: std::io::Error::from_raw_os_error(e as i32),
+            })
+        });
+        if let Err(e) = mapped {
+            // Without its byte the child exits 126 before doing anything.
+            drop(map_write);
+            let _ = sys::waitpid(pid.as_raw(), 0);
+            return Err(e.into());
+        }
+    }
     drop((
         sync_read,
         error_write,
@@ -566,7 +630,7 @@ mod tests {
         assert!(matches!(e, SandboxError::ChildMessage { .. }), "{e}");
         assert!(
             e.to_string()
-                .contains("expected a step number from 1 to 21"),
+                .contains("expected a step number from 1 to 22"),
             "{e}"
         );
         // Half a message: the child died mid-write.

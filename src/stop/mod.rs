@@ -79,6 +79,14 @@ pub enum StopError {
     NoListener,
     #[error("the notify backend cannot wrap {0:?}: its preload library wraps listen, bind, accept, accept4 and connect; use --backend trace for other syscalls")]
     NotWrappable(String),
+    #[error("the NOTIFY backend's preload library {lib} is out of reach of the service's user {uid}: {dir} is not searchable by it; use --backend trace, or a state directory (--state-dir) under directories others may pass through")]
+    PreloadUnreachable {
+        lib: std::path::PathBuf,
+        uid: u32,
+        dir: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot install the preload library at {path}")]
     Preload {
         path: std::path::PathBuf,

@@ -59,6 +59,11 @@ impl NotifyBackend {
         })
     }
 
+    /// The installed preload library.
+    pub fn preload_path(&self) -> &Path {
+        &self.preload
+    }
+
     /// Research row: NOTIFY directly on the stop syscall.
     pub fn direct(mut self) -> Self {
         self.direct = true;

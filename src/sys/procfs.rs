@@ -166,6 +166,9 @@ pub struct Status {
     /// The pid in each PID namespace, outermost first ("NSpid"): a
     /// namespace's init ends in 1.
     pub ns_pids: Vec<i32>,
+    /// Effective and bounding capability sets (bit N is capability N).
+    pub cap_eff: Option<u64>,
+    pub cap_bnd: Option<u64>,
 }
 
 /// Parses `/proc/<pid>/status` ("Key:\tvalue" lines).
@@ -193,6 +196,8 @@ pub fn parse_status(text: &str) -> Status {
             }
             // "VmRSS:\t   27392 kB"
             "VmRSS" => s.vm_rss_kib = value.strip_suffix("kB").and_then(|n| n.trim().parse().ok()),
+            "CapEff" => s.cap_eff = u64::from_str_radix(value, 16).ok(),
+            "CapBnd" => s.cap_bnd = u64::from_str_radix(value, 16).ok(),
             _ => {}
         }
     }
@@ -305,6 +310,11 @@ mod tests {
         assert_eq!(s.tracer_pid, Some(0));
         assert_eq!(s.groups, vec![4, 24, 27]);
         assert_eq!(s.vm_rss_kib, Some(27392));
+        assert_eq!(s.cap_bnd, None);
+        // This kind of machine's root: every capability but CAP_SYS_RESOURCE (24).
+        let caps = parse_status("CapEff:\t000001fffeffffff\nCapBnd:\t000001fffeffffff\n");
+        assert_eq!(caps.cap_bnd, Some(0x1ff_feff_ffff));
+        assert_eq!(caps.cap_eff.map(|c| c & (1 << 24)), Some(0));
         // No supplementary groups is "Groups:\t \n" here.
         let empty = parse_status("Name:\tkthreadd\nGroups:\t \n");
         assert_eq!(empty, Status::default());
