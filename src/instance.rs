@@ -541,6 +541,7 @@ impl Instance {
         if let Ok(c) = std::ffi::CString::new(self.root().as_os_str().as_encoded_bytes()) {
             let _ = crate::sys::umount2(&c, nix::libc::MNT_DETACH);
         }
+        crate::criu::private_root::unstage(&self.dir);
         let sock = self.control_socket();
         if !sock.starts_with(&self.dir) {
             let _ = std::fs::remove_file(&sock);

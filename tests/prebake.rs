@@ -837,3 +837,113 @@ fn restored_trace_service_dumped_at_any_moment() {
     );
     c.assert_clean();
 }
+
+/// The restored service's (uid, gid) and whether it is in a user
+/// namespace other than ours.
+fn ids_and_userns(pid: i32) -> ((u32, u32), bool) {
+    let status = common::read(Path::new(&format!("/proc/{pid}/status")));
+    let field = |key: &str| -> u32 {
+        let line = status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in {status}"));
+        // Real, effective, saved and filesystem ids: all the same.
+        let ids: Vec<u32> = line
+            .split_whitespace()
+            .map(|n| n.parse().expect("an id"))
+            .collect();
+        assert!(ids.iter().all(|i| *i == ids[0]), "{key} {ids:?}");
+        ids[0]
+    };
+    let ns = |p: &str| std::fs::read_link(p).expect("user ns link");
+    let own = ns(&format!("/proc/{pid}/ns/user")) != ns("/proc/self/ns/user");
+    ((field("Uid:"), field("Gid:")), own)
+}
+
+/// Issue 11 #7: a service run as `nobody` (named, not numbered) is
+/// prebaked and restored with both backends on a host whose root lacks
+/// CAP_SYS_RESOURCE (criu dump used to fail reading its rlimits): it runs
+/// in a user namespace of its own, as uid 65534 on the host too, and
+/// answers HTTP after each restore.
+fn nonroot_cycle(backend: &str, user: &str) {
+    let c = Case::new(&format!("pb-nonroot-{backend}"));
+    let p = payload("python");
+    let img = c.state.join("img");
+    let md = prebake_ok(&c, &img, backend, &["-u", user], &p);
+    assert_eq!((md.spec.uid, md.spec.gid), (65534, 65534), "{user}");
+    assert_stopped_before_listen(&md, backend, &p);
+    for round in 1..=2 {
+        let label = format!("restore{round}");
+        let mut front = c.spawn(c.restore_cmd(&img), &label);
+        let t0 = Instant::now();
+        let rec = loop {
+            if let Ok(Some(st)) = front.try_wait() {
+                panic!("restore exited early ({st}): {}", c.stderr_of(&label));
+            }
+            if let Some((_, r)) = c
+                .instances()
+                .into_iter()
+                .find(|(_, r)| r.root_pid > 0 && r.state == InstanceState::Running)
+            {
+                break r;
+            }
+            assert!(t0.elapsed() < DEADLINE, "{}", c.stderr_of(&label));
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let body = common::wait_http(p.port, DEADLINE)
+            .unwrap_or_else(|e| panic!("restore {round}: {e}; {}", c.stderr_of(&label)));
+        assert!(body.starts_with("payload=python pid=1 "), "{body}");
+        let (ids, own_userns) = ids_and_userns(rec.root_pid);
+        assert_eq!(ids, (65534, 65534), "the restored service runs as nobody");
+        assert!(
+            own_userns,
+            "the restored service is in its own user namespace"
+        );
+        let log = common::read(&md.spec.stdout_log());
+        assert_eq!(
+            common::count_lines(&log, "listen ret=0 errno=0"),
+            round,
+            "{log}"
+        );
+        kill(miehisto::sys::child_pid(&front), Signal::SIGTERM).expect("SIGTERM");
+        let st = wait_exit(&mut front, "runmh restore after SIGTERM");
+        assert_eq!(st.code(), Some(128 + 15), "{}", c.stderr_of(&label));
+        c.assert_clean();
+    }
+}
+
+#[test]
+fn nonroot_trace() {
+    let _g = common::lock();
+    if common::require_privileged("nonroot_trace") {
+        nonroot_cycle("trace", "nobody");
+    }
+}
+
+#[test]
+fn nonroot_notify() {
+    let _g = common::lock();
+    if common::require_privileged("nonroot_notify") {
+        nonroot_cycle("notify", "nobody:nogroup");
+    }
+}
+
+#[test]
+fn unknown_user_is_refused_before_booting() {
+    let _g = common::lock();
+    if !common::require_privileged("unknown_user_is_refused_before_booting") {
+        return;
+    }
+    let c = Case::new("pb-nouser");
+    let p = payload("python");
+    let line = prebake_fails(&c, "trace", &["-u", "no-such-user-xyz"], &p.argv);
+    assert!(
+        line.contains("no user named \"no-such-user-xyz\""),
+        "{line}"
+    );
+    let line = prebake_fails(&c, "trace", &["-u", "nobody:no-such-group-xyz"], &p.argv);
+    assert!(
+        line.contains("no group named \"no-such-group-xyz\""),
+        "{line}"
+    );
+}

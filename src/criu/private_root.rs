@@ -91,6 +91,20 @@ pub fn stage_externals(dir: &Path, externals: &[ExternalMount]) -> Result<Staged
     Ok(staged)
 }
 
+/// Detaches what [`stage_externals`] staged under `dir` (the restored
+/// supervisor lives on in the restore's mount namespace, where they are
+/// mounted), so that `dir` can be removed.
+pub fn unstage(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir.join("ext")) else {
+        return;
+    };
+    for e in rd.flatten() {
+        if let Ok(c) = CString::new(e.path().as_os_str().as_bytes()) {
+            let _ = sys::umount2(&c, libc::MNT_DETACH);
+        }
+    }
+}
+
 /// Async-signal-safe, for a forked child before it execs CRIU: enters a
 /// fresh private mount namespace, binds the host `/` onto `root` and each
 /// external mount of `stage` alone onto its directory. With
