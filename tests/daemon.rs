@@ -557,3 +557,93 @@ fn broken_record_is_reported_and_kept() {
     c.ok(&["service", "delete", "victim"]);
     c.ok(&["service", "delete", "other"]);
 }
+
+/// The uid and gid a process runs as (real ids, from /proc).
+fn ids_of(pid: i32) -> (u32, u32) {
+    let status = common::read(Path::new(&format!("/proc/{pid}/status")));
+    let first = |key: &str| -> u32 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {status}"))
+    };
+    (first("Uid:"), first("Gid:"))
+}
+
+/// Issue 11 #7 through the daemon: `service create -u nobody` is prebaked
+/// (NOTIFY: the preload library under the daemon's private state must be
+/// readable by nobody), restored and cold-started as uid 65534, answering
+/// HTTP each time.
+#[test]
+fn nonroot_service() {
+    let _g = common::lock();
+    if !common::require_privileged("nonroot_service") {
+        return;
+    }
+    let mut c = Case::for_daemon("dnr");
+    c.start_daemon(&[]);
+    let port = common::free_port().to_string();
+    let python = common::python();
+    let payload = common::python_payload();
+    let created = c.json(&[
+        "service",
+        "create",
+        "web",
+        "--backend",
+        "notify",
+        "-u",
+        "nobody",
+        "-C",
+        env!("CARGO_MANIFEST_DIR"),
+        "--",
+        python.to_str().expect("utf-8 path"),
+        payload.to_str().expect("utf-8 path"),
+        "--port",
+        &port,
+    ]);
+    assert_eq!(created["user"], "nobody", "{created}");
+    let err = c.fails(&[
+        "service",
+        "create",
+        "bad",
+        "-u",
+        "no-such-user-xyz",
+        "--",
+        "/bin/true",
+    ]);
+    assert!(err.contains("no user named \"no-such-user-xyz\""), "{err}");
+
+    let img = c.json(&["service", "prebake", "web"]);
+    assert_eq!(img["generation"], 1, "{img}");
+    assert_eq!(img["backend"], "notify", "{img}");
+    let md = Metadata::read(&c.images_dir("web").join("1")).expect("a valid image");
+    assert_eq!((md.spec.uid, md.spec.gid), (65534, 65534));
+
+    let port: u16 = port.parse().expect("port");
+    for cold in [false, true] {
+        let args: &[&str] = if cold {
+            &["service", "start", "web", "--cold"]
+        } else {
+            &["service", "start", "web"]
+        };
+        let started = c.json(args);
+        assert_eq!(started["state"], "running", "{started}");
+        let body = common::wait_http(port, Duration::from_secs(20)).expect("the service answers");
+        assert!(body.starts_with("payload=python pid=1 "), "{body}");
+        let pid = pid_of(&c.service("web"), "pid");
+        assert_eq!(ids_of(pid), (65534, 65534), "cold={cold}");
+        c.json(&["service", "stop", "web"]);
+        wait_gone(pid);
+    }
+    let logs = c.ok(&["service", "logs", "web"]);
+    assert_eq!(
+        common::count_lines(&logs, "ERROR: ld.so"),
+        0,
+        "the preload library loaded: {logs}"
+    );
+    c.ok(&["service", "delete", "web"]);
+    c.stop_daemon(nix::sys::signal::Signal::SIGTERM);
+    assert!(common::mounts_under(&c.dir).is_empty());
+}

@@ -106,7 +106,10 @@ fn real_main(cli: Cli) -> Result<()> {
     miehisto::files::private_dir(&state_dir)
         .with_context(|| format!("cannot create the state directory {}", state_dir.display()))?;
     // Older versions left images, records and logs readable by everyone.
-    match miehisto::files::tighten_tree(&state_dir, &[]) {
+    // The NOTIFY preload library is no secret and must stay loadable by a
+    // service run as another user (-u).
+    let preload_dir = state_dir.join("runmh").join("lib");
+    match miehisto::files::tighten_tree(&state_dir, &[&preload_dir]) {
         Ok(0) => {}
         Ok(n) => log::warn!(
             "made {n} entries under {} private (0700 directories, 0600 files)",
@@ -116,6 +119,14 @@ fn real_main(cli: Cli) -> Result<()> {
             "cannot make the state directory {} private: {e}",
             state_dir.display()
         ),
+    }
+    // Others may pass through (never list) down to it; everything else in
+    // these directories stays 0700/0600.
+    std::fs::create_dir_all(&preload_dir)
+        .with_context(|| format!("cannot create {}", preload_dir.display()))?;
+    for d in [&state_dir, &state_dir.join("runmh"), &preload_dir] {
+        std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o711))
+            .with_context(|| format!("cannot let services reach {}", preload_dir.display()))?;
     }
     let lock_path = state_dir.join("miehistod.lock");
     let lock_file = std::fs::OpenOptions::new()

@@ -27,7 +27,6 @@
 
 use crate::sys;
 use crate::sys::procfs;
-use nix::errno::Errno;
 use nix::libc;
 use nix::unistd::Pid;
 use std::path::PathBuf;
@@ -188,16 +187,6 @@ pub fn write_maps(pid: Pid) -> Result<(), UsernsError> {
         })?;
     }
     Ok(())
-}
-
-/// The errno of a failed [`write_maps`], for a child-step report.
-pub fn map_errno(e: &UsernsError) -> Errno {
-    match e {
-        UsernsError::Map { source, .. } => {
-            Errno::from_raw(source.raw_os_error().unwrap_or(libc::EIO))
-        }
-        UsernsError::Refused { .. } => Errno::EPERM,
-    }
 }
 
 #[cfg(test)]

@@ -70,8 +70,14 @@ pub fn open_to(
     if uid == 0 {
         return Ok(());
     }
+    // Ours, from the library's directory up to the state directory.
     if lib.starts_with(state_dir) {
-        set_mode(state_dir, PASS_MODE).map_err(|e| (state_dir.to_path_buf(), e))?;
+        for d in lib.ancestors().skip(1) {
+            set_mode(d, PASS_MODE).map_err(|e| (d.to_path_buf(), e))?;
+            if d == state_dir {
+                break;
+            }
+        }
     }
     let mut dirs: Vec<&Path> = lib.ancestors().skip(1).collect();
     dirs.reverse();
