@@ -664,7 +664,15 @@ impl Case {
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(out.status.success(), "{what}: the next restore: {err}");
         common::wait_http(port, DEADLINE).expect("the next restore serves");
-        let (_, rec) = self.instances().pop().expect("the restored instance");
+        // The restored instance is the running one; a killed run's may
+        // still be listed beside it.
+        let (_, rec) = self
+            .instances()
+            .into_iter()
+            .find(|(_, r)| {
+                r.state == miehisto::instance::InstanceState::Running && alive(r.supervisor_pid)
+            })
+            .expect("the restored instance");
         kill(Pid::from_raw(rec.supervisor_pid), Signal::SIGTERM).expect("SIGTERM the supervisor");
         self.assert_clean();
         err
@@ -712,6 +720,14 @@ fn killed_restores(backend: &str) {
                     _ => sigkill(front_pid, how),
                 }
                 let st = wait_exit(&mut front, &what);
+                if matches!(kind, RestoreKill::FrontGroup) {
+                    // The next run may only judge what the kill left once
+                    // the killed processes are gone: a dying one still
+                    // holds its instance's lock.
+                    wait_for(&format!("{what}: CRIU (or its supervisor) ends"), || {
+                        !alive(criu_pid)
+                    });
+                }
                 match kind {
                     RestoreKill::Criu => {
                         // The front saw its CRIU die and ended the instance
@@ -775,6 +791,9 @@ fn killed_restores(backend: &str) {
                 // The restored root kept its parent-death signal.
                 wait_for(&format!("{what}: the restored service ends"), || {
                     !alive(root)
+                });
+                wait_for(&format!("{what}: the killed supervisor is gone"), || {
+                    !alive(rec.supervisor_pid)
                 });
                 dead_id = Some(inst.id);
             }
