@@ -25,6 +25,8 @@ pub enum Request {
     /// later `Thaw` (a migration): the dumper may end now.
     KeepFrozen,
     Status,
+    /// Resume a restored tree held at its stop point (a standby instance).
+    Resume,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -194,6 +196,7 @@ mod tests {
                             Response::err("no")
                         }
                     }
+                    Request::Resume => Response::err("not held"),
                     Request::Status => Response {
                         ok: true,
                         state: Some(crate::instance::InstanceState::Running),

@@ -82,6 +82,9 @@ pub enum InstanceState {
     Dumping,
     /// CRIU dumped the service and killed it.
     Dumped,
+    /// Restored and held at its stop point, not yet resumed (an on-demand
+    /// service's `--standby` instance); the supervisor resumes it when asked.
+    Standby,
 }
 
 impl InstanceState {
@@ -94,14 +97,18 @@ impl InstanceState {
             InstanceState::Frozen => "frozen",
             InstanceState::Dumping => "dumping",
             InstanceState::Dumped => "dumped",
+            InstanceState::Standby => "standby",
         }
     }
 
-    /// The service is up, a dump in progress included.
+    /// The service is up, a dump in progress and a held standby included.
     pub fn is_up(self) -> bool {
         matches!(
             self,
-            InstanceState::Running | InstanceState::Frozen | InstanceState::Dumping
+            InstanceState::Running
+                | InstanceState::Frozen
+                | InstanceState::Dumping
+                | InstanceState::Standby
         )
     }
 

@@ -447,6 +447,7 @@ fn release(
         root: pid,
         exit,
         traced: false,
+        held: None,
     };
     Ok((running, released))
 }

@@ -19,7 +19,7 @@ use crate::images::{Metadata, MetadataError};
 use crate::instance::{self, Instance, InstanceError, InstanceRecord, InstanceState};
 use crate::stop::tracer::{Tracer, TracerError};
 use crate::stop::{self, BackendKind, StopError};
-use crate::supervisor::{Outcome, Running, SupervisorError};
+use crate::supervisor::{Held, Outcome, Running, SupervisorError};
 use crate::sys;
 use crate::sys::exit::ExitStatus;
 use nix::libc;
@@ -106,6 +106,10 @@ pub struct RestoreOpts {
     /// host's): CRIU is handed the new files open, with `--inherit-fd`,
     /// instead of reopening the old paths.
     pub log_dir: Option<PathBuf>,
+    /// Hold the restored tree at its stop point (instance state
+    /// `standby`) until a `resume` request on its control socket: an
+    /// on-demand service's `--standby` instance.
+    pub hold: bool,
 }
 
 /// A restore that succeeded: the supervisor runs the tree.
@@ -310,6 +314,9 @@ fn spawn_criu(
         },
         None => None,
     };
+    if opts.hold {
+        exec_cmd.push("--hold".into());
+    }
     if explain::enabled() {
         exec_cmd.push("--explain".into());
     }
@@ -330,6 +337,7 @@ fn spawn_criu(
             .map(|r| (r.file.as_raw_fd(), r.key.clone()))
             .collect(),
         exec_cmd,
+        leave_stopped: opts.hold,
     };
     let inherited: Vec<RawFd> = redirects.iter().map(|r| r.file.as_raw_fd()).collect();
     let argv_os = args.argv();
@@ -626,7 +634,6 @@ pub fn wait_supervisor(supervisor: Pid) -> i32 {
     }
 }
 
-/// `runmh __supervise`: runs in the process CRIU exec'd into.
 /// How the front process hands a restore over to its supervisor.
 pub struct Handover<'a> {
     pub dir: &'a Path,
@@ -635,9 +642,12 @@ pub struct Handover<'a> {
     pub cgroup_origin: Option<&'a str>,
 }
 
+/// `runmh __supervise`: runs in the process CRIU exec'd into. With `hold`
+/// the tree stays at its stop point until a `resume` control request.
 pub fn supervise_restored(
     h: Handover<'_>,
     reseize: bool,
+    hold: bool,
     stop_timeout: Duration,
     timings: Option<&Path>,
 ) -> Result<Outcome, RestoreError> {
@@ -659,7 +669,7 @@ pub fn supervise_restored(
     // SAFETY: the fd number was passed to us by our own front process,
     // which created it for this purpose; nothing else in this fresh process owns it.
     let mut ready = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(ready_fd) });
-    let result = supervise_setup(h.dir, reseize, &stamps);
+    let result = supervise_setup(h.dir, reseize, hold, &stamps);
     let running = match result {
         Ok(Setup::Running(r)) => *r,
         Ok(Setup::Ended { root, status, inst }) => {
@@ -723,6 +733,7 @@ enum Setup {
 fn supervise_setup(
     dir: &Path,
     reseize: bool,
+    hold: bool,
     stamps: &crate::timings::Stamps,
 ) -> Result<Setup, RestoreError> {
     let mut inst = Instance::open(dir)?;
@@ -749,6 +760,28 @@ fn supervise_setup(
     let exit = tracer.watch(root)?;
     stamps.mark(crate::timings::TRACER_READY);
     let kind = rec.backend.kind;
+    if hold {
+        // CRIU restored it with --leave-stopped: every task is in
+        // group-stop before its first user instruction, untraced. The
+        // resume request does what the branch below does now.
+        rec.supervisor_pid = nix::unistd::getpid().as_raw();
+        rec.root_pid = root.as_raw();
+        rec.state = InstanceState::Standby;
+        inst.write_record(&rec)?;
+        explain::say(
+            "standby",
+            &format!("restored tree root is host pid {root}, held at its stop point until a resume request"),
+        );
+        return Ok(Setup::Running(Box::new(Running {
+            tracer,
+            instance: inst,
+            record: rec,
+            root,
+            exit,
+            traced: false,
+            held: Some(Held { reseize }),
+        })));
+    }
     if let Err(e) = stop::resume_restored(kind, root, &tracer, reseize) {
         // CRIU resumes the tree before it execs us: a service that fails
         // at once may already have been reaped by our tracer thread.
@@ -778,6 +811,7 @@ fn supervise_setup(
         root,
         exit,
         traced,
+        held: None,
     })))
 }
 

@@ -35,6 +35,16 @@ pub struct Running {
     pub exit: Receiver<ExitStatus>,
     /// Whether the tracer currently holds the tree (TRACE after restore).
     pub traced: bool,
+    /// A restored tree held at its stop point (a standby instance), until a
+    /// resume request.
+    pub held: Option<Held>,
+}
+
+/// How a held tree is to be resumed.
+#[derive(Debug, Clone, Copy)]
+pub struct Held {
+    /// TRACE images: re-seize before resuming (see [`stop::resume_restored`]).
+    pub reseize: bool,
 }
 
 /// How the supervision ended.
@@ -134,6 +144,33 @@ impl Running {
                     }
                 }
             }
+            Request::Resume => match self.held.take() {
+                None => Response::err(
+                    "the service is not held at its stop point: there is nothing to resume",
+                ),
+                Some(h) => {
+                    let kind = self.record.backend.kind;
+                    match stop::resume_restored(kind, self.root, &self.tracer, h.reseize) {
+                        Ok(_) => {
+                            self.traced = kind == BackendKind::Trace && h.reseize;
+                            // Before the reply: whoever asked reads the
+                            // record next and must not see `standby`.
+                            self.set_state(InstanceState::Running);
+                            explain::say(
+                                "resume",
+                                &format!(
+                                    "the held tree (pid {}) goes on past its stop point",
+                                    self.root
+                                ),
+                            );
+                            Response::ok()
+                        }
+                        // Half resumed, or not: nobody can tell what the
+                        // tree does next. The caller stops it.
+                        Err(e) => Response::err(format!("cannot resume the held tree: {e}")),
+                    }
+                }
+            },
             Request::Thaw { alive: false } => {
                 *dumped = true;
                 self.set_state(InstanceState::Dumped);
@@ -182,7 +219,11 @@ impl Running {
         let signals = signals();
         let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
         control::serve(&self.instance.control_socket(), ctl_tx)?;
-        self.set_state(InstanceState::Running);
+        self.set_state(if self.held.is_some() {
+            InstanceState::Standby
+        } else {
+            InstanceState::Running
+        });
         running(&self.record);
         let mut dumped = false;
         let mut kill_at: Option<Instant> = None;
@@ -215,6 +256,14 @@ impl Running {
                 }
                 recv(signals) -> sig => {
                     let Ok(sig) = sig else { continue };
+                    if self.held.is_some() {
+                        // Held before its first instruction since the
+                        // restore: nothing of its own to wind down, and a
+                        // stopped PID 1 would not see the signal anyway.
+                        log::info!("{}: ending the held standby tree (pid {})", crate::sys::signal::signal_name(sig), self.root);
+                        let _ = sys::kill(self.root, libc::SIGKILL);
+                        continue;
+                    }
                     log::info!("forwarding {} to the service (pid {})", crate::sys::signal::signal_name(sig), self.root);
                     let _ = sys::kill(self.root, sig);
                     if kill_at.is_none() {

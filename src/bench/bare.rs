@@ -33,6 +33,7 @@ pub fn restore(
         pidfile: dir.join("restored.pid"),
         inherit_fds: Vec::new(),
         exec_cmd: Vec::new(),
+        leave_stopped: false,
     };
     let run_tmpfs = tmpfs_run.then(|| kdat.map(<[u8]>::to_vec));
     let pid = private_root::restore_detached(criu, &args, &[], run_tmpfs)?;

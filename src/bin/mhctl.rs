@@ -202,13 +202,17 @@ struct OnDemandArgs {
     /// addresses the image holds bound at its stop point).
     #[arg(long, value_name = "ADDR:PORT", requires = "on_demand")]
     listen: Vec<std::net::SocketAddr>,
+    /// Keep one restored instance held at its stop point, ready: the first
+    /// connection only resumes it (costs its memory; `service list` shows it).
+    #[arg(long, requires = "on_demand")]
+    standby: bool,
 }
 
 impl OnDemandArgs {
     fn config(&self) -> Option<api::OnDemandConfig> {
         self.on_demand.then(|| api::OnDemandConfig {
             idle_timeout_secs: self.idle_timeout.unwrap_or_else(api::default_idle_timeout),
-            standby: false,
+            standby: self.standby,
             listen: self.listen.clone(),
         })
     }
@@ -586,6 +590,14 @@ fn print_stats(st: &api::OnDemandStats) {
             .join(", "),
     );
     kv("idle timeout", format!("{} s", i.idle_timeout_secs));
+    kv(
+        "standby",
+        match (i.standby, i.standby_rss_kib) {
+            (false, _) => "off".into(),
+            (true, Some(kib)) => format!("held, RSS {:.1} MiB", kib as f64 / 1024.0),
+            (true, None) => "on, none held now".into(),
+        },
+    );
     kv("activations", i.activations.to_string());
     kv("failures", i.failures.to_string());
     kv("refused clients", i.refused_connections.to_string());
@@ -874,7 +886,15 @@ fn print_services(list: &[ServiceInfo]) {
         .map(|s| {
             let state = match (&s.busy, &s.on_demand) {
                 (Some(op), _) => format!("{} ({op})", s.state),
-                (None, Some(od)) => format!("{} (on-demand: {})", s.state, od.state.as_str()),
+                (None, Some(od)) => match od.standby_rss_kib {
+                    Some(kib) => format!(
+                        "{} (on-demand: {}, RSS {:.1} MiB)",
+                        s.state,
+                        od.state.as_str(),
+                        kib as f64 / 1024.0
+                    ),
+                    None => format!("{} (on-demand: {})", s.state, od.state.as_str()),
+                },
                 (None, None) => s.state.to_string(),
             };
             let activations = match &s.on_demand {
@@ -885,7 +905,7 @@ fn print_services(list: &[ServiceInfo]) {
                 None => "-".into(),
             };
             let image = match (s.state, s.generation) {
-                (ServiceState::Running, Some(g)) => format!("gen {g}"),
+                (ServiceState::Running | ServiceState::Standby, Some(g)) => format!("gen {g}"),
                 (ServiceState::Running, None) => "cold".into(),
                 _ => "-".into(),
             };

@@ -135,6 +135,11 @@ enum Cmd {
         /// Research only: do not re-seize a TRACE image (reproduces ENOSYS).
         #[arg(long, hide = true)]
         no_reseize: bool,
+        /// Hold the restored tree at its stop point (instance state
+        /// `standby`) until a resume request on its control socket (the
+        /// daemon's on-demand `--standby`).
+        #[arg(long)]
+        hold: bool,
         #[arg(long, default_value_t = 5, value_name = "SECS")]
         stop_timeout: u64,
         /// Benchmarks: append phase stamps (CLOCK_MONOTONIC ns) to FILE.
@@ -156,6 +161,8 @@ enum Cmd {
         cgroup_origin: Option<String>,
         #[arg(long)]
         no_reseize: bool,
+        #[arg(long)]
+        hold: bool,
         #[arg(long, default_value_t = 5)]
         stop_timeout: u64,
         #[arg(long)]
@@ -453,6 +460,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             images,
             detach,
             no_reseize,
+            hold,
             stop_timeout,
             timings,
             log_dir,
@@ -470,6 +478,7 @@ fn real_main(cli: Cli) -> Result<i32> {
                 limits: miehisto::criu::watchdog::Limits::from_env().map_err(anyhow::Error::msg)?,
                 detach,
                 log_dir,
+                hold,
             };
             let r = restore::restore(&criu, &opts)?;
             report_running(&r.instance.id, r.supervisor, r.root);
@@ -501,6 +510,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             ready_fd,
             cgroup_origin,
             no_reseize,
+            hold,
             stop_timeout,
             timings,
         } => {
@@ -511,6 +521,7 @@ fn real_main(cli: Cli) -> Result<i32> {
                     cgroup_origin: cgroup_origin.as_deref(),
                 },
                 !no_reseize,
+                hold,
                 Duration::from_secs(stop_timeout),
                 timings.as_deref(),
             )?;

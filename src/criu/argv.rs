@@ -84,6 +84,12 @@ pub struct RestoreArgs {
     /// The command CRIU execs after the restore; it becomes the parent of
     /// the restored tree.
     pub exec_cmd: Vec<OsString>,
+    /// `--leave-stopped`: CRIU sends every restored task SIGSTOP before it
+    /// lets go of them (`finalize_restore`), so none runs a user
+    /// instruction until someone sends SIGCONT: how a standby instance is
+    /// held at its stop point whatever the backend (a NOTIFY image's task
+    /// was blocked in the kernel, not stopped, when it was dumped).
+    pub leave_stopped: bool,
 }
 
 impl RestoreArgs {
@@ -115,6 +121,9 @@ impl RestoreArgs {
             let mut k = OsString::from(format!("fd[{fd}]:"));
             k.push(key);
             a.push(k);
+        }
+        if self.leave_stopped {
+            a.push("--leave-stopped".into());
         }
         if !self.exec_cmd.is_empty() {
             a.push("--exec-cmd".into());
@@ -188,6 +197,7 @@ mod tests {
             pidfile: "/w/pid".into(),
             inherit_fds: vec![(7, "var/log/a/stdout.log".into())],
             exec_cmd: vec!["/bin/runmh".into(), "__supervise".into()],
+            leave_stopped: false,
         };
         let a = r.argv();
         let s = shell_words("criu".as_ref(), &a);

@@ -628,6 +628,9 @@ pub enum Reply {
 pub enum ServiceState {
     /// Its supervisor and service are alive.
     Running,
+    /// A restored instance is held at its stop point, not yet resumed
+    /// (an on-demand service's `--standby`).
+    Standby,
     /// Not running: never started, stopped, dumped or ended.
     Stopped,
     /// Its record does not parse: shown, never touched without `--force`.
@@ -638,6 +641,7 @@ impl ServiceState {
     pub fn as_str(self) -> &'static str {
         match self {
             ServiceState::Running => "running",
+            ServiceState::Standby => "standby",
             ServiceState::Stopped => "stopped",
             ServiceState::Broken => "broken",
         }

@@ -39,7 +39,7 @@ use super::api::{
 use super::children::ExitInfo;
 use super::client::{Client, ClientError, Exchange};
 use super::server::parse_request;
-use super::service::{wait_gone, Expect, ServiceError, Services};
+use super::service::{wait_gone, Expect, RestoreAs, ServiceError, Services};
 use crate::control;
 use crate::criu::{Criu, CriuError};
 use crate::images::{Metadata, MetadataError, Staged, StoreError};
@@ -342,7 +342,7 @@ fn receive(
     let image = staged.publish(&md)?;
     log::info!("{name}: migrated image published at {}", image.display());
     // A failed restore leaves the published generation as it is.
-    let sup = s.restore(&name, &rec.config, gen)?;
+    let sup = s.restore(&name, &rec.config, gen, RestoreAs::Running)?;
     s.watch(&name, Some(sup));
     let _ = s.update(&name, |r| r.last_exit = None);
     drop(g);

@@ -24,7 +24,7 @@
 //!   its idle time counted again) and re-arms a waiting one.
 
 use super::api::{OnDemandConfig, OnDemandInfo, OnDemandState, OnDemandStats};
-use super::service::{ServiceError, Services};
+use super::service::{RestoreAs, ServiceError, Services};
 use crate::sockets::{self, WaitingListener};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -40,6 +40,30 @@ const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// Activation latencies kept for `service stats`.
 const KEEP_LATENCIES: usize = 1000;
+
+/// How an activation gets a running service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Activation {
+    /// Restore the newest generation.
+    Restore,
+    /// Resume the standby instance held at its stop point.
+    Resume,
+}
+
+impl Activation {
+    fn describe(self) -> &'static str {
+        match self {
+            Activation::Restore => "restoring the newest generation",
+            Activation::Resume => "resuming the standby instance",
+        }
+    }
+}
+
+fn in_backoff(slot: &Slot) -> bool {
+    lock(&slot.inner)
+        .backoff_until
+        .is_some_and(|t| Instant::now() < t)
+}
 
 /// Activation latency histogram bounds (ms) for the metrics endpoint.
 pub const LATENCY_BUCKETS_MS: &[f64] =
@@ -426,8 +450,14 @@ impl Services {
             self.set_config(name, |cfg| cfg.on_demand = od.clone())?;
         }
         self.disarm(name);
-        if od.is_some() {
-            self.arm(name);
+        match &od {
+            Some(_) => self.arm(name),
+            // Made manual: its standby instance was the controller's.
+            None => {
+                if self.live(name).is_some_and(|l| l.is_standby()) {
+                    self.stop(name)?;
+                }
+            }
         }
         self.info(name)
     }
@@ -439,7 +469,11 @@ impl Services {
                 "{name} is not on-demand; make it so with `mhctl service set {name} --on-demand`"
             ))
         })?;
-        Ok(self.ondemand.stats(name, &od))
+        let mut st = self.ondemand.stats(name, &od);
+        st.info.standby_rss_kib = self.live(name).filter(|l| l.is_standby()).and_then(|l| {
+            crate::sys::procfs::tree_rss_kib(nix::unistd::Pid::from_raw(l.record.root_pid))
+        });
+        Ok(st)
     }
 
     fn control(self: &Arc<Self>, name: &str, slot: &Arc<Slot>) {
@@ -456,6 +490,23 @@ impl Services {
                 continue;
             }
             if let Some(live) = self.live(name) {
+                if live.is_standby() {
+                    was_live = false;
+                    if !cfg.standby {
+                        log::info!("{name}: --standby is off; ending the standby instance");
+                        if let Err(e) = self.stop(name) {
+                            log::warn!("{name}: {}", crate::error_chain(&e));
+                            std::thread::sleep(TICK);
+                        }
+                        continue;
+                    }
+                    // Held at its stop point: the port is served as at zero,
+                    // and the first connection only resumes it.
+                    if self.wait_port(name, slot, &cfg, OnDemandState::Standby) {
+                        self.activate(name, slot, Activation::Resume);
+                    }
+                    continue;
+                }
                 if !was_live {
                     last_busy = Instant::now();
                     was_live = true;
@@ -486,88 +537,180 @@ impl Services {
                 continue;
             }
             was_live = false;
+            if cfg.standby {
+                // The port is served while the standby is made: a client
+                // that comes meanwhile waits for it, then resumes it.
+                if self.open_port(name, slot, &cfg, OnDemandState::Waiting) && !in_backoff(slot) {
+                    self.make_standby(name, slot);
+                    continue;
+                }
+            }
             // Nothing runs: wait on the port.
-            let addrs = match addresses(self, name, &cfg) {
-                Ok(a) => a,
-                Err(st) => {
-                    let mut i = lock(&slot.inner);
-                    i.listeners.clear();
-                    i.state = Some(st);
-                    drop(i);
-                    std::thread::sleep(TICK * 5);
-                    continue;
-                }
-            };
-            let pending = {
-                let mut i = lock(&slot.inner);
-                if i.paused > 0 {
-                    continue;
-                }
-                if i.addrs != addrs || i.listeners.len() != addrs.len() {
-                    i.listeners.clear();
-                    i.addrs = addrs.clone();
-                    for a in &addrs {
-                        match WaitingListener::open(*a) {
-                            Ok(l) => i.listeners.push(l),
-                            Err(e) => {
-                                log::warn!("{name}: {}", crate::error_chain(&e));
-                            }
-                        }
-                    }
-                }
-                i.state = Some(OnDemandState::Waiting);
-                let pending = sockets::wait_any(&i.listeners, TICK);
-                if pending && i.backoff_until.is_some_and(|t| Instant::now() < t) {
-                    let n: usize = i.listeners.iter().map(|l| l.refuse_pending()).sum();
-                    i.refused += n as u64;
-                    false
-                } else {
-                    pending
-                }
-            };
-            if pending {
-                self.activate(name, slot);
+            if self.wait_port(name, slot, &cfg, OnDemandState::Waiting) {
+                self.activate(name, slot, Activation::Restore);
             }
         }
         lock(&slot.inner).listeners.clear();
         log::info!("{name}: on-demand controller stopped");
     }
 
-    /// A connection is queued: restore, wait for the service to listen,
-    /// hand the queue over.
-    fn activate(self: &Arc<Self>, name: &str, slot: &Arc<Slot>) {
+    /// Opens the waiting listeners on the service's addresses (unless they
+    /// are open) and sets `st`; false (after a pause) when there is no
+    /// address to open or the port is paused.
+    fn open_port(
+        &self,
+        name: &str,
+        slot: &Arc<Slot>,
+        cfg: &OnDemandConfig,
+        st: OnDemandState,
+    ) -> bool {
+        let addrs = match addresses(self, name, cfg) {
+            Ok(a) => a,
+            Err(st) => {
+                let mut i = lock(&slot.inner);
+                i.listeners.clear();
+                i.state = Some(st);
+                drop(i);
+                std::thread::sleep(TICK * 5);
+                return false;
+            }
+        };
+        let mut i = lock(&slot.inner);
+        if i.paused > 0 {
+            return false;
+        }
+        if i.addrs != addrs || i.listeners.len() != addrs.len() {
+            i.listeners.clear();
+            i.addrs = addrs.clone();
+            for a in &addrs {
+                match WaitingListener::open(*a) {
+                    Ok(l) => i.listeners.push(l),
+                    Err(e) => {
+                        log::warn!("{name}: {}", crate::error_chain(&e));
+                    }
+                }
+            }
+        }
+        i.state = Some(st);
+        true
+    }
+
+    /// Serves the port for one tick; true when a client is waiting and
+    /// may be served (outside a failure's backoff, where it is closed).
+    fn wait_port(
+        &self,
+        name: &str,
+        slot: &Arc<Slot>,
+        cfg: &OnDemandConfig,
+        st: OnDemandState,
+    ) -> bool {
+        if !self.open_port(name, slot, cfg, st) {
+            return false;
+        }
+        let mut i = lock(&slot.inner);
+        let pending = sockets::wait_any(&i.listeners, TICK);
+        if pending && i.backoff_until.is_some_and(|t| Instant::now() < t) {
+            let n: usize = i.listeners.iter().map(|l| l.refuse_pending()).sum();
+            i.refused += n as u64;
+            false
+        } else {
+            pending
+        }
+    }
+
+    /// A failed restore (or resume): the waiting clients are closed, the
+    /// failure is kept for `service stats`, the next try backs off.
+    fn failed(&self, name: &str, slot: &Arc<Slot>, what: &str, why: String) {
+        let mut i = lock(&slot.inner);
+        let n: usize = i.listeners.iter().map(|l| l.refuse_pending()).sum();
+        i.refused += n as u64;
+        i.failures += 1;
+        i.backoff_until = Some(Instant::now() + i.backoff);
+        log::warn!(
+            "{name}: {what} failed ({why}); closed {n} waiting connection(s), the image is kept; next try in {} s at the earliest",
+            i.backoff.as_secs()
+        );
+        i.backoff = (i.backoff * 2).min(BACKOFF_MAX);
+        i.last_failure = Some(why);
+        i.state = Some(OnDemandState::Waiting);
+    }
+
+    /// Restores the newest generation held at its stop point, beside the
+    /// daemon's listeners.
+    fn make_standby(self: &Arc<Self>, name: &str, slot: &Arc<Slot>) {
+        lock(&slot.inner).restores += 1;
+        let t0 = Instant::now();
+        match self.restore_newest(name, RestoreAs::Standby) {
+            Ok(info) => {
+                let mut i = lock(&slot.inner);
+                i.state = Some(OnDemandState::Standby);
+                log::info!(
+                    "{name}: standby instance ready in {:.1} ms (pid {}), held at its stop point",
+                    t0.elapsed().as_secs_f64() * 1000.0,
+                    info.pid
+                        .map(|p| p.to_string())
+                        .unwrap_or_else(|| "gone".into())
+                );
+            }
+            // Started by hand meanwhile: the controller follows it.
+            Err(ServiceError::Running { .. }) => {}
+            Err(e) => self.failed(
+                name,
+                slot,
+                "making the standby instance",
+                crate::error_chain(&e),
+            ),
+        }
+    }
+
+    /// A connection is queued: restore (or resume the standby), wait for
+    /// the service to listen, hand the queue over.
+    fn activate(self: &Arc<Self>, name: &str, slot: &Arc<Slot>, how: Activation) {
         let t0 = Instant::now();
         {
             let mut i = lock(&slot.inner);
             i.state = Some(OnDemandState::Activating);
-            i.restores += 1;
+            if how == Activation::Restore {
+                i.restores += 1;
+            }
         }
-        log::info!("{name}: a client is waiting; activating");
-        let started = match self.restore_newest(name) {
+        log::info!(
+            "{name}: a client is waiting; activating ({})",
+            how.describe()
+        );
+        let restore = |me: &Arc<Self>| match me.restore_newest(name, RestoreAs::Running) {
             Ok(info) => info
                 .pid
                 .ok_or_else(|| "the restored service has no pid".to_string()),
             Err(ServiceError::Running { pid, .. }) => Ok(pid),
             Err(e) => Err(crate::error_chain(&e)),
         };
+        let started = match how {
+            Activation::Restore => restore(self),
+            Activation::Resume => match self.resume_standby(name) {
+                Ok(pid) => Ok(pid),
+                // Resumed by hand meanwhile.
+                Err(ServiceError::Running { pid, .. }) => Ok(pid),
+                Err(e) => {
+                    // The held tree is in no known state: end it, and
+                    // serve the waiting clients from a fresh restore.
+                    log::warn!(
+                        "{name}: {}; restoring afresh instead",
+                        crate::error_chain(&e)
+                    );
+                    if let Err(e) = self.stop(name) {
+                        log::warn!("{name}: {}", crate::error_chain(&e));
+                    }
+                    lock(&slot.inner).restores += 1;
+                    restore(self)
+                }
+            },
+        };
         let root = match started {
             Ok(p) => p,
-            Err(why) => {
-                let mut i = lock(&slot.inner);
-                let n: usize = i.listeners.iter().map(|l| l.refuse_pending()).sum();
-                i.refused += n as u64;
-                i.failures += 1;
-                i.backoff_until = Some(Instant::now() + i.backoff);
-                log::warn!(
-                    "{name}: activation failed ({why}); closed {n} waiting connection(s), the image is kept; next try in {} s at the earliest",
-                    i.backoff.as_secs()
-                );
-                i.backoff = (i.backoff * 2).min(BACKOFF_MAX);
-                i.last_failure = Some(why);
-                i.state = Some(OnDemandState::Waiting);
-                return;
-            }
+            Err(why) => return self.failed(name, slot, "activation", why),
         };
+        let started_ms = t0.elapsed().as_secs_f64() * 1000.0;
         // The restored service replays its listen(): its socket joins our
         // reuseport group. Then our listener can go, and its queue with it
         // to the service.
@@ -605,7 +748,10 @@ impl Services {
             i.backoff = BACKOFF_FIRST;
             i.backoff_until = None;
             i.state = Some(OnDemandState::Running);
-            log::info!("{name}: activated in {ms:.1} ms (service pid {root})");
+            log::info!(
+                "{name}: activated in {ms:.1} ms (service pid {root}; {} took {started_ms:.1} ms, the rest is its listen)",
+                how.describe()
+            );
         } else {
             log::warn!(
                 "{name}: restored (pid {root}) but not listening after {} s; keeping the port until it does",
@@ -647,11 +793,6 @@ pub fn validate(c: &OnDemandConfig) -> Result<(), ServiceError> {
     if c.idle_timeout_secs == 0 {
         return Err(ServiceError::BadSpec(
             "--idle-timeout must be at least 1 second".into(),
-        ));
-    }
-    if c.standby {
-        return Err(ServiceError::BadSpec(
-            "--standby (a restored instance held at its stop point) is not available in this miehistod; leave it out".into(),
         ));
     }
     for a in &c.listen {

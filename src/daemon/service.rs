@@ -117,6 +117,13 @@ pub enum ServiceError {
         #[source]
         source: MetadataError,
     },
+    #[error("cannot resume {name}'s standby instance (pid {pid})")]
+    Resume {
+        name: String,
+        pid: i32,
+        #[source]
+        source: crate::control::ControlError,
+    },
     #[error("runmh published {path}, but it does not read back as an image")]
     BadImage {
         path: PathBuf,
@@ -147,6 +154,7 @@ impl ServiceError {
             ServiceError::Runmh { .. }
             | ServiceError::Timeout { .. }
             | ServiceError::BadImage { .. }
+            | ServiceError::Resume { .. }
             | ServiceError::Unrestorable { .. } => ErrorCode::Failed,
             _ => ErrorCode::Internal,
         }
@@ -169,6 +177,22 @@ pub struct ServicesConfig {
 pub struct Live {
     pub instance: Instance,
     pub record: InstanceRecord,
+}
+
+impl Live {
+    /// Restored and held at its stop point (a `--standby` instance).
+    pub fn is_standby(&self) -> bool {
+        self.record.state == crate::instance::InstanceState::Standby
+    }
+}
+
+/// How a restore leaves the service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreAs {
+    /// Past its stop point, running.
+    Running,
+    /// Held at its stop point until resumed (`runmh restore --hold`).
+    Standby,
 }
 
 /// The operations in progress, by service; doubles as the per-service lock.
@@ -474,7 +498,14 @@ impl Services {
             user: c.user.clone(),
         };
         if let Some(l) = live {
-            info.state = ServiceState::Running;
+            info.state = if l.is_standby() {
+                if let Some(od) = info.on_demand.as_mut() {
+                    od.standby_rss_kib = procfs::tree_rss_kib(Pid::from_raw(l.record.root_pid));
+                }
+                ServiceState::Standby
+            } else {
+                ServiceState::Running
+            };
             info.pid = Some(l.record.root_pid);
             info.supervisor_pid = Some(l.record.supervisor_pid);
             info.generation = self.generation_of(name, l.record.image.as_deref());
@@ -566,6 +597,12 @@ impl Services {
         let _g = self.begin(name, "delete")?;
         self.refuse_broken(name, false)?;
         self.record(name)?;
+        // A standby instance is the daemon's, not the user's: it goes with
+        // the service (its controller first, which would make another).
+        if self.live(name).is_some_and(|l| l.is_standby()) {
+            self.disarm(name);
+            self.stop_locked(name)?;
+        }
         if let Some(l) = self.live(name) {
             return Err(ServiceError::Running {
                 name: name.to_string(),
@@ -774,6 +811,16 @@ impl Services {
     pub fn prebake(&self, name: &str) -> Result<ImageInfo, ServiceError> {
         let _g = self.begin(name, "prebake")?;
         let rec = self.record(name)?;
+        // The booting copy binds the port itself: the daemon lets it go,
+        // and a standby instance (of an older generation, soon) goes too.
+        let _pause = rec
+            .config
+            .on_demand
+            .as_ref()
+            .map(|_| self.ondemand.pause(name));
+        if self.live(name).is_some_and(|l| l.is_standby()) {
+            self.stop_locked(name)?;
+        }
         if let Some(l) = self.live(name) {
             return Err(ServiceError::PrebakeWhileRunning {
                 name: name.into(),
@@ -790,12 +837,10 @@ impl Services {
             .arg(&cfg.backend)
             .arg("--stop-at")
             .arg(&cfg.stop_at);
-        // An on-demand service's image must let the daemon listen beside
-        // it; the booting copy binds the port, so the daemon lets it go.
-        let _pause = cfg.on_demand.as_ref().map(|_| {
+        // An on-demand service's image must let the daemon listen beside it.
+        if cfg.on_demand.is_some() {
             c.arg("--reuseport");
-            self.ondemand.pause(name)
-        });
+        }
         self.sandbox_args(&mut c, cfg);
         self.run_step(name, "prebake", c, Expect::Published)?;
         let info = self.published(name, gen, dest)?;
@@ -843,6 +888,12 @@ impl Services {
     pub fn start(&self, name: &str, cold: bool) -> Result<ServiceInfo, ServiceError> {
         let g = self.begin(name, "start")?;
         let rec = self.record(name)?;
+        if let Some(l) = self.live(name).filter(|l| l.is_standby() && !cold) {
+            // Started by hand: the standby is what a start would restore.
+            self.resume_live(name, &l)?;
+            drop(g);
+            return self.info(name);
+        }
         if let Some(l) = self.live(name) {
             return Err(ServiceError::Running {
                 name: name.into(),
@@ -859,7 +910,7 @@ impl Services {
         let _pause =
             (image.is_none() && rec.config.on_demand.is_some()).then(|| self.ondemand.pause(name));
         let sup = match image {
-            Some((gen, _)) => self.restore(name, &rec.config, gen)?,
+            Some((gen, _)) => self.restore(name, &rec.config, gen, RestoreAs::Running)?,
             None => self.start_cold(name, &rec.config)?,
         };
         lock(&self.watched).insert(name.to_string(), sup);
@@ -870,8 +921,12 @@ impl Services {
 
     /// Restores the newest generation, and only it: a damaged newest image
     /// is an error, not a reason to fall back to an older one or to a cold
-    /// boot (an on-demand activation).
-    pub(super) fn restore_newest(&self, name: &str) -> Result<ServiceInfo, ServiceError> {
+    /// boot (an on-demand activation, or its standby instance).
+    pub(super) fn restore_newest(
+        &self,
+        name: &str,
+        how: RestoreAs,
+    ) -> Result<ServiceInfo, ServiceError> {
         let g = self.begin(name, "start")?;
         let rec = self.record(name)?;
         if let Some(l) = self.live(name) {
@@ -888,11 +943,41 @@ impl Services {
             .ok_or_else(|| ServiceError::BadSpec(format!("{name} has no image; prebake it")))?;
         let path = self.store.generation_path(name, gen);
         Metadata::read(&path).map_err(|source| ServiceError::Unrestorable { path, source })?;
-        let sup = self.restore(name, &rec.config, gen)?;
+        let sup = self.restore(name, &rec.config, gen, how)?;
         lock(&self.watched).insert(name.to_string(), sup);
         let _ = self.update(name, |r| r.last_exit = None);
         drop(g);
         self.info(name)
+    }
+
+    /// Resumes the service's standby instance; returns the service's pid.
+    pub(super) fn resume_standby(&self, name: &str) -> Result<i32, ServiceError> {
+        let _g = self.begin(name, "start")?;
+        let live = self
+            .live(name)
+            .ok_or_else(|| ServiceError::NotRunning { name: name.into() })?;
+        if !live.is_standby() {
+            return Err(ServiceError::Running {
+                name: name.into(),
+                pid: live.record.root_pid,
+            });
+        }
+        self.resume_live(name, &live)?;
+        Ok(live.record.root_pid)
+    }
+
+    fn resume_live(&self, name: &str, live: &Live) -> Result<(), ServiceError> {
+        crate::control::call(
+            &live.instance.control_socket(),
+            &crate::control::Request::Resume,
+            Duration::from_secs(10),
+        )
+        .map(drop)
+        .map_err(|source| ServiceError::Resume {
+            name: name.into(),
+            pid: live.record.root_pid,
+            source,
+        })
     }
 
     pub(super) fn restore(
@@ -900,6 +985,7 @@ impl Services {
         name: &str,
         cfg: &ServiceConfig,
         gen: u64,
+        how: RestoreAs,
     ) -> Result<i32, ServiceError> {
         let mut c = self.runmh(name, &cfg.cwd);
         c.arg("restore")
@@ -911,6 +997,9 @@ impl Services {
             // host's.
             .arg("--log-dir")
             .arg(self.log_dir(name));
+        if how == RestoreAs::Standby {
+            c.arg("--hold");
+        }
         c.arg(format!("--stop-timeout={}", self.cfg.stop_timeout));
         match self.run_step(name, "restore", c, Expect::Running)? {
             StepReport::Running { supervisor_pid, .. } => Ok(supervisor_pid.raw()),
@@ -974,6 +1063,13 @@ impl Services {
 
     pub fn stop(&self, name: &str) -> Result<ServiceInfo, ServiceError> {
         let g = self.begin(name, "stop")?;
+        self.stop_locked(name)?;
+        drop(g);
+        self.info(name)
+    }
+
+    /// [`Self::stop`] for a caller that holds the service's lock.
+    fn stop_locked(&self, name: &str) -> Result<(), ServiceError> {
         self.record(name)?;
         let live = self
             .live(name)
@@ -999,8 +1095,7 @@ impl Services {
             how = format!("{how}; exit status {c}");
         }
         let _ = self.update(name, |r| r.last_exit = Some(how));
-        drop(g);
-        self.info(name)
+        Ok(())
     }
 
     pub fn image_rm(&self, name: &str, generation: u64) -> Result<String, ServiceError> {

@@ -272,6 +272,7 @@ pub fn restore_and_watch(
                 limits: crate::criu::watchdog::Limits::default(),
                 detach: false,
                 log_dir: None,
+                hold: false,
             };
             restore::restore(criu, &opts).map(|r| {
                 w.restore_ms = Some(crate::sys::time::millis(r.took));
@@ -359,6 +360,7 @@ fn bare_restore(
         pidfile: work_dir.join("restored.pid"),
         inherit_fds: Vec::new(),
         exec_cmd: Vec::new(),
+        leave_stopped: false,
     };
     explain::say(
         "criu",

@@ -248,6 +248,18 @@ pub fn tree_tasks(root: Pid) -> io::Result<Vec<(Pid, Vec<Pid>)>> {
     Ok(out)
 }
 
+/// The resident set of every process in the tree under `root`, summed
+/// (KiB, as each `/proc/<pid>/status` tells it: pages shared between
+/// them count once per process). None when `root` is gone.
+pub fn tree_rss_kib(root: Pid) -> Option<u64> {
+    let tree = tree_tasks(root).ok()?;
+    Some(
+        tree.iter()
+            .filter_map(|(pid, _)| status(*pid).ok().and_then(|s| s.vm_rss_kib))
+            .sum(),
+    )
+}
+
 fn parse_pids(text: &str) -> impl Iterator<Item = Pid> + '_ {
     text.split_whitespace()
         .filter_map(|c| c.parse().ok())
