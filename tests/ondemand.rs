@@ -100,11 +100,23 @@ impl Case {
     }
 
     fn create_on_demand(&self, name: &str, backend: &str, port: u16, idle: u64) {
+        self.create_on_demand_with(name, backend, port, idle, &[]);
+    }
+
+    /// [`Case::create_on_demand`] with more `service create` switches.
+    fn create_on_demand_with(
+        &self,
+        name: &str,
+        backend: &str,
+        port: u16,
+        idle: u64,
+        extra: &[&str],
+    ) {
         let python = common::python();
         let payload = common::python_payload();
         let idle = idle.to_string();
         let port = port.to_string();
-        let v = self.json(&[
+        let mut args = vec![
             "service",
             "create",
             name,
@@ -113,14 +125,23 @@ impl Case {
             "--on-demand",
             "--idle-timeout",
             &idle,
-            "-C",
-            env!("CARGO_MANIFEST_DIR"),
-            "--",
-            python.to_str().expect("utf-8"),
-            payload.to_str().expect("utf-8"),
-            "--port",
-            &port,
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        let v = self.json(
+            &[
+                args.as_slice(),
+                &[
+                    "-C",
+                    env!("CARGO_MANIFEST_DIR"),
+                    "--",
+                    python.to_str().expect("utf-8"),
+                    payload.to_str().expect("utf-8"),
+                    "--port",
+                    &port,
+                ],
+            ]
+            .concat(),
+        );
         assert_eq!(
             v["on_demand"]["idle_timeout_secs"],
             idle.parse::<u64>().unwrap()
@@ -424,4 +445,146 @@ fn daemon_restart_rearms_waiting_and_keeps_running() {
 fn wait_zero_one(d: &Case, name: &str) {
     d.wait_state(name, "waiting", Duration::from_secs(60));
     assert!(d.service(name)["pid"].is_null());
+}
+
+/// The process state letter of `pid` (`T`: stopped).
+fn task_state(pid: i64) -> String {
+    let stat = common::read(std::path::Path::new(&format!("/proc/{pid}/stat")));
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Waits for a standby instance other than `not` to be held; its pid.
+fn wait_standby(d: &Case, name: &str, not: Option<i64>) -> i64 {
+    let t0 = Instant::now();
+    loop {
+        let svc = d.service(name);
+        if svc["state"] == "standby" && svc["pid"].as_i64() != not {
+            if let Some(pid) = svc["pid"].as_i64() {
+                return pid;
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no new standby instance of {name}: {svc}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn standby_cycle(backend: &str) {
+    if !common::require_privileged(&format!("standby_cycle_{backend}")) {
+        return;
+    }
+    let _l = common::lock();
+    let mut d = start(&format!("od-sb-{}", &backend[..1]));
+    let port = common::free_port();
+    d.create_on_demand_with("web", backend, port, 2, &["--standby"]);
+    assert_eq!(d.service("web")["on_demand"]["standby"], true);
+    d.ok(&["service", "prebake", "web"]);
+
+    // A restored instance held at its stop point: stopped, never listened,
+    // its memory told; the daemon serves the port beside it.
+    let held = wait_standby(&d, "web", None);
+    let svc = d.service("web");
+    assert_eq!(svc["on_demand"]["state"], "standby", "{svc}");
+    assert_eq!(svc["generation"], 1, "{svc}");
+    assert!(
+        svc["on_demand"]["standby_rss_kib"]
+            .as_u64()
+            .is_some_and(|k| k > 1024),
+        "the standby's RSS is shown: {svc}"
+    );
+    assert!(
+        d.ok(&["service", "list"]).contains("RSS"),
+        "service list shows what the standby costs"
+    );
+    assert_eq!(task_state(held), "T", "the standby is held stopped");
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let listeners = |pid: i64| {
+        miehisto::sockets::tcp_table(i32::try_from(pid).ok())
+            .iter()
+            .filter(|r| r.local == addr && r.state == miehisto::sockets::TCP_LISTEN)
+            .count()
+    };
+    assert_eq!(listeners(held), 1, "only the daemon listens on the port");
+
+    // The first connection only resumes it: the same process answers.
+    let (code, body) = get_from([127, 0, 0, 7], port).expect("the first client is answered");
+    assert_eq!(code, 200, "{body}");
+    let svc = d.service("web");
+    assert_eq!(svc["state"], "running", "{svc}");
+    assert_eq!(
+        svc["pid"].as_i64(),
+        Some(held),
+        "resumed, not restored anew"
+    );
+    assert_eq!(svc["on_demand"]["activations"], 1, "{svc}");
+    assert!(
+        d.stdout_log("web")
+            .lines()
+            .any(|l| l.contains("request n=1 client=127.0.0.7")),
+        "the service saw the client's own address"
+    );
+
+    // Idle: it is stopped and a new standby is made from the same image.
+    let held2 = wait_standby(&d, "web", Some(held));
+    assert_eq!(task_state(held2), "T");
+
+    // 50 concurrent clients at the standby: all answered by one resume.
+    let lost = burst(50, port);
+    assert!(lost.is_empty(), "{} of 50 lost: {lost:?}", lost.len());
+    let svc = d.service("web");
+    assert_eq!(svc["pid"].as_i64(), Some(held2), "{svc}");
+    assert_eq!(svc["on_demand"]["activations"], 2, "{svc}");
+
+    let stats = d.json(&["service", "stats", "web"]);
+    assert_eq!(stats["info"]["activations"], 2, "{stats}");
+    assert_eq!(stats["info"]["failures"], 0, "{stats}");
+    assert_eq!(
+        stats["latencies_ms"].as_array().map(|a| a.len()),
+        Some(2),
+        "{stats}"
+    );
+    let m = d.metrics();
+    assert!(
+        m.contains("miehisto_ondemand_activations_total{service=\"web\"} 2"),
+        "{m}"
+    );
+    eprintln!(
+        "{backend} standby: activation latencies {}",
+        stats["latencies_ms"]
+    );
+
+    // A daemon restart keeps the held standby and serves its port again.
+    let held3 = wait_standby(&d, "web", Some(held2));
+    d.stop_daemon(nix::sys::signal::Signal::SIGTERM);
+    d.restart_daemon();
+    d.wait_state("web", "standby", Duration::from_secs(10));
+    assert_eq!(d.service("web")["pid"].as_i64(), Some(held3));
+    assert_eq!(get_from([127, 0, 0, 1], port).expect("answers").0, 200);
+    assert_eq!(d.service("web")["pid"].as_i64(), Some(held3));
+
+    // Made plain on-demand: no standby is kept, the port still waits.
+    d.ok(&[
+        "service",
+        "set",
+        "web",
+        "--on-demand",
+        "--idle-timeout",
+        "1",
+    ]);
+    wait_zero(&d, "web");
+}
+
+#[test]
+fn standby_cycle_trace() {
+    standby_cycle("trace");
+}
+
+#[test]
+fn standby_cycle_notify() {
+    standby_cycle("notify");
 }

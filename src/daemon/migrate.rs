@@ -342,7 +342,13 @@ fn receive(
     let image = staged.publish(&md)?;
     log::info!("{name}: migrated image published at {}", image.display());
     // A failed restore leaves the published generation as it is.
-    let sup = s.restore(&name, &rec.config, gen, RestoreAs::Running)?;
+    let sup = s.restore(
+        &name,
+        &rec.config,
+        gen,
+        RestoreAs::Running,
+        super::service::STEP_TIMEOUT,
+    )?;
     s.watch(&name, Some(sup));
     let _ = s.update(&name, |r| r.last_exit = None);
     drop(g);

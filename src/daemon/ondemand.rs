@@ -524,6 +524,14 @@ impl Services {
                 {
                     i.listeners.clear();
                 }
+                if i.addrs.is_empty() {
+                    // Armed while it runs (`service set`, a daemon
+                    // restart): its ports are the image's.
+                    drop(i);
+                    let addrs = addresses(self, name, &cfg).unwrap_or_default();
+                    i = lock(&slot.inner);
+                    i.addrs = addrs;
+                }
                 let ports: Vec<u16> = i.addrs.iter().map(|a| a.port()).collect();
                 drop(i);
                 if ports.is_empty() || sockets::open_connections(&rows, &ports) > 0 {

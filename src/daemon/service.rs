@@ -46,7 +46,10 @@ use std::time::{Duration, Instant};
 
 /// The longest a runmh step may take before the daemon gives up on it
 /// (runmh has its own, shorter limits for the stop point and CRIU).
-const STEP_TIMEOUT: Duration = Duration::from_secs(600);
+pub(super) const STEP_TIMEOUT: Duration = Duration::from_secs(600);
+/// The longest an on-demand restore may take before its waiting clients
+/// are closed and the activation counts as failed (a hung restore).
+const ACTIVATION_TIMEOUT: Duration = Duration::from_secs(30);
 /// Scratch space of image transfers, under the state directory (the same
 /// file system as the image store, so a pulled image moves in by rename).
 const SCRATCH: &str = "tmp";
@@ -767,12 +770,24 @@ impl Services {
         &self,
         name: &str,
         op: &'static str,
+        c: Command,
+        expect: Expect,
+    ) -> Result<StepReport, ServiceError> {
+        self.run_step_within(name, op, c, expect, STEP_TIMEOUT)
+    }
+
+    /// [`Self::run_step`], interrupted after `limit`.
+    fn run_step_within(
+        &self,
+        name: &str,
+        op: &'static str,
         mut c: Command,
         expect: Expect,
+        limit: Duration,
     ) -> Result<StepReport, ServiceError> {
         let offset = self.attach_log(name, op, &mut c)?;
         let pid = self.children.spawn(&mut c)?;
-        match self.children.wait(pid, STEP_TIMEOUT) {
+        match self.children.wait(pid, limit) {
             Some(s) => self.outcome(name, op, offset, Some(s), expect),
             None => {
                 // runmh cleans up (its staging directory, the service) on SIGTERM.
@@ -783,7 +798,7 @@ impl Services {
                 Err(ServiceError::Timeout {
                     op,
                     name: name.into(),
-                    secs: STEP_TIMEOUT.as_secs(),
+                    secs: limit.as_secs(),
                     log: self.runmh_log(name),
                 })
             }
@@ -910,7 +925,9 @@ impl Services {
         let _pause =
             (image.is_none() && rec.config.on_demand.is_some()).then(|| self.ondemand.pause(name));
         let sup = match image {
-            Some((gen, _)) => self.restore(name, &rec.config, gen, RestoreAs::Running)?,
+            Some((gen, _)) => {
+                self.restore(name, &rec.config, gen, RestoreAs::Running, STEP_TIMEOUT)?
+            }
             None => self.start_cold(name, &rec.config)?,
         };
         lock(&self.watched).insert(name.to_string(), sup);
@@ -943,7 +960,7 @@ impl Services {
             .ok_or_else(|| ServiceError::BadSpec(format!("{name} has no image; prebake it")))?;
         let path = self.store.generation_path(name, gen);
         Metadata::read(&path).map_err(|source| ServiceError::Unrestorable { path, source })?;
-        let sup = self.restore(name, &rec.config, gen, how)?;
+        let sup = self.restore(name, &rec.config, gen, how, ACTIVATION_TIMEOUT)?;
         lock(&self.watched).insert(name.to_string(), sup);
         let _ = self.update(name, |r| r.last_exit = None);
         drop(g);
@@ -986,6 +1003,7 @@ impl Services {
         cfg: &ServiceConfig,
         gen: u64,
         how: RestoreAs,
+        limit: Duration,
     ) -> Result<i32, ServiceError> {
         let mut c = self.runmh(name, &cfg.cwd);
         c.arg("restore")
@@ -1001,7 +1019,7 @@ impl Services {
             c.arg("--hold");
         }
         c.arg(format!("--stop-timeout={}", self.cfg.stop_timeout));
-        match self.run_step(name, "restore", c, Expect::Running)? {
+        match self.run_step_within(name, "restore", c, Expect::Running, limit)? {
             StepReport::Running { supervisor_pid, .. } => Ok(supervisor_pid.raw()),
             // `outcome` let only a running report through.
             other => Err(ServiceError::Runmh {
