@@ -22,6 +22,7 @@ fn args(workloads: &[&str]) -> BenchArgs {
         keep: false,
         prebake_env: Vec::new(),
         migrate: false,
+        on_demand: false,
     }
 }
 
@@ -219,5 +220,82 @@ fn bench_rejects_an_unknown_workload_clearly() {
         bench::cli(&a, common::criu_path().as_deref(), &state),
         Err(BenchError::NoRuns)
     ));
+    std::fs::remove_dir_all(&state).expect("remove the state dir");
+}
+
+/// `bench --on-demand --runs 1 --workload python`: its own daemon, every
+/// row measured once, the on-demand targets with a ratio and a verdict,
+/// nothing left behind.
+#[test]
+fn bench_on_demand_smoke() {
+    let _g = common::lock();
+    if !common::require_privileged("bench_on_demand_smoke") {
+        return;
+    }
+    let state = common::temp_dir("bench-od");
+    let json = state.join("out").join("od.json");
+    let svg = state.join("out").join("od.svg");
+    let mut a = args(&["python"]);
+    a.on_demand = true;
+    a.load_secs = 0;
+    a.json = Some(json.clone());
+    a.svg = Some(svg.clone());
+    let code = bench::cli(&a, common::criu_path().as_deref(), &state).expect("the benchmark runs");
+    let report: serde_json::Value =
+        serde_json::from_str(&common::read(&json)).expect("the JSON report parses");
+    let w = &report["workloads"][0];
+    assert_eq!(w["name"], "python");
+    assert_eq!(
+        w["errors"].as_array().map(|e| e.len()),
+        Some(0),
+        "failed measurements: {}",
+        w["errors"]
+    );
+    assert_eq!(code, 0);
+    let series = w["series"].as_array().expect("series");
+    assert_eq!(series.len(), bench::ondemand::KINDS.len(), "{series:?}");
+    for s in series {
+        let st = &s["stats"];
+        assert_eq!(st["n"], 1, "{} measured once: {s}", s["key"]);
+        let v = st["median"].as_f64().unwrap_or(f64::NAN);
+        // Lost connections may be 0; every time and size is positive.
+        let counted = s["key"] == "ondemand_lost";
+        assert!(
+            v.is_finite() && (v > 0.0 || (counted && v == 0.0)),
+            "{} is a real number: {s}",
+            s["key"]
+        );
+        assert_eq!(st["p95"], st["median"], "one sample: p95 = median");
+    }
+    let targets = report["targets"].as_array().expect("targets");
+    let names: Vec<&str> = targets.iter().filter_map(|t| t["name"].as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "on-demand at zero / runmh restore",
+            "connections lost at activation (worst run)"
+        ],
+        "python has the general on-demand targets (the standby one is Django's)"
+    );
+    for t in targets {
+        assert!(
+            t["ratio"].as_f64().is_some_and(f64::is_finite),
+            "a value: {t}"
+        );
+        assert!(t["verdict"] == "PASS" || t["verdict"] == "MISS", "{t}");
+    }
+    let chart = common::read(&svg);
+    assert!(chart.starts_with("<svg") && chart.contains("on-demand --standby"));
+    assert!(
+        miehisto::instance::Instance::list(&state).is_empty(),
+        "no instance left"
+    );
+    assert!(
+        !std::env::temp_dir()
+            .join(format!("mho{}", std::process::id()))
+            .exists(),
+        "the benchmark's daemon directory is removed"
+    );
+    assert!(common::mounts_under(&state).is_empty());
     std::fs::remove_dir_all(&state).expect("remove the state dir");
 }

@@ -18,6 +18,7 @@ pub mod floor;
 pub mod load;
 pub mod measure;
 pub mod migrate;
+pub mod ondemand;
 pub mod report;
 pub mod workloads;
 
@@ -64,8 +65,13 @@ pub struct BenchArgs {
     pub prebake_env: Vec<String>,
     /// Measure live-migration downtime between two hosts made of network
     /// namespaces, against a local restore (default workload: django).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "migrate")]
     pub migrate: bool,
+    /// Measure on-demand services: first connection at zero (and with
+    /// --standby) -> first response, beside cold boot, runmh restore and
+    /// bare criu restore, and the connections lost in a burst at zero.
+    #[arg(long)]
+    pub on_demand: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -365,18 +371,66 @@ pub fn cli(args: &BenchArgs, criu: Option<&Path>, state_dir: &Path) -> Result<i3
     );
     let mut reports = Vec::new();
     for wl in &wls {
-        reports.push(WorkloadReport::new(wl.name, wl.about, free_port()?));
+        reports.push(if args.on_demand {
+            WorkloadReport::with_kinds(wl.name, wl.about, free_port()?, ondemand::KINDS)
+        } else {
+            WorkloadReport::new(wl.name, wl.about, free_port()?)
+        });
     }
     let mut failed = false;
-    let empty = match floor::Empty::prebake(&ctx) {
-        Ok(e) => Some(e),
-        Err(e) => {
-            eprintln!("bench: no floor: the empty payload could not be prebaked: {e}");
-            failed = true;
-            None
+    if args.on_demand {
+        for (wl, rep) in wls.iter().zip(reports.iter_mut()) {
+            let setup = match ondemand::setup(&ctx, wl, rep.port, args.keep) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("bench: {} on-demand set-up: {e}", wl.name);
+                    rep.errors.push(format!("set-up: {e}"));
+                    failed = true;
+                    continue;
+                }
+            };
+            for run in 0..args.warmup + args.runs {
+                let count = run >= args.warmup;
+                eprintln!(
+                    "bench: {} on-demand {}",
+                    wl.name,
+                    if count {
+                        format!("run {}/{}", run - args.warmup + 1, args.runs)
+                    } else {
+                        "warm-up".into()
+                    }
+                );
+                if let Err(e) = ondemand::one_run(&ctx, &setup, wl, rep.port, run, rep, count) {
+                    eprintln!(
+                        "bench: {} on-demand run {run}: {e} (daemon log: {})",
+                        wl.name,
+                        ondemand::daemon_log(&setup).display()
+                    );
+                    rep.errors.push(format!("run {run}: {e}"));
+                    failed = true;
+                    break;
+                }
+            }
+        }
+    }
+    let empty = if args.on_demand {
+        None
+    } else {
+        match floor::Empty::prebake(&ctx) {
+            Ok(e) => Some(e),
+            Err(e) => {
+                eprintln!("bench: no floor: the empty payload could not be prebaked: {e}");
+                failed = true;
+                None
+            }
         }
     };
-    for run in 0..args.warmup + args.runs {
+    let runs = if args.on_demand {
+        0
+    } else {
+        args.warmup + args.runs
+    };
+    for run in 0..runs {
         let count = run >= args.warmup;
         for (wl, rep) in wls.iter().zip(reports.iter_mut()) {
             let label = if count {

@@ -53,11 +53,48 @@ kinds! {
     FLOOR = "floor_ms", "floor: fixed cost + trace image pages at copy rate", "ms", true;
 }
 
+// `mhctl bench --on-demand`'s own series (see [`super::ondemand`]); not in
+// [`ALL`], which is the main benchmark's table.
+pub const OD_ZERO: Kind = Kind {
+    key: "ondemand_zero_ms",
+    label: "on-demand at zero: connect -> first response",
+    unit: "ms",
+    chart: true,
+};
+pub const OD_STANDBY: Kind = Kind {
+    key: "ondemand_standby_ms",
+    label: "on-demand --standby: connect -> first response",
+    unit: "ms",
+    chart: true,
+};
+pub const OD_STANDBY_RSS: Kind = Kind {
+    key: "standby_rss_mib",
+    label: "RSS of the held --standby instance",
+    unit: "MiB",
+    chart: false,
+};
+pub const OD_LOST: Kind = Kind {
+    key: "ondemand_lost",
+    label: "connections lost, burst of 50 clients at zero",
+    unit: "conns",
+    chart: false,
+};
+
+/// Every kind of either benchmark.
+fn kind_of(key: &str) -> Option<Kind> {
+    ALL.iter()
+        .chain(super::ondemand::KINDS)
+        .find(|k| k.key == key)
+        .copied()
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Stats {
     pub n: usize,
     pub min: f64,
     pub median: f64,
+    /// Nearest rank: the smallest sample with 95 % at or below it.
+    pub p95: f64,
     pub max: f64,
 }
 
@@ -74,10 +111,12 @@ impl Stats {
         } else {
             (v[n / 2 - 1] + v[n / 2]) / 2.0
         };
+        let rank = (95 * n).div_ceil(100).clamp(1, n);
         Some(Stats {
             n,
             min: v[0],
             median,
+            p95: v[rank - 1],
             max: v[n - 1],
         })
     }
@@ -106,7 +145,12 @@ pub struct WorkloadReport {
 
 impl WorkloadReport {
     pub fn new(name: &str, about: &str, port: u16) -> WorkloadReport {
-        let series = ALL
+        Self::with_kinds(name, about, port, ALL)
+    }
+
+    /// A report of only these series (`bench --on-demand`).
+    pub fn with_kinds(name: &str, about: &str, port: u16, kinds: &[Kind]) -> WorkloadReport {
+        let series = kinds
             .iter()
             .map(|k| Series {
                 key: k.key,
@@ -148,6 +192,10 @@ impl WorkloadReport {
             .map(|s| s.median)
     }
 
+    pub fn has(&self, kind: Kind) -> bool {
+        self.series.iter().any(|s| s.key == kind.key)
+    }
+
     pub fn stats(&self, kind: Kind) -> Option<&Stats> {
         self.series
             .iter()
@@ -183,7 +231,8 @@ pub struct Target {
     pub workload: String,
     pub name: &'static str,
     pub numerator: &'static str,
-    pub denominator: &'static str,
+    /// None: the target is on the numerator's worst run itself (a count).
+    pub denominator: Option<&'static str>,
     pub ratio: Option<f64>,
     /// ">=" or "<=".
     pub op: &'static str,
@@ -194,7 +243,8 @@ pub struct Target {
 struct TargetDef {
     name: &'static str,
     num: Kind,
-    den: Kind,
+    /// None: the numerator's max over the runs against the goal.
+    den: Option<Kind>,
     op: &'static str,
     goal: f64,
     /// Only for this workload (None: every workload).
@@ -205,7 +255,7 @@ const TARGETS: &[TargetDef] = &[
     TargetDef {
         name: "cold boot / runmh restore",
         num: COLD_RUNMH,
-        den: RESTORE_TRACE,
+        den: Some(RESTORE_TRACE),
         op: ">=",
         goal: 10.0,
         only: Some("django"),
@@ -213,7 +263,7 @@ const TARGETS: &[TargetDef] = &[
     TargetDef {
         name: "cold boot / runmh restore",
         num: COLD_RUNMH,
-        den: RESTORE_TRACE,
+        den: Some(RESTORE_TRACE),
         op: ">=",
         goal: 10.0,
         only: Some(super::workloads::HEAVY),
@@ -221,7 +271,7 @@ const TARGETS: &[TargetDef] = &[
     TargetDef {
         name: "cold boot / runmh restore (moonshot)",
         num: COLD_RUNMH,
-        den: RESTORE_TRACE,
+        den: Some(RESTORE_TRACE),
         op: ">=",
         goal: 20.0,
         only: Some(super::workloads::HEAVY),
@@ -229,7 +279,7 @@ const TARGETS: &[TargetDef] = &[
     TargetDef {
         name: "runmh restore / bare criu restore",
         num: RESTORE_NOTIFY,
-        den: BARE,
+        den: Some(BARE),
         op: "<=",
         goal: 1.08,
         only: None,
@@ -237,7 +287,7 @@ const TARGETS: &[TargetDef] = &[
     TargetDef {
         name: "runmh restore (trace) / floor",
         num: RESTORE_TRACE,
-        den: FLOOR,
+        den: Some(FLOOR),
         op: "<=",
         goal: 2.0,
         only: Some("django"),
@@ -245,7 +295,7 @@ const TARGETS: &[TargetDef] = &[
     TargetDef {
         name: "req/s TRACE-supervised / without runmh",
         num: RPS_TRACE,
-        den: RPS_PLAIN,
+        den: Some(RPS_PLAIN),
         op: ">=",
         goal: 0.97,
         only: None,
@@ -253,9 +303,33 @@ const TARGETS: &[TargetDef] = &[
     TargetDef {
         name: "prebake time to stop / plain boot to listen",
         num: PREBAKE_TRACE_STOP,
-        den: PLAIN_LISTEN,
+        den: Some(PLAIN_LISTEN),
         op: "<=",
         goal: 1.15,
+        only: None,
+    },
+    TargetDef {
+        name: "on-demand at zero / runmh restore",
+        num: OD_ZERO,
+        den: Some(RESTORE_TRACE),
+        op: "<=",
+        goal: 1.2,
+        only: None,
+    },
+    TargetDef {
+        name: "cold boot / on-demand --standby",
+        num: COLD_RUNMH,
+        den: Some(OD_STANDBY),
+        op: ">=",
+        goal: 30.0,
+        only: Some("django"),
+    },
+    TargetDef {
+        name: "connections lost at activation (worst run)",
+        num: OD_LOST,
+        den: None,
+        op: "<=",
+        goal: 0.0,
         only: None,
     },
 ];
@@ -280,6 +354,12 @@ const INFO: &[(&str, Kind, Kind)] = &[
     ),
     ("runmh restore (trace) / floor", RESTORE_TRACE, FLOOR),
     ("bare criu restore / floor", BARE, FLOOR),
+    (
+        "on-demand --standby / runmh restore",
+        OD_STANDBY,
+        RESTORE_TRACE,
+    ),
+    ("cold boot / on-demand at zero", COLD_RUNMH, OD_ZERO),
 ];
 
 /// Pairs measured side by side in every run: the median of the per-run
@@ -324,10 +404,15 @@ pub fn targets(w: &WorkloadReport) -> Vec<Target> {
     TARGETS
         .iter()
         .filter(|t| t.only.map_or(true, |o| o == w.name))
+        // A target of the other benchmark's series is not this report's.
+        .filter(|t| w.has(t.num) && t.den.map_or(true, |d| w.has(d)))
         .map(|t| {
-            let ratio = match (w.median(t.num), w.median(t.den)) {
-                (Some(a), Some(b)) if b > 0.0 => Some(a / b),
-                _ => None,
+            let ratio = match t.den {
+                Some(den) => match (w.median(t.num), w.median(den)) {
+                    (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+                    _ => None,
+                },
+                None => w.stats(t.num).map(|s| s.max),
             };
             let verdict = match ratio {
                 None => Verdict::NotMeasured,
@@ -340,7 +425,7 @@ pub fn targets(w: &WorkloadReport) -> Vec<Target> {
                 workload: w.name.clone(),
                 name: t.name,
                 numerator: t.num.key,
-                denominator: t.den.key,
+                denominator: t.den.map(|d| d.key),
                 ratio,
                 op: t.op,
                 goal: t.goal,
@@ -389,27 +474,28 @@ impl Report {
             let _ = writeln!(out, "\n== {} — {} (port {})", w.name, w.about, w.port);
             let _ = writeln!(
                 out,
-                "{:<58} {:>6} {:>9} {:>9} {:>9}",
-                "measurement", "unit", "min", "median", "max"
+                "{:<58} {:>6} {:>9} {:>9} {:>9} {:>9}",
+                "measurement", "unit", "min", "median", "p95", "max"
             );
             for s in &w.series {
                 match &s.stats {
                     Some(st) => {
                         let _ = writeln!(
                             out,
-                            "{:<58} {:>6} {:>9} {:>9} {:>9}",
+                            "{:<58} {:>6} {:>9} {:>9} {:>9} {:>9}",
                             s.label,
                             s.unit,
                             fmt_num(st.min),
                             fmt_num(st.median),
+                            fmt_num(st.p95),
                             fmt_num(st.max)
                         );
                     }
                     None => {
                         let _ = writeln!(
                             out,
-                            "{:<58} {:>6} {:>9} {:>9} {:>9}",
-                            s.label, s.unit, "-", "-", "-"
+                            "{:<58} {:>6} {:>9} {:>9} {:>9} {:>9}",
+                            s.label, s.unit, "-", "-", "-", "-"
                         );
                     }
                 }
@@ -471,7 +557,14 @@ impl Report {
     /// bars at the median with min-max whiskers, its own linear scale, the
     /// targets underneath.
     pub fn svg(&self) -> String {
-        let kinds: Vec<Kind> = ALL.iter().copied().filter(|k| k.chart).collect();
+        // Each panel draws its own report's time series.
+        let kinds_of = |w: &WorkloadReport| -> Vec<Kind> {
+            w.series
+                .iter()
+                .filter_map(|s| kind_of(s.key))
+                .filter(|k| k.chart)
+                .collect()
+        };
         let colors = [
             "#8c564b", "#bcbd22", "#7f7f7f", "#1f77b4", "#17becf", "#2ca02c",
         ];
@@ -481,6 +574,7 @@ impl Report {
         let mut y = 72.0;
         let mut body = String::new();
         for w in &self.workloads {
+            let kinds = kinds_of(w);
             let tg = targets(w);
             let max = kinds
                 .iter()

@@ -1,0 +1,376 @@
+//! `mhctl bench --on-demand`: what a client at zero waits for, side by side
+//! with the ways of starting the same server by hand.
+//!
+//! Per workload, a miehistod of the benchmark's own (scratch state dir,
+//! loopback only) holds two on-demand services of the workload, prebaked
+//! by it with the TRACE backend: `od` (plain: nothing runs at zero) and
+//! `sb` (`--standby`: one restored instance held at its stop point). Both
+//! have a one-second idle timeout, so each goes back to zero (or to a
+//! fresh standby) between measurements. Each run, interleaved:
+//! * on-demand at zero: one client connects to `od`'s port and sends a GET
+//!   while nothing runs → its 200 (median and p95 over the runs);
+//! * `--standby`: the same against `sb`, and the standby's RSS before it;
+//! * cold boot under `runmh run`, `runmh restore` of a TRACE image, and a
+//!   bare `criu restore -d` of a NOTIFY image → first response, as the
+//!   main benchmark measures them ([`super::measure`]);
+//! * a burst of 50 concurrent clients at `od`'s zero: how many got no 200.
+//!
+//! The first three are from the client's side: connect → the whole 200.
+
+use super::measure::{millis, Ctx};
+use super::report::{self, Kind, WorkloadReport};
+use super::workloads::Workload;
+use super::BenchError;
+use crate::daemon::api::{self, OnDemandState, Reply, Request, ServiceInfo};
+use crate::daemon::client::Client;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Concurrent clients of the burst at zero.
+pub const BURST: usize = 50;
+const OD: &str = "od";
+const SB: &str = "sb";
+
+fn fail(what: impl Into<String>, port: u16, detail: impl std::fmt::Display) -> BenchError {
+    BenchError::NoResponse {
+        what: what.into(),
+        port,
+        detail: detail.to_string(),
+    }
+}
+
+/// The benchmark's own daemon; dropping it ends the daemon and every
+/// service it started (their records are under its state dir).
+struct Daemon {
+    dir: PathBuf,
+    socket: PathBuf,
+    child: Option<Child>,
+    keep: bool,
+}
+
+impl Daemon {
+    fn start(ctx: &Ctx, keep: bool) -> Result<Daemon, BenchError> {
+        // Short: runmh's control sockets under the state dir must fit a
+        // UNIX socket path.
+        let dir = std::env::temp_dir().join(format!("mho{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|source| BenchError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let exe = ctx
+            .runmh
+            .parent()
+            .map(|d| d.join("miehistod"))
+            .filter(|p| p.is_file())
+            .ok_or_else(|| {
+                fail(
+                    "miehistod",
+                    0,
+                    format!("no miehistod beside {}", ctx.runmh.display()),
+                )
+            })?;
+        let log_path = dir.join("miehistod.log");
+        let io = |source| BenchError::Io {
+            path: log_path.clone(),
+            source,
+        };
+        let log = std::fs::File::create(&log_path).map_err(io)?;
+        let err = log.try_clone().map_err(io)?;
+        let socket = dir.join("d.sock");
+        let child = Command::new(&exe)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.join("s"))
+            .arg("--runmh")
+            .arg(&ctx.runmh)
+            .arg("--criu")
+            .arg(&ctx.criu.path)
+            .arg("--stop-timeout=1")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .map_err(|source| BenchError::Spawn {
+                what: exe.display().to_string(),
+                source,
+            })?;
+        let me = Daemon {
+            dir,
+            socket,
+            child: Some(child),
+            keep,
+        };
+        let t0 = Instant::now();
+        while me.client().call(&Request::Ping).is_err() {
+            if t0.elapsed() > Duration::from_secs(20) {
+                return Err(fail(
+                    "miehistod",
+                    0,
+                    format!(
+                        "did not answer within 20 s: {}",
+                        super::measure::last_lines(&log_path, 2)
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(me)
+    }
+
+    fn client(&self) -> Client {
+        Client::new(&self.socket)
+    }
+
+    fn call(&self, req: &Request, what: &str) -> Result<Reply, BenchError> {
+        self.client()
+            .call(req)
+            .map_err(|e| fail(what, 0, crate::error_chain(&e)))
+    }
+
+    fn info(&self, name: &str) -> Result<ServiceInfo, BenchError> {
+        match self.call(&Request::ServiceList, "service list")? {
+            Reply::Services { services } => services
+                .into_iter()
+                .find(|s| s.name == name)
+                .ok_or_else(|| fail("service list", 0, format!("no service {name}"))),
+            other => Err(fail(
+                "service list",
+                0,
+                format!("unexpected reply {other:?}"),
+            )),
+        }
+    }
+
+    /// Waits until `name` is in on-demand state `want` (waiting: with no
+    /// process left; standby: the instance held).
+    fn wait(
+        &self,
+        name: &str,
+        want: OnDemandState,
+        timeout: Duration,
+    ) -> Result<ServiceInfo, BenchError> {
+        let t0 = Instant::now();
+        loop {
+            let info = self.info(name)?;
+            let state = info.on_demand.as_ref().map(|o| o.state);
+            let settled = match want {
+                OnDemandState::Waiting => info.pid.is_none(),
+                OnDemandState::Standby => info.state == api::ServiceState::Standby,
+                _ => true,
+            };
+            if state == Some(want) && settled {
+                return Ok(info);
+            }
+            if t0.elapsed() > timeout {
+                return Err(fail(
+                    format!("on-demand service {name}"),
+                    0,
+                    format!(
+                        "not {} after {} s (it is {})",
+                        want.as_str(),
+                        timeout.as_secs(),
+                        state.map(OnDemandState::as_str).unwrap_or("not on-demand")
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn create(
+        &self,
+        name: &str,
+        wl: &Workload,
+        port: u16,
+        standby: bool,
+    ) -> Result<(), BenchError> {
+        self.call(
+            &Request::ServiceCreate(api::CreateService {
+                name: name.into(),
+                command: wl.command(port),
+                env: Vec::new(),
+                cwd: wl.cwd.clone(),
+                backend: "trace".into(),
+                stop_at: api::default_stop_at(),
+                force: false,
+                on_demand: Some(api::OnDemandConfig {
+                    idle_timeout_secs: 1,
+                    standby,
+                    listen: Vec::new(),
+                }),
+            }),
+            "service create",
+        )?;
+        self.call(
+            &Request::ServicePrebake(api::Named { name: name.into() }),
+            &format!("service prebake {name}"),
+        )?;
+        Ok(())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // The services outlive a daemon by design: end them here.
+        let runmh_state = self.dir.join("s").join("runmh");
+        for _ in 0..50 {
+            let pids: Vec<i32> = crate::instance::Instance::list(&runmh_state)
+                .into_iter()
+                .flat_map(|(_, r)| [r.root_pid, r.supervisor_pid])
+                .filter(|&p| p > 0 && crate::sys::procfs::alive(nix::unistd::Pid::from_raw(p)))
+                .collect();
+            if pids.is_empty() {
+                break;
+            }
+            for p in pids {
+                let _ = crate::sys::kill(nix::unistd::Pid::from_raw(p), nix::libc::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// One client: connect, GET, read the whole answer; the time to its end
+/// when it was a 200.
+fn one_get(port: u16, path: &str, timeout: Duration) -> Result<Duration, String> {
+    let t0 = Instant::now();
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("write: {e}"))?;
+    let mut buf = Vec::with_capacity(1024);
+    s.read_to_end(&mut buf).map_err(|e| format!("read: {e}"))?;
+    let head = String::from_utf8_lossy(&buf[..buf.len().min(64)]).into_owned();
+    match head.split_whitespace().nth(1) {
+        Some("200") => Ok(t0.elapsed()),
+        Some(code) => Err(format!("HTTP status {code}")),
+        None => Err("closed without an answer".into()),
+    }
+}
+
+/// `n` clients at once; how many got no 200.
+fn burst(n: usize, port: u16, path: &'static str, timeout: Duration) -> usize {
+    let threads: Vec<_> = (0..n)
+        .map(|_| std::thread::spawn(move || one_get(port, path, timeout)))
+        .collect();
+    threads
+        .into_iter()
+        .map(|t| t.join())
+        .filter(|r| !matches!(r, Ok(Ok(_))))
+        .count()
+}
+
+/// The series of an on-demand report, in table order.
+pub const KINDS: &[Kind] = &[
+    report::COLD_RUNMH,
+    report::RESTORE_TRACE,
+    report::BARE,
+    report::OD_ZERO,
+    report::OD_STANDBY,
+    report::OD_STANDBY_RSS,
+    report::OD_LOST,
+];
+
+/// The images the side-by-side restores use.
+pub struct Images {
+    pub trace: PathBuf,
+    pub notify: PathBuf,
+}
+
+/// Everything one workload needs across runs: its daemon and services.
+pub struct Setup {
+    daemon: Daemon,
+    od_port: u16,
+    sb_port: u16,
+    images: Images,
+}
+
+/// Prebakes the images and makes the daemon's two services.
+pub fn setup(ctx: &Ctx, wl: &Workload, port: u16, keep: bool) -> Result<Setup, BenchError> {
+    let dir = ctx.work.join("images");
+    let images = Images {
+        trace: dir.join(format!("{}-trace", wl.name)),
+        notify: dir.join(format!("{}-notify", wl.name)),
+    };
+    ctx.prebake(wl, port, "trace", &images.trace, wl.name)?;
+    ctx.prebake(wl, port, "notify", &images.notify, wl.name)?;
+    let daemon = Daemon::start(ctx, keep)?;
+    let (od_port, sb_port) = (super::free_port()?, super::free_port()?);
+    daemon.create(OD, wl, od_port, false)?;
+    daemon.create(SB, wl, sb_port, true)?;
+    Ok(Setup {
+        daemon,
+        od_port,
+        sb_port,
+        images,
+    })
+}
+
+/// One run of every measurement (`count`: recorded, not a warm-up).
+pub fn one_run(
+    ctx: &Ctx,
+    s: &Setup,
+    wl: &Workload,
+    port: u16,
+    run: u32,
+    rep: &mut WorkloadReport,
+    count: bool,
+) -> Result<(), BenchError> {
+    let push = |rep: &mut WorkloadReport, k: Kind, v: Option<f64>| {
+        if count {
+            rep.push(k, v)
+        }
+    };
+    let settle = ctx.timeout.max(Duration::from_secs(30));
+    let tag = format!("od-{}-{run}", wl.name);
+
+    s.daemon.wait(OD, OnDemandState::Waiting, settle)?;
+    let t = one_get(s.od_port, wl.path, ctx.timeout)
+        .map_err(|e| fail("on-demand at zero", s.od_port, e))?;
+    push(rep, report::OD_ZERO, Some(millis(t)));
+
+    let held = s.daemon.wait(SB, OnDemandState::Standby, settle)?;
+    let rss = held
+        .on_demand
+        .and_then(|o| o.standby_rss_kib)
+        .map(|k| k as f64 / 1024.0);
+    let t = one_get(s.sb_port, wl.path, ctx.timeout)
+        .map_err(|e| fail("on-demand --standby", s.sb_port, e))?;
+    push(rep, report::OD_STANDBY, Some(millis(t)));
+    push(rep, report::OD_STANDBY_RSS, rss);
+
+    // Meanwhile both services go idle again.
+    let cold = ctx.cold_runmh(wl, port, &tag)?;
+    push(rep, report::COLD_RUNMH, Some(millis(cold.first_response)));
+    let r = ctx.runmh_restore(&s.images.trace, port, wl.path, &tag, None)?;
+    push(rep, report::RESTORE_TRACE, Some(millis(r.first_response)));
+    let b = ctx.bare_restore(&s.images.notify, port, wl.path, &tag)?;
+    push(rep, report::BARE, Some(millis(b.first_response)));
+
+    s.daemon.wait(OD, OnDemandState::Waiting, settle)?;
+    let lost = burst(BURST, s.od_port, wl.path, ctx.timeout);
+    push(rep, report::OD_LOST, Some(lost as f64));
+    Ok(())
+}
+
+/// Where the benchmark's daemon logs (for an error message).
+pub fn daemon_log(s: &Setup) -> PathBuf {
+    s.daemon.dir.join("miehistod.log")
+}
