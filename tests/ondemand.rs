@@ -461,7 +461,12 @@ fn wait_standby(d: &Case, name: &str, not: Option<i64>) -> i64 {
     let t0 = Instant::now();
     loop {
         let svc = d.service(name);
-        if svc["state"] == "standby" && svc["pid"].as_i64() != not {
+        // The instance is held a moment before the controller has seen
+        // its restore return.
+        if svc["state"] == "standby"
+            && svc["on_demand"]["state"] == "standby"
+            && svc["pid"].as_i64() != not
+        {
             if let Some(pid) = svc["pid"].as_i64() {
                 return pid;
             }
