@@ -203,6 +203,7 @@ impl Daemon {
                     standby,
                     listen: Vec::new(),
                 }),
+                user: None,
             }),
             "service create",
         )?;
