@@ -143,15 +143,18 @@ struct LogRedirect {
     key: PathBuf,
 }
 
-/// Makes sure what the restored process reopens by path exists: its log
-/// files (O_APPEND, so CRIU does not check their size) and, for NOTIFY
-/// images, the preload library it had mapped. Logs that go to another
-/// directory than the image's are opened here, to be inherited.
-fn prepare_files(md: &Metadata, log_dir: Option<&Path>) -> Result<Vec<LogRedirect>, RestoreError> {
-    let prep = |path: &Path, e: std::io::Error| RestoreError::Prepare {
+fn prep(path: &Path, e: std::io::Error) -> RestoreError {
+    RestoreError::Prepare {
         path: path.to_path_buf(),
         source: e,
-    };
+    }
+}
+
+/// Makes sure the log files the restored process reopens by path exist
+/// (O_APPEND, so CRIU does not check their size). Logs that go to another
+/// directory than the image's are opened here, to be inherited. Only once
+/// the image passed its checks: a refused restore creates nothing.
+fn prepare_logs(md: &Metadata, log_dir: Option<&Path>) -> Result<Vec<LogRedirect>, RestoreError> {
     let mut redirects = Vec::new();
     match log_dir.filter(|d| *d != md.spec.log_dir) {
         None => {
@@ -176,6 +179,12 @@ fn prepare_files(md: &Metadata, log_dir: Option<&Path>) -> Result<Vec<LogRedirec
             }
         }
     }
+    Ok(redirects)
+}
+
+/// For NOTIFY images, makes sure the preload library the process had
+/// mapped exists: before the compatibility check, which compares it.
+fn prepare_preload(md: &Metadata) -> Result<(), RestoreError> {
     if let Some((_, so)) = md.spec.env.iter().find(|(k, _)| k == "LD_PRELOAD") {
         let so = Path::new(so);
         if !so.exists() {
@@ -187,14 +196,14 @@ fn prepare_files(md: &Metadata, log_dir: Option<&Path>) -> Result<Vec<LogRedirec
             }
         }
     }
-    Ok(redirects)
+    Ok(())
 }
 
 /// Starts the restore; returns once the supervisor reports the tree ready.
 pub fn restore(criu: &Criu, opts: &RestoreOpts) -> Result<Restored, RestoreError> {
     let t0 = Instant::now();
     let md = Metadata::read(&opts.images)?;
-    let redirects = prepare_files(&md, opts.log_dir.as_deref())?;
+    prepare_preload(&md)?;
     // Before CRIU runs: a mismatch is one error naming every difference,
     // not a restore failing half-way or a SIGILL after it. First, since
     // another host's difference explains more than a changed file does.
@@ -202,6 +211,7 @@ pub fn restore(criu: &Criu, opts: &RestoreOpts) -> Result<Restored, RestoreError
     // CRIU's restorer trusts the image: a short pages file makes it spin.
     crate::images::verify::verify(&opts.images, &md.files)?;
     let images = absolute_images(opts)?;
+    let redirects = prepare_logs(&md, opts.log_dir.as_deref())?;
     let inst = Instance::create(&opts.state_dir)?;
     let mut spec = md.spec.clone();
     if let Some(dir) = opts.log_dir.as_ref().filter(|_| !redirects.is_empty()) {

@@ -122,6 +122,10 @@ fn damaged_images_are_refused_before_criu() {
     let pages = img.join("pages-1.img");
     let good = std::fs::read(&pages).expect("read pages");
     assert!(good.len() > 100_000, "{}", good.len());
+    // A refused restore creates nothing, not even the log directory the
+    // image names (for an image from another host, a path of that host).
+    let logs = md.spec.log_dir.clone();
+    std::fs::remove_dir_all(&logs).expect("remove the image's log directory");
 
     for (what, len) in [("truncated", 100_000u64), ("emptied", 0)] {
         set_len(&pages, len);
@@ -140,6 +144,7 @@ fn damaged_images_are_refused_before_criu() {
             "{what}: the image is left as it was"
         );
         c.assert_clean();
+        assert!(!logs.exists(), "{what}: the refused restore made {logs:?}");
     }
     // Same size, one byte changed: only the recorded checksum sees it.
     let mut bad = good.clone();
@@ -151,6 +156,7 @@ fn damaged_images_are_refused_before_criu() {
         "{line}"
     );
     c.assert_clean();
+    assert!(!logs.exists(), "the refused restore made {logs:?}");
 
     std::fs::write(&pages, &good).expect("restore pages");
     let out = c.restore(&criu, &img, true).output().expect("restore");

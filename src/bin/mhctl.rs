@@ -114,7 +114,8 @@ enum ServiceCmd {
         /// Replace a service whose record is broken, with its images and logs.
         #[arg(long)]
         force: bool,
-        /// Run the service as this user (names or ids; root only).
+        /// Run the service as this user (names or ids). Only root chooses:
+        /// anyone else's services run as themselves.
         #[arg(short = 'u', long = "user", value_name = "USER[:GROUP]")]
         user: Option<String>,
         #[command(flatten)]
@@ -922,6 +923,11 @@ fn print_services(list: &[ServiceInfo]) {
                     None => "0".into(),
                 },
                 s.backend.clone(),
+                match &s.user {
+                    Some(u) => u.clone(),
+                    None if s.state == ServiceState::Broken => "-".into(),
+                    None => "root".into(),
+                },
                 activations,
                 match &s.problem {
                     Some(p) => format!("BROKEN RECORD: {p}"),
@@ -939,6 +945,7 @@ fn print_services(list: &[ServiceInfo]) {
             "UPTIME",
             "IMAGES",
             "BACKEND",
+            "USER",
             "ACTIVATIONS",
             "COMMAND",
         ],

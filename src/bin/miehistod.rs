@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use miehisto::daemon::api::DEFAULT_STATE_DIR;
 use miehisto::daemon::children::Children;
-use miehisto::daemon::server::{self, Access, Server};
+use miehisto::daemon::server::{self, Access, Limits, Server};
 use miehisto::daemon::service::{Services, ServicesConfig};
 use nix::fcntl::{Flock, FlockArg};
 use std::io::Write;
@@ -46,6 +46,10 @@ struct Cli {
     /// restores per service) on GET http://ADDR:PORT/metrics.
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<std::net::SocketAddr>,
+    /// Close a client connection that sends no request for this long.
+    #[arg(long, default_value_t = 300, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    client_idle_timeout: u64,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -180,7 +184,10 @@ fn real_main(cli: Cli) -> Result<()> {
     // On-demand services wait on their ports again (running ones were
     // taken back above and go on counting their idle time).
     services.arm_all();
-    let server = Server::new(services, access);
+    let limits = Limits {
+        idle: std::time::Duration::from_secs(cli.client_idle_timeout),
+    };
+    let server = Server::new(services, access, limits);
     server.serve(listener)?;
     log::info!(
         "miehistod {} (pid {}) listening on {}, state in {}",

@@ -17,7 +17,7 @@
 //! | `op`              | fields                                                        | `result.kind`   |
 //! |-------------------|---------------------------------------------------------------|-----------------|
 //! | `ping`            |                                                               | `pong`          |
-//! | `service.create`  | `name`, `command` [argv], `env` [K=V], `cwd`, `backend` (trace\|notify\|auto), `stop_at` | `service` |
+//! | `service.create`  | `name`, `command` [argv], `env` [K=V], `cwd`, `backend` (trace\|notify\|auto), `stop_at`, `user` (UID[:GID], optional) | `service` |
 //! | `service.prebake` | `name`                                                        | `image`         |
 //! | `service.start`   | `name`, `cold` (bool)                                         | `service`       |
 //! | `service.dump`    | `name`, `leave_running` (bool)                                | `image`         |
@@ -57,6 +57,13 @@
 //!
 //! Unknown fields are refused, so a typo is an error, not a silent default.
 //!
+//! Root's clients see and manage every service. Any other allowed client
+//! (`--allow-uid`, `--allow-gid`) sees only the services it created, which
+//! run as it (its uid and gid from `SO_PEERCRED`); to it, another's
+//! service is `not_found`. It may not bring in images made elsewhere
+//! (`image.pull`, `migrate.receive`: CRIU restores whatever credentials an
+//! image records) nor have the daemon listen on a privileged port.
+//!
 //! `progress` results (`phase`, `done`, `total` bytes) precede the final
 //! reply of the image transfers. `service.logs` is the other streaming
 //! operation: it answers with any
@@ -68,7 +75,8 @@
 //! name), `too_large` (request over the limit; the connection is then
 //! closed), `unsupported_version`, `forbidden` (the peer's uid/gid is not
 //! allowed; the connection is then closed), `not_found`, `exists`,
-//! `conflict` (e.g. starting a running service), `failed` (runmh or CRIU
+//! `conflict` (e.g. starting a running service), `forbidden` also for an
+//! operation only root may ask for, `failed` (runmh or CRIU
 //! failed; the message carries runmh's error line), `unavailable` (too many
 //! connections), `internal`.
 
@@ -227,7 +235,9 @@ pub struct CreateService {
     /// Start on the first connection, go back to zero when idle.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_demand: Option<OnDemandConfig>,
-    /// `USER[:GROUP]` (names or ids) the service runs as; root only.
+    /// `USER[:GROUP]` (names or ids) the service runs as. Root's clients
+    /// may name anyone (none: root); every other client's services run as
+    /// that client, and naming another user is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
 }
@@ -705,6 +715,9 @@ pub struct ServiceInfo {
     pub created_unix_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_demand: Option<Box<OnDemandInfo>>,
+    /// The uid of the client that created it (only it and root see it).
+    #[serde(default)]
+    pub owner_uid: u32,
     /// `USER[:GROUP]` it runs as, when not root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,

@@ -3,7 +3,7 @@
 //! A tiny HTTP/1.0 responder on its own thread: one request per
 //! connection, a 2-second read limit, nothing else served.
 
-use super::service::Services;
+use super::service::{Caller, Services};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
@@ -25,7 +25,10 @@ pub enum MetricsError {
 pub fn render(services: &Services) -> String {
     let mut out = String::new();
     out.push_str("# HELP miehisto_services Services declared in this daemon.\n# TYPE miehisto_services gauge\n");
-    out.push_str(&format!("miehisto_services {}\n", services.names().len()));
+    out.push_str(&format!(
+        "miehisto_services {}\n",
+        services.names(Caller::Root).len()
+    ));
     out.push_str(&services.ondemand_metrics());
     out
 }

@@ -38,8 +38,8 @@ use super::api::{
 };
 use super::children::ExitInfo;
 use super::client::{Client, ClientError, Exchange};
-use super::server::parse_request;
-use super::service::{wait_gone, Expect, RestoreAs, ServiceError, Services};
+use super::server::{parse_request, read_line, LineRead, LINE_DEADLINE};
+use super::service::{wait_gone, Caller, Expect, RestoreAs, ServiceError, Services};
 use crate::control;
 use crate::criu::{Criu, CriuError};
 use crate::images::{Metadata, MetadataError, Staged, StoreError};
@@ -47,7 +47,7 @@ use crate::migrate::{base64_decode, base64_encode, MigrateError, PageServerArgs,
 use crate::sys;
 use nix::libc;
 use nix::unistd::Pid;
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{BufReader, ErrorKind, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -118,35 +118,30 @@ impl MigrationError {
     }
 }
 
-// One per message read, moved once: boxing the request would only add an
-// allocation per chunk.
-#[allow(clippy::large_enum_variant)]
-enum Next {
-    Req(Request),
-    Bad(ApiError),
-    Closed,
-}
-
-/// The next request line of a session.
-fn next_request(reader: &mut BufReader<&UnixStream>) -> Next {
-    let mut line = Vec::new();
-    match reader
-        .take(MAX_REQUEST_BYTES as u64 + 1)
-        .read_until(b'\n', &mut line)
-    {
-        Ok(0) | Err(_) => return Next::Closed,
-        Ok(_) => {}
-    }
-    if line.len() > MAX_REQUEST_BYTES {
-        return Next::Bad(ApiError {
-            code: ErrorCode::TooLarge,
-            message: format!("a session line is larger than {MAX_REQUEST_BYTES} bytes"),
-        });
-    }
-    match parse_request(&line) {
-        Ok(r) => Next::Req(r),
-        Err(e) => Next::Bad(e),
-    }
+/// The next request line of a session: it may begin within
+/// [`SESSION_IDLE`], and must then arrive whole within the line deadline.
+/// `Err(None)`: the client is gone; `Err(Some)`: what to tell it.
+fn next_request(reader: &mut BufReader<&UnixStream>) -> Result<Request, Option<ApiError>> {
+    let line = match read_line(reader, Instant::now() + SESSION_IDLE) {
+        LineRead::Line(l) => l,
+        LineRead::Closed | LineRead::Idle => return Err(None),
+        LineRead::Slow => {
+            return Err(Some(ApiError {
+                code: ErrorCode::BadRequest,
+                message: format!(
+                    "a session line did not arrive whole within {} s of its first byte",
+                    LINE_DEADLINE.as_secs()
+                ),
+            }))
+        }
+        LineRead::TooLarge => {
+            return Err(Some(ApiError {
+                code: ErrorCode::TooLarge,
+                message: format!("a session line is larger than {MAX_REQUEST_BYTES} bytes"),
+            }))
+        }
+    };
+    parse_request(&line).map_err(Some)
 }
 
 fn send(conn: &UnixStream, resp: &Response) -> bool {
@@ -165,13 +160,29 @@ fn io<'a>(
     }
 }
 
-fn work_dir(s: &Services, name: &str, side: &str) -> Result<PathBuf, MigrationError> {
+/// A session's scratch directory, removed however the session ends.
+struct WorkDir(PathBuf);
+
+impl std::ops::Deref for WorkDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn work_dir(s: &Services, name: &str, side: &str) -> Result<WorkDir, MigrationError> {
     let d = s
         .state_dir()
         .join("migrate")
         .join(format!("{name}-{side}-{}", crate::sys::time::unix_ms()));
     std::fs::create_dir_all(&d).map_err(io("create", &d))?;
-    Ok(d)
+    Ok(WorkDir(d))
 }
 
 /// The criu the daemon's runmh uses (runmh checks its version).
@@ -201,8 +212,9 @@ pub(super) fn serve_receive(
     req: MigrateReceive,
     conn: &UnixStream,
     reader: &mut BufReader<&UnixStream>,
+    who: Caller,
 ) -> Option<Response> {
-    match receive(s, req, conn, reader) {
+    match receive(s, req, conn, reader, who) {
         Ok(Some(info)) => Some(Response::ok(Reply::Service(info))),
         Ok(None) => None,
         Err(e) => Some(e.response()),
@@ -234,11 +246,35 @@ fn receive(
     req: MigrateReceive,
     conn: &UnixStream,
     reader: &mut BufReader<&UnixStream>,
+    who: Caller,
+) -> Result<Option<ServiceInfo>, MigrationError> {
+    who.require_root(
+        "migrate.receive",
+        "CRIU restores whatever credentials and memory an image records, so an image made elsewhere would run as anyone",
+    )?;
+    let name = req.service.name.clone();
+    let created = s.exists(&name, who).is_err();
+    if created {
+        s.create(&req.service, who)?;
+    }
+    let r = receive_session(s, req, conn, reader);
+    // A session that published nothing leaves no trace: not even the
+    // service it created for the image that never came.
+    if created && !matches!(r, Ok(Some(_))) && s.store().generations(&name).is_empty() {
+        if let Err(e) = s.delete(&name, who) {
+            log::warn!("{name}: cannot remove the service of an abandoned migration: {e}");
+        }
+    }
+    r
+}
+
+fn receive_session(
+    s: &Services,
+    req: MigrateReceive,
+    conn: &UnixStream,
+    reader: &mut BufReader<&UnixStream>,
 ) -> Result<Option<ServiceInfo>, MigrationError> {
     let name = req.service.name.clone();
-    if s.exists(&name).is_err() {
-        s.create(&req.service)?;
-    }
     let g = s.begin(&name, "migrate in")?;
     let rec = s.record(&name)?;
     if let Some(l) = s.live(&name) {
@@ -263,7 +299,7 @@ fn receive(
     let tls = TlsMaterial::generate(&req.address)?;
     let ps_args = PageServerArgs {
         images_dir: staged.dir.clone(),
-        work_dir: work.clone(),
+        work_dir: work.to_path_buf(),
         log_name: "page-server.log".into(),
         address: req.address.clone(),
         port,
@@ -280,14 +316,13 @@ fn receive(
         ps.pid,
         req.address
     );
-    let _ = conn.set_read_timeout(Some(SESSION_IDLE));
     if !send(conn, &Response::ok(Reply::MigrateListening { port, tls })) {
         return Ok(None);
     }
     let mut received: u64 = 0;
     loop {
         match next_request(reader) {
-            Next::Req(Request::MigrateChunk(c)) => {
+            Ok(Request::MigrateChunk(c)) => {
                 let r = write_chunk(&staged.dir, &c, &mut received);
                 let resp = match r {
                     Ok(()) => Response::ok(Reply::Done {
@@ -302,15 +337,15 @@ fn receive(
                     return Ok(None);
                 }
             }
-            Next::Req(Request::MigrateRestore) => break,
-            Next::Req(other) => {
+            Ok(Request::MigrateRestore) => break,
+            Ok(other) => {
                 return Err(MigrationError::Protocol(format!(
                     "a migrate.receive session takes migrate.chunk or migrate.restore, not {}",
                     other.op()
                 )))
             }
-            Next::Bad(e) => return Err(MigrationError::Protocol(e.message)),
-            Next::Closed => {
+            Err(Some(e)) => return Err(MigrationError::Protocol(e.message)),
+            Err(None) => {
                 log::warn!("{name}: the migration was abandoned before the restore; nothing kept");
                 return Ok(None);
             }
@@ -325,11 +360,16 @@ fn receive(
                 Some(i) => format!("ended: {i}"),
                 None => format!("did not finish within {} s", PAGE_SERVER_WAIT.as_secs()),
             };
-            return Err(MigrationError::PageServerEnded {
-                how,
-                line: crate::criu::log::decisive_line_of(&log),
-                log,
-            });
+            let line = crate::criu::log::decisive_line_of(&log);
+            // The work directory goes; its log is kept with the service's.
+            let kept = s.log_dir(&name).join("page-server.log");
+            let log = match crate::files::private_dir(&s.log_dir(&name))
+                .and_then(|()| std::fs::copy(&log, &kept))
+            {
+                Ok(_) => kept,
+                Err(_) => log,
+            };
+            return Err(MigrationError::PageServerEnded { how, line, log });
         }
     }
     let mut md = Metadata::read(&staged.dir).map_err(MigrationError::Metadata)?;
@@ -352,7 +392,7 @@ fn receive(
     s.watch(&name, Some(sup));
     let _ = s.update(&name, |r| r.last_exit = None);
     drop(g);
-    let _ = std::fs::remove_dir_all(&work);
+    drop(work);
     Ok(Some(s.info(&name)?))
 }
 
@@ -397,8 +437,9 @@ pub(super) fn serve_out(
     req: MigrateOut,
     conn: &UnixStream,
     reader: &mut BufReader<&UnixStream>,
+    who: Caller,
 ) -> Option<Response> {
-    match out(s, req, conn, reader) {
+    match out(s, req, conn, reader, who) {
         Ok(Some(info)) => Some(Response::ok(Reply::Service(info))),
         Ok(None) => None,
         Err(e) => Some(e.response()),
@@ -410,10 +451,11 @@ fn out(
     req: MigrateOut,
     conn: &UnixStream,
     reader: &mut BufReader<&UnixStream>,
+    who: Caller,
 ) -> Result<Option<ServiceInfo>, MigrationError> {
     let name = req.name.clone();
     let g = s.begin(&name, "migrate out")?;
-    s.record(&name)?;
+    s.owned(&name, who)?;
     let live = s
         .live(&name)
         .ok_or_else(|| ServiceError::NotRunning { name: name.clone() })?;
@@ -426,10 +468,7 @@ fn out(
     let work = work_dir(s, &name, "out")?;
     let dest = work.join("image");
     let tls_dir = work.join("tls");
-    if let Err(e) = req.tls.write(&tls_dir) {
-        let _ = std::fs::remove_dir_all(&work);
-        return Err(e.into());
-    }
+    req.tls.write(&tls_dir)?;
     let mut c = s.runmh(&name, Path::new("/"));
     c.arg("dump")
         .arg("--pid")
@@ -445,7 +484,6 @@ fn out(
     if let Err(e) = s.run_step(&name, "migrate dump", c, Expect::Published) {
         // runmh gave the tree back to its supervisor (CRIU resumes it
         // after a failed dump).
-        let _ = std::fs::remove_dir_all(&work);
         return Err(e.into());
     }
     let dump_ms = crate::sys::time::millis(t0.elapsed());
@@ -466,16 +504,14 @@ fn out(
         Ok(Some(n)) => n,
         Ok(None) => {
             resume("the migration's client went away");
-            let _ = std::fs::remove_dir_all(&work);
             return Ok(None);
         }
         Err(e) => {
             resume("its image could not be read back");
-            let _ = std::fs::remove_dir_all(&work);
             return Err(e);
         }
     };
-    let _ = std::fs::remove_dir_all(&work);
+    drop(work);
     if !send(
         conn,
         &Response::ok(Reply::MigrateDumped {
@@ -487,21 +523,20 @@ fn out(
         resume("the migration's client went away");
         return Ok(None);
     }
-    let _ = conn.set_read_timeout(Some(SESSION_IDLE));
     let finish: MigrateFinish = match next_request(reader) {
-        Next::Req(Request::MigrateFinish(f)) => f,
-        Next::Req(other) => {
+        Ok(Request::MigrateFinish(f)) => f,
+        Ok(other) => {
             resume(&format!("migrate.finish expected, {} came", other.op()));
             return Err(MigrationError::Protocol(format!(
                 "a service.migrate_out session takes migrate.finish, not {}",
                 other.op()
             )));
         }
-        Next::Bad(e) => {
+        Err(Some(e)) => {
             resume("the migration's client sent a malformed line");
             return Err(MigrationError::Protocol(e.message));
         }
-        Next::Closed => {
+        Err(None) => {
             resume("the migration's client went away before finishing");
             return Ok(None);
         }

@@ -37,7 +37,16 @@
 //!   besides root; each peer is checked with `SO_PEERCRED` (its uid, gid and
 //!   supplementary groups). A refused client gets a `forbidden` reply. To
 //!   let a group in, widen the socket too: `--allow-gid 50 --socket-mode 0660`
-//!   with the socket's directory group-accessible.
+//!   with the socket's directory group-accessible. An allowed client other
+//!   than root is no root: the services it creates run as it (its uid and
+//!   gid; `service create --user` naming anyone else is refused), it sees
+//!   and touches only those (another's are `not_found` to it), and it may not
+//!   `image pull`, receive a migration (CRIU restores whatever credentials an
+//!   image records) or have the daemon `--listen` on a port below 1024.
+//!   Root sees every service; `service create --user UID[:GID]` runs one as
+//!   another user.
+//! * `--client-idle-timeout SECS` (default 300): a connection without a
+//!   request this long is closed.
 //! * `--state-dir DIR` (default `/var/lib/miehisto`): `services/<name>.json`
 //!   (the registry, one file per service, replaced atomically),
 //!   `images/<name>/<generation>/` (CRIU images + `miehisto.json`),
@@ -65,6 +74,10 @@
 //!   (no `/`, no `..`); commands are argv, never a shell line; requests are
 //!   limited to 64 KiB; a malformed request gets an error reply and the
 //!   daemon goes on serving.
+//! * **No client locks others out.** A request line must arrive whole within
+//!   5 s of its first byte; refusals (forbidden, busy) are answered on
+//!   short-lived threads within 1 s, never by the thread that accepts; of the
+//!   64 connections served at once, 8 are kept for root.
 //!
 //! ## Remote daemons
 //! `mhctl --host ssh://[USER@]HOST[:PORT][/SOCKET] ...` (or `MIEHISTO_HOST`)

@@ -24,7 +24,7 @@
 //!   its idle time counted again) and re-arms a waiting one.
 
 use super::api::{OnDemandConfig, OnDemandInfo, OnDemandState, OnDemandStats};
-use super::service::{RestoreAs, ServiceError, Services};
+use super::service::{Caller, RestoreAs, ServiceError, Services};
 use crate::sockets::{self, WaitingListener};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -416,7 +416,7 @@ impl Services {
 
     /// Arms every on-demand service (daemon start).
     pub fn arm_all(self: &Arc<Self>) {
-        for name in self.names() {
+        for name in self.names(Caller::Root) {
             if self.on_demand_config(&name).is_some() {
                 self.arm(&name);
             }
@@ -437,12 +437,14 @@ impl Services {
         self: &Arc<Self>,
         name: &str,
         od: Option<OnDemandConfig>,
+        who: Caller,
     ) -> Result<super::api::ServiceInfo, ServiceError> {
         {
             let _g = self.begin(name, "set")?;
-            self.service_config(name)?;
+            self.owned(name, who)?;
             if let Some(c) = &od {
                 validate(c)?;
+                self.check_listen(who, Some(c))?;
                 if let Err(why) = check_image(self, name, c) {
                     return Err(ServiceError::BadSpec(why));
                 }
@@ -455,15 +457,15 @@ impl Services {
             // Made manual: its standby instance was the controller's.
             None => {
                 if self.live(name).is_some_and(|l| l.is_standby()) {
-                    self.stop(name)?;
+                    self.stop(name, Caller::Root)?;
                 }
             }
         }
         self.info(name)
     }
 
-    pub fn on_demand_stats(&self, name: &str) -> Result<OnDemandStats, ServiceError> {
-        let cfg = self.service_config(name)?;
+    pub fn on_demand_stats(&self, name: &str, who: Caller) -> Result<OnDemandStats, ServiceError> {
+        let cfg = self.owned(name, who)?.config;
         let od = cfg.on_demand.ok_or_else(|| {
             ServiceError::BadSpec(format!(
                 "{name} is not on-demand; make it so with `mhctl service set {name} --on-demand`"
@@ -494,7 +496,7 @@ impl Services {
                     was_live = false;
                     if !cfg.standby {
                         log::info!("{name}: --standby is off; ending the standby instance");
-                        if let Err(e) = self.stop(name) {
+                        if let Err(e) = self.stop(name, Caller::Root) {
                             log::warn!("{name}: {}", crate::error_chain(&e));
                             std::thread::sleep(TICK);
                         }
@@ -706,7 +708,7 @@ impl Services {
                         "{name}: {}; restoring afresh instead",
                         crate::error_chain(&e)
                     );
-                    if let Err(e) = self.stop(name) {
+                    if let Err(e) = self.stop(name, Caller::Root) {
                         log::warn!("{name}: {}", crate::error_chain(&e));
                     }
                     lock(&slot.inner).restores += 1;
@@ -789,7 +791,7 @@ impl Services {
                 }
             }
         }
-        if let Err(e) = self.stop(name) {
+        if let Err(e) = self.stop(name, Caller::Root) {
             log::warn!("{name}: going back to zero: {}", crate::error_chain(&e));
         }
         lock(&slot.inner).state = Some(OnDemandState::Waiting);

@@ -108,15 +108,21 @@ pub struct ServiceRecord {
     pub last_generation: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_exit: Option<String>,
+    /// The uid of the client that created the service: only it and root
+    /// see and touch it. Records written before owners were recorded have
+    /// none and are root's (uid 0).
+    #[serde(default)]
+    pub owner_uid: u32,
 }
 
 impl ServiceRecord {
-    pub fn new(config: ServiceConfig) -> ServiceRecord {
+    pub fn new(config: ServiceConfig, owner_uid: u32) -> ServiceRecord {
         ServiceRecord {
             format_version: FORMAT_VERSION,
             config,
             last_generation: 0,
             last_exit: None,
+            owner_uid,
         }
     }
 }
@@ -294,7 +300,7 @@ mod tests {
             on_demand: None,
             user: Some("nobody:nogroup".into()),
         };
-        let mut rec = ServiceRecord::new(cfg);
+        let mut rec = ServiceRecord::new(cfg, 65534);
         reg.save(&rec).unwrap();
         rec.last_generation = 3;
         reg.save(&rec).unwrap();
@@ -313,6 +319,24 @@ mod tests {
             .map(|e| e.file_name())
             .collect();
         assert_eq!(leftovers, vec![std::ffi::OsString::from("broken.json")]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_record_without_owner_or_user_is_roots() {
+        let dir = std::env::temp_dir().join(format!("mh-registry-old-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let reg = Registry::open(&dir).unwrap();
+        // As written before owners and users were recorded.
+        std::fs::write(
+            dir.join("services/old.json"),
+            br#"{"format_version":1,"config":{"name":"old","command":["sh"],"env":[],"cwd":"/","backend":"auto","stop_at":"listen","created_unix_ms":1},"last_generation":2}"#,
+        )
+        .unwrap();
+        let rec = reg.load("old").unwrap().unwrap();
+        assert_eq!(rec.owner_uid, 0);
+        assert_eq!(rec.config.user, None);
+        assert_eq!(rec.last_generation, 2);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -6,13 +6,24 @@
 //! from /proc at connect time), is listed with `--allow-gid`. Anyone else
 //! gets one `forbidden` reply and the connection is closed. The socket's
 //! file mode is a second gate in front of that check, not a replacement.
+//!
+//! No client can keep another out. The accepting thread only reads the
+//! peer's credentials (no I/O with the client) and hands the connection
+//! on: refusals (forbidden, too many connections) go to short-lived
+//! threads, at most [`MAX_REFUSALS`] at once, that give up after
+//! [`REFUSAL_DEADLINE`] whatever the client does; beyond that a refused
+//! connection is closed without a word. A request line must arrive whole
+//! within [`LINE_DEADLINE`] of its first byte, and a connection with no
+//! request for [`Limits::idle`] is closed (blank lines do not count as
+//! requests).
+//! [`ROOT_RESERVE`] of the [`MAX_CONNECTIONS`] slots are root's alone.
 
 use super::api::{
     self, ApiError, ErrorCode, Reply, Request, Response, API_VERSION, MAX_REQUEST_BYTES,
 };
 use super::logs;
 use super::migrate;
-use super::service::{ServiceError, Services};
+use super::service::{Caller, ServiceError, Services};
 use crate::images::compat::CompatError;
 use crate::images::oci::{Progress, RegistryOptions};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
@@ -20,14 +31,31 @@ use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Connections served at once; more get an `unavailable` reply.
 pub const MAX_CONNECTIONS: usize = 64;
-/// A connection idle this long between requests is closed.
-const IDLE: Duration = Duration::from_secs(300);
+/// Of [`MAX_CONNECTIONS`], the slots only root's connections may take, so
+/// the other allowed users together cannot lock root out.
+pub const ROOT_RESERVE: usize = 8;
+/// Refusals being delivered at once; past that a refused connection is
+/// closed without a reply. Each waits at most [`REFUSAL_DEADLINE`] for its
+/// client, on a small stack: a flood of this many a second still gets
+/// its replies.
+pub const MAX_REFUSALS: usize = 64;
+const REFUSAL_STACK: usize = 64 * 1024;
+/// The longest a refusal spends on its client (reply, then draining what
+/// it still sends so it reads the reply rather than ECONNRESET).
+pub const REFUSAL_DEADLINE: Duration = Duration::from_secs(1);
+/// From the first byte of a request line to its newline.
+pub const LINE_DEADLINE: Duration = Duration::from_secs(5);
+/// A connection without a request this long is closed (by default: see
+/// [`Limits`]).
+pub const IDLE: Duration = Duration::from_secs(300);
+/// A client that reads none of its replies for this long is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -69,6 +97,19 @@ pub enum ServerError {
 pub struct Access {
     pub allow_uids: Vec<u32>,
     pub allow_gids: Vec<u32>,
+}
+
+/// How long clients may take.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A connection without a request this long is closed.
+    pub idle: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits { idle: IDLE }
+    }
 }
 
 /// The peer of a connection, as the kernel reports it.
@@ -159,14 +200,46 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, ServerError> {
 pub struct Server {
     services: Arc<Services>,
     access: Access,
-    active: AtomicUsize,
+    limits: Limits,
+    /// Connections being served.
+    active: Arc<AtomicUsize>,
+    /// Refusals being delivered.
+    refusing: Arc<AtomicUsize>,
+    /// Refusals are logged at most once a second (a flood of hostile
+    /// connections must not flood the log): the second of the last one
+    /// logged, and how many went unlogged since.
+    refusal_logged_at: AtomicU64,
+    refusals_unlogged: AtomicU64,
 }
 
-struct Active<'a>(&'a AtomicUsize);
-impl Drop for Active<'_> {
+/// One taken place of a bounded count, given back when dropped.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    /// Takes a place if fewer than `limit` are taken.
+    fn take(count: &Arc<AtomicUsize>, limit: usize) -> Option<Slot> {
+        count
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(Arc::clone(count)))
+    }
+}
+
+impl Drop for Slot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// The peer's credentials, as the kernel recorded them at connect(2).
+fn peer_of(conn: &UnixStream) -> nix::Result<Peer> {
+    getsockopt(conn, PeerCredentials).map(|c| Peer {
+        pid: c.pid(),
+        uid: c.uid(),
+        gid: c.gid(),
+    })
 }
 
 fn service_err(e: ServiceError) -> Response {
@@ -174,24 +247,98 @@ fn service_err(e: ServiceError) -> Response {
 }
 
 /// Writes a last reply, then reads (and drops) what the client may still
-/// be sending, so it can read the reply instead of getting ECONNRESET.
-/// Whether the connection's peer is root (SO_PEERCRED); a peer that
-/// cannot be told is not.
-fn peer_is_root(conn: &UnixStream) -> bool {
-    getsockopt(conn, PeerCredentials).is_ok_and(|c| c.uid() == 0)
-}
-
-fn last_word(conn: &UnixStream, resp: Response) {
+/// be sending, so it can read the reply instead of getting ECONNRESET; all
+/// within `deadline` in total, however slowly the client sends.
+fn last_word(conn: &UnixStream, resp: Response, deadline: Duration) {
+    let end = Instant::now() + deadline;
+    let _ = conn.set_write_timeout(Some(deadline));
     let _ = (&*conn).write_all(resp.to_line().as_bytes());
     let _ = conn.shutdown(std::net::Shutdown::Write);
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
     let mut sink = [0u8; 16 * 1024];
     let mut left: usize = 4 << 20;
     while left > 0 {
-        match (&*conn).read(&mut sink) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => left = left.saturating_sub(n),
+        let now = Instant::now();
+        if now >= end || conn.set_read_timeout(Some(end - now)).is_err() {
+            break;
         }
+        match (&*conn).read(&mut sink) {
+            Ok(0) => break,
+            Ok(n) => left = left.saturating_sub(n),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+}
+
+/// How reading one request line ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum LineRead {
+    /// A line, newline included (or the last bytes before the client
+    /// closed its end).
+    Line(Vec<u8>),
+    /// Longer than [`MAX_REQUEST_BYTES`]; the rest is unread.
+    TooLarge,
+    /// The client closed the connection (or it failed).
+    Closed,
+    /// No byte of a request before the idle deadline.
+    Idle,
+    /// The line began but did not end within [`LINE_DEADLINE`].
+    Slow,
+}
+
+/// Reads one request line: its first byte may come until `idle_until`, the
+/// rest must follow within [`LINE_DEADLINE`] of it.
+pub(super) fn read_line(reader: &mut BufReader<&UnixStream>, idle_until: Instant) -> LineRead {
+    let mut line = Vec::new();
+    let mut line_until: Option<Instant> = None;
+    loop {
+        let until = line_until.unwrap_or(idle_until);
+        let now = Instant::now();
+        let late = if line_until.is_some() {
+            LineRead::Slow
+        } else {
+            LineRead::Idle
+        };
+        if now >= until {
+            return late;
+        }
+        // A timeout applies to each read(2), so it is renewed with what is
+        // left: a client trickling bytes cannot stretch the deadline.
+        if reader
+            .get_ref()
+            .set_read_timeout(Some(until - now))
+            .is_err()
+        {
+            return LineRead::Closed;
+        }
+        let buf = match reader.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return late
+            }
+            Err(_) => return LineRead::Closed,
+        };
+        if buf.is_empty() {
+            return if line.is_empty() {
+                LineRead::Closed
+            } else {
+                LineRead::Line(line)
+            };
+        }
+        let (take, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        if line.len() + take > MAX_REQUEST_BYTES {
+            return LineRead::TooLarge;
+        }
+        line.extend_from_slice(&buf[..take]);
+        reader.consume(take);
+        if done {
+            return LineRead::Line(line);
+        }
+        line_until.get_or_insert_with(|| Instant::now() + LINE_DEADLINE);
     }
 }
 
@@ -246,11 +393,15 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ApiError> {
 }
 
 impl Server {
-    pub fn new(services: Arc<Services>, access: Access) -> Arc<Server> {
+    pub fn new(services: Arc<Services>, access: Access, limits: Limits) -> Arc<Server> {
         Arc::new(Server {
             services,
             access,
-            active: AtomicUsize::new(0),
+            limits,
+            active: Arc::new(AtomicUsize::new(0)),
+            refusing: Arc::new(AtomicUsize::new(0)),
+            refusal_logged_at: AtomicU64::new(0),
+            refusals_unlogged: AtomicU64::new(0),
         })
     }
 
@@ -262,7 +413,7 @@ impl Server {
             .spawn(move || {
                 for conn in listener.incoming() {
                     match conn {
-                        Ok(c) => me.spawn_connection(c),
+                        Ok(c) => me.admit(c),
                         Err(e) => {
                             log::warn!("accept failed: {e}");
                             std::thread::sleep(Duration::from_millis(100));
@@ -274,55 +425,26 @@ impl Server {
             .map_err(ServerError::Thread)
     }
 
-    fn spawn_connection(self: &Arc<Self>, conn: UnixStream) {
-        if self.active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-            self.active.fetch_sub(1, Ordering::SeqCst);
-            last_word(
-                &conn,
-                Response::err(
-                    ErrorCode::Unavailable,
-                    format!(
-                        "miehistod is serving {MAX_CONNECTIONS} connections already; try again"
-                    ),
-                ),
-            );
-            return;
-        }
-        let me = Arc::clone(self);
-        let spawned = std::thread::Builder::new()
-            .name("conn".into())
-            .spawn(move || {
-                let _active = Active(&me.active);
-                me.connection(conn);
-            });
-        if let Err(e) = spawned {
-            self.active.fetch_sub(1, Ordering::SeqCst);
-            log::warn!("cannot start a connection thread: {e}");
-        }
-    }
-
-    fn connection(&self, conn: UnixStream) {
-        let peer = match getsockopt(&conn, PeerCredentials) {
-            Ok(c) => Peer {
-                pid: c.pid(),
-                uid: c.uid(),
-                gid: c.gid(),
-            },
+    /// Decides about a new connection without any I/O with its client:
+    /// this runs on the accepting thread.
+    fn admit(self: &Arc<Self>, conn: UnixStream) {
+        let peer = match peer_of(&conn) {
+            Ok(p) => p,
             Err(e) => {
-                last_word(
-                    &conn,
+                return self.refuse(
+                    conn,
+                    format!("a connection whose peer cannot be told (SO_PEERCRED: {e})"),
                     Response::err(
                         ErrorCode::Forbidden,
                         format!("cannot tell who is connecting (SO_PEERCRED: {e}); refused"),
                     ),
-                );
-                return;
+                )
             }
         };
         if !self.access.allows(&peer) {
-            log::warn!("refused pid {} uid {} gid {}", peer.pid, peer.uid, peer.gid);
-            last_word(
-                &conn,
+            return self.refuse(
+                conn,
+                format!("pid {} uid {} gid {} (not allowed)", peer.pid, peer.uid, peer.gid),
                 Response::err(
                     ErrorCode::Forbidden,
                     format!(
@@ -333,33 +455,122 @@ impl Server {
                     ),
                 ),
             );
+        }
+        let limit = if peer.uid == 0 {
+            MAX_CONNECTIONS
+        } else {
+            MAX_CONNECTIONS - ROOT_RESERVE
+        };
+        let Some(slot) = Slot::take(&self.active, limit) else {
+            let whose = if peer.uid == 0 {
+                String::new()
+            } else {
+                format!(" (the other {ROOT_RESERVE} are kept for root)")
+            };
+            return self.refuse(
+                conn,
+                format!("pid {} uid {} (all {limit} slots busy)", peer.pid, peer.uid),
+                Response::err(
+                    ErrorCode::Unavailable,
+                    format!("miehistod is serving {limit} connections already{whose}; try again"),
+                ),
+            );
+        };
+        let me = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("conn".into())
+            .spawn(move || {
+                let _slot = slot;
+                me.connection(conn, peer);
+            });
+        if let Err(e) = spawned {
+            log::warn!("cannot start a connection thread: {e}");
+        }
+    }
+
+    /// Delivers a refusal on a thread of its own, bounded in time; when
+    /// [`MAX_REFUSALS`] are under way already, closes the connection as it
+    /// is (the client reads end-of-file).
+    fn refuse(&self, conn: UnixStream, who: String, resp: Response) {
+        self.log_refusal(&who, &resp);
+        let Some(slot) = Slot::take(&self.refusing, MAX_REFUSALS) else {
+            return;
+        };
+        let spawned = std::thread::Builder::new()
+            .name("refuse".into())
+            .stack_size(REFUSAL_STACK)
+            .spawn(move || {
+                let _slot = slot;
+                last_word(&conn, resp, REFUSAL_DEADLINE);
+            });
+        if let Err(e) = spawned {
+            log::warn!("cannot start a thread to refuse a connection: {e}");
+        }
+    }
+
+    fn log_refusal(&self, who: &str, resp: &Response) {
+        let now = crate::sys::time::unix_ms() / 1000;
+        if self.refusal_logged_at.swap(now, Ordering::SeqCst) == now {
+            self.refusals_unlogged.fetch_add(1, Ordering::SeqCst);
             return;
         }
-        let _ = conn.set_read_timeout(Some(IDLE));
+        let unlogged = self.refusals_unlogged.swap(0, Ordering::SeqCst);
+        let why = resp.error.as_ref().map(|e| e.code);
+        if unlogged > 0 {
+            log::warn!("refused {who}: {why:?} (and {unlogged} more refusals in the last second)");
+        } else {
+            log::warn!("refused {who}: {why:?}");
+        }
+    }
+
+    fn connection(&self, conn: UnixStream, peer: Peer) {
+        let _ = conn.set_write_timeout(Some(WRITE_TIMEOUT));
         let mut reader = BufReader::new(&conn);
+        let idle = self.limits.idle;
+        let mut idle_until = Instant::now() + idle;
         loop {
-            let mut line = Vec::new();
-            match (&mut reader)
-                .take(MAX_REQUEST_BYTES as u64 + 1)
-                .read_until(b'\n', &mut line)
-            {
-                Ok(0) => return,
-                Ok(_) => {}
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return,
-                Err(_) => return,
-            }
-            if line.len() > MAX_REQUEST_BYTES {
-                log::warn!(
-                    "pid {} uid {}: request over {MAX_REQUEST_BYTES} bytes refused",
-                    peer.pid,
-                    peer.uid
-                );
-                last_word(
-                    &conn,
-                    Response::err(ErrorCode::TooLarge, format!("the request is larger than {MAX_REQUEST_BYTES} bytes; the connection is closed")),
-                );
-                return;
-            }
+            let line = match read_line(&mut reader, idle_until) {
+                LineRead::Line(l) => l,
+                LineRead::Closed => return,
+                LineRead::Idle => {
+                    log::info!(
+                        "pid {} uid {}: no request for {} s; the connection is closed",
+                        peer.pid,
+                        peer.uid,
+                        idle.as_secs()
+                    );
+                    return;
+                }
+                LineRead::Slow => {
+                    log::warn!(
+                        "pid {} uid {}: a request line did not arrive whole within {} s",
+                        peer.pid,
+                        peer.uid,
+                        LINE_DEADLINE.as_secs()
+                    );
+                    last_word(
+                        &conn,
+                        Response::err(ErrorCode::BadRequest, format!("the request line did not arrive whole within {} s of its first byte; the connection is closed", LINE_DEADLINE.as_secs())),
+                        REFUSAL_DEADLINE,
+                    );
+                    return;
+                }
+                LineRead::TooLarge => {
+                    log::warn!(
+                        "pid {} uid {}: request over {MAX_REQUEST_BYTES} bytes refused",
+                        peer.pid,
+                        peer.uid
+                    );
+                    last_word(
+                        &conn,
+                        Response::err(ErrorCode::TooLarge, format!("the request is larger than {MAX_REQUEST_BYTES} bytes; the connection is closed")),
+                        REFUSAL_DEADLINE,
+                    );
+                    return;
+                }
+            };
+            // Blank lines are no request: they do not keep a connection
+            // from counting as idle.
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
@@ -371,6 +582,7 @@ impl Server {
                     if (&conn).write_all(resp.to_line().as_bytes()).is_err() {
                         return;
                     }
+                    idle_until = Instant::now() + idle;
                     continue;
                 }
             };
@@ -379,12 +591,15 @@ impl Server {
             log::info!("pid {} uid {}: {op}{name}", peer.pid, peer.uid);
             // The migration operations open a session that reads further
             // lines of this connection.
+            let who = Caller::from_ids(peer.uid, peer.gid);
             let resp = match req {
                 Request::MigrateReceive(m) => {
-                    migrate::serve_receive(&self.services, m, &conn, &mut reader)
+                    migrate::serve_receive(&self.services, m, &conn, &mut reader, who)
                 }
-                Request::MigrateOut(m) => migrate::serve_out(&self.services, m, &conn, &mut reader),
-                other => self.dispatch(other, &conn),
+                Request::MigrateOut(m) => {
+                    migrate::serve_out(&self.services, m, &conn, &mut reader, who)
+                }
+                other => self.dispatch(other, &conn, who),
             };
             let Some(resp) = resp else {
                 return;
@@ -396,11 +611,12 @@ impl Server {
             if (&conn).write_all(resp.to_line().as_bytes()).is_err() {
                 return;
             }
+            idle_until = Instant::now() + idle;
         }
     }
 
     /// Runs one request; None when the reply was streamed already.
-    fn dispatch(&self, req: Request, conn: &UnixStream) -> Option<Response> {
+    fn dispatch(&self, req: Request, conn: &UnixStream, who: Caller) -> Option<Response> {
         let s = &self.services;
         let r: Result<Reply, ServiceError> = match req {
             Request::MigrateReceive(_)
@@ -422,27 +638,27 @@ impl Server {
                 pid: nix::unistd::getpid().as_raw(),
                 state_dir: s.state_dir().to_path_buf(),
             }),
-            Request::ServiceCreate(c) if c.user.is_some() && !peer_is_root(conn) => {
-                return Some(Response::err(
-                    ErrorCode::Forbidden,
-                    "only root may choose the user a service runs as (--user)",
-                ))
-            }
-            Request::ServiceCreate(c) => s.create(&c).map(|info| {
+            Request::ServiceCreate(c) => s.create(&c, who).map(|info| {
                 if c.on_demand.is_some() {
                     s.arm(&c.name);
                 }
                 Reply::Service(info)
             }),
-            Request::ServiceSet(st) => s.set_on_demand(&st.name, st.on_demand).map(Reply::Service),
-            Request::ServiceStats(n) => s.on_demand_stats(&n.name).map(Reply::Stats),
-            Request::ServicePrebake(n) => s.prebake(&n.name).map(Reply::Image),
-            Request::ServiceStart(st) => s.start(&st.name, st.cold).map(Reply::Service),
-            Request::ServiceDump(d) => s.dump(&d.name, d.leave_running).map(Reply::Image),
-            Request::ServiceStop(n) => s.stop(&n.name).map(Reply::Service),
-            Request::ServiceDelete(n) => s.delete(&n.name).map(|message| Reply::Done { message }),
-            Request::ServiceList => Ok(Reply::Services { services: s.list() }),
-            Request::ServiceLogs(l) => match s.log_files(&l.name) {
+            Request::ServiceSet(st) => s
+                .set_on_demand(&st.name, st.on_demand, who)
+                .map(Reply::Service),
+            Request::ServiceStats(n) => s.on_demand_stats(&n.name, who).map(Reply::Stats),
+            Request::ServicePrebake(n) => s.prebake(&n.name, who).map(Reply::Image),
+            Request::ServiceStart(st) => s.start(&st.name, st.cold, who).map(Reply::Service),
+            Request::ServiceDump(d) => s.dump(&d.name, d.leave_running, who).map(Reply::Image),
+            Request::ServiceStop(n) => s.stop(&n.name, who).map(Reply::Service),
+            Request::ServiceDelete(n) => s
+                .delete(&n.name, who)
+                .map(|message| Reply::Done { message }),
+            Request::ServiceList => Ok(Reply::Services {
+                services: s.list(who),
+            }),
+            Request::ServiceLogs(l) => match s.log_files(&l.name, who) {
                 Ok(files) => {
                     let _ = logs::stream(
                         conn,
@@ -455,14 +671,18 @@ impl Server {
                 Err(e) => Err(e),
             },
             Request::ImageList(m) => match m.name {
-                Some(n) => s.exists(&n).map(|_| Reply::Images {
+                Some(n) => s.exists(&n, who).map(|_| Reply::Images {
                     images: s.store().list(&n),
                 }),
                 None => Ok(Reply::Images {
-                    images: s.names().iter().flat_map(|n| s.store().list(n)).collect(),
+                    images: s
+                        .names(who)
+                        .iter()
+                        .flat_map(|n| s.store().list(n))
+                        .collect(),
                 }),
             },
-            Request::ImageInspect(r) => s.exists(&r.name).and_then(|_| {
+            Request::ImageInspect(r) => s.exists(&r.name, who).and_then(|_| {
                 let (image, metadata) = s.store().metadata(&r.name, r.generation)?;
                 Ok(Reply::ImageDetail {
                     image,
@@ -470,14 +690,14 @@ impl Server {
                 })
             }),
             Request::ImageRm(r) => s
-                .image_rm(&r.name, r.generation)
+                .image_rm(&r.name, r.generation, who)
                 .map(|message| Reply::Done { message }),
             Request::ImagePush(p) => {
                 let opts = RegistryOptions {
                     insecure: p.insecure_registries.clone(),
                 };
                 let mut progress = progress_to(conn);
-                s.push(&p.name, p.generation, &p.reference, &opts, &mut progress)
+                s.push(&p.name, p.generation, &p.reference, &opts, &mut progress, who)
                     .map(|(generation, pushed)| Reply::ImagePushed {
                         service: p.name.clone(),
                         generation,
@@ -493,7 +713,7 @@ impl Server {
                     insecure: p.insecure_registries.clone(),
                 };
                 let mut progress = progress_to(conn);
-                s.pull(&p.reference, p.as_name.as_deref(), &opts, &mut progress)
+                s.pull(&p.reference, p.as_name.as_deref(), &opts, &mut progress, who)
                     .map(|(image, pulled, created_service)| Reply::ImagePulled {
                         image,
                         reference: pulled.reference,
@@ -508,7 +728,7 @@ impl Server {
                 };
                 let mut progress = progress_to(conn);
                 let local = c.name.as_deref().map(|n| (n, c.generation));
-                s.check(local, c.reference.as_deref(), &opts, &mut progress)
+                s.check(local, c.reference.as_deref(), &opts, &mut progress, who)
                     .map(|(image, differences)| {
                         let compatible = differences.is_empty();
                         let message = if compatible {

@@ -68,6 +68,20 @@ pub enum ServiceError {
     NotFound(String),
     #[error("a service named {0:?} already exists; delete it first or choose another name")]
     Exists(String),
+    #[error("the name {0:?} is taken by another user's service; choose another name")]
+    NameTaken(String),
+    #[error("uid {uid} may create services that run as itself only, not as {asked}; leave out --user, or ask root to create it")]
+    OtherUser { uid: u32, asked: String },
+    #[error("--listen {addr}: ports below {start} are for root's services (the daemon would bind it for a user who may not); choose port {start} or above")]
+    PrivilegedPort {
+        addr: std::net::SocketAddr,
+        start: u16,
+    },
+    #[error("{what} is for root only: {why}")]
+    RootOnly {
+        what: &'static str,
+        why: &'static str,
+    },
     #[error("the record of service {name:?} is broken ({problem}); its images and logs are kept: repair the file, or replace everything with `mhctl service create --force {name} ...`")]
     Broken { name: String, problem: String },
     #[error(
@@ -142,7 +156,10 @@ impl ServiceError {
             ServiceError::Store(
                 ImageStoreError::NoGeneration { .. } | ImageStoreError::NoImage { .. },
             ) => ErrorCode::NotFound,
-            ServiceError::Exists(_) => ErrorCode::Exists,
+            ServiceError::Exists(_) | ServiceError::NameTaken(_) => ErrorCode::Exists,
+            ServiceError::OtherUser { .. }
+            | ServiceError::RootOnly { .. }
+            | ServiceError::PrivilegedPort { .. } => ErrorCode::Forbidden,
             ServiceError::Broken { .. } => ErrorCode::Conflict,
             ServiceError::Running { .. }
             | ServiceError::NotRunning { .. }
@@ -173,6 +190,88 @@ pub struct ServicesConfig {
     pub criu: Option<PathBuf>,
     /// Passed to runmh: seconds between SIGTERM and SIGKILL on stop.
     pub stop_timeout: u64,
+}
+
+/// Who a request is from, as the server tells it by `SO_PEERCRED`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// uid 0, and the daemon itself (on-demand activations): every service.
+    Root,
+    /// Any other allowed client: its own services only, which run as it.
+    User { uid: u32, gid: u32 },
+}
+
+impl Caller {
+    pub fn from_ids(uid: u32, gid: u32) -> Caller {
+        if uid == 0 {
+            Caller::Root
+        } else {
+            Caller::User { uid, gid }
+        }
+    }
+
+    pub fn uid(self) -> u32 {
+        match self {
+            Caller::Root => 0,
+            Caller::User { uid, .. } => uid,
+        }
+    }
+
+    /// Whether this caller may see and touch the service.
+    fn sees(self, rec: &ServiceRecord) -> bool {
+        match self {
+            Caller::Root => true,
+            Caller::User { uid, .. } => rec.owner_uid == uid,
+        }
+    }
+
+    /// Refuses what only root may ask for.
+    pub(super) fn require_root(
+        self,
+        what: &'static str,
+        why: &'static str,
+    ) -> Result<(), ServiceError> {
+        match self {
+            Caller::Root => Ok(()),
+            Caller::User { .. } => Err(ServiceError::RootOnly { what, why }),
+        }
+    }
+
+    /// Who a service created by this caller runs as: a non-root caller's
+    /// runs as that caller, whatever it asked; asking for someone else is
+    /// an error, not silently ignored.
+    fn run_as(self, asked: Option<&str>) -> Result<Option<String>, ServiceError> {
+        // Names are resolved here too, so an unknown one is refused at
+        // create time, not at the first start.
+        let parsed = asked
+            .map(crate::spec::parse_user)
+            .transpose()
+            .map_err(|e| ServiceError::BadSpec(e.to_string()))?;
+        match (self, parsed) {
+            (Caller::Root, _) => Ok(asked.map(str::to_string)),
+            (Caller::User { uid, gid }, None) => Ok(Some(format!("{uid}:{gid}"))),
+            (Caller::User { uid, gid }, Some((u, g))) => {
+                // "USER" alone means the caller's own group.
+                let gid_given = asked.is_some_and(|a| a.contains(':'));
+                if u != uid || (gid_given && g != gid) {
+                    return Err(ServiceError::OtherUser {
+                        uid,
+                        asked: asked.unwrap_or_default().to_string(),
+                    });
+                }
+                Ok(Some(format!("{uid}:{gid}")))
+            }
+        }
+    }
+}
+
+/// The lowest port a non-root process may bind (the kernel's
+/// `net.ipv4.ip_unprivileged_port_start`, 1024 unless changed).
+fn unprivileged_port_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(1024)
 }
 
 /// A running service, as runmh's instance record and /proc tell it.
@@ -395,6 +494,32 @@ impl Services {
         self.update(name, |r| f(&mut r.config))
     }
 
+    /// The service's record, if `who` may see it: another user's service
+    /// is not found, as one that does not exist.
+    pub(super) fn owned(&self, name: &str, who: Caller) -> Result<ServiceRecord, ServiceError> {
+        let rec = self.record(name)?;
+        if !who.sees(&rec) {
+            return Err(ServiceError::NotFound(name.to_string()));
+        }
+        Ok(rec)
+    }
+
+    /// Refuses on-demand addresses a non-root caller could not bind itself.
+    pub(super) fn check_listen(
+        &self,
+        who: Caller,
+        od: Option<&super::api::OnDemandConfig>,
+    ) -> Result<(), ServiceError> {
+        let (Caller::User { .. }, Some(od)) = (who, od) else {
+            return Ok(());
+        };
+        let start = unprivileged_port_start();
+        match od.listen.iter().find(|a| a.port() < start) {
+            Some(a) => Err(ServiceError::PrivilegedPort { addr: *a, start }),
+            None => Ok(()),
+        }
+    }
+
     pub(super) fn record(&self, name: &str) -> Result<ServiceRecord, ServiceError> {
         registry::validate_name(name)?;
         lock(&self.records)
@@ -498,6 +623,7 @@ impl Services {
                 .on_demand
                 .as_ref()
                 .map(|od| Box::new(self.ondemand.info(name, od))),
+            owner_uid: rec.owner_uid,
             user: c.user.clone(),
         };
         if let Some(l) = live {
@@ -523,10 +649,15 @@ impl Services {
         Ok(info)
     }
 
-    pub fn list(&self) -> Vec<ServiceInfo> {
-        let names: Vec<String> = lock(&self.records).keys().cloned().collect();
+    /// The services `who` sees. A broken record's owner is unknown: only
+    /// root sees those.
+    pub fn list(&self, who: Caller) -> Vec<ServiceInfo> {
+        let names = self.names(who);
         let mut list: Vec<ServiceInfo> = names.iter().filter_map(|n| self.info(n).ok()).collect();
-        let broken = lock(&self.broken).clone();
+        let broken = match who {
+            Caller::Root => lock(&self.broken).clone(),
+            Caller::User { .. } => BTreeMap::new(),
+        };
         for (name, problem) in broken {
             let gens = self.store.generations(&name);
             list.push(ServiceInfo {
@@ -549,6 +680,7 @@ impl Services {
                 log_dir: self.log_dir(&name),
                 created_unix_ms: 0,
                 on_demand: None,
+                owner_uid: 0,
                 user: None,
                 name,
             });
@@ -568,27 +700,45 @@ impl Services {
         }
     }
 
-    pub fn names(&self) -> Vec<String> {
-        lock(&self.records).keys().cloned().collect()
+    /// The names of the services `who` sees.
+    pub fn names(&self, who: Caller) -> Vec<String> {
+        lock(&self.records)
+            .iter()
+            .filter(|(_, r)| who.sees(r))
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
-    pub fn exists(&self, name: &str) -> Result<(), ServiceError> {
-        self.record(name).map(drop)
+    pub fn exists(&self, name: &str, who: Caller) -> Result<(), ServiceError> {
+        self.owned(name, who).map(drop)
     }
 
-    pub fn create(&self, req: &CreateService) -> Result<ServiceInfo, ServiceError> {
+    pub fn create(&self, req: &CreateService, who: Caller) -> Result<ServiceInfo, ServiceError> {
         let name = req.name.as_str();
         let g = self.begin(name, "create")?;
-        if lock(&self.records).contains_key(name) {
-            return Err(ServiceError::Exists(name.to_string()));
+        if let Some(r) = lock(&self.records).get(name) {
+            return Err(if who.sees(r) {
+                ServiceError::Exists(name.to_string())
+            } else {
+                ServiceError::NameTaken(name.to_string())
+            });
+        }
+        if lock(&self.broken).contains_key(name) {
+            // Whose it was is unknown: only root may replace it.
+            who.require_root(
+                "replacing a service whose record is broken",
+                "whose it was cannot be told",
+            )?;
         }
         self.refuse_broken(name, req.force)?;
-        let cfg = validate_create(req)?;
+        let mut cfg = validate_create(req)?;
+        cfg.user = who.run_as(req.user.as_deref())?;
+        self.check_listen(who, cfg.on_demand.as_ref())?;
         // What a delete interrupted by a crash may have left behind under
         // this name belongs to no service.
         self.store.remove_service(name)?;
         let _ = std::fs::remove_dir_all(self.log_dir(name));
-        let rec = ServiceRecord::new(cfg);
+        let rec = ServiceRecord::new(cfg, who.uid());
         self.registry.save(&rec)?;
         lock(&self.broken).remove(name);
         lock(&self.records).insert(name.to_string(), rec);
@@ -596,10 +746,13 @@ impl Services {
         self.info(name)
     }
 
-    pub fn delete(&self, name: &str) -> Result<String, ServiceError> {
+    pub fn delete(&self, name: &str, who: Caller) -> Result<String, ServiceError> {
         let _g = self.begin(name, "delete")?;
+        if who != Caller::Root && lock(&self.broken).contains_key(name) {
+            return Err(ServiceError::NotFound(name.to_string()));
+        }
         self.refuse_broken(name, false)?;
-        self.record(name)?;
+        self.owned(name, who)?;
         // A standby instance is the daemon's, not the user's: it goes with
         // the service (its controller first, which would make another).
         if self.live(name).is_some_and(|l| l.is_standby()) {
@@ -643,11 +796,11 @@ impl Services {
         c.arg(format!("--log-dir={}", self.log_dir(&cfg.name).display()));
         c.arg(format!("--cwd={}", cfg.cwd.display()));
         c.arg(format!("--stop-timeout={}", self.cfg.stop_timeout));
-        for e in &cfg.env {
-            c.arg(format!("--env={e}"));
-        }
         if let Some(u) = &cfg.user {
             c.arg(format!("--user={u}"));
+        }
+        for e in &cfg.env {
+            c.arg(format!("--env={e}"));
         }
         c.arg("--").args(&cfg.command);
     }
@@ -823,9 +976,9 @@ impl Services {
         Ok(store::info_of(name, gen, path, &md, bytes, files))
     }
 
-    pub fn prebake(&self, name: &str) -> Result<ImageInfo, ServiceError> {
+    pub fn prebake(&self, name: &str, who: Caller) -> Result<ImageInfo, ServiceError> {
         let _g = self.begin(name, "prebake")?;
-        let rec = self.record(name)?;
+        let rec = self.owned(name, who)?;
         // The booting copy binds the port itself: the daemon lets it go,
         // and a standby instance (of an older generation, soon) goes too.
         let _pause = rec
@@ -869,9 +1022,14 @@ impl Services {
         Ok(info)
     }
 
-    pub fn dump(&self, name: &str, leave_running: bool) -> Result<ImageInfo, ServiceError> {
+    pub fn dump(
+        &self,
+        name: &str,
+        leave_running: bool,
+        who: Caller,
+    ) -> Result<ImageInfo, ServiceError> {
         let _g = self.begin(name, "dump")?;
-        self.record(name)?;
+        self.owned(name, who)?;
         let live = self
             .live(name)
             .ok_or_else(|| ServiceError::NotRunning { name: name.into() })?;
@@ -900,9 +1058,9 @@ impl Services {
         Ok(info)
     }
 
-    pub fn start(&self, name: &str, cold: bool) -> Result<ServiceInfo, ServiceError> {
+    pub fn start(&self, name: &str, cold: bool, who: Caller) -> Result<ServiceInfo, ServiceError> {
         let g = self.begin(name, "start")?;
-        let rec = self.record(name)?;
+        let rec = self.owned(name, who)?;
         if let Some(l) = self.live(name).filter(|l| l.is_standby() && !cold) {
             // Started by hand: the standby is what a start would restore.
             self.resume_live(name, &l)?;
@@ -1079,8 +1237,9 @@ impl Services {
         }
     }
 
-    pub fn stop(&self, name: &str) -> Result<ServiceInfo, ServiceError> {
+    pub fn stop(&self, name: &str, who: Caller) -> Result<ServiceInfo, ServiceError> {
         let g = self.begin(name, "stop")?;
+        self.owned(name, who)?;
         self.stop_locked(name)?;
         drop(g);
         self.info(name)
@@ -1116,9 +1275,14 @@ impl Services {
         Ok(())
     }
 
-    pub fn image_rm(&self, name: &str, generation: u64) -> Result<String, ServiceError> {
+    pub fn image_rm(
+        &self,
+        name: &str,
+        generation: u64,
+        who: Caller,
+    ) -> Result<String, ServiceError> {
         let _g = self.begin(name, "image rm")?;
-        self.record(name)?;
+        self.owned(name, who)?;
         self.store.remove_generation(name, generation)?;
         Ok(format!("removed image generation {generation} of {name}"))
     }
@@ -1144,9 +1308,10 @@ impl Services {
         reference: &str,
         opts: &oci::RegistryOptions,
         progress: oci::ProgressFn<'_>,
+        who: Caller,
     ) -> Result<(u64, oci::Pushed), ServiceError> {
         let _g = self.begin(name, "push")?;
-        self.record(name)?;
+        self.owned(name, who)?;
         let (info, _) = self.store.metadata(name, generation)?;
         let work = self.scratch_dir("push");
         let pushed = oci::push(
@@ -1171,7 +1336,12 @@ impl Services {
         as_name: Option<&str>,
         opts: &oci::RegistryOptions,
         progress: oci::ProgressFn<'_>,
+        who: Caller,
     ) -> Result<(ImageInfo, oci::Pulled, bool), ServiceError> {
+        who.require_root(
+            "image.pull",
+            "CRIU restores whatever credentials and memory an image records, so an image made elsewhere would run as anyone",
+        )?;
         if let Some(n) = as_name {
             registry::validate_name(n)?;
         }
@@ -1188,7 +1358,7 @@ impl Services {
         let _g = self.begin(&name, "pull")?;
         let created = !lock(&self.records).contains_key(&name);
         if created {
-            let rec = ServiceRecord::new(config_from_image(&name, &fetched.pulled.metadata));
+            let rec = ServiceRecord::new(config_from_image(&name, &fetched.pulled.metadata), 0);
             self.registry.save(&rec)?;
             lock(&self.records).insert(name.clone(), rec);
         }
@@ -1207,17 +1377,20 @@ impl Services {
         reference: Option<&str>,
         opts: &oci::RegistryOptions,
         progress: oci::ProgressFn<'_>,
+        who: Caller,
     ) -> Result<(String, Vec<compat::Difference>), ServiceError> {
-        let criu = Criu::discover(self.cfg.criu.as_deref())?;
+        let criu = || Criu::discover(self.cfg.criu.as_deref());
         match (local, reference) {
             (Some((name, generation)), None) => {
                 let _g = self.begin(name, "check")?;
-                self.record(name)?;
+                self.owned(name, who)?;
+                let criu = criu()?;
                 let (info, md) = self.store.metadata(name, generation)?;
                 let d = compat::differences(&md, &info.path, &criu, compat::CpuCheck::Always)?;
                 Ok((format!("{name}@{}", info.generation), d))
             }
             (None, Some(r)) => {
+                let criu = criu()?;
                 let work = self.scratch_dir("check");
                 let fetched = oci::fetch(r, &work.0.join("image"), opts, &work.0, progress)?;
                 let p = &fetched.pulled;
@@ -1231,8 +1404,12 @@ impl Services {
     }
 
     /// The log files `service logs` shows.
-    pub fn log_files(&self, name: &str) -> Result<Vec<(&'static str, PathBuf)>, ServiceError> {
-        self.record(name)?;
+    pub fn log_files(
+        &self,
+        name: &str,
+        who: Caller,
+    ) -> Result<Vec<(&'static str, PathBuf)>, ServiceError> {
+        self.owned(name, who)?;
         let d = self.log_dir(name);
         Ok(vec![
             ("stdout", d.join("stdout.log")),
@@ -1369,13 +1546,7 @@ fn validate_create(req: &CreateService) -> Result<ServiceConfig, ServiceError> {
     if let Some(od) = &req.on_demand {
         super::ondemand::validate(od)?;
     }
-    if let Some(u) = &req.user {
-        // Resolved now for a clear error; runmh resolves it again at each
-        // start (the name is what the record keeps).
-        crate::spec::parse_user(u).map_err(|e| ServiceError::BadSpec(e.to_string()))?;
-    }
     Ok(ServiceConfig {
-        user: req.user.clone(),
         on_demand: req.on_demand.clone(),
         name: req.name.clone(),
         command: req.command.clone(),
@@ -1384,6 +1555,10 @@ fn validate_create(req: &CreateService) -> Result<ServiceConfig, ServiceError> {
         backend: req.backend.clone(),
         stop_at: req.stop_at.clone(),
         created_unix_ms: crate::sys::time::unix_ms(),
+        // The caller's identity decides it (`Caller::run_as`); runmh
+        // resolves a name again at each start (the name is what the
+        // record keeps).
+        user: None,
     })
 }
 

@@ -63,6 +63,27 @@ pub trait Mhctl {
             .expect("run mhctl")
     }
 
+    /// `mhctl ARGS` run as `uid` (its gid the same, no supplementary
+    /// groups) through setpriv, from `/`.
+    fn mhctl_as(&self, uid: u32, args: &[&str]) -> Output {
+        let base = self.mhctl_cmd();
+        let id = uid.to_string();
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid", &id, "--regid", &id, "--clear-groups"])
+            .arg(base.get_program())
+            .args(base.get_args())
+            .args(args)
+            .current_dir("/")
+            .stdin(Stdio::null());
+        for (k, v) in base.get_envs() {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        c.output().expect("run setpriv")
+    }
+
     /// Runs mhctl and insists on success; returns stdout.
     fn ok(&self, args: &[&str]) -> String {
         let out = self.mhctl(args);
