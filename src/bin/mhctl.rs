@@ -279,6 +279,7 @@ enum ImageCmd {
 fn main() {
     // What mhctl's experiments write (images, logs) is private.
     miehisto::files::private_umask();
+    miehisto::sys::signal::default_sigpipe();
     let cli = Cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp(None)

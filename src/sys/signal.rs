@@ -33,6 +33,16 @@ pub fn is_stop_signal(sig: i32) -> bool {
     )
 }
 
+/// Gives SIGPIPE its default action back. Rust starts every program with
+/// SIGPIPE ignored, so a write to a closed pipe returns EPIPE and
+/// `println!` panics (`mhctl image list | head`); a command-line tool that
+/// prints should end quietly instead, as every Unix filter does.
+pub fn default_sigpipe() {
+    // SAFETY: installing SIG_DFL for SIGPIPE touches no memory of ours and
+    // is done once at start-up, before any thread that writes to a pipe.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
 static SIGNALS: std::sync::OnceLock<Receiver<i32>> = std::sync::OnceLock::new();
 
 /// The signals a supervisor reacts to (SIGTERM, SIGINT, SIGHUP, SIGQUIT),
