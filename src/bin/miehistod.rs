@@ -161,6 +161,13 @@ fn real_main(cli: Cli) -> Result<()> {
     };
     let socket = std::path::absolute(&cli.socket)
         .with_context(|| format!("bad --socket {}", cli.socket.display()))?;
+    // runmh's cache of CRIU's version, written now: once the reaper below
+    // runs, a `criu --version` of the daemon's own would lose its child to
+    // it (runmh, the daemon's child, is unaffected).
+    if let Err(e) = miehisto::criu::Criu::discover_cached(criu.as_deref(), &state_dir.join("runmh"))
+    {
+        log::warn!("{e}; prebakes and restores will fail until CRIU is there");
+    }
     let children = Children::start()?;
     let services = Services::open(
         ServicesConfig {

@@ -1379,14 +1379,30 @@ impl Services {
         progress: oci::ProgressFn<'_>,
         who: Caller,
     ) -> Result<(String, Vec<compat::Difference>), ServiceError> {
-        let criu = || Criu::discover(self.cfg.criu.as_deref());
+        // The daemon's reaper owns every wait: CRIU's version comes from
+        // runmh's cache (warmed before the reaper started), and `criu
+        // cpuinfo check` runs as one of the daemon's children.
+        let criu = || Criu::discover_cached(self.cfg.criu.as_deref(), &self.runmh_state);
+        let mut run = |c: &mut Command| -> std::io::Result<bool> {
+            let pid = self.children().spawn(c).map_err(std::io::Error::other)?;
+            Ok(self
+                .children()
+                .wait(pid, Duration::from_secs(60))
+                .is_some_and(ExitInfo::success))
+        };
         match (local, reference) {
             (Some((name, generation)), None) => {
                 let _g = self.begin(name, "check")?;
                 self.owned(name, who)?;
                 let criu = criu()?;
                 let (info, md) = self.store.metadata(name, generation)?;
-                let d = compat::differences(&md, &info.path, &criu, compat::CpuCheck::Always)?;
+                let d = compat::differences_with(
+                    &md,
+                    &info.path,
+                    &criu,
+                    compat::CpuCheck::Always,
+                    &mut run,
+                )?;
                 Ok((format!("{name}@{}", info.generation), d))
             }
             (None, Some(r)) => {
@@ -1394,7 +1410,13 @@ impl Services {
                 let work = self.scratch_dir("check");
                 let fetched = oci::fetch(r, &work.0.join("image"), opts, &work.0, progress)?;
                 let p = &fetched.pulled;
-                let d = compat::differences(&p.metadata, &p.dir, &criu, compat::CpuCheck::Always)?;
+                let d = compat::differences_with(
+                    &p.metadata,
+                    &p.dir,
+                    &criu,
+                    compat::CpuCheck::Always,
+                    &mut run,
+                )?;
                 Ok((p.reference.clone(), d))
             }
             _ => Err(ServiceError::BadSpec(
