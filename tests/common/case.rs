@@ -195,6 +195,7 @@ impl Drop for Case {
         while !self.live_services().is_empty() && t0.elapsed() < Duration::from_secs(5) {
             std::thread::sleep(Duration::from_millis(20));
         }
+        super::remove_instance_cgroups(&self.state);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

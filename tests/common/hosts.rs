@@ -476,6 +476,9 @@ impl Drop for TwoHosts {
                 }
             }
         }
+        for h in [&self.a, &self.b] {
+            super::remove_instance_cgroups(&h.state);
+        }
         // Unmount checks: the state dirs must hold no mount after the test.
         for h in [&self.a, &self.b] {
             let left = super::mounts_under(&h.state);

@@ -231,3 +231,22 @@ pub fn comm_of(pid: i32) -> String {
 pub fn count_lines(text: &str, needle: &str) -> usize {
     text.lines().filter(|l| l.contains(needle)).count()
 }
+
+/// Removes the cgroups of the runmh instances under `state` (runmh's own,
+/// and a daemon's in `state/runmh`), killing what is left in them. A test
+/// that kills an owner (or a daemon with services running) and then
+/// deletes the state dir would otherwise leave their empty cgroups under
+/// `<hierarchy>/miehisto/`, where only the next runmh of that state dir
+/// would have found them.
+pub fn remove_instance_cgroups(state: &Path) {
+    for dir in [state.join("instances"), state.join("runmh/instances")] {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            if let Some(cg) = miehisto::sandbox::cgroup::InstanceCgroup::existing(&id) {
+                if let Err(e) = cg.destroy() {
+                    eprintln!("teardown: cgroup of instance {id}: {e}");
+                }
+            }
+        }
+    }
+}
