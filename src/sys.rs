@@ -771,6 +771,19 @@ pub fn pidfd_open(pid: libc::pid_t) -> SysResult<std::os::fd::OwnedFd> {
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r) })
 }
 
+/// Async-signal-safe: whether the process behind `pidfd` has ended
+/// (poll(2) reports a pidfd readable once it exits), without waiting.
+pub fn pidfd_exited(pidfd: RawFd) -> SysResult<bool> {
+    let mut p = libc::pollfd {
+        fd: pidfd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd on our stack, valid for the call; timeout 0.
+    let n = check_int(unsafe { libc::poll(&mut p, 1, 0) } as libc::c_long)?;
+    Ok(n > 0 && p.revents & libc::POLLIN != 0)
+}
+
 /// `pidfd_getfd(2)`: a copy, in this process, of descriptor `fd` of the
 /// process behind `pidfd` (the same open file: the same socket). Needs
 /// ptrace-attach rights on it; the copy is close-on-exec.

@@ -56,6 +56,11 @@ pub struct ChildPlan {
     /// Whether to take SIGKILL when the supervisor thread that cloned us
     /// ends (see `sys::set_parent_death_signal`).
     pub parent_death: bool,
+    /// A pidfd of the cloning runmh: a parent that died before the
+    /// parent-death signal was set is seen through it (prctl(2) does not
+    /// fire for a death that came first, and getppid() is 0 across the
+    /// PID namespace, so the usual getppid() check cannot tell).
+    pub parent_pidfd: Option<RawFd>,
 }
 
 fn fail(plan: &ChildPlan, step: Step, errno: nix::errno::Errno) -> ! {
@@ -194,6 +199,13 @@ pub fn run(plan: &ChildPlan) -> ! {
             Step::ParentDeath,
             sys::set_parent_death_signal(libc::SIGKILL)
         );
+        // The supervisor may have died before the line above: nothing
+        // would kill us then, and nobody is there to report to.
+        if let Some(fd) = plan.parent_pidfd {
+            if matches!(sys::pidfd_exited(fd), Ok(true)) {
+                sys::exit_now(126)
+            }
+        }
     }
     // Every inherited fd but our three pipes goes: a stray fd (say, one on
     // the host's /dev) makes criu dump fail with "Can't lookup mount".

@@ -367,6 +367,17 @@ pub fn spawn(
     if !parent_death {
         log::debug!("cloning from a worker thread: no parent-death signal for the sandbox");
     }
+    let parent_pidfd = if parent_death {
+        match sys::pidfd_open(nix::unistd::getpid().as_raw()) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                log::debug!("no pidfd of this runmh ({e}): the sandbox relies on the sync pipe's EOF if runmh dies before its parent-death signal is set");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let ids = (switch != userns::IdSwitch::Keep).then_some((spec.uid, spec.gid));
     // The user namespace's mounts: detached copies of `/` and each special
     // mount, taken here (their mounts are not locked in our namespace), and
@@ -411,6 +422,7 @@ pub fn spawn(
         listener_sock: listener_sock.as_raw_fd(),
         cgroup_procs: cgroup_procs.as_ref().map(|fd| fd.as_raw_fd()),
         parent_death,
+        parent_pidfd: parent_pidfd.as_ref().map(|fd| fd.as_raw_fd()),
     };
     crate::explain::say(
         "clone",
@@ -455,6 +467,7 @@ pub fn spawn(
         error_write,
         listener_sock,
         plan,
+        parent_pidfd,
         cgroup_procs,
         env_store,
         argv_c,
