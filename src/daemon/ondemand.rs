@@ -94,6 +94,8 @@ struct Slot {
 /// One service's counters for the metrics: name, activations, failures,
 /// restores, refused connections, latencies, state.
 type Snapshot = (String, u64, u64, u64, u64, Vec<f64>, String);
+/// A metric family of per-service counters: name, help, the value.
+type CounterFamily = (&'static str, &'static str, fn(&Snapshot) -> u64);
 
 /// The on-demand controllers of one daemon.
 #[derive(Default)]
@@ -220,58 +222,36 @@ impl OnDemand {
             })
             .collect();
         let _ = services;
-        fam(
-            "miehisto_ondemand_activations_total",
-            "counter",
-            "Activations on a first connection that ended with the service listening.",
-            &mut |o| {
+        // The per-service counters, one family each.
+        let counters: [CounterFamily; 4] = [
+            (
+                "miehisto_ondemand_activations_total",
+                "Activations on a first connection that ended with the service listening.",
+                |s| s.1,
+            ),
+            (
+                "miehisto_ondemand_activation_failures_total",
+                "Activations whose restore failed (the waiting clients were closed).",
+                |s| s.2,
+            ),
+            (
+                "miehisto_ondemand_restores_total",
+                "Restores started by on-demand activation.",
+                |s| s.3,
+            ),
+            (
+                "miehisto_ondemand_refused_connections_total",
+                "Client connections closed unserved after a failed activation.",
+                |s| s.4,
+            ),
+        ];
+        for (name, help, value) in counters {
+            fam(name, "counter", help, &mut |o| {
                 for s in &snap {
-                    o.push_str(&format!(
-                        "miehisto_ondemand_activations_total{{service=\"{}\"}} {}\n",
-                        s.0, s.1
-                    ));
+                    o.push_str(&format!("{name}{{service=\"{}\"}} {}\n", s.0, value(s)));
                 }
-            },
-        );
-        fam(
-            "miehisto_ondemand_activation_failures_total",
-            "counter",
-            "Activations whose restore failed (the waiting clients were closed).",
-            &mut |o| {
-                for s in &snap {
-                    o.push_str(&format!(
-                        "miehisto_ondemand_activation_failures_total{{service=\"{}\"}} {}\n",
-                        s.0, s.2
-                    ));
-                }
-            },
-        );
-        fam(
-            "miehisto_ondemand_restores_total",
-            "counter",
-            "Restores started by on-demand activation.",
-            &mut |o| {
-                for s in &snap {
-                    o.push_str(&format!(
-                        "miehisto_ondemand_restores_total{{service=\"{}\"}} {}\n",
-                        s.0, s.3
-                    ));
-                }
-            },
-        );
-        fam(
-            "miehisto_ondemand_refused_connections_total",
-            "counter",
-            "Client connections closed unserved after a failed activation.",
-            &mut |o| {
-                for s in &snap {
-                    o.push_str(&format!(
-                        "miehisto_ondemand_refused_connections_total{{service=\"{}\"}} {}\n",
-                        s.0, s.4
-                    ));
-                }
-            },
-        );
+            });
+        }
         fam(
             "miehisto_ondemand_state",
             "gauge",
