@@ -66,12 +66,7 @@ pub fn missing_tools() -> Option<String> {
         ("/usr/bin/ssh", "openssh-client"),
         ("/usr/bin/ssh-keygen", "openssh-client"),
     ];
-    let missing: Vec<String> = need
-        .iter()
-        .filter(|(p, _)| !Path::new(p).exists())
-        .map(|(p, pkg)| format!("{p} (package {pkg}; run `bash setup/install.sh`)"))
-        .collect();
-    (!missing.is_empty()).then(|| missing.join(", "))
+    super::missing_programs(&need)
 }
 
 /// One host: a network namespace, its address and its daemon.

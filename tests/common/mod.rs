@@ -250,3 +250,14 @@ pub fn remove_instance_cgroups(state: &Path) {
         }
     }
 }
+
+/// The programs of `need` (path, Debian package) that are not installed,
+/// as one line naming each with its package; None when all are there.
+pub fn missing_programs(need: &[(&str, &str)]) -> Option<String> {
+    let missing: Vec<String> = need
+        .iter()
+        .filter(|(p, _)| !Path::new(p).exists())
+        .map(|(p, pkg)| format!("{p} (package {pkg}; run `bash setup/install.sh`)"))
+        .collect();
+    (!missing.is_empty()).then(|| missing.join(", "))
+}

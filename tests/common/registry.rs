@@ -13,12 +13,7 @@ pub const SKOPEO_BIN: &str = "/usr/bin/skopeo";
 /// What the registry tests need besides root and CRIU: None when all is there.
 pub fn missing_tools() -> Option<String> {
     let need = [(REGISTRY_BIN, "docker-registry"), (SKOPEO_BIN, "skopeo")];
-    let missing: Vec<String> = need
-        .iter()
-        .filter(|(p, _)| !Path::new(p).exists())
-        .map(|(p, pkg)| format!("{p} (package {pkg}; run `bash setup/install.sh`)"))
-        .collect();
-    (!missing.is_empty()).then(|| missing.join(", "))
+    super::missing_programs(&need)
 }
 
 pub struct Registry {
