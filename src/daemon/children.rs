@@ -6,6 +6,7 @@
 //! never calls `wait` itself (two waiters would steal each other's
 //! statuses).
 
+use crate::sys::exit::ExitStatus;
 use crate::sys::{self, Wait};
 use nix::errno::Errno;
 use std::collections::HashMap;
@@ -27,35 +28,12 @@ pub enum ChildrenError {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExitInfo {
-    Exited(i32),
-    Signaled(i32),
-}
-
-impl ExitInfo {
-    pub fn success(self) -> bool {
-        self == ExitInfo::Exited(0)
-    }
-}
-
-impl std::fmt::Display for ExitInfo {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ExitInfo::Exited(c) => write!(f, "exit status {c}"),
-            ExitInfo::Signaled(s) => {
-                write!(f, "killed by {}", crate::sys::signal::signal_name(*s))
-            }
-        }
-    }
-}
-
 /// Statuses nobody claimed are dropped after this long.
 const KEEP: Duration = Duration::from_secs(3600);
 
 #[derive(Default)]
 struct Table {
-    exits: HashMap<i32, (ExitInfo, Instant)>,
+    exits: HashMap<i32, (ExitStatus, Instant)>,
     /// Bumped on every spawn, so a reaper idle for lack of children wakes.
     spawned: u64,
 }
@@ -98,10 +76,10 @@ impl Children {
             let seen = self.lock().spawned;
             match sys::waitpid(-1, 0) {
                 Ok(Some(Wait::Exited(pid, code))) => {
-                    self.file(pid.as_raw(), ExitInfo::Exited(code))
+                    self.file(pid.as_raw(), ExitStatus::Exited(code))
                 }
                 Ok(Some(Wait::Signaled(pid, sig))) => {
-                    self.file(pid.as_raw(), ExitInfo::Signaled(sig))
+                    self.file(pid.as_raw(), ExitStatus::Signaled(sig))
                 }
                 Ok(_) => {}
                 Err(Errno::ECHILD) => {
@@ -120,7 +98,7 @@ impl Children {
         }
     }
 
-    fn file(&self, pid: i32, info: ExitInfo) {
+    fn file(&self, pid: i32, info: ExitStatus) {
         log::debug!("child {pid} ended: {info}");
         let mut t = self.lock();
         let now = Instant::now();
@@ -145,7 +123,7 @@ impl Children {
     }
 
     /// Waits up to `timeout` for child `pid` to end; takes its status.
-    pub fn wait(&self, pid: i32, timeout: Duration) -> Option<ExitInfo> {
+    pub fn wait(&self, pid: i32, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
         let mut t = self.lock();
         loop {
@@ -166,7 +144,7 @@ impl Children {
     }
 
     /// The status of `pid` if it was our child and has ended.
-    pub fn take(&self, pid: i32) -> Option<ExitInfo> {
+    pub fn take(&self, pid: i32) -> Option<ExitStatus> {
         self.lock().exits.remove(&pid).map(|(i, _)| i)
     }
 }

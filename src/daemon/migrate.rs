@@ -36,7 +36,6 @@ use super::api::{
     ApiError, CreateService, ErrorCode, FileChunk, MigrateFinish, MigrateOut, MigrateReceive,
     Reply, Request, Response, ServiceInfo, MAX_REQUEST_BYTES,
 };
-use super::children::ExitInfo;
 use super::client::{Client, ClientError, Exchange};
 use super::server::{parse_request, read_line, LineRead, LINE_DEADLINE};
 use super::service::{wait_gone, Caller, Expect, RestoreAs, ServiceError, Services};
@@ -45,6 +44,7 @@ use crate::criu::{Criu, CriuError};
 use crate::images::{Metadata, MetadataError, Staged, StoreError};
 use crate::migrate::{base64_decode, base64_encode, MigrateError, PageServerArgs, TlsMaterial};
 use crate::sys;
+use crate::sys::exit::ExitStatus;
 use nix::libc;
 use nix::unistd::Pid;
 use std::io::{BufReader, ErrorKind, Read, Write};
@@ -199,7 +199,7 @@ fn run_child(
         let pid = s.children().spawn(c).map_err(std::io::Error::other)?;
         Ok(s.children()
             .wait(pid, Duration::from_secs(60))
-            .is_some_and(ExitInfo::success))
+            .is_some_and(ExitStatus::success))
     }
 }
 
@@ -354,7 +354,7 @@ fn receive_session(
     let log = work.join("page-server.log");
     log::info!("{name}: {received} bytes of image files received; waiting for the page server");
     match s.children().wait(ps.pid, PAGE_SERVER_WAIT) {
-        Some(ExitInfo::Exited(0)) => ps.done = true,
+        Some(ExitStatus::Exited(0)) => ps.done = true,
         other => {
             let how = match other {
                 Some(i) => format!("ended: {i}"),

@@ -21,7 +21,7 @@
 //! Requests on different services run in parallel.
 
 use super::api::{CreateService, ErrorCode, ImageInfo, ServiceInfo, ServiceState, StartedFrom};
-use super::children::{Children, ChildrenError, ExitInfo};
+use super::children::{Children, ChildrenError};
 use super::registry::{self, Registry, RegistryError, ServiceConfig, ServiceRecord};
 use super::store::{self, ImageStore, ImageStoreError};
 use crate::channel::{ChannelError, StepReport};
@@ -33,6 +33,7 @@ use crate::images::{Metadata, MetadataError};
 use crate::instance::{Instance, InstanceRecord};
 use crate::stop::BackendChoice;
 use crate::sys;
+use crate::sys::exit::ExitStatus;
 use crate::sys::procfs;
 use nix::libc;
 use nix::unistd::Pid;
@@ -341,9 +342,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn describe_end(info: Option<ExitInfo>) -> String {
+fn describe_end(info: Option<ExitStatus>) -> String {
     match info {
-        Some(ExitInfo::Exited(c)) => {
+        Some(ExitStatus::Exited(c)) => {
             format!("exited (runmh reported the service's exit status {c})")
         }
         Some(i) => format!("ended: runmh {i}"),
@@ -877,7 +878,7 @@ impl Services {
         name: &str,
         op: &'static str,
         offset: u64,
-        status: Option<ExitInfo>,
+        status: Option<ExitStatus>,
         expect: Expect,
     ) -> Result<StepReport, ServiceError> {
         let fail = |detail: String| ServiceError::Runmh {
@@ -1268,7 +1269,7 @@ impl Services {
             how = "killed on request (it did not stop in time)".into();
         }
         lock(&self.watched).remove(name);
-        if let Some(ExitInfo::Exited(c)) = self.children.wait(sup, Duration::from_millis(500)) {
+        if let Some(ExitStatus::Exited(c)) = self.children.wait(sup, Duration::from_millis(500)) {
             how = format!("{how}; exit status {c}");
         }
         let _ = self.update(name, |r| r.last_exit = Some(how));
@@ -1388,7 +1389,7 @@ impl Services {
             Ok(self
                 .children()
                 .wait(pid, Duration::from_secs(60))
-                .is_some_and(ExitInfo::success))
+                .is_some_and(ExitStatus::success))
         };
         match (local, reference) {
             (Some((name, generation)), None) => {

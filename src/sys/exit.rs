@@ -9,6 +9,11 @@ pub enum ExitStatus {
 }
 
 impl ExitStatus {
+    /// Exited with status 0.
+    pub fn success(self) -> bool {
+        self == ExitStatus::Exited(0)
+    }
+
     /// Shell convention: the code, or 128 + signal.
     pub fn code(self) -> i32 {
         match self {
@@ -39,5 +44,8 @@ mod tests {
             ExitStatus::Signaled(15).to_string(),
             "killed by signal 15 (SIGTERM)"
         );
+        assert!(ExitStatus::Exited(0).success());
+        assert!(!ExitStatus::Exited(1).success());
+        assert!(!ExitStatus::Signaled(9).success());
     }
 }
