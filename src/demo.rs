@@ -57,6 +57,12 @@ pub enum DemoError {
     NoScript { path: PathBuf },
     #[error("cannot find a free TCP port")]
     Port(#[source] std::io::Error),
+    #[error("cannot make the state directory {path} an absolute path (empty, or the current directory is gone); pass an absolute --state-dir")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot create the demo's work directory {path}")]
     WorkDir {
         path: PathBuf,
@@ -259,7 +265,12 @@ pub fn run_story(
     };
     crate::stop::tracer::block_supervisor_signals().map_err(DemoError::Signals)?;
     explain::enable(pause);
-    let state_dir = std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
+    // The sandbox and CRIU run with other working directories: a relative
+    // state dir would name another place there.
+    let state_dir = std::path::absolute(state_dir).map_err(|source| DemoError::StateDir {
+        path: state_dir.to_path_buf(),
+        source,
+    })?;
     let work = state_dir.join(format!(
         "demo-{}-{}",
         crate::sys::time::unix_ms(),

@@ -25,7 +25,12 @@ pub fn restore(
     kdat: Option<&[u8]>,
 ) -> Result<i32, BenchError> {
     let args = RestoreArgs {
-        images_dir: std::path::absolute(images).unwrap_or_else(|_| images.to_path_buf()),
+        // CRIU runs in a private root with its own working directory, where
+        // a relative --images-dir would name another directory.
+        images_dir: std::path::absolute(images).map_err(|source| BenchError::Absolute {
+            path: images.to_path_buf(),
+            source,
+        })?,
         work_dir: dir.to_path_buf(),
         log_name: "restore.log".into(),
         root: dir.join("root"),

@@ -106,6 +106,12 @@ pub enum BenchError {
     Prebake { backend: String, detail: String },
     #[error("steady-state load on port {port} failed: {detail}")]
     Load { port: u16, detail: String },
+    #[error("cannot make {path} an absolute path (empty, or the current directory is gone); pass an absolute path")]
+    Absolute {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot use {path}")]
     Io {
         path: PathBuf,

@@ -78,6 +78,12 @@ pub enum ExperimentError {
     NoRunmh { path: PathBuf },
     #[error("cannot block the supervisor's signals")]
     Signals(#[source] nix::errno::Errno),
+    #[error("cannot make the state directory {path} an absolute path (empty, or the current directory is gone); pass an absolute --state-dir")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot create the matrix's work directory {path}")]
     WorkDir {
         path: PathBuf,
@@ -374,7 +380,12 @@ pub fn prepare(
         repeat: args.repeat,
         criu,
         criu_patched,
-        state_dir: std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_path_buf()),
+        // The sandbox and CRIU run with other working directories: a
+        // relative state dir would name another place there.
+        state_dir: std::path::absolute(state_dir).map_err(|source| ExperimentError::StateDir {
+            path: state_dir.to_path_buf(),
+            source,
+        })?,
         stop_timeout: Duration::from_secs(args.stop_timeout),
         sources_payloads: args
             .payloads
