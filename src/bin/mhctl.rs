@@ -965,7 +965,7 @@ fn describe_image(i: &ImageInfo) -> String {
         i.service,
         i.generation,
         i.path.display(),
-        i.backend,
+        i.backend.map_or("unknown", |b| b.as_str()),
         i.dump_ms,
         human_bytes(i.bytes)
     )
@@ -996,7 +996,7 @@ fn print_images(list: &[ImageInfo]) {
             vec![
                 format!("{}@{}", i.service, i.generation),
                 age(i.created_unix_ms),
-                i.backend.clone(),
+                i.backend.map_or("unknown", |b| b.as_str()).to_string(),
                 i.stop_syscall.clone().unwrap_or_else(|| "-".into()),
                 human_bytes(i.bytes),
                 format!("{} ms", i.dump_ms),

@@ -81,6 +81,7 @@
 //! connections), `internal`.
 
 use crate::images::Metadata;
+use crate::stop::BackendKind;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -664,6 +665,85 @@ impl std::fmt::Display for ServiceState {
     }
 }
 
+/// The operation that holds a service's lock, as `service.list` shows it
+/// while it runs (the wire spelling is the one the daemon always sent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Operation {
+    #[serde(rename = "create")]
+    Create,
+    #[serde(rename = "delete")]
+    Delete,
+    #[serde(rename = "set")]
+    Set,
+    #[serde(rename = "prebake")]
+    Prebake,
+    #[serde(rename = "dump")]
+    Dump,
+    #[serde(rename = "start")]
+    Start,
+    #[serde(rename = "stop")]
+    Stop,
+    #[serde(rename = "image rm")]
+    ImageRm,
+    #[serde(rename = "push")]
+    Push,
+    #[serde(rename = "pull")]
+    Pull,
+    #[serde(rename = "check")]
+    Check,
+    #[serde(rename = "migrate in")]
+    MigrateIn,
+    #[serde(rename = "migrate out")]
+    MigrateOut,
+}
+
+impl Operation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Create => "create",
+            Operation::Delete => "delete",
+            Operation::Set => "set",
+            Operation::Prebake => "prebake",
+            Operation::Dump => "dump",
+            Operation::Start => "start",
+            Operation::Stop => "stop",
+            Operation::ImageRm => "image rm",
+            Operation::Push => "push",
+            Operation::Pull => "pull",
+            Operation::Check => "check",
+            Operation::MigrateIn => "migrate in",
+            Operation::MigrateOut => "migrate out",
+        }
+    }
+}
+
+impl std::fmt::Display for Operation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A backend kind that may be unknown, on the wire as the daemon always
+/// sent it: the kind's name, or `""` for an image whose metadata does not
+/// read.
+mod empty_is_none {
+    use crate::stop::BackendKind;
+    use serde::de::IntoDeserializer;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<BackendKind>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(v.map_or("", BackendKind::as_str))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<BackendKind>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.is_empty() {
+            return Ok(None);
+        }
+        BackendKind::deserialize(text.into_deserializer()).map(Some)
+    }
+}
+
 /// How a running service was started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -685,7 +765,7 @@ pub struct ServiceInfo {
     pub problem: Option<String>,
     /// The operation in progress (`prebake`, `start`, `dump`, ...), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub busy: Option<String>,
+    pub busy: Option<Operation>,
     /// Host pid of the service (the sandbox's PID 1) while it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<i32>,
@@ -734,8 +814,10 @@ pub struct ImageInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub problem: Option<String>,
     pub created_unix_ms: u64,
-    /// `trace`, `notify` or `none` (a dump at any moment).
-    pub backend: String,
+    /// `trace`, `notify` or `none` (a dump at any moment); unknown (`""`
+    /// on the wire) when the metadata does not read.
+    #[serde(default, with = "empty_is_none")]
+    pub backend: Option<BackendKind>,
     /// The syscall the service was stopped before (prebaked images).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_syscall: Option<String>,
@@ -800,6 +882,68 @@ mod tests {
         .is_err());
         assert!(serde_json::from_str::<Request>(r#"{"op":"service.explode","name":"a"}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"op":"service.stop"}"#).is_err());
+    }
+
+    #[test]
+    fn busy_and_image_backend_keep_their_wire_spelling() {
+        let ops = [
+            (Operation::Create, "create"),
+            (Operation::Delete, "delete"),
+            (Operation::Set, "set"),
+            (Operation::Prebake, "prebake"),
+            (Operation::Dump, "dump"),
+            (Operation::Start, "start"),
+            (Operation::Stop, "stop"),
+            (Operation::ImageRm, "image rm"),
+            (Operation::Push, "push"),
+            (Operation::Pull, "pull"),
+            (Operation::Check, "check"),
+            (Operation::MigrateIn, "migrate in"),
+            (Operation::MigrateOut, "migrate out"),
+        ];
+        for (op, word) in ops {
+            assert_eq!(serde_json::to_string(&op).unwrap(), format!("\"{word}\""));
+            assert_eq!(op.as_str(), word);
+            assert_eq!(
+                serde_json::from_str::<Operation>(&format!("\"{word}\"")).unwrap(),
+                op
+            );
+        }
+        // An image as an older daemon sent it, and one whose metadata did
+        // not read (backend "").
+        let image = |backend: &str| {
+            format!(
+                r#"{{"service":"web","generation":1,"path":"/i","valid":true,"created_unix_ms":1,"backend":"{backend}","bytes":1,"files":1,"dump_ms":1}}"#
+            )
+        };
+        for (kind, word) in [
+            (Some(BackendKind::Trace), "trace"),
+            (Some(BackendKind::Notify), "notify"),
+            (Some(BackendKind::None), "none"),
+            (None, ""),
+        ] {
+            let line = image(word);
+            let info: ImageInfo = serde_json::from_str(&line).unwrap();
+            assert_eq!(info.backend, kind);
+            assert_eq!(serde_json::to_string(&info).unwrap(), line);
+        }
+    }
+
+    #[test]
+    fn an_unknown_busy_or_backend_names_what_came_and_what_was_expected() {
+        let e = serde_json::from_str::<Operation>(r#""explode""#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("explode") && e.contains("migrate out"), "{e}");
+        // Nested in a reply, as a client reads it.
+        let reply = r#"{"v":1,"ok":true,"result":{"kind":"images","images":[{"service":"web","generation":1,"path":"/i","valid":true,"created_unix_ms":1,"backend":"magic","bytes":1,"files":1,"dump_ms":1}]}}"#;
+        let e = serde_json::from_str::<Response>(reply)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("magic") && e.contains("trace") && e.contains("notify"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -34,7 +34,7 @@
 
 use super::api::{
     ApiError, CreateService, ErrorCode, FileChunk, MigrateFinish, MigrateOut, MigrateReceive,
-    Reply, Request, Response, ServiceInfo, MAX_REQUEST_BYTES,
+    Operation, Reply, Request, Response, ServiceInfo, MAX_REQUEST_BYTES,
 };
 use super::client::{Client, ClientError, Exchange};
 use super::server::{parse_request, read_line, LineRead, LINE_DEADLINE};
@@ -275,7 +275,7 @@ fn receive_session(
     reader: &mut BufReader<&UnixStream>,
 ) -> Result<Option<ServiceInfo>, MigrationError> {
     let name = req.service.name.clone();
-    let g = s.begin(&name, "migrate in")?;
+    let g = s.begin(&name, Operation::MigrateIn)?;
     let rec = s.record(&name)?;
     if let Some(l) = s.live(&name) {
         return Err(ServiceError::Running {
@@ -454,7 +454,7 @@ fn out(
     who: Caller,
 ) -> Result<Option<ServiceInfo>, MigrationError> {
     let name = req.name.clone();
-    let g = s.begin(&name, "migrate out")?;
+    let g = s.begin(&name, Operation::MigrateOut)?;
     s.owned(&name, who)?;
     let live = s
         .live(&name)

@@ -420,7 +420,7 @@ impl Services {
         who: Caller,
     ) -> Result<super::api::ServiceInfo, ServiceError> {
         {
-            let _g = self.begin(name, "set")?;
+            let _g = self.begin(name, super::api::Operation::Set)?;
             self.owned(name, who)?;
             if let Some(c) = &od {
                 validate(c)?;

@@ -20,7 +20,9 @@
 //! first is done (a second `prebake` then makes the next generation).
 //! Requests on different services run in parallel.
 
-use super::api::{CreateService, ErrorCode, ImageInfo, ServiceInfo, ServiceState, StartedFrom};
+use super::api::{
+    CreateService, ErrorCode, ImageInfo, Operation, ServiceInfo, ServiceState, StartedFrom,
+};
 use super::children::{Children, ChildrenError};
 use super::registry::{self, Registry, RegistryError, ServiceConfig, ServiceRecord};
 use super::store::{self, ImageStore, ImageStoreError};
@@ -31,7 +33,7 @@ use crate::images::compat::{self, CompatError};
 use crate::images::oci::{self, OciError};
 use crate::images::{Metadata, MetadataError};
 use crate::instance::{Instance, InstanceRecord};
-use crate::stop::BackendChoice;
+use crate::stop::{BackendChoice, BackendKind};
 use crate::sys;
 use crate::sys::exit::ExitStatus;
 use crate::sys::procfs;
@@ -301,7 +303,7 @@ pub enum RestoreAs {
 /// The operations in progress, by service; doubles as the per-service lock.
 #[derive(Default)]
 struct Ops {
-    busy: Mutex<HashMap<String, (String, Instant)>>,
+    busy: Mutex<HashMap<String, (Operation, Instant)>>,
     freed: Condvar,
 }
 
@@ -468,13 +470,13 @@ impl Services {
     }
 
     /// Takes the service's lock, waiting while another request holds it.
-    pub(super) fn begin(&self, name: &str, op: &str) -> Result<OpGuard<'_>, ServiceError> {
+    pub(super) fn begin(&self, name: &str, op: Operation) -> Result<OpGuard<'_>, ServiceError> {
         registry::validate_name(name)?;
         let mut b = lock(&self.ops.busy);
         while b.contains_key(name) {
             b = self.ops.freed.wait(b).unwrap_or_else(|p| p.into_inner());
         }
-        b.insert(name.to_string(), (op.to_string(), Instant::now()));
+        b.insert(name.to_string(), (op, Instant::now()));
         Ok(OpGuard {
             ops: &self.ops,
             name: name.to_string(),
@@ -597,7 +599,7 @@ impl Services {
         let live = self.live(name);
         self.settle(name, &live);
         let rec = self.record(name)?;
-        let busy = lock(&self.ops.busy).get(name).map(|(op, _)| op.clone());
+        let busy = lock(&self.ops.busy).get(name).map(|(op, _)| *op);
         let gens = self.store.generations(name);
         let c = &rec.config;
         let mut info = ServiceInfo {
@@ -716,7 +718,7 @@ impl Services {
 
     pub fn create(&self, req: &CreateService, who: Caller) -> Result<ServiceInfo, ServiceError> {
         let name = req.name.as_str();
-        let g = self.begin(name, "create")?;
+        let g = self.begin(name, Operation::Create)?;
         if let Some(r) = lock(&self.records).get(name) {
             return Err(if who.sees(r) {
                 ServiceError::Exists(name.to_string())
@@ -748,7 +750,7 @@ impl Services {
     }
 
     pub fn delete(&self, name: &str, who: Caller) -> Result<String, ServiceError> {
-        let _g = self.begin(name, "delete")?;
+        let _g = self.begin(name, Operation::Delete)?;
         if who != Caller::Root && lock(&self.broken).contains_key(name) {
             return Err(ServiceError::NotFound(name.to_string()));
         }
@@ -978,7 +980,7 @@ impl Services {
     }
 
     pub fn prebake(&self, name: &str, who: Caller) -> Result<ImageInfo, ServiceError> {
-        let _g = self.begin(name, "prebake")?;
+        let _g = self.begin(name, Operation::Prebake)?;
         let rec = self.owned(name, who)?;
         // The booting copy binds the port itself: the daemon lets it go,
         // and a standby instance (of an older generation, soon) goes too.
@@ -1029,7 +1031,7 @@ impl Services {
         leave_running: bool,
         who: Caller,
     ) -> Result<ImageInfo, ServiceError> {
-        let _g = self.begin(name, "dump")?;
+        let _g = self.begin(name, Operation::Dump)?;
         self.owned(name, who)?;
         let live = self
             .live(name)
@@ -1060,7 +1062,7 @@ impl Services {
     }
 
     pub fn start(&self, name: &str, cold: bool, who: Caller) -> Result<ServiceInfo, ServiceError> {
-        let g = self.begin(name, "start")?;
+        let g = self.begin(name, Operation::Start)?;
         let rec = self.owned(name, who)?;
         if let Some(l) = self.live(name).filter(|l| l.is_standby() && !cold) {
             // Started by hand: the standby is what a start would restore.
@@ -1103,7 +1105,7 @@ impl Services {
         name: &str,
         how: RestoreAs,
     ) -> Result<ServiceInfo, ServiceError> {
-        let g = self.begin(name, "start")?;
+        let g = self.begin(name, Operation::Start)?;
         let rec = self.record(name)?;
         if let Some(l) = self.live(name) {
             return Err(ServiceError::Running {
@@ -1128,7 +1130,7 @@ impl Services {
 
     /// Resumes the service's standby instance; returns the service's pid.
     pub(super) fn resume_standby(&self, name: &str) -> Result<i32, ServiceError> {
-        let _g = self.begin(name, "start")?;
+        let _g = self.begin(name, Operation::Start)?;
         let live = self
             .live(name)
             .ok_or_else(|| ServiceError::NotRunning { name: name.into() })?;
@@ -1239,7 +1241,7 @@ impl Services {
     }
 
     pub fn stop(&self, name: &str, who: Caller) -> Result<ServiceInfo, ServiceError> {
-        let g = self.begin(name, "stop")?;
+        let g = self.begin(name, Operation::Stop)?;
         self.owned(name, who)?;
         self.stop_locked(name)?;
         drop(g);
@@ -1282,7 +1284,7 @@ impl Services {
         generation: u64,
         who: Caller,
     ) -> Result<String, ServiceError> {
-        let _g = self.begin(name, "image rm")?;
+        let _g = self.begin(name, Operation::ImageRm)?;
         self.owned(name, who)?;
         self.store.remove_generation(name, generation)?;
         Ok(format!("removed image generation {generation} of {name}"))
@@ -1311,7 +1313,7 @@ impl Services {
         progress: oci::ProgressFn<'_>,
         who: Caller,
     ) -> Result<(u64, oci::Pushed), ServiceError> {
-        let _g = self.begin(name, "push")?;
+        let _g = self.begin(name, Operation::Push)?;
         self.owned(name, who)?;
         let (info, _) = self.store.metadata(name, generation)?;
         let work = self.scratch_dir("push");
@@ -1356,7 +1358,7 @@ impl Services {
                 })?
                 .to_string(),
         };
-        let _g = self.begin(&name, "pull")?;
+        let _g = self.begin(&name, Operation::Pull)?;
         let created = !lock(&self.records).contains_key(&name);
         if created {
             let rec = ServiceRecord::new(config_from_image(&name, &fetched.pulled.metadata), 0);
@@ -1393,7 +1395,7 @@ impl Services {
         };
         match (local, reference) {
             (Some((name, generation)), None) => {
-                let _g = self.begin(name, "check")?;
+                let _g = self.begin(name, Operation::Check)?;
                 self.owned(name, who)?;
                 let criu = criu()?;
                 let (info, md) = self.store.metadata(name, generation)?;
@@ -1482,10 +1484,14 @@ fn config_from_image(name: &str, md: &Metadata) -> ServiceConfig {
     } else {
         PathBuf::from("/")
     };
-    let backend = match md.backend.kind.to_string().as_str() {
-        k @ ("trace" | "notify") => k.to_string(),
-        _ => "auto".to_string(),
-    };
+    let backend = match md.backend.kind {
+        BackendKind::Trace => BackendChoice::Trace,
+        BackendKind::Notify => BackendChoice::Notify,
+        // Dumped at any moment: a prebake of the pulled service picks.
+        BackendKind::None => BackendChoice::Auto,
+    }
+    .as_str()
+    .to_string();
     ServiceConfig {
         name: name.to_string(),
         command: md.spec.argv.clone(),

@@ -5,7 +5,7 @@
 
 use super::payloads::Resolver;
 use super::report::{Row, Status, SyscallResult};
-use super::scenarios::{backend_word, CriuChoice, Scenario};
+use super::scenarios::{CriuChoice, Scenario};
 use crate::criu::{private_root, Criu, CriuError};
 use crate::explain;
 use crate::filter::StopSyscall;
@@ -460,7 +460,7 @@ pub fn run_scenario(sc: &Scenario, attempt: u32, ctx: &mut Ctx<'_>) -> Row {
         attempt,
         &sc.technique,
         sc.payload.name(),
-        backend_word(sc.backend),
+        sc.backend.as_str(),
         criu_word,
     );
     explain::say("scenario", &format!("{} — {}", sc.id, sc.technique));

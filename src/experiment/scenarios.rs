@@ -167,7 +167,7 @@ pub fn all(patched: bool) -> Vec<Scenario> {
             v.push(Scenario {
                 payload,
                 ..base(
-                    &format!("7-{tag}-{}", backend_word(backend)),
+                    &format!("7-{tag}-{}", backend.as_str()),
                     &format!("{how}: {what}"),
                     story,
                     backend,
@@ -176,14 +176,6 @@ pub fn all(patched: bool) -> Vec<Scenario> {
         }
     }
     v
-}
-
-pub fn backend_word(b: BackendChoice) -> &'static str {
-    match b {
-        BackendChoice::Trace => "trace",
-        BackendChoice::Notify => "notify",
-        BackendChoice::Auto => "auto",
-    }
 }
 
 /// Does `wanted` (an `--only` value) select scenario `id`? An id selects

@@ -57,6 +57,17 @@ pub enum BackendChoice {
     Auto,
 }
 
+impl BackendChoice {
+    /// The `--backend` word.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendChoice::Trace => "trace",
+            BackendChoice::Notify => "notify",
+            BackendChoice::Auto => "auto",
+        }
+    }
+}
+
 impl std::str::FromStr for BackendChoice {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
