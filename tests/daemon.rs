@@ -18,24 +18,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 impl Case {
-    fn create_python(&self, name: &str, backend: &str, port: u16) {
-        let python = common::python();
-        let payload = common::python_payload();
-        let port = port.to_string();
-        let created = self.json(&[
-            "service",
-            "create",
-            name,
-            "--backend",
-            backend,
-            "-C",
-            env!("CARGO_MANIFEST_DIR"),
-            "--",
-            python.to_str().expect("utf-8 path"),
-            payload.to_str().expect("utf-8 path"),
-            "--port",
-            &port,
-        ]);
+    fn create_web(&self, name: &str, backend: &str, port: u16) {
+        let created = self.create_python(name, &["--backend", backend], port, &[]);
         assert_eq!(created["name"], name);
         assert_eq!(created["state"], "stopped");
         assert_eq!(created["backend"], backend);
@@ -84,7 +68,7 @@ fn lifecycle(backend: &str) {
     let mut c = Case::for_daemon(&format!("dl{backend}"));
     c.start_daemon(&[]);
     let port = common::free_port();
-    c.create_python("web", backend, port);
+    c.create_web("web", backend, port);
 
     let img = c.json(&["service", "prebake", "web"]);
     assert_eq!(img["generation"], 1, "{img}");
@@ -188,7 +172,7 @@ fn daemon_restart_keeps_services() {
     let mut c = Case::for_daemon("drs");
     c.start_daemon(&[]);
     let port = common::free_port();
-    c.create_python("web", "trace", port);
+    c.create_web("web", "trace", port);
     c.ok(&["service", "prebake", "web"]);
     let started = c.json(&["service", "start", "web"]);
     common::wait_http(port, Duration::from_secs(20)).expect("the service answers");
@@ -371,7 +355,7 @@ fn concurrent_prebakes_make_whole_generations() {
     let mut c = Case::for_daemon("dpb");
     c.start_daemon(&[]);
     let port = common::free_port();
-    c.create_python("web", "notify", port);
+    c.create_web("web", "notify", port);
     let spawn = |c: &Case| {
         Command::new(common::daemon::mhctl_bin())
             .arg("--socket")
@@ -574,25 +558,8 @@ fn nonroot_service() {
     }
     let mut c = Case::for_daemon("dnr");
     c.start_daemon(&[]);
-    let port = common::free_port().to_string();
-    let python = common::python();
-    let payload = common::python_payload();
-    let created = c.json(&[
-        "service",
-        "create",
-        "web",
-        "--backend",
-        "notify",
-        "-u",
-        "nobody",
-        "-C",
-        env!("CARGO_MANIFEST_DIR"),
-        "--",
-        python.to_str().expect("utf-8 path"),
-        payload.to_str().expect("utf-8 path"),
-        "--port",
-        &port,
-    ]);
+    let port = common::free_port();
+    let created = c.create_python("web", &["--backend", "notify", "-u", "nobody"], port, &[]);
     assert_eq!(created["user"], "nobody", "{created}");
     let err = c.fails(&[
         "service",
@@ -611,7 +578,6 @@ fn nonroot_service() {
     let md = Metadata::read(&c.images_dir("web").join("1")).expect("a valid image");
     assert_eq!((md.spec.uid, md.spec.gid), (65534, 65534));
 
-    let port: u16 = port.parse().expect("port");
     for cold in [false, true] {
         let args: &[&str] = if cold {
             &["service", "start", "web", "--cold"]
@@ -862,7 +828,7 @@ fn an_allowed_user_runs_and_sees_only_its_own_services() {
     let mut c = Case::for_daemon("down");
     c.start_daemon(&["--socket-mode", "0666", "--allow-uid", &NOBODY.to_string()]);
     let root_port = common::free_port();
-    c.create_python("rootsvc", "auto", root_port);
+    c.create_web("rootsvc", "auto", root_port);
     let root_pid = pid_of(&c.json(&["service", "start", "rootsvc"]), "pid");
     common::wait_http(root_port, Duration::from_secs(30)).expect("root's service answers");
 
@@ -886,23 +852,12 @@ fn an_allowed_user_runs_and_sees_only_its_own_services() {
         assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
         err
     };
-    let port = common::free_port().to_string();
-    let python = common::python();
-    let payload = common::python_payload();
-    let web = [
-        "service",
-        "create",
-        "web",
-        "-C",
-        "/",
-        "--",
-        python.to_str().expect("utf-8"),
-        payload.to_str().expect("utf-8"),
-        "--port",
-        &port,
-    ];
-    let created: Value =
-        serde_json::from_str(&ok(&c, &[&web[..1], &["--json"], &web[1..]].concat())).expect("json");
+    let port = common::free_port();
+    // From `/`: nobody may not enter the crate's directory.
+    let mut web = common::daemon::python_service_args("web", &["-C", "/"], port, &[]);
+    web.insert(1, "--json".into());
+    let web: Vec<&str> = web.iter().map(String::as_str).collect();
+    let created: Value = serde_json::from_str(&ok(&c, &web)).expect("json");
     assert_eq!(created["owner_uid"], NOBODY, "{created}");
     assert_eq!(created["user"], format!("{NOBODY}:{NOBODY}"), "{created}");
 
@@ -922,8 +877,7 @@ fn an_allowed_user_runs_and_sees_only_its_own_services() {
     let all = format!("{NOBODY} {NOBODY} {NOBODY} {NOBODY}");
     assert_eq!(ids("Uid:"), all, "{status}");
     assert_eq!(ids("Gid:"), all, "{status}");
-    common::wait_http(port.parse().expect("port"), Duration::from_secs(30))
-        .expect("nobody's service answers");
+    common::wait_http(port, Duration::from_secs(30)).expect("nobody's service answers");
 
     // It sees its own service only...
     let listed: Value =

@@ -27,20 +27,7 @@ fn prerequisites(test: &str) -> bool {
 
 /// `service create NAME -- python3 http_server.py --port PORT --bind BIND`.
 fn create_python(h: &common::hosts::Host, name: &str, bind: &str) {
-    let py = common::python();
-    let script = common::python_payload();
-    h.ok(&[
-        "service",
-        "create",
-        name,
-        "--",
-        &py.to_string_lossy(),
-        &script.to_string_lossy(),
-        "--port",
-        &PORT.to_string(),
-        "--bind",
-        bind,
-    ]);
+    h.create_python(name, &[], PORT, &["--bind", bind]);
 }
 
 /// The harness itself: each host's daemon runs in its namespace, a service
@@ -137,23 +124,10 @@ fn mhctl_host_ssh_round_trip() {
     let mut hosts = TwoHosts::new();
     hosts.start_daemons();
     hosts.start_sshd();
-    let py = common::python();
-    let script = common::python_payload();
-    let port = PORT.to_string();
+    let create = common::daemon::python_service_args("web", &[], PORT, &["--bind", "0.0.0.0"]);
     a_to_b_ok(
         &hosts,
-        &[
-            "service",
-            "create",
-            "web",
-            "--",
-            &py.to_string_lossy(),
-            &script.to_string_lossy(),
-            "--port",
-            &port,
-            "--bind",
-            "0.0.0.0",
-        ],
+        &create.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     let pong = a_to_b_ok(&hosts, &["ping"]);
     assert!(

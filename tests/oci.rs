@@ -51,22 +51,7 @@ impl Case {
 }
 
 fn create_python(d: &Case, name: &str, port: u16) {
-    let python = common::python();
-    let payload = common::python_payload();
-    d.ok(&[
-        "service",
-        "create",
-        name,
-        "--backend",
-        "trace",
-        "-C",
-        env!("CARGO_MANIFEST_DIR"),
-        "--",
-        python.to_str().expect("utf-8"),
-        payload.to_str().expect("utf-8"),
-        "--port",
-        &port.to_string(),
-    ]);
+    d.create_python(name, &["--backend", "trace"], port, &[]);
 }
 
 #[test]
@@ -450,24 +435,7 @@ fn two_hosts_push_on_a_pull_on_b_answer_on_b() {
         || matches!(a.http_get(reg_addr, reg_port, "/v2/"), Ok((200, _))),
     );
     let port = 8089;
-    let python = common::python();
-    let payload = common::python_payload();
-    a.ok(&[
-        "service",
-        "create",
-        "web",
-        "--backend",
-        "trace",
-        "-C",
-        env!("CARGO_MANIFEST_DIR"),
-        "--",
-        python.to_str().expect("utf-8"),
-        payload.to_str().expect("utf-8"),
-        "--port",
-        &port.to_string(),
-        "--bind",
-        "0.0.0.0",
-    ]);
+    a.create_python("web", &["--backend", "trace"], port, &["--bind", "0.0.0.0"]);
     a.ok(&["service", "prebake", "web"]);
     let reference = format!("{}/fleet/web:1", reg.host);
     // Not loopback: plain HTTP only when asked for.

@@ -112,40 +112,17 @@ impl Case {
         idle: u64,
         extra: &[&str],
     ) {
-        let python = common::python();
-        let payload = common::python_payload();
-        let idle = idle.to_string();
-        let port = port.to_string();
-        let mut args = vec![
-            "service",
-            "create",
-            name,
+        let idle_text = idle.to_string();
+        let mut options = vec![
             "--backend",
             backend,
             "--on-demand",
             "--idle-timeout",
-            &idle,
+            &idle_text,
         ];
-        args.extend_from_slice(extra);
-        let v = self.json(
-            &[
-                args.as_slice(),
-                &[
-                    "-C",
-                    env!("CARGO_MANIFEST_DIR"),
-                    "--",
-                    python.to_str().expect("utf-8"),
-                    payload.to_str().expect("utf-8"),
-                    "--port",
-                    &port,
-                ],
-            ]
-            .concat(),
-        );
-        assert_eq!(
-            v["on_demand"]["idle_timeout_secs"],
-            idle.parse::<u64>().unwrap()
-        );
+        options.extend_from_slice(extra);
+        let v = self.create_python(name, &options, port, &[]);
+        assert_eq!(v["on_demand"]["idle_timeout_secs"], idle, "{v}");
     }
 
     fn stdout_log(&self, name: &str) -> String {

@@ -47,6 +47,32 @@ pub fn spawn_daemon(mut cmd: Command, log: &Path, answers: impl Fn() -> bool) ->
     panic!("miehistod did not answer: {}", super::read(log));
 }
 
+/// `service create NAME OPTIONS... -- python3 examples/http_server.py
+/// --port PORT SERVER_ARGS...`: the test service most daemon tests use.
+/// Its working directory is the crate's unless `options` give a `-C`.
+pub fn python_service_args(
+    name: &str,
+    options: &[&str],
+    port: u16,
+    server_args: &[&str],
+) -> Vec<String> {
+    let mut a: Vec<String> = ["service", "create", name]
+        .iter()
+        .chain(options)
+        .map(|s| s.to_string())
+        .collect();
+    if !options.contains(&"-C") {
+        a.extend(["-C".to_string(), env!("CARGO_MANIFEST_DIR").to_string()]);
+    }
+    a.push("--".into());
+    for p in [super::python(), super::python_payload()] {
+        a.push(p.to_str().expect("utf-8 path").to_string());
+    }
+    a.extend(["--port".to_string(), port.to_string()]);
+    a.extend(server_args.iter().map(|s| s.to_string()));
+    a
+}
+
 /// `mhctl` against one daemon, and the checks tests make of its answers.
 pub trait Mhctl {
     /// An `mhctl` command set up to talk to this daemon.
@@ -117,6 +143,19 @@ pub trait Mhctl {
         let text = self.ok(&a);
         serde_json::from_str(&text)
             .unwrap_or_else(|e| panic!("mhctl {args:?} --json printed no JSON ({e}): {text}"))
+    }
+
+    /// Creates the python test service ([`python_service_args`]); returns
+    /// the created service's JSON.
+    fn create_python(
+        &self,
+        name: &str,
+        options: &[&str],
+        port: u16,
+        server_args: &[&str],
+    ) -> Value {
+        let args = python_service_args(name, options, port, server_args);
+        self.json(&args.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
     /// The entry of `service list` for `name`, if it is listed.
