@@ -11,18 +11,7 @@ use std::time::Duration;
 const PORT: u16 = 8080;
 
 fn prerequisites(test: &str) -> bool {
-    if !common::require_privileged(test) {
-        return false;
-    }
-    if let Some(m) = common::hosts::missing_tools() {
-        let msg = format!("{test}: needs {m}");
-        if common::in_ci() {
-            panic!("{msg} (CI=true: a missing prerequisite is a failure)");
-        }
-        eprintln!("SKIP {msg}");
-        return false;
-    }
-    true
+    common::require_privileged(test) && common::require(test, common::hosts::missing_tools())
 }
 
 /// `service create NAME -- python3 http_server.py --port PORT --bind BIND`.

@@ -15,18 +15,7 @@ use std::path::Path;
 use std::time::Duration;
 
 fn require(test: &str) -> bool {
-    if !common::require_privileged(test) {
-        return false;
-    }
-    if let Some(m) = registry::missing_tools() {
-        let msg = format!("{test}: needs {m}");
-        if common::in_ci() {
-            panic!("{msg} (CI=true: a missing prerequisite is a failure)");
-        }
-        eprintln!("SKIP {msg}");
-        return false;
-    }
-    true
+    common::require_privileged(test) && common::require(test, registry::missing_tools())
 }
 
 /// One host's daemon, in a [`Case`] of its own.
@@ -412,12 +401,9 @@ fn an_image_whose_cpu_or_files_differ_is_refused_with_every_difference() {
 /// pull on B, start on B, answer on B's address.
 #[test]
 fn two_hosts_push_on_a_pull_on_b_answer_on_b() {
-    if !require("two_hosts_oci") {
-        return;
-    }
-    if let Some(m) = common::hosts::missing_tools() {
-        assert!(!common::in_ci(), "two_hosts_oci: needs {m}");
-        eprintln!("SKIP two_hosts_oci: needs {m}");
+    if !require("two_hosts_oci")
+        || !common::require("two_hosts_oci", common::hosts::missing_tools())
+    {
         return;
     }
     let _l = common::lock();

@@ -30,9 +30,10 @@ fn service_socket(addr: SocketAddr) -> std::net::TcpListener {
 
 #[test]
 fn queued_connections_migrate_to_the_service() {
-    if !nix::unistd::geteuid().is_root() {
-        assert!(!common::in_ci(), "needs root (CAP_BPF) in CI");
-        eprintln!("SKIP queued_connections_migrate_to_the_service: needs root");
+    if !common::require(
+        "queued_connections_migrate_to_the_service",
+        (!nix::unistd::geteuid().is_root()).then(|| "root (CAP_BPF)".to_string()),
+    ) {
         return;
     }
     let _l = common::lock();

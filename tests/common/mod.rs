@@ -54,10 +54,17 @@ pub fn require_privileged(test: &str) -> bool {
             }
         }
     }
-    if missing.is_empty() {
+    require(test, (!missing.is_empty()).then(|| missing.join(", ")))
+}
+
+/// True when nothing is `missing`; else false after printing which
+/// prerequisite the test lacks, or a panic in CI (where a missing
+/// prerequisite is a failure, not a skip).
+pub fn require(test: &str, missing: Option<String>) -> bool {
+    let Some(m) = missing else {
         return true;
-    }
-    let msg = format!("{test}: needs {}", missing.join(", "));
+    };
+    let msg = format!("{test}: needs {m}");
     if in_ci() {
         panic!("{msg} (CI=true: a missing prerequisite is a failure)");
     }
