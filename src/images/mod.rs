@@ -109,18 +109,29 @@ fn remove_dead_staging(parent: &Path, prefix: &str) {
     }
 }
 
+/// `dest` made absolute (the image is renamed there from another working
+/// directory's view), refused when it holds anything: a publish never
+/// replaces an image.
+fn free_destination(dest: &Path) -> Result<PathBuf, StoreError> {
+    let dest = std::path::absolute(dest).map_err(|source| StoreError::Stage {
+        path: dest.to_path_buf(),
+        source,
+    })?;
+    if dest.exists() && !is_empty_dir(&dest) {
+        return Err(StoreError::Exists { dest });
+    }
+    Ok(dest)
+}
+
 impl Staged {
     /// Prepares to write an image that will be published at `dest`, which
     /// must not exist yet (or be an empty directory).
     pub fn new(dest: &Path) -> Result<Staged, StoreError> {
-        let dest = std::path::absolute(dest).map_err(|source| StoreError::Stage {
-            path: dest.to_path_buf(),
-            source,
-        })?;
-        if dest.exists() && !is_empty_dir(&dest) {
-            return Err(StoreError::Exists { dest });
-        }
-        let parent = dest.parent().unwrap_or(Path::new("/"));
+        let dest = free_destination(dest)?;
+        // Only `/` has no parent, and it cannot be an image's name.
+        let parent = dest
+            .parent()
+            .ok_or_else(|| StoreError::BadName(dest.display().to_string()))?;
         std::fs::create_dir_all(parent).map_err(|source| StoreError::Stage {
             path: parent.to_path_buf(),
             source,
@@ -180,14 +191,7 @@ impl Staged {
     /// Like [`Staged::publish`], at another destination than the one it
     /// was staged for (on the same file system: it is one `rename(2)`).
     pub fn publish_to(mut self, md: &Metadata, dest: &Path) -> Result<PathBuf, StoreError> {
-        let dest = std::path::absolute(dest).map_err(|source| StoreError::Stage {
-            path: dest.to_path_buf(),
-            source,
-        })?;
-        if dest.exists() && !is_empty_dir(&dest) {
-            return Err(StoreError::Exists { dest });
-        }
-        self.dest = dest;
+        self.dest = free_destination(dest)?;
         self.publish(md)
     }
 }
