@@ -23,91 +23,59 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// The steps of the child, reported back over the error pipe.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Step {
-    WaitIdMap = 1,
-    MakePrivate,
-    BindRoot,
-    BindSpecial,
-    Chdir,
-    PivotRoot,
-    UnmountOldRoot,
-    MountProc,
-    Setsid,
-    OpenDevNull,
-    OpenLog,
-    Stdio,
-    Cwd,
-    SetIds,
-    CloseFds,
-    Sync,
-    NoNewPrivs,
-    Seccomp,
-    SendListener,
-    Exec,
-    JoinCgroup,
-    ParentDeath,
+/// Declares [`Step`] with its descriptions: one list, so the decoding of
+/// a reported step and the descriptions can never miss a step.
+macro_rules! steps {
+    ($first:ident => $first_text:literal, $($name:ident => $text:literal,)*) => {
+        /// The steps of the child, reported back over the error pipe (as
+        /// the step's number: 0 is never one).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[repr(u8)]
+        pub enum Step {
+            $first = 1,
+            $($name,)*
+        }
+
+        impl Step {
+            fn from_u8(v: u8) -> Option<Step> {
+                [Step::$first, $(Step::$name,)*]
+                    .into_iter()
+                    .find(|s| *s as u8 == v)
+            }
+
+            pub fn describe(self) -> &'static str {
+                match self {
+                    Step::$first => $first_text,
+                    $(Step::$name => $text,)*
+                }
+            }
+        }
+    };
 }
 
-impl Step {
-    fn from_u8(v: u8) -> Option<Step> {
-        use Step::*;
-        [
-            WaitIdMap,
-            MakePrivate,
-            BindRoot,
-            BindSpecial,
-            Chdir,
-            PivotRoot,
-            UnmountOldRoot,
-            MountProc,
-            Setsid,
-            OpenDevNull,
-            OpenLog,
-            Stdio,
-            Cwd,
-            SetIds,
-            CloseFds,
-            Sync,
-            NoNewPrivs,
-            Seccomp,
-            SendListener,
-            Exec,
-            JoinCgroup,
-            ParentDeath,
-        ]
-        .into_iter()
-        .find(|s| *s as u8 == v)
-    }
-
-    pub fn describe(self) -> &'static str {
-        match self {
-            Step::WaitIdMap => "wait for its user namespace's id maps",
-            Step::MakePrivate => "make the mounts private",
-            Step::BindRoot => "bind the host / onto the sandbox root",
-            Step::BindSpecial => "bind a special mount (/dev, /dev/pts, /dev/shm, /sys)",
-            Step::Chdir => "enter the sandbox root",
-            Step::PivotRoot => "pivot_root into the sandbox root",
-            Step::UnmountOldRoot => "detach the old root",
-            Step::MountProc => "mount a fresh /proc",
-            Step::Setsid => "start a new session (setsid)",
-            Step::OpenDevNull => "open /dev/null for stdin",
-            Step::OpenLog => "open the log files",
-            Step::Stdio => "set up stdin/stdout/stderr",
-            Step::Cwd => "change to the working directory",
-            Step::SetIds => "switch user and group",
-            Step::CloseFds => "close inherited file descriptors",
-            Step::Sync => "wait for the supervisor",
-            Step::NoNewPrivs => "set no_new_privs",
-            Step::Seccomp => "load the seccomp filter",
-            Step::SendListener => "hand the seccomp listener to the supervisor",
-            Step::Exec => "execute the command",
-            Step::JoinCgroup => "enter the instance cgroup",
-            Step::ParentDeath => "set the parent-death signal",
-        }
-    }
+steps! {
+    WaitIdMap => "wait for its user namespace's id maps",
+    MakePrivate => "make the mounts private",
+    BindRoot => "bind the host / onto the sandbox root",
+    BindSpecial => "bind a special mount (/dev, /dev/pts, /dev/shm, /sys)",
+    Chdir => "enter the sandbox root",
+    PivotRoot => "pivot_root into the sandbox root",
+    UnmountOldRoot => "detach the old root",
+    MountProc => "mount a fresh /proc",
+    Setsid => "start a new session (setsid)",
+    OpenDevNull => "open /dev/null for stdin",
+    OpenLog => "open the log files",
+    Stdio => "set up stdin/stdout/stderr",
+    Cwd => "change to the working directory",
+    SetIds => "switch user and group",
+    CloseFds => "close inherited file descriptors",
+    Sync => "wait for the supervisor",
+    NoNewPrivs => "set no_new_privs",
+    Seccomp => "load the seccomp filter",
+    SendListener => "hand the seccomp listener to the supervisor",
+    Exec => "execute the command",
+    JoinCgroup => "enter the instance cgroup",
+    ParentDeath => "set the parent-death signal",
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -590,6 +558,17 @@ impl Spawned {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_step_decodes_from_its_number_and_zero_is_none() {
+        assert_eq!(Step::from_u8(0), None);
+        let decoded: Vec<Step> = (1..=u8::MAX).map_while(Step::from_u8).collect();
+        assert_eq!(decoded.first(), Some(&Step::WaitIdMap));
+        assert_eq!(decoded.last(), Some(&Step::ParentDeath));
+        for (i, s) in decoded.iter().enumerate() {
+            assert_eq!(*s as usize, i + 1);
+        }
+    }
 
     #[test]
     fn variants_hand_out_distinct_ids_and_keep_the_abort_byte_free() {
