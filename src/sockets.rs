@@ -20,11 +20,17 @@
 //! the clients' own connections, no proxy, none refused or reset.
 //!
 //! Migration is off by default (`net.ipv4.tcp_migrate_req=0`, per network
-//! namespace). Instead of flipping that sysctl, the daemon attaches to its
-//! socket's group a two-instruction BPF program of attach type
+//! namespace). Instead of flipping that sysctl, the daemon attaches to the
+//! group a small BPF program of attach type
 //! `BPF_SK_REUSEPORT_SELECT_OR_MIGRATE`, which turns migration on for that
-//! group only (the kernel consults the program before the sysctl) and
-//! selects nothing, so listeners are picked by hash as without it.
+//! group only (the kernel consults the program before the sysctl), and
+//! *steers*: while the daemon's listener is open every new connection and
+//! every migrating one goes to it (a one-slot sockarray holds it); once it
+//! is closed the slot is empty and the kernel picks by hash as without a
+//! program. That is what makes going back to zero lossless: the daemon
+//! listens beside the idle service, from then on no new client reaches
+//! the service, and the service is stopped only once the connections it
+//! already has are done.
 
 use crate::sys;
 use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
@@ -209,17 +215,22 @@ impl WaitingListener {
             socket::setsockopt(&fd, sockopt::Ipv6V6Only, &true)
                 .map_err(err("set IPV6_V6ONLY on"))?;
         }
-        let prog = sys::bpf_load_reuseport_migrate().map_err(SocketsError::Bpf)?;
+        let map = sys::bpf_reuseport_sockarray().map_err(SocketsError::Bpf)?;
+        let prog = sys::bpf_load_reuseport_steer(map.as_raw_fd()).map_err(SocketsError::Bpf)?;
         let sa = SockaddrStorage::from(addr);
         socket::bind(fd.as_raw_fd(), &sa).map_err(err("bind"))?;
-        // After bind: the group is created for a bound socket; the program
-        // stays with the group (the kernel holds a reference), so our copy
-        // of its fd can go.
-        sys::attach_reuseport_prog(fd.as_raw_fd(), prog.as_raw_fd())
-            .map_err(err("attach the migration program to"))?;
-        drop(prog);
         let backlog = socket::Backlog::new(BACKLOG).unwrap_or(socket::Backlog::MAXCONN);
         socket::listen(&fd, backlog).map_err(err("listen on"))?;
+        // After listen: a listener joining a group that exists (the running
+        // service's) leaves behind the group it had, and a program attached
+        // to that one with it (`reuseport_add_sock`); attached now, the
+        // program replaces the group's. The group keeps it (and it the
+        // map), so our copies of both fds can go.
+        sys::attach_reuseport_prog(fd.as_raw_fd(), prog.as_raw_fd())
+            .map_err(err("attach the steering program to"))?;
+        sys::bpf_sockarray_set(map.as_raw_fd(), fd.as_raw_fd())
+            .map_err(err("steer new connections to"))?;
+        drop((prog, map));
         let inode = std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))
             .map(|m| m.ino())
             .unwrap_or(0);

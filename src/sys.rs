@@ -804,73 +804,124 @@ const BPF_PROG_LOAD: libc::c_long = 5;
 /// `SO_ATTACH_REUSEPORT_EBPF` (asm-generic/socket.h).
 const SO_ATTACH_REUSEPORT_EBPF: libc::c_int = 52;
 
-/// The head of `union bpf_attr` as `BPF_PROG_LOAD` reads it (offsets from
-/// linux/bpf.h: `expected_attach_type` at 68); the rest of the 144-byte
-/// union stays zero, which the kernel requires.
-#[repr(C, align(8))]
-struct BpfProgLoad {
-    prog_type: u32,
-    insn_cnt: u32,
-    insns: u64,
-    license: u64,
-    log_level: u32,
-    log_size: u32,
-    log_buf: u64,
-    kern_version: u32,
-    prog_flags: u32,
-    prog_name: [u8; 16],
-    prog_ifindex: u32,
-    expected_attach_type: u32,
-    rest: [u8; 72],
+/// `BPF_MAP_CREATE`, `BPF_MAP_UPDATE_ELEM` (linux/bpf.h).
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+/// `BPF_MAP_TYPE_REUSEPORT_SOCKARRAY` (linux/bpf.h).
+const BPF_MAP_TYPE_REUSEPORT_SOCKARRAY: u32 = 20;
+/// `BPF_FUNC_sk_select_reuseport` (linux/bpf.h).
+const BPF_FUNC_SK_SELECT_REUSEPORT: i32 = 82;
+/// `BPF_PSEUDO_MAP_FD` (linux/bpf.h): a 64-bit immediate load whose
+/// immediate is a map fd the verifier replaces with the map.
+const BPF_PSEUDO_MAP_FD: u8 = 1;
+/// Size of `union bpf_attr` passed to every command: its tail must be zero.
+const BPF_ATTR_SIZE: usize = 144;
+const BPF_ATTR_SIZE_C: libc::c_uint = 144;
+
+/// One eBPF instruction (`struct bpf_insn`, x86-64 layout): opcode, dst
+/// register in the low nibble and src in the high one, offset, immediate.
+const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
+    let o = off.to_le_bytes();
+    let i = imm.to_le_bytes();
+    [
+        code,
+        (dst & 0xf) | (src << 4),
+        o[0],
+        o[1],
+        i[0],
+        i[1],
+        i[2],
+        i[3],
+    ]
 }
 
-/// Loads the smallest `SK_REUSEPORT` program that enables migration: it
-/// returns `SK_PASS` without selecting a socket, so the kernel picks a
-/// listener by hash as if no program were attached; but because its attach
-/// type is `BPF_SK_REUSEPORT_SELECT_OR_MIGRATE`, a listener of the group
-/// that closes hands its queued connections to another listener of the
-/// group instead of resetting them — `net.ipv4.tcp_migrate_req` for this
-/// one group, with the host's sysctl untouched (net/core/sock_reuseport.c,
-/// `reuseport_migrate_sock`). Needs CAP_BPF.
-pub fn bpf_load_reuseport_migrate() -> SysResult<std::os::fd::OwnedFd> {
+/// `bpf(cmd, attr)` with `head` copied into a zeroed 144-byte attr.
+fn bpf(cmd: libc::c_long, head: &[u8]) -> SysResult<libc::c_int> {
+    #[repr(C, align(8))]
+    struct Attr([u8; BPF_ATTR_SIZE]);
+    let mut attr = Attr([0; BPF_ATTR_SIZE]);
+    attr.0[..head.len()].copy_from_slice(head);
+    // SAFETY: attr is an initialised, 8-byte aligned bpf_attr of the size
+    // passed; the pointers it carries (instructions, license, key, value)
+    // point into buffers the caller keeps alive across the call.
+    check_int(unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.0.as_ptr(), BPF_ATTR_SIZE_C) })
+}
+
+/// Creates a one-slot `REUSEPORT_SOCKARRAY`: the listener the steering
+/// program sends new connections to. Needs CAP_BPF.
+pub fn bpf_reuseport_sockarray() -> SysResult<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
-    // r0 = SK_PASS (1); exit.
-    let insns: [u64; 2] = [
-        // BPF_ALU64 | BPF_MOV | BPF_K (0xb7), dst r0, imm 1.
-        0xb7 | (1u64 << 32),
-        // BPF_JMP | BPF_EXIT (0x95).
-        0x95,
+    let mut head = Vec::with_capacity(20);
+    for v in [BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, 1, 0] {
+        // map_type, key_size, value_size (a u64 socket fd), max_entries, map_flags
+        head.extend_from_slice(&v.to_ne_bytes());
+    }
+    let r = bpf(BPF_MAP_CREATE, &head)?;
+    // SAFETY: r is a fresh descriptor nobody else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r) })
+}
+
+/// Puts the listening socket `sock` in slot 0 of the sockarray `map`. The
+/// kernel clears the slot by itself when the socket closes (its
+/// `bpf_sk_reuseport_detach`), before its queue migrates.
+pub fn bpf_sockarray_set(map: RawFd, sock: RawFd) -> SysResult<()> {
+    let key: u32 = 0;
+    let value = u64::try_from(sock).map_err(|_| Errno::EBADF)?;
+    let map = u32::try_from(map).map_err(|_| Errno::EBADF)?;
+    let mut head = Vec::with_capacity(32);
+    head.extend_from_slice(&map.to_ne_bytes());
+    head.extend_from_slice(&0u32.to_ne_bytes());
+    head.extend_from_slice(&(std::ptr::from_ref(&key) as u64).to_ne_bytes());
+    head.extend_from_slice(&(std::ptr::from_ref(&value) as u64).to_ne_bytes());
+    head.extend_from_slice(&0u64.to_ne_bytes()); // BPF_ANY
+    bpf(BPF_MAP_UPDATE_ELEM, &head).map(drop)
+}
+
+/// Loads the daemon's `SK_REUSEPORT` program over the sockarray `map`:
+/// every new connection of the group, and every connection migrating from
+/// a closing listener, goes to the socket in slot 0 if there is one;
+/// with the slot empty (the daemon's listener closed) it selects nothing
+/// and the kernel picks a listener by hash, as without a program. Its
+/// attach type, `BPF_SK_REUSEPORT_SELECT_OR_MIGRATE`, is what turns on
+/// migration for this one group instead of resetting a closing listener's
+/// queue — `net.ipv4.tcp_migrate_req` for the group only, the host's
+/// sysctl untouched (net/core/sock_reuseport.c, `reuseport_migrate_sock`).
+/// Needs CAP_BPF.
+pub fn bpf_load_reuseport_steer(map: RawFd) -> SysResult<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let insns: [[u8; 8]; 9] = [
+        // *(u32 *)(r10 - 4) = 0: the key, on the stack.
+        insn(0x62, 10, 0, -4, 0),
+        // r2 = map (ld_imm64, two slots).
+        insn(0x18, 2, BPF_PSEUDO_MAP_FD, 0, map),
+        [0; 8],
+        // r3 = r10 - 4.
+        insn(0xbf, 3, 10, 0, 0),
+        insn(0x07, 3, 0, 0, -4),
+        // r4 = 0 (flags); r1 is still the context.
+        insn(0xb7, 4, 0, 0, 0),
+        // bpf_sk_select_reuseport(ctx, map, &key, 0); an empty slot is
+        // -ENOENT and leaves the choice to the kernel.
+        insn(0x85, 0, 0, 0, BPF_FUNC_SK_SELECT_REUSEPORT),
+        // return SK_PASS.
+        insn(0xb7, 0, 0, 0, 1),
+        insn(0x95, 0, 0, 0, 0),
     ];
     let license = c"GPL";
     let mut name = [0u8; 16];
-    name[..10].copy_from_slice(b"mh_migrate");
-    let attr = BpfProgLoad {
-        prog_type: BPF_PROG_TYPE_SK_REUSEPORT,
-        insn_cnt: 2,
-        insns: insns.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-        log_level: 0,
-        log_size: 0,
-        log_buf: 0,
-        kern_version: 0,
-        prog_flags: 0,
-        prog_name: name,
-        prog_ifindex: 0,
-        expected_attach_type: BPF_SK_REUSEPORT_SELECT_OR_MIGRATE,
-        rest: [0; 72],
-    };
-    const ATTR_SIZE: libc::c_uint = 144;
-    const _: () = assert!(std::mem::size_of::<BpfProgLoad>() == ATTR_SIZE as usize);
-    // SAFETY: attr is a fully initialised bpf_attr prefix of the size
-    // passed; the instruction and license buffers outlive the call.
-    let r = check_int(unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_LOAD,
-            std::ptr::from_ref(&attr),
-            ATTR_SIZE,
-        )
-    })?;
+    name[..8].copy_from_slice(b"mh_steer");
+    let mut head = Vec::with_capacity(72);
+    head.extend_from_slice(&BPF_PROG_TYPE_SK_REUSEPORT.to_ne_bytes());
+    head.extend_from_slice(&9u32.to_ne_bytes()); // insn_cnt
+    head.extend_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+    head.extend_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+    // log_level, log_size, log_buf, kern_version, prog_flags
+    head.extend_from_slice(&[0u8; 4 + 4 + 8 + 4 + 4]);
+    head.extend_from_slice(&name);
+    head.extend_from_slice(&0u32.to_ne_bytes()); // prog_ifindex
+    head.extend_from_slice(&BPF_SK_REUSEPORT_SELECT_OR_MIGRATE.to_ne_bytes());
+    debug_assert_eq!(head.len(), 72);
+    let r = bpf(BPF_PROG_LOAD, &head)?;
     // SAFETY: r is a fresh descriptor nobody else owns.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r) })
 }

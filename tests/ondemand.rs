@@ -66,6 +66,69 @@ fn queued_connections_migrate_to_the_service() {
     }
 }
 
+/// Going back to zero: once the daemon listens beside a running service,
+/// no new client reaches the service (the steering program sends them all
+/// to the daemon's queue), so the service can finish what it has and stop
+/// without losing a client; and if it stays, closing the daemon's listener
+/// hands the queue to it.
+#[test]
+fn new_connections_go_to_the_daemon_beside_a_running_service() {
+    if !nix::unistd::geteuid().is_root() {
+        assert!(!common::in_ci(), "needs root (CAP_BPF) in CI");
+        eprintln!("SKIP new_connections_go_to_the_daemon_beside_a_running_service: needs root");
+        return;
+    }
+    let _l = common::lock();
+    let port = common::free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let service = service_socket(addr);
+    service.set_nonblocking(true).expect("nonblocking");
+    // Alone, the service gets its clients.
+    let before = TcpStream::connect(addr).expect("client before the daemon listens");
+    std::thread::sleep(Duration::from_millis(20));
+    let (first, _) = service
+        .accept()
+        .expect("the service accepts its own client");
+    drop((first, before));
+
+    let waiting = WaitingListener::open(addr).expect("waiting listener beside the service");
+    let mut clients: Vec<TcpStream> = (0..20)
+        .map(|i| {
+            let mut c = TcpStream::connect(addr).unwrap_or_else(|e| panic!("client {i}: {e}"));
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            c.write_all(format!("hello {i}\n").as_bytes()).unwrap();
+            c
+        })
+        .collect();
+    assert!(waiting.wait_pending(Duration::from_secs(1)));
+    std::thread::sleep(Duration::from_millis(50));
+    match service.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("a client reached the service while the daemon listened: {other:?}"),
+    }
+    // The service stays after all: the daemon lets go, its queue migrates.
+    drop(waiting);
+    service.set_nonblocking(false).expect("blocking");
+    for _ in 0..20 {
+        let (mut s, _) = service.accept().expect("accept a migrated connection");
+        let mut buf = [0u8; 32];
+        let n = s.read(&mut buf).expect("read");
+        s.write_all(&buf[..n]).expect("write");
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        let mut buf = String::new();
+        c.read_to_string(&mut buf)
+            .unwrap_or_else(|e| panic!("client {i} lost: {e}"));
+        assert!(buf.starts_with("hello "), "client {i}: {buf:?}");
+    }
+    // And with the daemon gone, new clients reach the service again.
+    let _after = TcpStream::connect(addr).expect("client after the daemon left");
+    service
+        .set_nonblocking(false)
+        .and_then(|()| service.accept())
+        .expect("the service accepts clients again");
+}
+
 // ---- The daemon end to end ------------------------------------------------
 
 /// One test's daemon, with a metrics endpoint, in a [`Case`] of its own.
@@ -297,6 +360,67 @@ fn on_demand_cycle_trace() {
 #[test]
 fn on_demand_cycle_notify() {
     on_demand_cycle("notify");
+}
+
+/// Clients that come right at the idle timeout, while the service is
+/// being taken back to zero, are all answered: each one connects, waits a
+/// little (so that the service has accepted it when the stop would come)
+/// and only then sends its request. The pauses between clients sweep the
+/// moment the idle timeout fires.
+#[test]
+fn clients_at_the_idle_edge_are_all_answered() {
+    if !common::require_privileged("clients_at_the_idle_edge_are_all_answered") {
+        return;
+    }
+    let _l = common::lock();
+    let d = start("od-edge");
+    let port = common::free_port();
+    d.create_on_demand("edge", "trace", port, 1);
+    d.ok(&["service", "prebake", "edge"]);
+    d.wait_state("edge", "waiting", Duration::from_secs(10));
+    let mut lost = Vec::new();
+    for k in 0..14u64 {
+        match get_slow(port, Duration::from_millis(150)) {
+            Ok((200, _)) => {}
+            Ok((c, b)) => lost.push(format!("client {k}: status {c}: {b}")),
+            Err(e) => lost.push(format!("client {k}: {e}")),
+        }
+        // 0.85 s to 1.37 s after the last answer: around the moment the
+        // 1 s idle timeout (counted in 100 ms ticks) takes the port back.
+        std::thread::sleep(Duration::from_millis(850 + 40 * k));
+    }
+    let stats = d.json(&["service", "stats", "edge"]);
+    let log = d.context();
+    let went_back = log.matches("edge: no client connection for").count();
+    let stayed = log.matches("the service stays").count();
+    eprintln!(
+        "idle edge: {} activation(s) for 14 clients; {went_back} time(s) idle, {stayed} of them kept by a client that came meanwhile",
+        stats["info"]["activations"],
+    );
+    assert!(lost.is_empty(), "clients lost at the idle edge: {lost:?}");
+    assert!(
+        stats["info"]["activations"].as_u64() >= Some(2),
+        "the service never went back to zero between clients: {stats}"
+    );
+}
+
+/// A GET whose request is sent `pause` after the connection is made.
+fn get_slow(port: u16, pause: Duration) -> Result<(u16, String), String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    std::thread::sleep(pause);
+    s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)
+        .map_err(|e| format!("read: {e}"))?;
+    let code = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no HTTP status in {buf:?} (closed without an answer)"))?;
+    Ok((code, buf))
 }
 
 #[test]

@@ -16,8 +16,11 @@
 //!   backoff (1 s, doubling, at most 60 s); connections inside the backoff
 //!   are closed at once.
 //! * Going back to zero: the daemon first listens beside the running
-//!   service, then stops it; connections queued on the service's socket
-//!   migrate to the daemon's when it closes.
+//!   service, which from then on gets no new client (they queue at the
+//!   daemon), waits until the service's own connections are done, then
+//!   stops it; connections still queued on the service's socket migrate to
+//!   the daemon's when it closes. A client that comes meanwhile keeps the
+//!   service running.
 //! * While an image is made (`prebake`, or a cold `start`) the port is
 //!   released: the booting service binds it itself.
 //! * A daemon restart keeps a running service running (it is taken back and
@@ -34,6 +37,12 @@ use std::time::{Duration, Instant};
 
 /// How often a controller looks at its service.
 const TICK: Duration = Duration::from_millis(100);
+/// How long the service may take to finish its open connections once the
+/// daemon has taken its port back, before going to zero is given up.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+const DRAIN_POLL: Duration = Duration::from_millis(5);
+/// Time for a handshake already routed to the service's listener to show.
+const STEER_SETTLE: Duration = Duration::from_millis(5);
 /// How long a restored service may take to listen on its socket.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(20);
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
@@ -519,7 +528,9 @@ impl Services {
                 if ports.is_empty() || sockets::open_connections(&rows, &ports) > 0 {
                     last_busy = Instant::now();
                 } else if last_busy.elapsed() >= Duration::from_secs(cfg.idle_timeout_secs) {
-                    self.to_zero(name, slot, &cfg);
+                    // Either way the idle time starts again: at zero, or
+                    // with the client that kept the service.
+                    self.to_zero(name, slot, &cfg, root);
                     was_live = false;
                     continue;
                 }
@@ -750,13 +761,18 @@ impl Services {
         }
     }
 
-    /// Idle: listen beside the service, then stop it (its queue migrates to
-    /// the daemon's listener).
-    fn to_zero(self: &Arc<Self>, name: &str, slot: &Arc<Slot>, cfg: &OnDemandConfig) {
+    /// Idle: listen beside the service, so that every new client queues
+    /// at the daemon (the steering program), let the service finish the
+    /// connections it has, then stop it; whatever is still queued at its
+    /// socket migrates to the daemon's. A client that comes meanwhile
+    /// keeps the service: the daemon lets go of the port and its queue
+    /// migrates to the service.
+    fn to_zero(self: &Arc<Self>, name: &str, slot: &Arc<Slot>, cfg: &OnDemandConfig, root: i32) {
         log::info!(
             "{name}: no client connection for {} s; back to zero",
             cfg.idle_timeout_secs
         );
+        let mut ports = Vec::new();
         if let Ok(addrs) = addresses(self, name, cfg) {
             let mut i = lock(&slot.inner);
             if i.paused == 0 {
@@ -765,9 +781,23 @@ impl Services {
                 for a in addrs {
                     // Fails when the running instance's socket has no
                     // SO_REUSEPORT (started cold); the loop opens it after.
-                    if let Ok(l) = WaitingListener::open(a) {
-                        i.listeners.push(l);
+                    match WaitingListener::open(a) {
+                        Ok(l) => {
+                            ports.push(a.port());
+                            i.listeners.push(l);
+                        }
+                        Err(e) => log::warn!("{name}: {}", crate::error_chain(&e)),
                     }
+                }
+            }
+        }
+        if !ports.is_empty() {
+            match self.drain(name, slot, root, &ports) {
+                Drain::Done => {}
+                Drain::ClientCame | Drain::StillBusy => {
+                    // Closing our listeners hands their queue to the service.
+                    lock(&slot.inner).listeners.clear();
+                    return;
                 }
             }
         }
@@ -776,6 +806,47 @@ impl Services {
         }
         lock(&slot.inner).state = Some(OnDemandState::Waiting);
     }
+
+    /// With the daemon's listeners steering new clients to themselves:
+    /// waits until no connection is left on the service's ports.
+    fn drain(&self, name: &str, slot: &Arc<Slot>, root: i32, ports: &[u16]) -> Drain {
+        // A handshake that chose the service's listener just before the
+        // program changed is in the table a moment later, not at once.
+        std::thread::sleep(STEER_SETTLE);
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        loop {
+            let open = sockets::open_connections(&sockets::tcp_table(Some(root)), ports);
+            if open == 0 {
+                return Drain::Done;
+            }
+            // The count includes our own queue: a client there is a new one.
+            let i = lock(&slot.inner);
+            if sockets::wait_any(&i.listeners, Duration::ZERO) {
+                log::info!("{name}: a client came while going to zero; the service stays");
+                return Drain::ClientCame;
+            }
+            drop(i);
+            if Instant::now() > deadline {
+                log::info!(
+                    "{name}: {open} connection(s) still open {} ms after the port was taken back; the service stays",
+                    DRAIN_TIMEOUT.as_millis()
+                );
+                return Drain::StillBusy;
+            }
+            std::thread::sleep(DRAIN_POLL);
+        }
+    }
+}
+
+/// How a drain before going to zero ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drain {
+    /// No connection left: the service can stop.
+    Done,
+    /// A new client queued at the daemon: the service is not idle.
+    ClientCame,
+    /// A connection of the service's stayed open past [`DRAIN_TIMEOUT`].
+    StillBusy,
 }
 
 /// Checks an on-demand configuration.
