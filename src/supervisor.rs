@@ -204,6 +204,14 @@ impl Running {
         let _ = inc.reply.send(resp);
     }
 
+    /// Gives up a tree that can no longer be supervised: kills it and
+    /// removes its instance (cgroup first), as its owner would on exit.
+    fn abandon(&self) {
+        let _ = sys::kill(self.root, libc::SIGKILL);
+        let _ = std::fs::remove_file(self.instance.control_socket());
+        self.instance.remove();
+    }
+
     /// Supervises until the service ends.
     pub fn supervise(self, stop_timeout: Duration) -> Result<(Outcome, Instance), SupervisorError> {
         self.supervise_then(stop_timeout, |_| {})
@@ -218,7 +226,13 @@ impl Running {
     ) -> Result<(Outcome, Instance), SupervisorError> {
         let signals = signals();
         let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
-        control::serve(&self.instance.control_socket(), ctl_tx)?;
+        if let Err(e) = control::serve(&self.instance.control_socket(), ctl_tx) {
+            // Without its control socket nobody could dump, resume or
+            // stop the tree through us: end it with its instance rather
+            // than leave an unmanaged tree and its directory behind.
+            self.abandon();
+            return Err(e.into());
+        }
         self.set_state(if self.held.is_some() {
             InstanceState::Standby
         } else {
@@ -249,7 +263,10 @@ impl Running {
             }
             select! {
                 recv(self.exit) -> st => {
-                    let status = st.map_err(|_| SupervisorError::LostChild)?;
+                    let Ok(status) = st else {
+                        self.abandon();
+                        return Err(SupervisorError::LostChild);
+                    };
                     explain::say("exit", &format!("the service (pid {}) ended: {status}", self.root));
                     let _ = std::fs::remove_file(self.instance.control_socket());
                     return Ok((Outcome { status, dumped }, self.instance));

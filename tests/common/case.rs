@@ -143,10 +143,28 @@ impl Case {
             Vec::<String>::new(),
             "mounts left behind"
         );
-        assert_eq!(
-            self.instance_dirs(),
-            Vec::<PathBuf>::new(),
-            "instance directories left behind"
+        let dirs = self.instance_dirs();
+        let what: Vec<String> = dirs
+            .iter()
+            .map(|d| {
+                let files: Vec<String> = std::fs::read_dir(d)
+                    .map(|rd| {
+                        rd.flatten()
+                            .map(|e| e.file_name().to_string_lossy().into_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                format!(
+                    "{}: files {files:?}, record {}",
+                    d.display(),
+                    super::read(&d.join("instance.json"))
+                )
+            })
+            .collect();
+        assert!(
+            dirs.is_empty(),
+            "instance directories left behind:\n{}",
+            what.join("\n")
         );
     }
 
