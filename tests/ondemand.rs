@@ -389,12 +389,42 @@ fn clients_at_the_idle_edge_are_all_answered() {
         // 1 s idle timeout (counted in 100 ms ticks) takes the port back.
         std::thread::sleep(Duration::from_millis(850 + 40 * k));
     }
+    // And clients that come exactly while the daemon takes the port back:
+    // as soon as a second listener (the daemon's) shows beside the
+    // running service, a burst of slow clients.
+    for round in 0..3 {
+        assert_eq!(get_slow(port, Duration::ZERO).map(|r| r.0), Ok(200));
+        let t0 = Instant::now();
+        while miehisto::sockets::tcp_table(None)
+            .iter()
+            .filter(|r| r.state == miehisto::sockets::TCP_LISTEN && r.local.port() == port)
+            .count()
+            < 2
+        {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "round {round}: the daemon never took the port back"
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let threads: Vec<_> = (0..10)
+            .map(|_| std::thread::spawn(move || get_slow(port, Duration::from_millis(150))))
+            .collect();
+        for (i, t) in threads.into_iter().enumerate() {
+            match t.join() {
+                Ok(Ok((200, _))) => {}
+                Ok(Ok((c, b))) => lost.push(format!("round {round} client {i}: status {c}: {b}")),
+                Ok(Err(e)) => lost.push(format!("round {round} client {i}: {e}")),
+                Err(_) => lost.push(format!("round {round} client {i}: thread panicked")),
+            }
+        }
+    }
     let stats = d.json(&["service", "stats", "edge"]);
     let log = d.context();
     let went_back = log.matches("edge: no client connection for").count();
     let stayed = log.matches("the service stays").count();
     eprintln!(
-        "idle edge: {} activation(s) for 14 clients; {went_back} time(s) idle, {stayed} of them kept by a client that came meanwhile",
+        "idle edge: {} activation(s) for 14 + 3 x (1 + 10) clients; {went_back} time(s) idle, {stayed} of them kept by a client that came meanwhile",
         stats["info"]["activations"],
     );
     assert!(lost.is_empty(), "clients lost at the idle edge: {lost:?}");
