@@ -28,35 +28,34 @@ fn service_socket(addr: SocketAddr) -> std::net::TcpListener {
     std::net::TcpListener::from(fd)
 }
 
-#[test]
-fn queued_connections_migrate_to_the_service() {
-    if !common::require(
-        "queued_connections_migrate_to_the_service",
+/// The socket tests need root (CAP_BPF for the steering program), not CRIU.
+fn needs_bpf(test: &str) -> bool {
+    common::require(
+        test,
         (!nix::unistd::geteuid().is_root()).then(|| "root (CAP_BPF)".to_string()),
-    ) {
-        return;
-    }
-    let _l = common::lock();
-    let port = common::free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let waiting = WaitingListener::open(addr).expect("waiting listener");
-    let mut clients: Vec<TcpStream> = (0..50)
+    )
+}
+
+/// `n` clients of `addr`, each having sent one line.
+fn echo_clients(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    (0..n)
         .map(|i| {
             let mut c = TcpStream::connect(addr).unwrap_or_else(|e| panic!("client {i}: {e}"));
             c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             c.write_all(format!("hello {i}\n").as_bytes()).unwrap();
             c
         })
-        .collect();
-    assert!(waiting.wait_pending(Duration::from_secs(1)));
-    let service = service_socket(addr);
-    drop(waiting);
-    for i in 0..50 {
+        .collect()
+}
+
+/// The service accepts every client (migrated ones included), echoes its
+/// line and closes; each client must get its line back.
+fn echo_back(service: &std::net::TcpListener, clients: &mut [TcpStream]) {
+    for _ in 0..clients.len() {
         let (mut s, _) = service.accept().expect("accept a migrated connection");
         let mut buf = [0u8; 32];
         let n = s.read(&mut buf).expect("read");
         s.write_all(&buf[..n]).expect("write");
-        let _ = i;
     }
     for (i, c) in clients.iter_mut().enumerate() {
         let mut buf = String::new();
@@ -66,6 +65,22 @@ fn queued_connections_migrate_to_the_service() {
     }
 }
 
+#[test]
+fn queued_connections_migrate_to_the_service() {
+    if !needs_bpf("queued_connections_migrate_to_the_service") {
+        return;
+    }
+    let _l = common::lock();
+    let port = common::free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let waiting = WaitingListener::open(addr).expect("waiting listener");
+    let mut clients = echo_clients(addr, 50);
+    assert!(waiting.wait_pending(Duration::from_secs(1)));
+    let service = service_socket(addr);
+    drop(waiting);
+    echo_back(&service, &mut clients);
+}
+
 /// Going back to zero: once the daemon listens beside a running service,
 /// no new client reaches the service (the steering program sends them all
 /// to the daemon's queue), so the service can finish what it has and stop
@@ -73,9 +88,7 @@ fn queued_connections_migrate_to_the_service() {
 /// hands the queue to it.
 #[test]
 fn new_connections_go_to_the_daemon_beside_a_running_service() {
-    if !nix::unistd::geteuid().is_root() {
-        assert!(!common::in_ci(), "needs root (CAP_BPF) in CI");
-        eprintln!("SKIP new_connections_go_to_the_daemon_beside_a_running_service: needs root");
+    if !needs_bpf("new_connections_go_to_the_daemon_beside_a_running_service") {
         return;
     }
     let _l = common::lock();
@@ -92,14 +105,7 @@ fn new_connections_go_to_the_daemon_beside_a_running_service() {
     drop((first, before));
 
     let waiting = WaitingListener::open(addr).expect("waiting listener beside the service");
-    let mut clients: Vec<TcpStream> = (0..20)
-        .map(|i| {
-            let mut c = TcpStream::connect(addr).unwrap_or_else(|e| panic!("client {i}: {e}"));
-            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            c.write_all(format!("hello {i}\n").as_bytes()).unwrap();
-            c
-        })
-        .collect();
+    let mut clients = echo_clients(addr, 20);
     assert!(waiting.wait_pending(Duration::from_secs(1)));
     std::thread::sleep(Duration::from_millis(50));
     match service.accept() {
@@ -109,18 +115,7 @@ fn new_connections_go_to_the_daemon_beside_a_running_service() {
     // The service stays after all: the daemon lets go, its queue migrates.
     drop(waiting);
     service.set_nonblocking(false).expect("blocking");
-    for _ in 0..20 {
-        let (mut s, _) = service.accept().expect("accept a migrated connection");
-        let mut buf = [0u8; 32];
-        let n = s.read(&mut buf).expect("read");
-        s.write_all(&buf[..n]).expect("write");
-    }
-    for (i, c) in clients.iter_mut().enumerate() {
-        let mut buf = String::new();
-        c.read_to_string(&mut buf)
-            .unwrap_or_else(|e| panic!("client {i} lost: {e}"));
-        assert!(buf.starts_with("hello "), "client {i}: {buf:?}");
-    }
+    echo_back(&service, &mut clients);
     // And with the daemon gone, new clients reach the service again.
     let _after = TcpStream::connect(addr).expect("client after the daemon left");
     service
@@ -211,6 +206,11 @@ impl Case {
 /// One HTTP/1.0 GET from source address `from` (any port); the status
 /// line's code, or the error that ended the exchange.
 fn get_from(from: [u8; 4], port: u16) -> Result<(u16, String), String> {
+    get_paused(from, port, Duration::ZERO)
+}
+
+/// [`get_from`], sending the request `pause` after the connection is made.
+fn get_paused(from: [u8; 4], port: u16, pause: Duration) -> Result<(u16, String), String> {
     let fd = socket::socket(
         AddressFamily::Inet,
         SockType::Stream,
@@ -226,6 +226,7 @@ fn get_from(from: [u8; 4], port: u16) -> Result<(u16, String), String> {
     let mut s = TcpStream::from(fd);
     s.set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(|e| e.to_string())?;
+    std::thread::sleep(pause);
     s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
         .map_err(|e| format!("write: {e}"))?;
     let mut buf = String::new();
@@ -436,21 +437,7 @@ fn clients_at_the_idle_edge_are_all_answered() {
 
 /// A GET whose request is sent `pause` after the connection is made.
 fn get_slow(port: u16, pause: Duration) -> Result<(u16, String), String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(|e| e.to_string())?;
-    std::thread::sleep(pause);
-    s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
-        .map_err(|e| format!("write: {e}"))?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf)
-        .map_err(|e| format!("read: {e}"))?;
-    let code = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("no HTTP status in {buf:?} (closed without an answer)"))?;
-    Ok((code, buf))
+    get_paused([127, 0, 0, 1], port, pause)
 }
 
 #[test]
