@@ -290,6 +290,34 @@ fn on_demand_cycle(backend: &str) {
         .contains(&format!("127.0.0.1:{port}")));
     d.wait_state("web", "waiting", Duration::from_secs(10));
     assert!(d.live_services().is_empty(), "nothing runs while waiting");
+    // --listen picks among the image's sockets; another address is refused.
+    let other = format!("127.0.0.1:{}", common::free_port());
+    let err = d.fails(&[
+        "service",
+        "set",
+        "web",
+        "--on-demand",
+        "--idle-timeout",
+        "2",
+        "--listen",
+        &other,
+    ]);
+    assert!(
+        err.contains(&format!("--listen {other}")) && err.contains("holds no socket on"),
+        "{err}"
+    );
+    let own = format!("127.0.0.1:{port}");
+    d.ok(&[
+        "service",
+        "set",
+        "web",
+        "--on-demand",
+        "--idle-timeout",
+        "2",
+        "--listen",
+        &own,
+    ]);
+    d.wait_state("web", "waiting", Duration::from_secs(10));
 
     // Cycle 1: one client at zero, from 127.0.0.7.
     let (code, body) = get_from([127, 0, 0, 7], port).expect("the first client is answered");

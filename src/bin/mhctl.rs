@@ -199,8 +199,9 @@ struct OnDemandArgs {
     /// Seconds without an open client connection before stopping.
     #[arg(long, value_name = "SECS", requires = "on_demand")]
     idle_timeout: Option<u64>,
-    /// Also listen on ADDR:PORT while at zero (repeatable; by default the
-    /// addresses the image holds bound at its stop point).
+    /// Wait only on ADDR:PORT while at zero (repeatable): one of the
+    /// sockets the image holds (a server with several, when only some
+    /// should wake it). By default all the image holds at its stop point.
     #[arg(long, value_name = "ADDR:PORT", requires = "on_demand")]
     listen: Vec<std::net::SocketAddr>,
     /// Keep one restored instance held at its stop point, ready: the first

@@ -310,13 +310,13 @@ impl OnDemand {
     }
 }
 
-/// The addresses an on-demand service answers on while at zero: the TCP
-/// sockets its newest image holds bound with SO_REUSEPORT, and `--listen`.
-fn addresses(
-    services: &Services,
-    name: &str,
-    cfg: &OnDemandConfig,
-) -> Result<Vec<SocketAddr>, OnDemandState> {
+/// The TCP sockets the newest image holds with SO_REUSEPORT: bound at the
+/// stop point (the usual stop, before `listen`), or already listening (a
+/// stop at a later call: a server's second socket). Those are the only
+/// addresses the daemon can wait on and hand over: the restored service
+/// re-creates each of them beside the daemon's listener, in its reuseport
+/// group.
+fn image_addresses(services: &Services, name: &str) -> Result<Vec<SocketAddr>, OnDemandState> {
     // The newest generation's record, read even when the image is damaged:
     // clients still wait on its address and see the activation fail.
     let Some(gen) = services.store().generations(name).last().copied() else {
@@ -332,31 +332,65 @@ fn addresses(
     else {
         return Err(OnDemandState::NoImage);
     };
-    let mut v: Vec<SocketAddr> = md
-        .stop
-        .iter()
-        .flat_map(|s| s.bound.iter())
-        .filter(|b| b.reuseport && !b.listening)
-        .map(|b| b.addr)
-        .collect();
-    for a in &cfg.listen {
-        if !v.contains(a) {
-            v.push(*a);
+    let mut v: Vec<SocketAddr> = Vec::new();
+    for b in md.stop.iter().flat_map(|s| s.bound.iter()) {
+        if b.reuseport && !v.contains(&b.addr) {
+            v.push(b.addr);
         }
     }
+    Ok(v)
+}
+
+/// The addresses an on-demand service answers on while at zero: the
+/// image's (see [`image_addresses`]), or, with `--listen`, those of them
+/// it names (a server with several sockets that only some should wake).
+fn addresses(
+    services: &Services,
+    name: &str,
+    cfg: &OnDemandConfig,
+) -> Result<Vec<SocketAddr>, OnDemandState> {
+    let img = image_addresses(services, name)?;
+    let v = if cfg.listen.is_empty() {
+        img
+    } else if cfg.listen.iter().all(|a| img.contains(a)) {
+        cfg.listen.clone()
+    } else {
+        // A newer image moved the socket: waiting on the old address would
+        // make the restored service's bind collide with our listener.
+        return Err(OnDemandState::NoAddress);
+    };
     if v.is_empty() {
         return Err(OnDemandState::NoAddress);
     }
     Ok(v)
 }
 
+fn list(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Why a service cannot be on-demand with its newest image, if it cannot.
 pub fn check_image(services: &Services, name: &str, cfg: &OnDemandConfig) -> Result<(), String> {
-    match addresses(services, name, cfg) {
-        Err(OnDemandState::NoAddress) => Err(format!(
-            "{name}'s newest image holds no TCP socket bound with SO_REUSEPORT at its stop point, so there is no address to wait on; prebake it again with on-demand set (`mhctl service prebake {name}`), or name the address with `--listen ADDR:PORT`"
+    let img = match image_addresses(services, name) {
+        Ok(img) => img,
+        // Checked again once there is one (state `no_address`).
+        Err(_) => return Ok(()),
+    };
+    if img.is_empty() {
+        return Err(format!(
+            "{name}'s newest image holds no TCP socket bound with SO_REUSEPORT at its stop point, so there is no address to wait on; prebake it again with on-demand set (`mhctl service prebake {name}`)"
+        ));
+    }
+    match cfg.listen.iter().find(|a| !img.contains(a)) {
+        Some(a) => Err(format!(
+            "--listen {a}: {name}'s newest image holds no socket on {a} (it holds {}); the restored service would bind {a} itself and collide with the daemon's listener, so name only addresses the image holds, or leave --listen out to serve them all",
+            list(&img)
         )),
-        _ => Ok(()),
+        None => Ok(()),
     }
 }
 
