@@ -468,6 +468,38 @@ fn get_slow(port: u16, pause: Duration) -> Result<(u16, String), String> {
     get_paused([127, 0, 0, 1], port, pause)
 }
 
+/// A service run as another user (`-u nobody`: its own user namespace)
+/// starts on demand too: the daemon's listener (root's) and the restored
+/// socket must share one reuseport group, which the kernel allows only
+/// between sockets of one owner.
+#[test]
+fn nonroot_service_on_demand() {
+    if !common::require_privileged("nonroot_service_on_demand") {
+        return;
+    }
+    let _l = common::lock();
+    let d = start("od-nobody");
+    let port = common::free_port();
+    d.create_on_demand_with("low", "notify", port, 1, &["-u", "nobody"]);
+    d.ok(&["service", "prebake", "low"]);
+    d.wait_state("low", "waiting", Duration::from_secs(10));
+    for cycle in 1..=2u64 {
+        let lost = burst(10, port);
+        assert!(lost.is_empty(), "cycle {cycle}: lost {lost:?}");
+        let svc = d.service("low");
+        let pid = svc["pid"].as_i64().expect("it runs");
+        let status = common::read(std::path::Path::new(&format!("/proc/{pid}/status")));
+        let uid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>())
+            .unwrap_or_default();
+        assert_eq!(uid, ["65534"; 4], "cycle {cycle}: {status}");
+        assert_eq!(svc["on_demand"]["activations"], cycle, "{svc}");
+        wait_zero(&d, "low");
+    }
+}
+
 #[test]
 fn failed_activation_closes_clients_and_keeps_the_image() {
     if !common::require_privileged("failed_activation_closes_clients_and_keeps_the_image") {
