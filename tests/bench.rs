@@ -254,6 +254,32 @@ fn bench_on_demand_smoke() {
     assert_eq!(code, 0);
     let series = w["series"].as_array().expect("series");
     assert_eq!(series.len(), bench::ondemand::KINDS.len(), "{series:?}");
+    let keys: Vec<&str> = series.iter().filter_map(|s| s["key"].as_str()).collect();
+    for k in [
+        // side by side, in the same run
+        "cold_runmh_ms",
+        "restore_trace_ms",
+        "bare_criu_ms",
+        // at zero, the daemon's account of it, with --standby
+        "ondemand_zero_ms",
+        "ondemand_zero_activation_ms",
+        "ondemand_zero_restore_ms",
+        "ondemand_standby_ms",
+        "ondemand_standby_activation_ms",
+        "standby_rss_mib",
+        // the burst
+        "ondemand_lost",
+        "ondemand_burst_last_ms",
+    ] {
+        assert!(keys.contains(&k), "the report has {k}: {keys:?}");
+    }
+    let median_of = |key: &str| -> f64 {
+        series
+            .iter()
+            .find(|s| s["key"] == key)
+            .and_then(|s| s["stats"]["median"].as_f64())
+            .unwrap_or_else(|| panic!("series {key}"))
+    };
     for s in series {
         let st = &s["stats"];
         assert_eq!(st["n"], 1, "{} measured once: {s}", s["key"]);
@@ -267,6 +293,30 @@ fn bench_on_demand_smoke() {
         );
         assert_eq!(st["p95"], st["median"], "one sample: p95 = median");
     }
+    // The parts are parts: the daemon's activation ends before the client
+    // has its answer, and its restore step is inside the activation.
+    assert!(median_of("ondemand_zero_activation_ms") < median_of("ondemand_zero_ms"));
+    assert!(median_of("ondemand_zero_restore_ms") <= median_of("ondemand_zero_activation_ms"));
+    assert!(median_of("ondemand_standby_activation_ms") < median_of("ondemand_standby_ms"));
+    // The side-by-side restores are broken down as in the main benchmark.
+    let variants: Vec<(&str, u64)> = w["breakdown"]["variants"]
+        .as_array()
+        .expect("breakdown")
+        .iter()
+        .filter_map(|v| Some((v["variant"].as_str()?, v["runs"].as_u64()?)))
+        .filter(|(_, runs)| *runs > 0)
+        .collect();
+    assert_eq!(variants, [("runmh_trace", 1), ("bare_criu", 1)]);
+    // The lost count is from a real burst of BURST clients (the last 200
+    // of it is a row above), and every lost client is explained.
+    let lost = median_of("ondemand_lost");
+    assert!(lost <= bench::ondemand::BURST as f64);
+    let notes = w["notes"].as_array().expect("notes");
+    assert_eq!(
+        lost > 0.0,
+        !notes.is_empty(),
+        "a lost client is explained in a note: {notes:?}"
+    );
     let targets = report["targets"].as_array().expect("targets");
     let names: Vec<&str> = targets.iter().filter_map(|t| t["name"].as_str()).collect();
     assert_eq!(
@@ -285,7 +335,18 @@ fn bench_on_demand_smoke() {
         assert!(t["verdict"] == "PASS" || t["verdict"] == "MISS", "{t}");
     }
     let chart = common::read(&svg);
-    assert!(chart.starts_with("<svg") && chart.contains("on-demand --standby"));
+    assert!(chart.starts_with("<svg") && chart.trim_end().ends_with("</svg>"));
+    for row in [
+        "on-demand at zero",
+        "on-demand --standby",
+        "cold boot under runmh run",
+        "runmh restore trace image",
+        "bare criu restore -d",
+        "connections lost, burst of 50 clients at zero",
+        "p95",
+    ] {
+        assert!(chart.contains(row), "the chart shows {row}");
+    }
     assert!(
         miehisto::instance::Instance::list(&state).is_empty(),
         "no instance left"

@@ -7,16 +7,22 @@
 //! `sb` (`--standby`: one restored instance held at its stop point). Both
 //! have a one-second idle timeout, so each goes back to zero (or to a
 //! fresh standby) between measurements. Each run, interleaved:
-//! * on-demand at zero: one client connects to `od`'s port and sends a GET
-//!   while nothing runs → its 200 (median and p95 over the runs);
-//! * `--standby`: the same against `sb`, and the standby's RSS before it;
 //! * cold boot under `runmh run`, `runmh restore` of a TRACE image, and a
 //!   bare `criu restore -d` of a NOTIFY image → first response, as the
 //!   main benchmark measures them ([`super::measure`]);
-//! * a burst of 50 concurrent clients at `od`'s zero: how many got no 200.
+//! * on-demand at zero: one client connects to `od`'s port and sends a GET
+//!   while nothing runs → its 200 (median and p95 over the runs), and the
+//!   daemon's own account of that activation (queued connection → the
+//!   service listening, of which its restore step);
+//! * `--standby`: the same against `sb`, and the standby's RSS before it;
+//! * a burst of 50 concurrent clients at `od`'s zero: how many got no 200
+//!   (and why), and when the last one got its 200.
 //!
-//! The first three are from the client's side: connect → the whole 200.
+//! Every measurement starts with the daemon quiet (`od` at zero, `sb`
+//! held), so none overlaps a restore or a stop of the daemon's own. The
+//! times are from the client's side: connect → the whole 200.
 
+use super::breakdown;
 use super::measure::{millis, Ctx};
 use super::report::{self, Kind, WorkloadReport};
 use super::workloads::Workload;
@@ -266,16 +272,51 @@ fn one_get(port: u16, path: &str, timeout: Duration) -> Result<Duration, String>
     }
 }
 
-/// `n` clients at once; how many got no 200.
-fn burst(n: usize, port: u16, path: &'static str, timeout: Duration) -> usize {
+/// What a burst at zero gave.
+struct Burst {
+    /// Clients without a 200.
+    lost: usize,
+    /// Release of the clients → the last 200.
+    last: Option<Duration>,
+    /// Why clients were lost: each distinct error with its count.
+    why: Vec<(String, usize)>,
+}
+
+/// `n` clients at once. They are released together by a barrier (the
+/// threads take longer to start than the daemon takes to see the first
+/// connection), so the burst is in the daemon's queue when it activates.
+fn burst(n: usize, port: u16, path: &'static str, timeout: Duration) -> Burst {
+    let gate = std::sync::Arc::new(std::sync::Barrier::new(n));
     let threads: Vec<_> = (0..n)
-        .map(|_| std::thread::spawn(move || one_get(port, path, timeout)))
+        .map(|_| {
+            let gate = gate.clone();
+            std::thread::spawn(move || {
+                gate.wait();
+                one_get(port, path, timeout)
+            })
+        })
         .collect();
-    threads
-        .into_iter()
-        .map(|t| t.join())
-        .filter(|r| !matches!(r, Ok(Ok(_))))
-        .count()
+    let mut out = Burst {
+        lost: 0,
+        last: None,
+        why: Vec::new(),
+    };
+    for t in threads {
+        let r = t
+            .join()
+            .unwrap_or_else(|_| Err("the client thread panicked".into()));
+        match r {
+            Ok(d) => out.last = Some(out.last.map_or(d, |l| l.max(d))),
+            Err(e) => {
+                out.lost += 1;
+                match out.why.iter_mut().find(|(w, _)| *w == e) {
+                    Some((_, c)) => *c += 1,
+                    None => out.why.push((e, 1)),
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The series of an on-demand report, in table order.
@@ -284,9 +325,13 @@ pub const KINDS: &[Kind] = &[
     report::RESTORE_TRACE,
     report::BARE,
     report::OD_ZERO,
+    report::OD_ZERO_ACTIVATION,
+    report::OD_ZERO_RESTORE,
     report::OD_STANDBY,
+    report::OD_STANDBY_ACTIVATION,
     report::OD_STANDBY_RSS,
     report::OD_LOST,
+    report::OD_BURST_LAST,
 ];
 
 /// The images the side-by-side restores use.
@@ -324,6 +369,88 @@ pub fn setup(ctx: &Ctx, wl: &Workload, port: u16, keep: bool) -> Result<Setup, B
     })
 }
 
+/// How one activation went, as the daemon saw it.
+struct Activation {
+    /// First queued connection → the service listening (`service stats`).
+    latency_ms: Option<f64>,
+    /// Of which the restore step (its log line), when the daemon logged it.
+    restore_ms: Option<f64>,
+}
+
+impl Setup {
+    /// Waits until the daemon is quiet: `od` at zero with no process and
+    /// `sb` held at standby. Every measurement starts from there, so none
+    /// of them shares the two cores with a restore or a stop of the
+    /// daemon's own (each service goes idle a second after its client).
+    fn settle(&self, timeout: Duration) -> Result<(), BenchError> {
+        self.daemon.wait(OD, OnDemandState::Waiting, timeout)?;
+        self.daemon.wait(SB, OnDemandState::Standby, timeout)?;
+        Ok(())
+    }
+
+    fn activations(&self, name: &str) -> Result<u64, BenchError> {
+        self.daemon
+            .info(name)?
+            .on_demand
+            .map(|o| o.activations)
+            .ok_or_else(|| fail(format!("service {name}"), 0, "it is not on-demand"))
+    }
+
+    /// The daemon's record of the activation that followed `before`
+    /// activations. The client may read its 200 a moment before the
+    /// daemon has counted the hand-over, hence the short wait.
+    fn activation(&self, name: &str, before: u64) -> Result<Activation, BenchError> {
+        let t0 = Instant::now();
+        loop {
+            let od = self.daemon.info(name)?.on_demand;
+            if let Some(od) = od.filter(|o| o.activations > before) {
+                if od.activations != before + 1 {
+                    return Err(fail(
+                        format!("on-demand service {name}"),
+                        0,
+                        format!(
+                            "{} activations where one was expected: a client the benchmark did not send reached it",
+                            od.activations - before
+                        ),
+                    ));
+                }
+                return Ok(Activation {
+                    latency_ms: od.last_activation_ms,
+                    restore_ms: self.logged_step_ms(name, od.activations),
+                });
+            }
+            if t0.elapsed() > Duration::from_secs(5) {
+                return Err(fail(
+                    format!("on-demand service {name}"),
+                    0,
+                    "answered, but the daemon counted no activation within 5 s",
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The restore (or resume) step of the `nth` activation of `name`,
+    /// from the daemon's log line "NAME: activated in X ms (...; STEP
+    /// took Y ms, ...)". The API gives the whole latency only; the split
+    /// shows whether the time goes to runmh or to the wait for listen().
+    /// None (the row stays unmeasured) when the line is not there in that
+    /// form or the count does not match.
+    fn logged_step_ms(&self, name: &str, nth: u64) -> Option<f64> {
+        let log = std::fs::read_to_string(daemon_log(self)).ok()?;
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(&format!(" {name}: activated in ")))
+            .collect();
+        if lines.len() as u64 != nth {
+            return None;
+        }
+        let line = lines.last()?;
+        let rest = &line[line.find(" took ")? + " took ".len()..];
+        rest.split(" ms").next()?.trim().parse().ok()
+    }
+}
+
 /// One run of every measurement (`count`: recorded, not a warm-up).
 pub fn one_run(
     ctx: &Ctx,
@@ -342,32 +469,66 @@ pub fn one_run(
     let settle = ctx.timeout.max(Duration::from_secs(30));
     let tag = format!("od-{}-{run}", wl.name);
 
-    s.daemon.wait(OD, OnDemandState::Waiting, settle)?;
-    let t = one_get(s.od_port, wl.path, ctx.timeout)
-        .map_err(|e| fail("on-demand at zero", s.od_port, e))?;
-    push(rep, report::OD_ZERO, Some(millis(t)));
-
-    let held = s.daemon.wait(SB, OnDemandState::Standby, settle)?;
-    let rss = held
-        .on_demand
-        .and_then(|o| o.standby_rss_kib)
-        .map(|k| k as f64 / 1024.0);
-    let t = one_get(s.sb_port, wl.path, ctx.timeout)
-        .map_err(|e| fail("on-demand --standby", s.sb_port, e))?;
-    push(rep, report::OD_STANDBY, Some(millis(t)));
-    push(rep, report::OD_STANDBY_RSS, rss);
-
-    // Meanwhile both services go idle again.
+    // The ways of starting the server by hand, side by side.
+    s.settle(settle)?;
     let cold = ctx.cold_runmh(wl, port, &tag)?;
     push(rep, report::COLD_RUNMH, Some(millis(cold.first_response)));
     let r = ctx.runmh_restore(&s.images.trace, port, wl.path, &tag, None)?;
     push(rep, report::RESTORE_TRACE, Some(millis(r.first_response)));
     let b = ctx.bare_restore(&s.images.notify, port, wl.path, &tag)?;
     push(rep, report::BARE, Some(millis(b.first_response)));
+    // Their phases, as in the main benchmark: what the restore itself
+    // costs under this run's load, to hold the activation's parts against.
+    if count {
+        for (v, boot) in [
+            (breakdown::Variant::RunmhTrace, &r),
+            (breakdown::Variant::Bare, &b),
+        ] {
+            if let Some(p) = &boot.phases {
+                rep.breakdown.push(v, p);
+            }
+        }
+    }
 
-    s.daemon.wait(OD, OnDemandState::Waiting, settle)?;
-    let lost = burst(BURST, s.od_port, wl.path, ctx.timeout);
-    push(rep, report::OD_LOST, Some(lost as f64));
+    // On-demand at zero: nothing of `od` runs.
+    s.settle(settle)?;
+    let before = s.activations(OD)?;
+    let t = one_get(s.od_port, wl.path, ctx.timeout)
+        .map_err(|e| fail("on-demand at zero", s.od_port, e))?;
+    push(rep, report::OD_ZERO, Some(millis(t)));
+    let a = s.activation(OD, before)?;
+    push(rep, report::OD_ZERO_ACTIVATION, a.latency_ms);
+    push(rep, report::OD_ZERO_RESTORE, a.restore_ms);
+
+    // `--standby`: the held instance is only resumed.
+    s.settle(settle)?;
+    let rss = s
+        .daemon
+        .info(SB)?
+        .on_demand
+        .and_then(|o| o.standby_rss_kib)
+        .map(|k| k as f64 / 1024.0);
+    let before = s.activations(SB)?;
+    let t = one_get(s.sb_port, wl.path, ctx.timeout)
+        .map_err(|e| fail("on-demand --standby", s.sb_port, e))?;
+    push(rep, report::OD_STANDBY, Some(millis(t)));
+    push(rep, report::OD_STANDBY_RSS, rss);
+    let a = s.activation(SB, before)?;
+    push(rep, report::OD_STANDBY_ACTIVATION, a.latency_ms);
+
+    // A burst at zero.
+    s.settle(settle)?;
+    let b = burst(BURST, s.od_port, wl.path, ctx.timeout);
+    push(rep, report::OD_LOST, Some(b.lost as f64));
+    push(rep, report::OD_BURST_LAST, b.last.map(millis));
+    for (why, n) in &b.why {
+        let note = format!(
+            "{} run {run}: {n} of {BURST} burst clients lost: {why}",
+            if count { "counted" } else { "warm-up" }
+        );
+        eprintln!("bench: {}: {note}", wl.name);
+        rep.notes.push(note);
+    }
     Ok(())
 }
 

@@ -61,9 +61,27 @@ pub const OD_ZERO: Kind = Kind {
     unit: "ms",
     chart: true,
 };
+pub const OD_ZERO_ACTIVATION: Kind = Kind {
+    key: "ondemand_zero_activation_ms",
+    label: "  of which the daemon: queued connection -> listening",
+    unit: "ms",
+    chart: true,
+};
+pub const OD_ZERO_RESTORE: Kind = Kind {
+    key: "ondemand_zero_restore_ms",
+    label: "    of which its restore step (runmh restore --detach)",
+    unit: "ms",
+    chart: true,
+};
 pub const OD_STANDBY: Kind = Kind {
     key: "ondemand_standby_ms",
     label: "on-demand --standby: connect -> first response",
+    unit: "ms",
+    chart: true,
+};
+pub const OD_STANDBY_ACTIVATION: Kind = Kind {
+    key: "ondemand_standby_activation_ms",
+    label: "  of which the daemon: queued connection -> resumed, listening",
     unit: "ms",
     chart: true,
 };
@@ -77,6 +95,12 @@ pub const OD_LOST: Kind = Kind {
     key: "ondemand_lost",
     label: "connections lost, burst of 50 clients at zero",
     unit: "conns",
+    chart: false,
+};
+pub const OD_BURST_LAST: Kind = Kind {
+    key: "ondemand_burst_last_ms",
+    label: "burst of 50 at zero: release -> the last client's 200",
+    unit: "ms",
     chart: false,
 };
 
@@ -141,6 +165,9 @@ pub struct WorkloadReport {
     pub breakdown: super::breakdown::Breakdown,
     /// Measurements that failed, one line each.
     pub errors: Vec<String>,
+    /// What a measurement saw besides its number (e.g. why burst clients
+    /// were lost), one line each.
+    pub notes: Vec<String>,
 }
 
 impl WorkloadReport {
@@ -167,6 +194,7 @@ impl WorkloadReport {
             series,
             breakdown: Default::default(),
             errors: Vec::new(),
+            notes: Vec::new(),
         }
     }
 
@@ -249,6 +277,10 @@ struct TargetDef {
     goal: f64,
     /// Only for this workload (None: every workload).
     only: Option<&'static str>,
+    /// A target of `bench --on-demand` (else of the main benchmark): each
+    /// report shows its own benchmark's targets, even where the other's
+    /// series (cold boot, runmh restore) are measured in it too.
+    on_demand: bool,
 }
 
 const TARGETS: &[TargetDef] = &[
@@ -259,6 +291,7 @@ const TARGETS: &[TargetDef] = &[
         op: ">=",
         goal: 10.0,
         only: Some("django"),
+        on_demand: false,
     },
     TargetDef {
         name: "cold boot / runmh restore",
@@ -267,6 +300,7 @@ const TARGETS: &[TargetDef] = &[
         op: ">=",
         goal: 10.0,
         only: Some(super::workloads::HEAVY),
+        on_demand: false,
     },
     TargetDef {
         name: "cold boot / runmh restore (moonshot)",
@@ -275,6 +309,7 @@ const TARGETS: &[TargetDef] = &[
         op: ">=",
         goal: 20.0,
         only: Some(super::workloads::HEAVY),
+        on_demand: false,
     },
     TargetDef {
         name: "runmh restore / bare criu restore",
@@ -283,6 +318,7 @@ const TARGETS: &[TargetDef] = &[
         op: "<=",
         goal: 1.08,
         only: None,
+        on_demand: false,
     },
     TargetDef {
         name: "runmh restore (trace) / floor",
@@ -291,6 +327,7 @@ const TARGETS: &[TargetDef] = &[
         op: "<=",
         goal: 2.0,
         only: Some("django"),
+        on_demand: false,
     },
     TargetDef {
         name: "req/s TRACE-supervised / without runmh",
@@ -299,6 +336,7 @@ const TARGETS: &[TargetDef] = &[
         op: ">=",
         goal: 0.97,
         only: None,
+        on_demand: false,
     },
     TargetDef {
         name: "prebake time to stop / plain boot to listen",
@@ -307,6 +345,7 @@ const TARGETS: &[TargetDef] = &[
         op: "<=",
         goal: 1.15,
         only: None,
+        on_demand: false,
     },
     TargetDef {
         name: "on-demand at zero / runmh restore",
@@ -315,6 +354,7 @@ const TARGETS: &[TargetDef] = &[
         op: "<=",
         goal: 1.2,
         only: None,
+        on_demand: true,
     },
     TargetDef {
         name: "cold boot / on-demand --standby",
@@ -323,6 +363,7 @@ const TARGETS: &[TargetDef] = &[
         op: ">=",
         goal: 30.0,
         only: Some("django"),
+        on_demand: true,
     },
     TargetDef {
         name: "connections lost at activation (worst run)",
@@ -331,6 +372,7 @@ const TARGETS: &[TargetDef] = &[
         op: "<=",
         goal: 0.0,
         only: None,
+        on_demand: true,
     },
 ];
 
@@ -381,6 +423,11 @@ const PAIRED: &[(&str, Kind, Kind)] = &[
         RESTORE_NOTIFY,
         BARE,
     ),
+    (
+        "on-demand at zero / runmh restore, median of per-run ratios",
+        OD_ZERO,
+        RESTORE_TRACE,
+    ),
 ];
 
 /// The median of per-run ratios of two series, when they pair up (same
@@ -404,7 +451,7 @@ pub fn targets(w: &WorkloadReport) -> Vec<Target> {
     TARGETS
         .iter()
         .filter(|t| t.only.map_or(true, |o| o == w.name))
-        // A target of the other benchmark's series is not this report's.
+        .filter(|t| t.on_demand == w.has(OD_ZERO))
         .filter(|t| w.has(t.num) && t.den.map_or(true, |d| w.has(d)))
         .map(|t| {
             let ratio = match t.den {
@@ -524,6 +571,9 @@ impl Report {
             if !bd.is_empty() {
                 out.push('\n');
                 out.push_str(&bd);
+            }
+            for n in &w.notes {
+                let _ = writeln!(out, "note: {n}");
             }
             for e in &w.errors {
                 let _ = writeln!(out, "error: {e}");
@@ -658,12 +708,22 @@ impl Report {
                         my - 4.0,
                         my + 4.0
                     );
+                    // The p95 as a heavier tick on the whisker: with few
+                    // runs it is the max, with many it shows the tail.
                     let _ = writeln!(
                         body,
-                        r#"<text x="{:.1}" y="{:.1}" class="v">{} ms</text>"#,
+                        r#"<path d="M{:.1} {:.1}V{:.1}" class="p"/>"#,
+                        x(s.p95),
+                        cy,
+                        cy + bar_h
+                    );
+                    let _ = writeln!(
+                        body,
+                        r#"<text x="{:.1}" y="{:.1}" class="v">{} ms (p95 {})</text>"#,
                         x(s.max) + 6.0,
                         cy + bar_h * 0.75,
-                        fmt_num(s.median)
+                        fmt_num(s.median),
+                        fmt_num(s.p95)
                     );
                 } else {
                     let _ = writeln!(
@@ -675,8 +735,29 @@ impl Report {
                 }
             }
             let bottom = y + kinds.len() as f64 * (bar_h + gap);
-            let (bd, next) = w.breakdown.svg(bottom + 22.0, left, width);
+            let (bd, mut next) = w.breakdown.svg(bottom + 22.0, left, width);
             body.push_str(&bd);
+            // Counts (connections lost) are no time: a line each, per run.
+            for st in w.series.iter().filter(|st| st.unit == "conns") {
+                let runs = st
+                    .samples
+                    .iter()
+                    .map(|v| format!("{v:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let _ = writeln!(
+                    body,
+                    r#"<text x="40" y="{:.1}" class="l">{}: {} (per run)</text>"#,
+                    next,
+                    esc(st.label),
+                    if runs.is_empty() {
+                        "not measured".into()
+                    } else {
+                        runs
+                    }
+                );
+                next += 15.0;
+            }
             y = next + 16.0;
             for t in &tg {
                 let r = t
@@ -709,12 +790,12 @@ impl Report {
         );
         let _ = writeln!(
             svg,
-            "<style>.h{{font-size:14px;font-weight:bold}}.l{{font-size:11px}}.v{{font-size:11px;fill:#333}}.t{{font-size:10px;fill:#555}}.g{{stroke:#ddd;stroke-width:1}}.w{{stroke:#000;stroke-width:1.2;fill:none}}.pass{{font-size:12px;fill:#1a7f37}}.miss{{font-size:12px;fill:#c62828;font-weight:bold}}.na{{font-size:12px;fill:#777}}</style>"
+            "<style>.h{{font-size:14px;font-weight:bold}}.l{{font-size:11px}}.v{{font-size:11px;fill:#333}}.t{{font-size:10px;fill:#555}}.g{{stroke:#ddd;stroke-width:1}}.w{{stroke:#000;stroke-width:1.2;fill:none}}.p{{stroke:#000;stroke-width:3}}.pass{{font-size:12px;fill:#1a7f37}}.miss{{font-size:12px;fill:#c62828;font-weight:bold}}.na{{font-size:12px;fill:#777}}</style>"
         );
         let _ = writeln!(svg, r##"<rect width="100%" height="100%" fill="#fff"/>"##);
         let _ = writeln!(
             svg,
-            r#"<text x="20" y="24" font-size="16" font-weight="bold">miehisto: start to first HTTP response (bar: median, whiskers: min-max; {} runs)</text>"#,
+            r#"<text x="20" y="24" font-size="16" font-weight="bold">miehisto: start to first HTTP response (bar: median, thick tick: p95, whiskers: min-max; {} runs)</text>"#,
             self.runs
         );
         let _ = writeln!(
