@@ -38,10 +38,14 @@ struct Table {
     spawned: u64,
 }
 
+/// Called on the reaper thread with each child that ended.
+type ExitHook = Box<dyn Fn(i32, ExitStatus) + Send + Sync>;
+
 struct Inner {
     table: Mutex<Table>,
     exited: Condvar,
     spawned: Condvar,
+    on_exit: Mutex<Option<ExitHook>>,
 }
 
 #[derive(Clone)]
@@ -57,6 +61,7 @@ impl Children {
             table: Mutex::new(Table::default()),
             exited: Condvar::new(),
             spawned: Condvar::new(),
+            on_exit: Mutex::new(None),
         });
         let me = Children { inner };
         let reaper = me.clone();
@@ -106,6 +111,16 @@ impl Children {
         t.exits.insert(pid, (info, now));
         drop(t);
         self.inner.exited.notify_all();
+        let hook = self.inner.on_exit.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = hook.as_ref() {
+            f(pid, info);
+        }
+    }
+
+    /// Has `f` told of every child that ends from now on (on the reaper
+    /// thread: it must not block).
+    pub fn on_exit(&self, f: impl Fn(i32, ExitStatus) + Send + Sync + 'static) {
+        *self.inner.on_exit.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(f));
     }
 
     /// Spawns `cmd` (never waited on by std: the reaper owns the status).

@@ -67,6 +67,8 @@ pub enum ServiceError {
     Store(#[from] ImageStoreError),
     #[error(transparent)]
     Children(#[from] ChildrenError),
+    #[error("cannot start the thread that ends the instances of killed runmh children")]
+    Janitor(#[source] std::io::Error),
     #[error("no service named {0:?}; `mhctl service list` shows the services")]
     NotFound(String),
     #[error("a service named {0:?} already exists; delete it first or choose another name")]
@@ -344,6 +346,39 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Ends the instance of a runmh child that died without cleaning up
+/// (SIGKILL, a crash) as soon as the reaper saw it go: left to the next
+/// daemon start, its directory and its (empty, or still populated) cgroup
+/// would stay for as long as this daemon runs, and for good if the state
+/// directory went first. A runmh that ended cleanly removed its own; a
+/// front process whose restored supervisor lives on leaves an owned
+/// instance, which `clean_dead` never touches. The work is done off the
+/// reaper thread: killing a cgroup's leftovers may wait for them.
+fn start_janitor(children: &Children, runmh_state: PathBuf) -> Result<(), ServiceError> {
+    let (tx, rx) = crossbeam_channel::unbounded::<i32>();
+    std::thread::Builder::new()
+        .name("janitor".into())
+        .spawn(move || {
+            while let Ok(pid) = rx.recv() {
+                // One sweep serves every child that ended meanwhile.
+                let ended: Vec<i32> = std::iter::once(pid).chain(rx.try_iter()).collect();
+                for c in crate::instance::clean_dead(&runmh_state) {
+                    log::info!(
+                        "ended the instance {} ({}) of a runmh that died without cleaning up (children {ended:?} ended; killed pids {:?})",
+                        c.id,
+                        c.state.map_or("unrecorded", |s| s.as_str()),
+                        c.killed
+                    );
+                }
+            }
+        })
+        .map_err(ServiceError::Janitor)?;
+    children.on_exit(move |pid, _| {
+        let _ = tx.send(pid);
+    });
+    Ok(())
+}
+
 fn describe_end(info: Option<ExitStatus>) -> String {
     match info {
         Some(ExitStatus::Exited(c)) => {
@@ -407,6 +442,7 @@ impl Services {
                 c.killed
             );
         }
+        start_janitor(&children, runmh_state.clone())?;
         let me = Services {
             cfg,
             registry,

@@ -199,8 +199,15 @@ impl Drop for Case {
                 eprintln!("===== {}\n{}", l.display(), super::read(&l));
             }
         }
-        // Only processes this test started carry its tag or scratch path,
-        // or are in its daemon's records.
+        // The daemon's services first, while it runs to end their
+        // instances. Only processes this test started carry its tag or
+        // scratch path, or are in its daemon's records.
+        if self.daemon.is_some() {
+            let left = super::kill_daemon_services(&self.state);
+            if !left.is_empty() {
+                eprintln!("teardown: the daemon did not end the instances {left:?}");
+            }
+        }
         let pids = self.live_services().into_iter();
         for pid in pids.chain(self.leftovers().into_iter().map(|(p, _)| p)) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);

@@ -441,6 +441,20 @@ impl TwoHosts {
 
 impl Drop for TwoHosts {
     fn drop(&mut self) {
+        // The services first, while their daemons run to end their
+        // instances (cgroups included).
+        for h in [&self.a, &self.b]
+            .into_iter()
+            .filter(|h| h.daemon.is_some())
+        {
+            let left = super::kill_daemon_services(&h.state);
+            if !left.is_empty() {
+                eprintln!(
+                    "teardown: host {}'s daemon did not end the instances {left:?}",
+                    h.label
+                );
+            }
+        }
         self.a.stop_daemon();
         self.b.stop_daemon();
         if let Some(s) = &mut self.sshd {

@@ -239,17 +239,49 @@ pub fn count_lines(text: &str, needle: &str) -> usize {
     text.lines().filter(|l| l.contains(needle)).count()
 }
 
-/// Removes the cgroups of the runmh instances under `state` (runmh's own,
-/// and a daemon's in `state/runmh`), killing what is left in them. A test
-/// that kills an owner (or a daemon with services running) and then
-/// deletes the state dir would otherwise leave their empty cgroups under
-/// `<hierarchy>/miehisto/`, where only the next runmh of that state dir
-/// would have found them.
+/// Ends the services a daemon with state dir `state` still runs, while
+/// the daemon lives: SIGKILLs each one's service and supervisor, then waits
+/// (up to 5 s) for the daemon to end their instances, cgroups included, as
+/// it does for any runmh child that dies without cleaning up. Returns the
+/// instance directories still there.
+pub fn kill_daemon_services(state: &Path) -> Vec<PathBuf> {
+    let runmh_state = state.join("runmh");
+    for (_, r) in miehisto::instance::Instance::list(&runmh_state) {
+        for pid in [r.root_pid, r.supervisor_pid] {
+            if pid > 0 && alive(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+    let left = || -> Vec<PathBuf> {
+        std::fs::read_dir(runmh_state.join("instances"))
+            .map(|r| r.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    let t0 = Instant::now();
+    while !left().is_empty() && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    left()
+}
+
+/// Removes the cgroups of the runmh instances still under `state` (runmh's
+/// own, and a daemon's in `state/runmh`), killing what is left in them,
+/// and says so: a test that kills an owner with no daemon around to see
+/// it, and then deletes the state dir, would otherwise leave them under
+/// `<hierarchy>/miehisto/` for good.
 pub fn remove_instance_cgroups(state: &Path) {
     for dir in [state.join("instances"), state.join("runmh/instances")] {
         for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
             let id = e.file_name().to_string_lossy().into_owned();
             if let Some(cg) = miehisto::sandbox::cgroup::InstanceCgroup::existing(&id) {
+                eprintln!(
+                    "teardown: removing the cgroup of instance {id}, left in {}",
+                    dir.display()
+                );
                 if let Err(e) = cg.destroy() {
                     eprintln!("teardown: cgroup of instance {id}: {e}");
                 }
