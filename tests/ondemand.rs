@@ -184,6 +184,42 @@ impl Case {
         assert_eq!(v["on_demand"]["idle_timeout_secs"], idle, "{v}");
     }
 
+    /// SIGKILLs `name`'s supervisor (it cannot clean up) and insists the
+    /// daemon ends its instance, cgroup included, while it runs on: this
+    /// run's state dir going later would otherwise strand the empty cgroup
+    /// under the hierarchy.
+    fn kill_supervisor_and_expect_its_instance_gone(&self, name: &str) {
+        let sup = self.service(name)["supervisor_pid"]
+            .as_i64()
+            .and_then(|p| i32::try_from(p).ok())
+            .unwrap_or_else(|| panic!("{name} runs under a supervisor"));
+        let (inst, _) = miehisto::instance::Instance::list(&self.state.join("runmh"))
+            .into_iter()
+            .find(|(_, r)| r.supervisor_pid == sup)
+            .expect("the supervisor's instance");
+        // None: no cgroup v2 hierarchy here, only the directory can be checked.
+        let cgroup = miehisto::sandbox::cgroup::InstanceCgroup::locate(&inst.id).ok();
+        let cgroup_left = || cgroup.as_ref().is_some_and(|c| c.path.exists());
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(sup),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill the supervisor");
+        let t0 = Instant::now();
+        while (inst.dir.exists() || cgroup_left()) && t0.elapsed() < Duration::from_secs(15) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(
+            !inst.dir.exists(),
+            "the killed supervisor's instance {} is still there",
+            inst.dir.display()
+        );
+        assert!(
+            !cgroup_left(),
+            "the killed supervisor's cgroup {cgroup:?} is still there"
+        );
+    }
+
     fn stdout_log(&self, name: &str) -> String {
         common::read(&self.state.join("logs").join(name).join("stdout.log"))
     }
@@ -573,40 +609,8 @@ fn failed_activation_closes_clients_and_keeps_the_image() {
         .contains("miehisto_ondemand_activation_failures_total{service=\"bad\"}"));
 
     // The good service's supervisor killed outright (it cannot clean up):
-    // the daemon ends its instance, cgroup included, while it runs on;
-    // this run's state dir going later would otherwise strand the empty
-    // cgroup under the hierarchy.
-    let sup = d.service("good")["supervisor_pid"]
-        .as_i64()
-        .and_then(|p| i32::try_from(p).ok())
-        .expect("the good service runs under a supervisor");
-    let runmh_state = d.state.join("runmh");
-    let (inst, _) = miehisto::instance::Instance::list(&runmh_state)
-        .into_iter()
-        .find(|(_, r)| r.supervisor_pid == sup)
-        .expect("the supervisor's instance");
-    // None: no cgroup v2 hierarchy here, only the directory can be checked.
-    let cgroup = miehisto::sandbox::cgroup::InstanceCgroup::locate(&inst.id).ok();
-    let cgroup_left = || cgroup.as_ref().is_some_and(|c| c.path.exists());
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(sup),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("kill the supervisor");
-    let t0 = Instant::now();
-    while (inst.dir.exists() || cgroup_left()) && t0.elapsed() < Duration::from_secs(15) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(
-        !inst.dir.exists(),
-        "the killed supervisor's instance {} is still there",
-        inst.dir.display()
-    );
-    assert!(
-        !cgroup_left(),
-        "the killed supervisor's cgroup {:?} is still there",
-        cgroup
-    );
+    // the daemon ends its instance, cgroup included, while it runs on.
+    d.kill_supervisor_and_expect_its_instance_gone("good");
 }
 
 #[test]
@@ -654,6 +658,9 @@ fn daemon_restart_rearms_waiting_and_keeps_running() {
     assert_eq!(get_from([127, 0, 0, 1], a).expect("a answers").0, 200);
     assert_eq!(get_from([127, 0, 0, 1], b).expect("b answers").0, 200);
     wait_zero_one(&d, "a");
+    // b's supervisor is no child of the new daemon (the old one started
+    // it): killed, its instance still goes.
+    d.kill_supervisor_and_expect_its_instance_gone("b");
 }
 
 /// `a` is back at zero (other services may still run).

@@ -41,6 +41,7 @@ use nix::libc;
 use nix::unistd::Pid;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -346,25 +347,71 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Ends the instance of a runmh child that died without cleaning up
-/// (SIGKILL, a crash) as soon as the reaper saw it go: left to the next
-/// daemon start, its directory and its (empty, or still populated) cgroup
-/// would stay for as long as this daemon runs, and for good if the state
-/// directory went first. A runmh that ended cleanly removed its own; a
-/// front process whose restored supervisor lives on leaves an owned
-/// instance, which `clean_dead` never touches. The work is done off the
+/// What the janitor is told.
+enum Janitor {
+    /// A child of the daemon ended (the reaper saw it).
+    Ended(i32),
+    /// A live supervisor that is not the daemon's child (the daemon that
+    /// started it is gone): watched through a pidfd.
+    Adopt(i32),
+}
+
+/// How often the janitor looks at the supervisors it adopted.
+const ADOPTED_POLL: Duration = Duration::from_millis(500);
+
+/// Ends the instance of a runmh that died without cleaning up (SIGKILL, a
+/// crash) as soon as it is seen gone: left to the next daemon start, its
+/// directory and its (empty, or still populated) cgroup would stay for as
+/// long as this daemon runs, and for good if the state directory went
+/// first. The reaper tells of the daemon's children; supervisors a previous
+/// daemon started are re-parented away from this one, so they are adopted
+/// and watched through pidfds. A runmh that ended cleanly removed its own
+/// instance; a front process whose restored supervisor lives on leaves an
+/// owned one, which `clean_dead` never touches. The work is done off the
 /// reaper thread: killing a cgroup's leftovers may wait for them.
-fn start_janitor(children: &Children, runmh_state: PathBuf) -> Result<(), ServiceError> {
-    let (tx, rx) = crossbeam_channel::unbounded::<i32>();
+fn start_janitor(
+    children: &Children,
+    runmh_state: PathBuf,
+) -> Result<crossbeam_channel::Sender<Janitor>, ServiceError> {
+    let (tx, rx) = crossbeam_channel::unbounded::<Janitor>();
     std::thread::Builder::new()
         .name("janitor".into())
         .spawn(move || {
-            while let Ok(pid) = rx.recv() {
-                // One sweep serves every child that ended meanwhile.
-                let ended: Vec<i32> = std::iter::once(pid).chain(rx.try_iter()).collect();
+            let mut adopted: Vec<(i32, std::os::fd::OwnedFd)> = Vec::new();
+            loop {
+                let mut sweep = false;
+                let first = match rx.recv_timeout(ADOPTED_POLL) {
+                    Ok(m) => Some(m),
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+                };
+                for m in first.into_iter().chain(rx.try_iter()) {
+                    match m {
+                        Janitor::Ended(pid) => {
+                            log::debug!("child {pid} ended: looking for its instance");
+                            sweep = true;
+                        }
+                        Janitor::Adopt(pid) => match sys::pidfd_open(pid) {
+                            Ok(fd) => adopted.push((pid, fd)),
+                            // Already gone.
+                            Err(_) => sweep = true,
+                        },
+                    }
+                }
+                adopted.retain(|(pid, fd)| {
+                    let gone = sys::pidfd_exited(fd.as_raw_fd()).unwrap_or(true);
+                    if gone {
+                        log::debug!("adopted supervisor {pid} ended");
+                        sweep = true;
+                    }
+                    !gone
+                });
+                if !sweep {
+                    continue;
+                }
                 for c in crate::instance::clean_dead(&runmh_state) {
                     log::info!(
-                        "ended the instance {} ({}) of a runmh that died without cleaning up (children {ended:?} ended; killed pids {:?})",
+                        "ended the instance {} ({}) of a runmh that died without cleaning up (killed pids {:?})",
                         c.id,
                         c.state.map_or("unrecorded", |s| s.as_str()),
                         c.killed
@@ -373,10 +420,11 @@ fn start_janitor(children: &Children, runmh_state: PathBuf) -> Result<(), Servic
             }
         })
         .map_err(ServiceError::Janitor)?;
+    let ended = tx.clone();
     children.on_exit(move |pid, _| {
-        let _ = tx.send(pid);
+        let _ = ended.send(Janitor::Ended(pid));
     });
-    Ok(())
+    Ok(tx)
 }
 
 fn describe_end(info: Option<ExitStatus>) -> String {
@@ -442,7 +490,14 @@ impl Services {
                 c.killed
             );
         }
-        start_janitor(&children, runmh_state.clone())?;
+        let janitor = start_janitor(&children, runmh_state.clone())?;
+        // Supervisors that outlived the daemon that started them: none is
+        // this daemon's child.
+        for (_, r) in Instance::list(&runmh_state) {
+            if r.supervisor_pid > 0 && procfs::alive(Pid::from_raw(r.supervisor_pid)) {
+                let _ = janitor.send(Janitor::Adopt(r.supervisor_pid));
+            }
+        }
         let me = Services {
             cfg,
             registry,
