@@ -293,11 +293,11 @@ fn bench_on_demand_smoke() {
         );
         assert_eq!(st["p95"], st["median"], "one sample: p95 = median");
     }
-    // The parts are parts: the daemon's activation ends before the client
-    // has its answer, and its restore step is inside the activation.
-    assert!(median_of("ondemand_zero_activation_ms") < median_of("ondemand_zero_ms"));
+    // The restore step is part of the activation (one clock, the daemon's).
+    // The activation is not compared with the client's time: the daemon
+    // stops its clock after the hand-over, and a fast service may answer
+    // before it does.
     assert!(median_of("ondemand_zero_restore_ms") <= median_of("ondemand_zero_activation_ms"));
-    assert!(median_of("ondemand_standby_activation_ms") < median_of("ondemand_standby_ms"));
     // The side-by-side restores are broken down as in the main benchmark.
     let variants: Vec<(&str, u64)> = w["breakdown"]["variants"]
         .as_array()
