@@ -466,6 +466,15 @@ fn real_main(cli: Cli) -> Result<i32> {
             log_dir,
         } => {
             require_root()?;
+            // CRIU execs this very binary as the supervisor: without this the
+            // library looks for a sibling named `runmh` when ours is named
+            // otherwise (a copy being benchmarked), and would run that one.
+            match std::env::current_exe() {
+                Ok(me) => restore::set_supervisor_exe(&me),
+                Err(e) => {
+                    log::debug!("cannot name this runmh ({e}): the supervisor is found by name")
+                }
+            }
             // Cached version: `criu --version` would delay every restore by ~10 ms.
             let criu = Criu::discover_cached(cli.criu.as_deref(), &state_dir)?;
             miehisto::stop::tracer::block_supervisor_signals().context("cannot block signals")?;

@@ -32,6 +32,71 @@ pub struct FileSum {
     pub bytes: u64,
     /// XXH64 (seed 0) of the whole file, as 16 hex digits.
     pub xxh64: String,
+    /// The file as it was when hashed at publish time; absent when that
+    /// could not be trusted (see [`seal`]) and in images made before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stamp: Option<FileStamp>,
+}
+
+/// A file's inode and change times. Every write to a file updates its mtime
+/// and ctime (and anything else that could swap its content - rename over
+/// it, truncate, a copy - changes the inode or the times), so a file with
+/// the stamp it had when it was hashed still has the bytes that were
+/// hashed: [`verify`] then skips reading it, which for a large image was
+/// the longest step of a restore before CRIU runs (~0.3 ms/MiB here).
+/// A copy on another host or file system has another inode: hashed again.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileStamp {
+    pub dev: u64,
+    pub ino: u64,
+    pub mtime_s: i64,
+    pub mtime_ns: i64,
+    pub ctime_s: i64,
+    pub ctime_ns: i64,
+}
+
+/// How old a file's last change must be when its hash starts for its stamp
+/// to be trusted. File times come from the kernel's coarse clock (one tick,
+/// at most 10 ms at HZ=100, behind the real time): a write in the same tick
+/// as the last one, after the hash began, could keep the same times. With
+/// the last change two ticks before the hash, any later write gets newer
+/// times. (Git's "racily clean" index entries are the same problem.)
+const STAMP_MARGIN: std::time::Duration = std::time::Duration::from_millis(20);
+
+impl FileStamp {
+    pub fn of(m: &std::fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            mtime_s: m.mtime(),
+            mtime_ns: m.mtime_nsec(),
+            ctime_s: m.ctime(),
+            ctime_ns: m.ctime_nsec(),
+        }
+    }
+
+    /// The later of the change times, as a wall-clock time (None if it does
+    /// not fit one: then the stamp is not trusted).
+    fn changed(&self) -> Option<std::time::SystemTime> {
+        let at = |s: i64, ns: i64| {
+            let s = u64::try_from(s).ok()?;
+            let ns = u32::try_from(ns).ok()?;
+            std::time::UNIX_EPOCH.checked_add(std::time::Duration::new(s, ns))
+        };
+        Some(at(self.mtime_s, self.mtime_ns)?.max(at(self.ctime_s, self.ctime_ns)?))
+    }
+
+    /// Whether a file stamped `self` before its hash began at `began` and
+    /// `after` once it ended was unchanged meanwhile and can be trusted
+    /// later (see [`STAMP_MARGIN`]).
+    pub fn trusted(&self, after: &FileStamp, began: std::time::SystemTime) -> bool {
+        self == after
+            && self
+                .changed()
+                .and_then(|c| c.checked_add(STAMP_MARGIN))
+                .is_some_and(|c| c <= began)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,18 +165,37 @@ pub fn seal(dir: &Path, sync: bool) -> Result<Vec<FileSum>, VerifyError> {
         .filter(|n| is_image_file(n))
         .collect();
     names.sort();
+    // CRIU has just written these files: let the newest change fall out of
+    // the racy window, so that every stamp can be trusted (a few ms at most
+    // after a dump, none after a pull or a copy).
+    let newest = names
+        .iter()
+        .filter_map(|n| std::fs::metadata(dir.join(n)).ok())
+        .filter_map(|m| FileStamp::of(&m).changed())
+        .max();
+    if let Some(wait) = newest
+        .and_then(|c| c.checked_add(STAMP_MARGIN))
+        .and_then(|c| c.duration_since(std::time::SystemTime::now()).ok())
+    {
+        std::thread::sleep(wait.min(STAMP_MARGIN));
+    }
     let mut sums = Vec::with_capacity(names.len());
     for name in names {
         let path = dir.join(&name);
         let file = std::fs::File::open(&path).map_err(|e| io(&path, e))?;
+        let before = file.metadata().map_err(|e| io(&path, e))?;
+        let began = std::time::SystemTime::now();
         let (bytes, hash) = hash_reader(&file).map_err(|e| io(&path, e))?;
         if sync {
             file.sync_all().map_err(|e| io(&path, e))?;
         }
+        let after = file.metadata().map_err(|e| io(&path, e))?;
+        let (before, after) = (FileStamp::of(&before), FileStamp::of(&after));
         sums.push(FileSum {
             name,
             bytes,
             xxh64: format!("{hash:016x}"),
+            stamp: before.trusted(&after, began).then_some(before),
         });
     }
     Ok(sums)
@@ -119,8 +203,9 @@ pub fn seal(dir: &Path, sync: bool) -> Result<Vec<FileSum>, VerifyError> {
 
 /// Checks the image in `dir`: every pages image against its pagemap, and
 /// every file recorded at publish time (`sums`; older images have none)
-/// against its size and checksum. Reads every recorded byte once; the
-/// page cache then serves CRIU's own reads.
+/// against its size and checksum. Reads every recorded byte of a file whose
+/// stamp changed since (or that has none) once; the page cache then serves
+/// CRIU's own reads.
 pub fn verify(dir: &Path, sums: &[FileSum]) -> Result<(), VerifyError> {
     check_pagemaps(dir)?;
     // Sizes first: a truncated file is reported without hashing anything.
@@ -151,6 +236,14 @@ pub fn verify(dir: &Path, sums: &[FileSum]) -> Result<(), VerifyError> {
             path: path.clone(),
             source,
         })?;
+        let now = file.metadata().map_err(|source| VerifyError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        if s.stamp.is_some_and(|st| st == FileStamp::of(&now)) {
+            // Not written since it was hashed (see FileStamp).
+            continue;
+        }
         let (_, hash) = hash_reader(&file).map_err(|source| VerifyError::Io {
             path: path.clone(),
             source,
@@ -561,6 +654,55 @@ mod tests {
         assert!(parse_pagemap(b"\0\0\0\0\0\0\0\0")
             .unwrap_err()
             .contains("magic"));
+    }
+
+    #[test]
+    fn a_stamped_file_is_not_hashed_again_until_it_is_written() {
+        let dir = std::env::temp_dir().join(format!("mh-verify-stamp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let pages = dir.join("pages-1.img");
+        std::fs::write(&pages, vec![7u8; 8192]).unwrap();
+        // Sealed right after the write: seal waits out the racy window.
+        let sums = seal(&dir, false).unwrap();
+        let st = sums[0]
+            .stamp
+            .expect("a file sealed after the margin is stamped");
+        assert_eq!(st, FileStamp::of(&std::fs::metadata(&pages).unwrap()));
+        // A wrong checksum goes unnoticed while the stamp matches: proof
+        // that the file was not read ...
+        let mut forged = sums.clone();
+        forged[0].xxh64 = "0000000000000000".into();
+        verify(&dir, &forged).unwrap();
+        // ... and is found without a stamp, or once the file is written,
+        // even with the same bytes.
+        let mut unstamped = forged.clone();
+        unstamped[0].stamp = None;
+        assert!(matches!(
+            verify(&dir, &unstamped),
+            Err(VerifyError::Checksum { .. })
+        ));
+        std::fs::write(&pages, vec![7u8; 8192]).unwrap();
+        assert!(matches!(
+            verify(&dir, &forged),
+            Err(VerifyError::Checksum { .. })
+        ));
+        verify(&dir, &sums).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_stamp_is_trusted_only_when_stable_and_older_than_the_margin() {
+        let m = std::fs::metadata("/proc/self/exe").unwrap();
+        let st = FileStamp::of(&m);
+        let changed = st.changed().unwrap();
+        assert!(st.trusted(&st, changed + STAMP_MARGIN));
+        assert!(!st.trusted(&st, changed + STAMP_MARGIN / 2));
+        let other = FileStamp {
+            ctime_ns: (st.ctime_ns + 1) % 1_000_000_000,
+            ..st
+        };
+        assert!(!st.trusted(&other, changed + STAMP_MARGIN * 10));
     }
 
     #[test]

@@ -211,6 +211,22 @@ impl InstanceCgroup {
             })
     }
 
+    /// The cgroup's directory, open for clone3's CLONE_INTO_CGROUP (see
+    /// [`crate::sys::fork_into_cgroup`]): a child started in it needs no
+    /// `cgroup.procs` write.
+    pub fn dir_for_clone(&self) -> Result<OwnedFd, CgroupError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(&self.path)
+            .map(OwnedFd::from)
+            .map_err(|source| CgroupError::Open {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
     /// Moves process `pid` (all its threads) into this cgroup.
     pub fn join(&self, pid: i32) -> Result<(), CgroupError> {
         std::fs::write(self.procs_path(), pid.to_string()).map_err(|source| CgroupError::Join {
