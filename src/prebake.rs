@@ -169,6 +169,45 @@ pub fn is_static_elf(path: &Path) -> bool {
     })
 }
 
+/// The TRACE backend's heap trim before the stop (the NOTIFY preload's
+/// `malloc_trim(0)`, from the same library in its trim-only mode), where it
+/// is safe; else nothing, and the service runs exactly as without it.
+fn trace_trim(opts: &PrebakeOpts, spec: &SandboxSpec, state_dir: &Path) -> Vec<(String, String)> {
+    let name = opts.stop_at.name();
+    let glibc = stop::preload::is_glibc_dynamic(&spec.program);
+    let dir = preload_dir(state_dir);
+    let installed = stop::preload::install(&dir)
+        .map_err(|e| format!("cannot install the library in {}: {e}", dir.display()))
+        .and_then(|lib| {
+            stop::preload::open_to(&lib, state_dir, spec.uid, spec.gid)
+                .map(|()| lib)
+                .map_err(|(d, e)| {
+                    format!(
+                        "uid {} cannot reach the library ({}: {e})",
+                        spec.uid,
+                        d.display()
+                    )
+                })
+        });
+    let lib = match installed {
+        Ok(lib) => lib,
+        Err(why) => {
+            log::info!("TRACE: no heap trim before the stop: {why}");
+            return Vec::new();
+        }
+    };
+    match stop::preload::trace_trim_env(&spec.env, &name, glibc, &spec.program, &lib) {
+        Ok(env) => {
+            log::debug!("TRACE: the preload library in trim-only mode calls malloc_trim(0) in {name}() before the traced syscall");
+            env
+        }
+        Err(why) => {
+            log::info!("TRACE: no heap trim before the stop: {why}");
+            Vec::new()
+        }
+    }
+}
+
 fn preload_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("lib")
 }
@@ -210,7 +249,10 @@ impl Fallback {
             } else {
                 stop::trace::TraceBackend::new(opts.stop_at)
             };
-            Box::new(b.deny_ptrace(opts.research.deny_ptrace))
+            Box::new(
+                b.deny_ptrace(opts.research.deny_ptrace)
+                    .with_env(trace_trim(opts, spec, state_dir)),
+            )
         };
         let notify = || -> Result<Box<dyn StopBackend>, BootError> {
             let mut n = stop::notify::NotifyBackend::new(

@@ -695,6 +695,65 @@ fn static_binary_needs_trace() {
     restore_serve_stop(&c, &img, &md, &p, 1);
 }
 
+/// The TRACE backend's heap trim: a payload that leaves 48 MiB of freed
+/// heap before its listen is dumped without those pages when the preload
+/// library's trim-only mode runs malloc_trim(0) in its listen wrapper, and
+/// with them under `MIEHISTO_PRELOAD_TRIM=0` (no library at all) or for a
+/// static program (never loads it); the trimmed service restores and
+/// serves as before, and the library said nothing on its stderr.
+#[test]
+fn trace_trims_freed_heap_before_the_stop() {
+    let _g = common::lock();
+    if !common::require_privileged("trace_trims_freed_heap_before_the_stop") {
+        return;
+    }
+    const FREED: &[&str] = &["-e", "MH_FREED_HEAP_MIB=48"];
+    let mib = |md: &Metadata| md.image_bytes as f64 / f64::from(1u32 << 20);
+    let has = |md: &Metadata, k: &str, v: Option<&str>| {
+        md.spec
+            .env
+            .iter()
+            .any(|(ek, ev)| ek == k && v.map_or(true, |v| v == ev))
+    };
+    let c = Case::new("pb-trim");
+    let p_on = payload("simple_server");
+    let on_img = c.state.join("img-on");
+    let on = prebake_ok(&c, &on_img, "trace", FREED, &p_on);
+    assert_stopped_before_listen(&on, "trace", &p_on);
+    assert!(has(&on, "LD_PRELOAD", None), "{:?}", on.spec.env);
+    assert!(
+        has(&on, "MIEHISTO_PRELOAD_MODE", Some("trim")),
+        "{:?}",
+        on.spec.env
+    );
+
+    let p_off = payload("simple_server");
+    let off_img = c.state.join("img-off");
+    let off_opts = [FREED, &["-e", "MIEHISTO_PRELOAD_TRIM=0"]].concat();
+    let off = prebake_ok(&c, &off_img, "trace", &off_opts, &p_off);
+    assert!(!has(&off, "LD_PRELOAD", None), "{:?}", off.spec.env);
+    assert!(
+        mib(&off) > mib(&on) + 40.0,
+        "trimmed {:.1} MiB, untrimmed {:.1} MiB",
+        mib(&on),
+        mib(&off)
+    );
+
+    let stat = common::payload("simple_server_static");
+    if stat.is_file() {
+        let p_static = payload("simple_server_static");
+        let st = prebake_ok(&c, &c.state.join("img-static"), "trace", FREED, &p_static);
+        assert!(!has(&st, "LD_PRELOAD", None), "{:?}", st.spec.env);
+        assert!(mib(&st) > 48.0, "static: {:.1} MiB", mib(&st));
+    } else {
+        assert!(!common::in_ci(), "{} was not built", stat.display());
+    }
+
+    restore_serve_stop(&c, &on_img, &on, &p_on, 1);
+    let err = common::read(&on.spec.stderr_log());
+    assert_eq!(common::count_lines(&err, "miehisto-preload:"), 0, "{err}");
+}
+
 #[test]
 fn direct_syscall_needs_trace() {
     let _g = common::lock();

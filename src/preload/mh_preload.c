@@ -19,7 +19,11 @@
  *   MIEHISTO_MARKER_SIG     marker signal number (default SIGRTMAX)
  *   MIEHISTO_PRELOAD_MODE   "marker" (default) or "sigstop": research row,
  *                           kill(getpid(), SIGSTOP) instead of the marker,
- *                           to show that PID 1 of a PID namespace ignores it
+ *                           to show that PID 1 of a PID namespace ignores it;
+ *                           or "trim": the TRACE backend's mode, no marker
+ *                           and no line on stderr, only the malloc_trim(0)
+ *                           below; the real call then enters the syscall
+ *                           the TRACE filter stops at
  *   MIEHISTO_PRELOAD_QUIET  "1" silences the stderr line
  *   MIEHISTO_PRELOAD_TRIM   "0" keeps malloc's free memory (see below)
  *
@@ -29,7 +33,9 @@
  * reach, yet CRIU would dump them (they are present) and copy them back on
  * every restore; trimmed, they are neither in the image nor restored, and
  * the kernel supplies a fresh page when malloc reuses that memory. What the
- * program computes is unchanged.
+ * program computes is unchanged. malloc_trim is glibc's: it is looked up at
+ * run time (dlsym), so that the library still loads into a program whose
+ * libc has none (musl); there the trim is skipped.
  *
  * When the stop fires, one line goes to stderr (fd 2, write(2), no stdio):
  *   miehisto-preload: marker sig=N before listen ret=R errno=E
@@ -41,7 +47,6 @@
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
-#include <malloc.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -104,6 +109,19 @@ static void *real_fn(void **cache, const char *name)
     return fn;
 }
 
+/* Hands malloc's free memory back (see the top of this file). */
+static void trim_heap(void)
+{
+    const char *trim = getenv("MIEHISTO_PRELOAD_TRIM");
+    if (trim && strcmp(trim, "0") == 0)
+        return;
+    int saved_errno = errno;
+    int (*f)(size_t) = (int (*)(size_t))dlsym(RTLD_DEFAULT, "malloc_trim");
+    if (f)
+        (void)f(0);
+    errno = saved_errno;
+}
+
 static int marker_signal(void)
 {
     int sig = SIGRTMAX;         /* a libc function call, not a constant */
@@ -134,6 +152,11 @@ static void maybe_stop(const char *fn)
 
     int saved_errno = errno;
     const char *mode = getenv("MIEHISTO_PRELOAD_MODE");
+    if (mode && strcmp(mode, "trim") == 0) {
+        trim_heap();
+        errno = saved_errno;
+        return;
+    }
     int sigstop = mode && strcmp(mode, "sigstop") == 0;
     int sig;
     long ret;
@@ -148,9 +171,7 @@ static void maybe_stop(const char *fn)
         sa.sa_handler = SIG_IGN;
         sigemptyset(&sa.sa_mask);
         (void)sigaction(sig, &sa, NULL);
-        const char *trim = getenv("MIEHISTO_PRELOAD_TRIM");
-        if (!trim || strcmp(trim, "0") != 0)
-            (void)malloc_trim(0);
+        trim_heap();
         /* The marker: trapped by the seccomp NOTIFY filter. Its result is
          * deliberately ignored (ENOSYS after a restore). */
         ret = syscall(SYS_kill, (long)getpid(), (long)sig);

@@ -25,6 +25,9 @@ pub struct TraceBackend {
     /// forbidden (a seccomp'd container, Yama scope 3), to exercise
     /// `--backend auto`'s fallback where ptrace works.
     deny_ptrace: bool,
+    /// The heap trim's library and its settings (see
+    /// [`super::preload::trace_trim_env`]); empty: none.
+    extra_env: Vec<(String, String)>,
 }
 
 impl TraceBackend {
@@ -34,6 +37,7 @@ impl TraceBackend {
             hold: false,
             how: AttachHow::Seize,
             deny_ptrace: false,
+            extra_env: Vec::new(),
         }
     }
 
@@ -45,7 +49,14 @@ impl TraceBackend {
             hold: true,
             how: AttachHow::LegacyAttach,
             deny_ptrace: false,
+            extra_env: Vec::new(),
         }
+    }
+
+    /// Loads the trim-only preload library with this environment.
+    pub fn with_env(mut self, env: Vec<(String, String)>) -> Self {
+        self.extra_env = env;
+        self
     }
 
     /// See the `deny_ptrace` field.
@@ -70,7 +81,7 @@ impl StopBackend for TraceBackend {
         })?;
         Ok(Variant {
             filter: Some(filter),
-            extra_env: Vec::new(),
+            extra_env: self.extra_env.clone(),
         })
     }
 
