@@ -243,6 +243,15 @@ impl Drop for Daemon {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        // A SIGKILLed supervisor cannot remove its instance's cgroup: the
+        // benchmark does, else every run leaves empty cgroups behind.
+        for (inst, _) in crate::instance::Instance::list(&runmh_state) {
+            if let Some(cg) = crate::sandbox::cgroup::InstanceCgroup::existing(&inst.id) {
+                if let Err(e) = cg.destroy() {
+                    log::warn!("cgroup of the benchmark's instance {}: {e}", inst.id);
+                }
+            }
+        }
         if !self.keep {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
