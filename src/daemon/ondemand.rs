@@ -43,6 +43,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 const DRAIN_POLL: Duration = Duration::from_millis(5);
 /// Time for a handshake already routed to the service's listener to show.
 const STEER_SETTLE: Duration = Duration::from_millis(5);
+/// Every how many polls an activation also scans the service's TCP table.
+const SCAN_EVERY: u32 = 50;
 /// How long a restored service may take to listen on its socket.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(20);
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
@@ -310,15 +312,12 @@ impl OnDemand {
     }
 }
 
-/// The TCP sockets the newest image holds with SO_REUSEPORT: bound at the
-/// stop point (the usual stop, before `listen`), or already listening (a
-/// stop at a later call: a server's second socket). Those are the only
-/// addresses the daemon can wait on and hand over: the restored service
-/// re-creates each of them beside the daemon's listener, in its reuseport
-/// group.
-fn image_addresses(services: &Services, name: &str) -> Result<Vec<SocketAddr>, OnDemandState> {
-    // The newest generation's record, read even when the image is damaged:
-    // clients still wait on its address and see the activation fail.
+/// The newest generation's metadata, read even when the image is damaged:
+/// clients still wait on its address and see the activation fail.
+fn newest_metadata(
+    services: &Services,
+    name: &str,
+) -> Result<crate::images::Metadata, OnDemandState> {
     let Some(gen) = services.store().generations(name).last().copied() else {
         return Err(OnDemandState::NoImage);
     };
@@ -326,12 +325,20 @@ fn image_addresses(services: &Services, name: &str) -> Result<Vec<SocketAddr>, O
         .store()
         .generation_path(name, gen)
         .join(crate::images::metadata::FILE_NAME);
-    let Some(md) = std::fs::read(&file)
+    std::fs::read(&file)
         .ok()
         .and_then(|b| serde_json::from_slice::<crate::images::Metadata>(&b).ok())
-    else {
-        return Err(OnDemandState::NoImage);
-    };
+        .ok_or(OnDemandState::NoImage)
+}
+
+/// The TCP sockets the newest image holds with SO_REUSEPORT: bound at the
+/// stop point (the usual stop, before `listen`), or already listening (a
+/// stop at a later call: a server's second socket). Those are the only
+/// addresses the daemon can wait on and hand over: the restored service
+/// re-creates each of them beside the daemon's listener, in its reuseport
+/// group.
+fn image_addresses(services: &Services, name: &str) -> Result<Vec<SocketAddr>, OnDemandState> {
+    let md = newest_metadata(services, name)?;
     let mut v: Vec<SocketAddr> = Vec::new();
     for b in md.stop.iter().flat_map(|s| s.bound.iter()) {
         if b.reuseport && !v.contains(&b.addr) {
@@ -339,6 +346,22 @@ fn image_addresses(services: &Services, name: &str) -> Result<Vec<SocketAddr>, O
         }
     }
     Ok(v)
+}
+
+/// The newest image's sockets that its root process held, by address:
+/// the restored root has each at the same fd number (CRIU restores fds as
+/// they were), so whether it listens can be asked of that fd.
+fn root_fds(services: &Services, name: &str) -> HashMap<SocketAddr, i32> {
+    newest_metadata(services, name)
+        .map(|md| {
+            md.stop
+                .iter()
+                .flat_map(|s| s.bound.iter())
+                .filter(|b| b.pid == md.dumped_pid)
+                .map(|b| (b.addr, b.fd))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The addresses an on-demand service answers on while at zero: the
@@ -750,28 +773,26 @@ impl Services {
         // reuseport group. Then our listener can go, and its queue with it
         // to the service.
         let deadline = Instant::now() + LISTEN_TIMEOUT;
-        loop {
-            let rows = sockets::tcp_table(Some(root));
-            let i = lock(&slot.inner);
-            let ready = i
-                .listeners
-                .iter()
-                .all(|l| sockets::listening_elsewhere(&rows, l.addr, l.inode()));
-            drop(i);
+        let fds = root_fds(self, name);
+        let mut polls = 0u32;
+        let ready = loop {
+            // The root's own sockets are asked directly (SO_ACCEPTCONN on a
+            // pidfd_getfd copy, microseconds); a scan of /proc/PID/net/tcp
+            // and tcp6 costs milliseconds, so it is only for sockets of
+            // other processes, or now and then in case the service made a
+            // new socket instead of listening on the image's.
+            let scan = polls % SCAN_EVERY == SCAN_EVERY - 1;
+            let ready = self.listening(slot, root, &fds, scan);
+            polls += 1;
             if ready
                 || !crate::sys::procfs::alive(nix::unistd::Pid::from_raw(root))
                 || Instant::now() > deadline
             {
-                break;
+                break ready;
             }
             std::thread::sleep(Duration::from_millis(1));
-        }
+        };
         let mut i = lock(&slot.inner);
-        let rows = sockets::tcp_table(Some(root));
-        let ready = i
-            .listeners
-            .iter()
-            .all(|l| sockets::listening_elsewhere(&rows, l.addr, l.inode()));
         if ready {
             i.listeners.clear();
             let ms = t0.elapsed().as_secs_f64() * 1000.0;
@@ -793,6 +814,36 @@ impl Services {
                 LISTEN_TIMEOUT.as_secs()
             );
         }
+    }
+
+    /// Whether the restored service (root `root`) listens on every address
+    /// the daemon holds a listener on: through the root's own fds (`fds`,
+    /// from the image) where known, else (or with `scan`) in its TCP table.
+    fn listening(
+        &self,
+        slot: &Arc<Slot>,
+        root: i32,
+        fds: &HashMap<SocketAddr, i32>,
+        scan: bool,
+    ) -> bool {
+        let held: Vec<(SocketAddr, u64)> = lock(&slot.inner)
+            .listeners
+            .iter()
+            .map(|l| (l.addr, l.inode()))
+            .collect();
+        let direct = |a: &SocketAddr| {
+            fds.get(a)
+                .is_some_and(|&fd| sockets::fd_listening(root, fd))
+        };
+        if held.iter().all(|(a, _)| direct(a)) {
+            return true;
+        }
+        if !scan && held.iter().all(|(a, _)| fds.contains_key(a)) {
+            return false;
+        }
+        let rows = sockets::tcp_table(Some(root));
+        held.iter()
+            .all(|(a, ino)| direct(a) || sockets::listening_elsewhere(&rows, *a, *ino))
     }
 
     /// Idle: listen beside the service, so that every new client queues
