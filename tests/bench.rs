@@ -74,13 +74,7 @@ fn bench_python_smoke_reports_every_row_with_real_numbers() {
     // The breakdown: every variant measured once, its phases real numbers
     // that add up to that restore's first response, CRIU's page read among
     // them; runmh's own phases only where runmh ran.
-    let median_of = |key: &str| -> f64 {
-        series
-            .iter()
-            .find(|s| s["key"] == key)
-            .and_then(|s| s["stats"]["median"].as_f64())
-            .unwrap_or_else(|| panic!("series {key}"))
-    };
+    let median_of = |key: &str| median(series, key);
     let variants = w["breakdown"]["variants"].as_array().expect("breakdown");
     assert_eq!(variants.len(), 3, "runmh trace, runmh notify, bare criu");
     for v in variants {
@@ -273,13 +267,7 @@ fn bench_on_demand_smoke() {
     ] {
         assert!(keys.contains(&k), "the report has {k}: {keys:?}");
     }
-    let median_of = |key: &str| -> f64 {
-        series
-            .iter()
-            .find(|s| s["key"] == key)
-            .and_then(|s| s["stats"]["median"].as_f64())
-            .unwrap_or_else(|| panic!("series {key}"))
-    };
+    let median_of = |key: &str| median(series, key);
     for s in series {
         let st = &s["stats"];
         assert_eq!(st["n"], 1, "{} measured once: {s}", s["key"]);
@@ -359,4 +347,13 @@ fn bench_on_demand_smoke() {
     );
     assert!(common::mounts_under(&state).is_empty());
     std::fs::remove_dir_all(&state).expect("remove the state dir");
+}
+
+/// The median of the report series `key`.
+fn median(series: &[serde_json::Value], key: &str) -> f64 {
+    series
+        .iter()
+        .find(|s| s["key"] == key)
+        .and_then(|s| s["stats"]["median"].as_f64())
+        .unwrap_or_else(|| panic!("series {key}"))
 }
