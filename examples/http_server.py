@@ -25,6 +25,7 @@ import http.server
 import importlib
 import os
 import signal
+import socket
 import socketserver
 import sys
 import time
@@ -65,6 +66,10 @@ class Server(socketserver.TCPServer):
 
     def __init__(self, port, bind):
         self.requests_served = 0
+        # An IPv6 address ("::" too) needs an AF_INET6 socket; Linux makes
+        # it dual-stack (IPV6_V6ONLY off) unless net.ipv6.bindv6only says so.
+        if ":" in bind:
+            self.address_family = socket.AF_INET6
         super().__init__((bind, port), Handler)
 
     def server_bind(self):

@@ -86,6 +86,12 @@ pub struct BoundSocket {
     pub listening: bool,
     /// `SO_REUSEPORT` is set, so the daemon can listen beside it.
     pub reuseport: bool,
+    /// `IPV6_V6ONLY` of an IPv6 socket: `Some(false)` is dual-stack (the
+    /// Linux default), which IPv4 clients reach too, so the daemon's socket
+    /// must be dual-stack as well. None for IPv4 and in older images (the
+    /// daemon then listens IPv6-only, as before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub v6only: Option<bool>,
 }
 
 /// The socket inodes among `/proc/<pid>/fd`, as (fd, inode).
@@ -170,12 +176,18 @@ pub fn scan_bound(pids: &[i32], set_reuseport: bool) -> Result<Vec<BoundSocket>,
                 })?;
                 reuseport = true;
             }
+            let v6only = if addr.is_ipv6() {
+                socket::getsockopt(&copy, sockopt::Ipv6V6Only).ok()
+            } else {
+                None
+            };
             out.push(BoundSocket {
                 addr,
                 pid,
                 fd,
                 listening,
                 reuseport,
+                v6only,
             });
         }
     }
@@ -196,7 +208,10 @@ pub struct WaitingListener {
 const BACKLOG: i32 = 4096;
 
 impl WaitingListener {
-    pub fn open(addr: SocketAddr) -> Result<WaitingListener, SocketsError> {
+    /// `v6only` (IPv6 only): whether the service's socket there is IPv6-only;
+    /// a dual-stack one gets a dual-stack listener, in the same reuseport
+    /// group, that IPv4 clients reach too.
+    pub fn open(addr: SocketAddr, v6only: bool) -> Result<WaitingListener, SocketsError> {
         let err = |step| move |source| SocketsError::Listen { addr, step, source };
         let family = match addr {
             SocketAddr::V4(_) => AddressFamily::Inet,
@@ -212,7 +227,7 @@ impl WaitingListener {
         socket::setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(err("set SO_REUSEADDR on"))?;
         socket::setsockopt(&fd, sockopt::ReusePort, &true).map_err(err("set SO_REUSEPORT on"))?;
         if addr.is_ipv6() {
-            socket::setsockopt(&fd, sockopt::Ipv6V6Only, &true)
+            socket::setsockopt(&fd, sockopt::Ipv6V6Only, &v6only)
                 .map_err(err("set IPV6_V6ONLY on"))?;
         }
         let map = sys::bpf_reuseport_sockarray().map_err(SocketsError::Bpf)?;

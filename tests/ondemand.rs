@@ -73,7 +73,7 @@ fn queued_connections_migrate_to_the_service() {
     let _l = common::lock();
     let port = common::free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let waiting = WaitingListener::open(addr).expect("waiting listener");
+    let waiting = WaitingListener::open(addr, true).expect("waiting listener");
     let mut clients = echo_clients(addr, 50);
     assert!(waiting.wait_pending(Duration::from_secs(1)));
     let service = service_socket(addr);
@@ -104,7 +104,7 @@ fn new_connections_go_to_the_daemon_beside_a_running_service() {
         .expect("the service accepts its own client");
     drop((first, before));
 
-    let waiting = WaitingListener::open(addr).expect("waiting listener beside the service");
+    let waiting = WaitingListener::open(addr, true).expect("waiting listener beside the service");
     let mut clients = echo_clients(addr, 20);
     assert!(waiting.wait_pending(Duration::from_secs(1)));
     std::thread::sleep(Duration::from_millis(50));
@@ -534,6 +534,46 @@ fn nonroot_service_on_demand() {
         assert_eq!(svc["on_demand"]["activations"], cycle, "{svc}");
         wait_zero(&d, "low");
     }
+}
+
+/// A service bound to `[::]` (dual-stack, the Linux default) is reached by
+/// IPv4 clients too; at zero the daemon's listener must be dual-stack as
+/// well, or IPv4 clients would be refused while the service waits.
+#[test]
+fn dual_stack_service_waits_for_ipv4_and_ipv6_clients() {
+    if !common::require_privileged("dual_stack_service_waits_for_ipv4_and_ipv6_clients") {
+        return;
+    }
+    let _l = common::lock();
+    let d = start("od-dual");
+    let port = common::free_port();
+    let options = ["--backend", "trace", "--on-demand", "--idle-timeout", "1"];
+    d.create_python("dual", &options, port, &["--bind", "::"]);
+    d.ok(&["service", "prebake", "dual"]);
+    let inspect = d.json(&["image", "inspect", "dual"]);
+    let bound = &inspect["metadata"]["stop"]["bound"][0];
+    assert_eq!(bound["addr"], format!("[::]:{port}"), "{inspect}");
+    assert_eq!(bound["v6only"], false, "{inspect}");
+    for (cycle, v6) in [(1u64, false), (2, true)] {
+        d.wait_state("dual", "waiting", Duration::from_secs(30));
+        let r = if v6 {
+            TcpStream::connect(("::1", port))
+        } else {
+            TcpStream::connect(("127.0.0.1", port))
+        }
+        .and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(30)))?;
+            s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")?;
+            let mut buf = String::new();
+            s.read_to_string(&mut buf)?;
+            Ok(buf)
+        });
+        let body = r.unwrap_or_else(|e| panic!("cycle {cycle} (IPv6 {v6}): {e}"));
+        assert!(body.starts_with("HTTP/1.0 200"), "cycle {cycle}: {body}");
+        let svc = d.service("dual");
+        assert_eq!(svc["on_demand"]["activations"], cycle, "{svc}");
+    }
+    wait_zero(&d, "dual");
 }
 
 #[test]

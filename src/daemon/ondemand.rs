@@ -364,6 +364,21 @@ fn root_fds(services: &Services, name: &str) -> HashMap<SocketAddr, i32> {
         .unwrap_or_default()
 }
 
+/// The newest image's dual-stack IPv6 sockets (`IPV6_V6ONLY` off): the
+/// daemon's listener there must take IPv4 clients too.
+fn dual_stack(services: &Services, name: &str) -> Vec<SocketAddr> {
+    newest_metadata(services, name)
+        .map(|md| {
+            md.stop
+                .iter()
+                .flat_map(|s| s.bound.iter())
+                .filter(|b| b.v6only == Some(false))
+                .map(|b| b.addr)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The addresses an on-demand service answers on while at zero: the
 /// image's (see [`image_addresses`]), or, with `--listen`, those of them
 /// it names (a server with several sockets that only some should wake).
@@ -633,6 +648,7 @@ impl Services {
                 return false;
             }
         };
+        let dual = dual_stack(self, name);
         let mut i = lock(&slot.inner);
         if i.paused > 0 {
             return false;
@@ -641,7 +657,7 @@ impl Services {
             i.listeners.clear();
             i.addrs = addrs.clone();
             for a in &addrs {
-                match WaitingListener::open(*a) {
+                match WaitingListener::open(*a, !dual.contains(a)) {
                     Ok(l) => i.listeners.push(l),
                     Err(e) => {
                         log::warn!("{name}: {}", crate::error_chain(&e));
@@ -859,6 +875,7 @@ impl Services {
         );
         let mut ports = Vec::new();
         if let Ok(addrs) = addresses(self, name, cfg) {
+            let dual = dual_stack(self, name);
             let mut i = lock(&slot.inner);
             if i.paused == 0 {
                 i.listeners.clear();
@@ -866,7 +883,7 @@ impl Services {
                 for a in addrs {
                     // Fails when the running instance's socket has no
                     // SO_REUSEPORT (started cold); the loop opens it after.
-                    match WaitingListener::open(a) {
+                    match WaitingListener::open(a, !dual.contains(&a)) {
                         Ok(l) => {
                             ports.push(a.port());
                             i.listeners.push(l);
