@@ -312,12 +312,17 @@ impl OnDemand {
     }
 }
 
-/// The newest generation's metadata, read even when the image is damaged:
+/// The TCP sockets the newest image recorded at its stop point, read once
+/// for everything the controller derives from them.
+struct ImageSockets {
+    bound: Vec<crate::sockets::BoundSocket>,
+    /// Host pid of the dumped root: which of `bound` the root held.
+    dumped_pid: i32,
+}
+
+/// The newest generation's sockets, read even when the image is damaged:
 /// clients still wait on its address and see the activation fail.
-fn newest_metadata(
-    services: &Services,
-    name: &str,
-) -> Result<crate::images::Metadata, OnDemandState> {
+fn image_sockets(services: &Services, name: &str) -> Result<ImageSockets, OnDemandState> {
     let Some(gen) = services.store().generations(name).last().copied() else {
         return Err(OnDemandState::NoImage);
     };
@@ -325,82 +330,98 @@ fn newest_metadata(
         .store()
         .generation_path(name, gen)
         .join(crate::images::metadata::FILE_NAME);
-    std::fs::read(&file)
+    let md = std::fs::read(&file)
         .ok()
         .and_then(|b| serde_json::from_slice::<crate::images::Metadata>(&b).ok())
-        .ok_or(OnDemandState::NoImage)
+        .ok_or(OnDemandState::NoImage)?;
+    Ok(ImageSockets {
+        bound: md.stop.into_iter().flat_map(|s| s.bound).collect(),
+        dumped_pid: md.dumped_pid,
+    })
 }
 
-/// The TCP sockets the newest image holds with SO_REUSEPORT: bound at the
-/// stop point (the usual stop, before `listen`), or already listening (a
-/// stop at a later call: a server's second socket). Those are the only
-/// addresses the daemon can wait on and hand over: the restored service
-/// re-creates each of them beside the daemon's listener, in its reuseport
-/// group.
-fn image_addresses(services: &Services, name: &str) -> Result<Vec<SocketAddr>, OnDemandState> {
-    let md = newest_metadata(services, name)?;
-    let mut v: Vec<SocketAddr> = Vec::new();
-    for b in md.stop.iter().flat_map(|s| s.bound.iter()) {
-        if b.reuseport && !v.contains(&b.addr) {
-            v.push(b.addr);
+impl ImageSockets {
+    /// The sockets held with SO_REUSEPORT: bound at the stop point (the
+    /// usual stop, before `listen`), or already listening (a stop at a
+    /// later call: a server's second socket). Those are the only addresses
+    /// the daemon can wait on and hand over: the restored service
+    /// re-creates each of them beside the daemon's listener, in its
+    /// reuseport group.
+    fn reuseport_addrs(&self) -> Vec<SocketAddr> {
+        let mut v: Vec<SocketAddr> = Vec::new();
+        for b in &self.bound {
+            if b.reuseport && !v.contains(&b.addr) {
+                v.push(b.addr);
+            }
         }
+        v
     }
-    Ok(v)
+
+    /// The addresses an on-demand service answers on while at zero: the
+    /// image's [`Self::reuseport_addrs`], or, with `--listen`, those of
+    /// them it names (a server with several sockets that only some should
+    /// wake).
+    fn addresses(&self, cfg: &OnDemandConfig) -> Result<Vec<SocketAddr>, OnDemandState> {
+        let img = self.reuseport_addrs();
+        let v = if cfg.listen.is_empty() {
+            img
+        } else if cfg.listen.iter().all(|a| img.contains(a)) {
+            cfg.listen.clone()
+        } else {
+            // A newer image moved the socket: waiting on the old address
+            // would make the restored service's bind collide with our
+            // listener.
+            return Err(OnDemandState::NoAddress);
+        };
+        if v.is_empty() {
+            return Err(OnDemandState::NoAddress);
+        }
+        Ok(v)
+    }
+
+    /// Whether the daemon's listener on `addr` is to be IPv6-only: unless
+    /// the image's socket there is dual-stack (`IPV6_V6ONLY` off), when it
+    /// must take IPv4 clients too.
+    fn v6only(&self, addr: SocketAddr) -> bool {
+        !self
+            .bound
+            .iter()
+            .any(|b| b.addr == addr && b.v6only == Some(false))
+    }
+
+    /// The sockets the root process held, by address: the restored root
+    /// has each at the same fd number (CRIU restores fds as they were), so
+    /// whether it listens can be asked of that fd.
+    fn root_fds(&self) -> HashMap<SocketAddr, i32> {
+        self.bound
+            .iter()
+            .filter(|b| b.pid == self.dumped_pid)
+            .map(|b| (b.addr, b.fd))
+            .collect()
+    }
 }
 
-/// The newest image's sockets that its root process held, by address:
-/// the restored root has each at the same fd number (CRIU restores fds as
-/// they were), so whether it listens can be asked of that fd.
-fn root_fds(services: &Services, name: &str) -> HashMap<SocketAddr, i32> {
-    newest_metadata(services, name)
-        .map(|md| {
-            md.stop
-                .iter()
-                .flat_map(|s| s.bound.iter())
-                .filter(|b| b.pid == md.dumped_pid)
-                .map(|b| (b.addr, b.fd))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// The newest image's dual-stack IPv6 sockets (`IPV6_V6ONLY` off): the
-/// daemon's listener there must take IPv4 clients too.
-fn dual_stack(services: &Services, name: &str) -> Vec<SocketAddr> {
-    newest_metadata(services, name)
-        .map(|md| {
-            md.stop
-                .iter()
-                .flat_map(|s| s.bound.iter())
-                .filter(|b| b.v6only == Some(false))
-                .map(|b| b.addr)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// The addresses an on-demand service answers on while at zero: the
-/// image's (see [`image_addresses`]), or, with `--listen`, those of them
-/// it names (a server with several sockets that only some should wake).
+/// [`ImageSockets::addresses`] of the newest image, with the image.
 fn addresses(
     services: &Services,
     name: &str,
     cfg: &OnDemandConfig,
-) -> Result<Vec<SocketAddr>, OnDemandState> {
-    let img = image_addresses(services, name)?;
-    let v = if cfg.listen.is_empty() {
-        img
-    } else if cfg.listen.iter().all(|a| img.contains(a)) {
-        cfg.listen.clone()
-    } else {
-        // A newer image moved the socket: waiting on the old address would
-        // make the restored service's bind collide with our listener.
-        return Err(OnDemandState::NoAddress);
-    };
-    if v.is_empty() {
-        return Err(OnDemandState::NoAddress);
+) -> Result<(Vec<SocketAddr>, ImageSockets), OnDemandState> {
+    let img = image_sockets(services, name)?;
+    Ok((img.addresses(cfg)?, img))
+}
+
+/// Opens the daemon's listeners on `addrs` in place of any it holds; an
+/// address that cannot be opened is logged and left out.
+fn open_listeners(name: &str, i: &mut Inner, addrs: &[SocketAddr], img: &ImageSockets) {
+    i.listeners.clear();
+    i.addrs = addrs.to_vec();
+    for &a in addrs {
+        match WaitingListener::open(a, img.v6only(a)) {
+            Ok(l) => i.listeners.push(l),
+            Err(e) => log::warn!("{name}: {}", crate::error_chain(&e)),
+        }
     }
-    Ok(v)
 }
 
 fn list(addrs: &[SocketAddr]) -> String {
@@ -413,8 +434,8 @@ fn list(addrs: &[SocketAddr]) -> String {
 
 /// Why a service cannot be on-demand with its newest image, if it cannot.
 pub fn check_image(services: &Services, name: &str, cfg: &OnDemandConfig) -> Result<(), String> {
-    let img = match image_addresses(services, name) {
-        Ok(img) => img,
+    let img = match image_sockets(services, name) {
+        Ok(img) => img.reuseport_addrs(),
         // Checked again once there is one (state `no_address`).
         Err(_) => return Ok(()),
     };
@@ -591,7 +612,9 @@ impl Services {
                     // Armed while it runs (`service set`, a daemon
                     // restart): its ports are the image's.
                     drop(i);
-                    let addrs = addresses(self, name, &cfg).unwrap_or_default();
+                    let addrs = addresses(self, name, &cfg)
+                        .map(|(a, _)| a)
+                        .unwrap_or_default();
                     i = lock(&slot.inner);
                     i.addrs = addrs;
                 }
@@ -637,7 +660,7 @@ impl Services {
         cfg: &OnDemandConfig,
         st: OnDemandState,
     ) -> bool {
-        let addrs = match addresses(self, name, cfg) {
+        let (addrs, img) = match addresses(self, name, cfg) {
             Ok(a) => a,
             Err(st) => {
                 let mut i = lock(&slot.inner);
@@ -648,22 +671,12 @@ impl Services {
                 return false;
             }
         };
-        let dual = dual_stack(self, name);
         let mut i = lock(&slot.inner);
         if i.paused > 0 {
             return false;
         }
         if i.addrs != addrs || i.listeners.len() != addrs.len() {
-            i.listeners.clear();
-            i.addrs = addrs.clone();
-            for a in &addrs {
-                match WaitingListener::open(*a, !dual.contains(a)) {
-                    Ok(l) => i.listeners.push(l),
-                    Err(e) => {
-                        log::warn!("{name}: {}", crate::error_chain(&e));
-                    }
-                }
-            }
+            open_listeners(name, &mut i, &addrs, &img);
         }
         i.state = Some(st);
         true
@@ -789,7 +802,9 @@ impl Services {
         // reuseport group. Then our listener can go, and its queue with it
         // to the service.
         let deadline = Instant::now() + LISTEN_TIMEOUT;
-        let fds = root_fds(self, name);
+        let fds = image_sockets(self, name)
+            .map(|img| img.root_fds())
+            .unwrap_or_default();
         let mut polls = 0u32;
         let ready = loop {
             // The root's own sockets are asked directly (SO_ACCEPTCONN on a
@@ -874,23 +889,13 @@ impl Services {
             cfg.idle_timeout_secs
         );
         let mut ports = Vec::new();
-        if let Ok(addrs) = addresses(self, name, cfg) {
-            let dual = dual_stack(self, name);
+        if let Ok((addrs, img)) = addresses(self, name, cfg) {
             let mut i = lock(&slot.inner);
             if i.paused == 0 {
-                i.listeners.clear();
-                i.addrs = addrs.clone();
-                for a in addrs {
-                    // Fails when the running instance's socket has no
-                    // SO_REUSEPORT (started cold); the loop opens it after.
-                    match WaitingListener::open(a, !dual.contains(&a)) {
-                        Ok(l) => {
-                            ports.push(a.port());
-                            i.listeners.push(l);
-                        }
-                        Err(e) => log::warn!("{name}: {}", crate::error_chain(&e)),
-                    }
-                }
+                // An address fails when the running instance's socket has
+                // no SO_REUSEPORT (started cold); the loop opens it after.
+                open_listeners(name, &mut i, &addrs, &img);
+                ports = i.listeners.iter().map(|l| l.addr.port()).collect();
             }
         }
         if !ports.is_empty() {
