@@ -11,7 +11,7 @@
 
 use crate::channel::{self, ChannelError, ReadyMsg};
 use crate::criu::kdat::{self, KdatCache};
-use crate::criu::private_root;
+use crate::criu::{leave_cgroup, private_root};
 use crate::criu::{watchdog, Criu, CriuError, RestoreArgs};
 use crate::explain;
 use crate::images::compat::{self, CompatError, CpuCheck};
@@ -306,14 +306,17 @@ fn spawn_criu(
     if !opts.reseize {
         exec_cmd.push("--no-reseize".into());
     }
-    // The supervisor leaves the instance cgroup CRIU runs in for ours:
-    // only the restored tree stays in it.
+    // CRIU's process leaves the instance cgroup it runs in for ours (see
+    // criu::leave_cgroup; the supervisor it becomes checks): only the
+    // restored tree stays in it.
+    let mut origin = None;
     let cgroup_procs = match &inst.cgroup {
         Some(cg) => match cg.procs_for_child() {
             Ok(fd) => {
-                if let Some(origin) = crate::sandbox::cgroup::cgroup_of(None) {
+                origin = crate::sandbox::cgroup::cgroup_of(None);
+                if let Some(o) = &origin {
                     exec_cmd.push("--cgroup-origin".into());
-                    exec_cmd.push(origin.into());
+                    exec_cmd.push(o.into());
                 }
                 Some(fd)
             }
@@ -467,6 +470,10 @@ fn spawn_criu(
     drop(ready_w);
     drop(cgroup_procs);
     drop(cgroup_dir);
+    let leaver = match (&inst.cgroup, origin) {
+        (Some(cg), Some(origin)) => Some(leave_cgroup::Leaver::start(cg.clone(), origin, child)),
+        _ => None,
+    };
     // CRIU, then the supervisor it execs, holds the pipe's write end: the
     // read ends with the ready line, or at EOF when the watchdog has ended
     // them (too slow, a runaway log, or SIGTERM for us).
@@ -490,6 +497,9 @@ fn spawn_criu(
         ReadyMsg::CHANNEL,
         ReadyMsg::EXPECTED,
     );
+    if let Some(l) = leaver {
+        log::debug!("criu's process and the instance cgroup: {:?}", l.finish());
+    }
     if let Some(ending) = dog.finish() {
         let _ = sys::waitpid(child.as_raw(), 0);
         return Err(CriuError::Ended {
@@ -697,10 +707,14 @@ pub fn supervise_restored(
     let stamps = crate::timings::Stamps::new(timings);
     stamps.mark(crate::timings::SUPERVISOR_START);
     // Out of the instance cgroup before anything else: it is the restored
-    // tree's, and killing it must not kill its supervisor.
+    // tree's, and killing it must not kill its supervisor. The front
+    // process has usually moved us during CRIU's page read
+    // (criu::leave_cgroup); the move is what is left when it had not.
     if let Some(origin) = h.cgroup_origin {
-        if let Err(e) = crate::sandbox::cgroup::move_self_to(origin) {
-            log::warn!("{}", crate::error_chain(&e));
+        if crate::sandbox::cgroup::cgroup_of(None).as_deref() != Some(origin) {
+            if let Err(e) = crate::sandbox::cgroup::move_self_to(origin) {
+                log::warn!("{}", crate::error_chain(&e));
+            }
         }
     }
     let ready_fd = h.ready_fd;

@@ -318,11 +318,15 @@ impl InstanceCgroup {
 /// root, as [`cgroup_of`] gives it): a restored supervisor leaves the
 /// instance cgroup CRIU ran in for the one its caller runs in.
 pub fn move_self_to(path: &str) -> Result<(), CgroupError> {
+    move_to(path, nix::unistd::getpid().as_raw())
+}
+
+/// Moves process `pid` to the cgroup at `path` (as [`cgroup_of`] names it).
+pub fn move_to(path: &str, pid: i32) -> Result<(), CgroupError> {
     let dir = hierarchy()?.join(path.trim_start_matches('/'));
     let procs = dir.join("cgroup.procs");
-    let me = nix::unistd::getpid().as_raw();
-    std::fs::write(&procs, me.to_string()).map_err(|source| CgroupError::Join {
-        pid: me,
+    std::fs::write(&procs, pid.to_string()).map_err(|source| CgroupError::Join {
+        pid,
         path: dir,
         source,
     })
