@@ -841,6 +841,146 @@ fn killed_restore_notify_leaves_nothing_running() {
     killed_restores("notify");
 }
 
+/// A CRIU wrapper whose restore runs an action script that, at CRIU's
+/// `pre-resume` (pages read, tree not yet running), waits until the front
+/// has moved CRIU out of the instance cgroup (criu::leave_cgroup), writes
+/// `$W/criu-outside`, and holds CRIU there until `$W/criu-go` appears or
+/// the instance directory goes.
+fn criu_held_outside_the_cgroup(c: &Case) -> PathBuf {
+    let script = c.dir.join("criu-action-outside");
+    let text = "#!/bin/sh\n\
+         [ \"$CRTOOLS_SCRIPT_ACTION\" = pre-resume ] || exit 0\n\
+         criu=$(cat \"$MH_W/criu-started\")\n\
+         id=$(basename \"$MH_W\")\n\
+         i=0\n\
+         while grep -q \"/miehisto/$id\" /proc/$criu/cgroup; do\n\
+           i=$((i+1)); [ $i -gt 3000 ] && exit 1\n\
+           sleep 0.01\n\
+         done\n\
+         echo $criu > \"$MH_W/criu-outside\"\n\
+         while [ -d \"$MH_W\" ] && [ ! -e \"$MH_W/criu-go\" ]; do sleep 0.01; done\n";
+    std::fs::write(&script, text).expect("write action script");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let body = format!(
+        // Before the other arguments: those after --exec-cmd are the supervisor's.
+        "export MH_W=\"$W\"; a=$1; shift; set -- \"$a\" --action-script '{}' \"$@\"",
+        script.display()
+    );
+    wrapped_criu(c, "outside", "", &body)
+}
+
+/// The window the front's move opens: CRIU outside the instance cgroup
+/// while its tree is inside, not yet resumed. A kill -9 of CRIU, of the
+/// front, or of both there leaves nothing running that nobody manages.
+fn killed_restores_after_criu_left_the_cgroup(backend: &str) {
+    let c = Case::new(&format!("flt-kout-{backend}"));
+    let (img, port) = c.prebaked("img", backend);
+    let criu = criu_held_outside_the_cgroup(&c);
+    for (kind, how) in [
+        (RestoreKill::Criu, Kill::Process),
+        (RestoreKill::Front, Kill::Process),
+        (RestoreKill::FrontGroup, Kill::Group),
+    ] {
+        let what = format!("{backend} {kind:?} with CRIU outside the cgroup");
+        let mut cmd = c.restore(&criu, &img, false);
+        cmd.process_group(0);
+        let mut front = c.spawn(cmd, "kout");
+        let front_pid = miehisto::sys::child_pid(&front).as_raw();
+        let mut marker = None;
+        wait_for(&format!("{what}: CRIU is moved out"), || {
+            marker = c
+                .instance_dirs()
+                .into_iter()
+                .map(|d| d.join("criu-outside"))
+                .find(|p| !common::read(p).trim().is_empty());
+            marker.is_some()
+        });
+        let marker = marker.expect("marker");
+        let dir = marker.parent().expect("instance dir").to_path_buf();
+        let id = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .expect("instance id");
+        let criu_pid: i32 = common::read(&marker).trim().parse().expect("criu pid");
+        let cg = miehisto::sandbox::cgroup::InstanceCgroup::locate(&id).expect("cgroup");
+        let tree = cg.pids();
+        assert!(
+            !tree.is_empty() && !tree.contains(&criu_pid),
+            "{what}: the tree is in the instance cgroup, CRIU is not: {tree:?}, CRIU {criu_pid} in {}",
+            cgroup_of(criu_pid)
+        );
+        let go = || {
+            let _ = std::fs::write(dir.join("criu-go"), "");
+        };
+        match kind {
+            RestoreKill::Criu => {
+                sigkill(criu_pid, how);
+                let st = wait_exit(&mut front, &what);
+                assert!(!st.success(), "{what}");
+                go();
+                c.assert_clean();
+                assert!(!instance_cgroup(&id).exists(), "{what}: cgroup removed");
+            }
+            RestoreKill::Front => {
+                sigkill(front_pid, how);
+                wait_exit(&mut front, &what);
+                go();
+                let mut sup = None;
+                wait_for(&format!("{what}: the supervisor takes over"), || {
+                    sup = c
+                        .instances()
+                        .into_iter()
+                        .find(|(_, r)| {
+                            r.state == miehisto::instance::InstanceState::Running
+                                && alive(r.supervisor_pid)
+                        })
+                        .map(|(_, r)| r.supervisor_pid);
+                    sup.is_some()
+                });
+                let sup = sup.expect("supervisor");
+                common::wait_http(port, DEADLINE).expect("the service answers");
+                assert!(
+                    !cgroup_of(sup).contains(&id),
+                    "{what}: the supervisor is not in the instance cgroup: {}",
+                    cgroup_of(sup)
+                );
+                kill(Pid::from_raw(sup), Signal::SIGTERM).expect("SIGTERM the supervisor");
+                c.assert_clean();
+            }
+            _ => {
+                sigkill(front_pid, how);
+                wait_exit(&mut front, &what);
+                wait_for(&format!("{what}: CRIU ends"), || !alive(criu_pid));
+                let err = c.next_restore_serves(&img, port, &what);
+                assert!(
+                    err.contains(&format!("removed the instance {id} ")),
+                    "{what}: the next restore names what it cleaned: {err}"
+                );
+                assert!(!instance_cgroup(&id).exists(), "{what}: cgroup removed");
+            }
+        }
+    }
+}
+
+#[test]
+fn killed_restore_after_criu_left_the_cgroup_trace() {
+    let _g = common::lock();
+    if !common::require_privileged("killed_restore_after_criu_left_the_cgroup_trace") {
+        return;
+    }
+    killed_restores_after_criu_left_the_cgroup("trace");
+}
+
+#[test]
+fn killed_restore_after_criu_left_the_cgroup_notify() {
+    let _g = common::lock();
+    if !common::require_privileged("killed_restore_after_criu_left_the_cgroup_notify") {
+        return;
+    }
+    killed_restores_after_criu_left_the_cgroup("notify");
+}
+
 /// The state letter of `pid` in /proc (R, S, T, ...).
 fn state_of(pid: i32) -> char {
     miehisto::sys::procfs::stat(Pid::from_raw(pid))
