@@ -5,7 +5,7 @@ in one private mount namespace (host / bound on a root, externals staged, a tmpf
 As root, after `. .deps/env.sh` and a NOTIFY prebake of the heavy workload:
     runmh prebake --backend notify --images /tmp/lazy/img -C examples/fastapi_app -- \
         .deps/venv-fastapi/bin/python examples/fastapi_app/app.py --port 18431
-    python3 research/lazy-pages/race.py ROUNDS [--check] [--kill-daemon-after-ms N] [--modes eager,lazy]
+    python3 examples/bench/lazy_race.py ROUNDS [--check] [--kill-daemon-after-ms N] [--modes eager,lazy]
 IMG and PORT override the image and port; LAZYV the lazy-pages daemon's -v (default -v4).
 Rounds alternate the order of the modes. --check asks 618 requests and prints a digest of
 the bodies (equal digests: equal answers). --kill-daemon-after-ms SIGKILLs the lazy-pages
