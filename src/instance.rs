@@ -542,7 +542,18 @@ impl Instance {
                     cg.path.display()
                 ),
                 Ok(_) => {}
-                Err(e) => log::warn!("instance {}: {}", self.id, crate::error_chain(&e)),
+                Err(e) => {
+                    // Without its directory nothing would ever find the
+                    // cgroup again: keep the directory (and its record)
+                    // for the next cleaner, which retries the whole end.
+                    log::warn!(
+                        "instance {}: {}; its directory {} is kept so that the next cleanup retries",
+                        self.id,
+                        crate::error_chain(&e),
+                        self.dir.display()
+                    );
+                    return;
+                }
             }
         }
         if let Ok(c) = std::ffi::CString::new(self.root().as_os_str().as_encoded_bytes()) {
