@@ -125,10 +125,33 @@ const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 /// # Safety
 /// Same contract as [`clone_fork`].
 pub unsafe fn fork_into_cgroup(cgroup_dir: std::os::fd::BorrowedFd<'_>) -> SysResult<libc::pid_t> {
+    // SAFETY: forwarded contract: the caller keeps to async-signal-safe calls in the child.
+    unsafe { clone_into_cgroup(0, cgroup_dir) }
+}
+
+/// [`clone_fork`] with the same `flags` (CLONE_NEWPID, CLONE_NEWNS, ...),
+/// the child started in the cgroup v2 directory open as `cgroup_dir`
+/// through clone3's CLONE_INTO_CGROUP, as [`fork_into_cgroup`] explains:
+/// the child is in the cgroup from its first instruction, with no
+/// `cgroup.procs` write. Whether the kernel refused the call itself (and
+/// a clone plus a write may still work) is [`clone3_refused`]; an error
+/// leaves no child.
+///
+/// # Safety
+/// Same contract as [`clone_fork`].
+pub unsafe fn clone_into_cgroup(
+    flags: libc::c_int,
+    cgroup_dir: std::os::fd::BorrowedFd<'_>,
+) -> SysResult<libc::pid_t> {
     use std::os::fd::AsRawFd;
     let fd = u64::try_from(cgroup_dir.as_raw_fd()).map_err(|_| Errno::EBADF)?;
+    // The same bit set as clone(2)'s (CLONE_IO is the `int`'s sign bit);
+    // clone3 wants the exit signal in its own field, not in the low byte
+    // of the flags (EINVAL).
+    #[allow(clippy::cast_sign_loss)]
+    let clone_flags = u64::from(flags as libc::c_uint);
     let args = CloneArgs {
-        flags: CLONE_INTO_CGROUP,
+        flags: clone_flags | CLONE_INTO_CGROUP,
         exit_signal: libc::SIGCHLD as u64,
         cgroup: fd,
         ..CloneArgs::default()
@@ -145,6 +168,19 @@ pub unsafe fn fork_into_cgroup(cgroup_dir: std::os::fd::BorrowedFd<'_>) -> SysRe
         )
     };
     check_int(ret)
+}
+
+/// Whether a [`clone_into_cgroup`] failed because this kernel (or a
+/// seccomp policy around us) does not offer it, rather than for a reason
+/// a clone and a `cgroup.procs` write would meet too: ENOSYS (no clone3,
+/// before Linux 5.3, or a container's filter), E2BIG (clone3 without
+/// CLONE_ARGS_SIZE_VER2, Linux 5.3-5.6), EINVAL (an unknown flag) and
+/// EOPNOTSUPP (a cgroup the kernel will not fork into).
+pub fn clone3_refused(e: Errno) -> bool {
+    matches!(
+        e,
+        Errno::ENOSYS | Errno::E2BIG | Errno::EINVAL | Errno::EOPNOTSUPP
+    )
 }
 
 /// `fork(2)` through the raw syscall, so that no atfork handler runs in the

@@ -647,3 +647,138 @@ fn bad_input_is_one_clear_line() {
         }
     }
 }
+
+/// The service's first action names its cgroup, and it is its instance's:
+/// the sandbox child starts there (clone3's CLONE_INTO_CGROUP, or its
+/// first step's cgroup.procs write where the kernel refuses that).
+#[test]
+fn service_starts_in_its_instance_cgroup() {
+    let _g = common::lock();
+    if !common::require_privileged("service_starts_in_its_instance_cgroup") {
+        return;
+    }
+    let own_parent = match miehisto::sandbox::cgroup::hierarchy() {
+        Ok(_) => miehisto::sandbox::cgroup::cgroup_of(None),
+        Err(e) if common::in_ci() => panic!("a cgroup v2 hierarchy (CI=true): {e}"),
+        Err(e) => {
+            eprintln!("SKIP service_starts_in_its_instance_cgroup: {e}");
+            return;
+        }
+    };
+    let c = Case::new("sbx-cgroup");
+    // `read` is a builtin: the shell (the sandbox's PID 1) reads its own
+    // /proc/self/cgroup before it runs anything else; the v2 line is
+    // "0::PATH" (a hybrid host lists its v1 hierarchies too).
+    let mut run = c.spawn(
+        c.run_args(
+            &[],
+            &[
+                "/bin/sh",
+                "-c",
+                "while read l; do case $l in 0::*) echo \"MHCG $l\";; esac; done < /proc/self/cgroup; trap 'exit 0' TERM; sleep 1000 & wait",
+            ],
+        ),
+        "run",
+    );
+    let rec = c.wait_running(|_| true);
+    let log = rec.spec.stdout_log();
+    let t0 = Instant::now();
+    let line = loop {
+        if let Some(l) = common::read(&log)
+            .lines()
+            .find_map(|l| l.strip_prefix("MHCG ").map(str::to_string))
+        {
+            break l;
+        }
+        assert!(
+            t0.elapsed() < DEADLINE,
+            "the service never printed its cgroup: {}",
+            c.stderr_of("run")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let own = format!("/miehisto/{}", rec.id);
+    assert!(
+        line.starts_with("0::") && line.ends_with(&own),
+        "the service's first look at /proc/self/cgroup names {own}: {line:?}"
+    );
+    assert_eq!(
+        miehisto::sandbox::cgroup::cgroup_of(Some(rec.root_pid)).as_deref(),
+        line.strip_prefix("0::"),
+        "the service is still there"
+    );
+    assert_ne!(
+        own_parent.as_deref(),
+        line.strip_prefix("0::"),
+        "the test itself is elsewhere"
+    );
+    let cg = miehisto::sandbox::cgroup::InstanceCgroup::existing(&rec.id)
+        .expect("the instance's cgroup exists while it runs");
+    assert!(cg.pids().contains(&rec.root_pid), "{:?}", cg.pids());
+    term(&run);
+    let st = wait_exit(&mut run, "runmh run after SIGTERM");
+    assert_eq!(st.code(), Some(0), "{}", c.stderr_of("run"));
+    assert!(!cg.path.exists(), "the instance's cgroup is removed");
+    c.assert_clean();
+}
+
+/// What clone3 into a cgroup hands the sandbox: a child in new PID and
+/// mount namespaces that is in the cgroup at its first instruction, before
+/// any cgroup.procs write could have moved it.
+#[test]
+fn clone_into_cgroup_child_is_there_from_its_first_instruction() {
+    use miehisto::sys;
+    use nix::libc;
+    use std::os::fd::AsFd;
+    let _g = common::lock();
+    if !common::require_privileged("clone_into_cgroup_child_is_there_from_its_first_instruction") {
+        return;
+    }
+    if let Err(e) = miehisto::sandbox::cgroup::hierarchy() {
+        assert!(!common::in_ci(), "a cgroup v2 hierarchy (CI=true): {e}");
+        eprintln!("SKIP: {e}");
+        return;
+    }
+    // An id of the instance form, which no real instance has (its
+    // milliseconds would be 1).
+    let id = format!("1-{}", std::process::id());
+    let cg = miehisto::sandbox::cgroup::InstanceCgroup::create(&id).expect("scratch cgroup");
+    let dir = cg.dir_for_clone().expect("cgroup directory");
+    let rel = cg
+        .path
+        .strip_prefix(miehisto::sandbox::cgroup::hierarchy().expect("hierarchy"))
+        .expect("below the hierarchy");
+    // Everything the child compares, built before the clone.
+    let expected = format!("0::/{}\n", rel.display()).into_bytes();
+    let file = c"/proc/self/cgroup";
+    // SAFETY: the child only issues open/read/_exit on memory prepared
+    // above (no allocation, no lock) and ends in _exit.
+    let forked =
+        unsafe { sys::clone_into_cgroup(libc::CLONE_NEWPID | libc::CLONE_NEWNS, dir.as_fd()) };
+    match forked {
+        Ok(0) => {
+            let mut buf = [0u8; 4096];
+            let n = match sys::open(file, libc::O_RDONLY | libc::O_CLOEXEC, 0) {
+                Ok(fd) => sys::read(fd, &mut buf).unwrap_or(0),
+                Err(_) => sys::exit_now(2),
+            };
+            // The v2 line among a hybrid host's v1 ones ("N:controllers:PATH").
+            let found = buf[..n].windows(expected.len()).any(|w| w == expected);
+            sys::exit_now(if found { 0 } else { 1 })
+        }
+        Ok(pid) => {
+            let st = sys::waitpid(pid, 0).expect("waitpid");
+            let _ = cg.destroy();
+            assert!(
+                matches!(st, Some(sys::Wait::Exited(_, 0))),
+                "the child's first read of /proc/self/cgroup is {:?} (exit 1: another cgroup, 2: cannot open it): {st:?}",
+                String::from_utf8_lossy(&expected)
+            );
+        }
+        Err(e) => {
+            let _ = cg.destroy();
+            panic!("clone3 with CLONE_INTO_CGROUP on this kernel: {e}");
+        }
+    }
+    assert!(!cg.path.exists(), "the scratch cgroup is removed");
+}

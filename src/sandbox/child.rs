@@ -30,6 +30,19 @@ pub struct ChildUserns {
     pub trees: Vec<RawFd>,
 }
 
+/// How the child comes to be in the instance cgroup, known only once the
+/// clone returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChildCgroup {
+    /// The system gave the instance no cgroup.
+    NoCgroup,
+    /// clone3 started it there (CLONE_INTO_CGROUP).
+    Born,
+    /// The kernel refused that: it moves itself in through this
+    /// `cgroup.procs`, first, so nothing of the tree runs outside it.
+    Join(RawFd),
+}
+
 /// Everything the child needs, prepared before the clone.
 pub struct ChildPlan {
     pub root: CString,
@@ -50,9 +63,6 @@ pub struct ChildPlan {
     pub sync_read: RawFd,
     pub error_write: RawFd,
     pub listener_sock: RawFd,
-    /// The instance cgroup's `cgroup.procs`: the child moves itself in
-    /// first, so nothing of the tree ever runs outside it.
-    pub cgroup_procs: Option<RawFd>,
     /// Whether to take SIGKILL when the supervisor thread that cloned us
     /// ends (see `sys::set_parent_death_signal`).
     pub parent_death: bool,
@@ -84,10 +94,10 @@ const SLASH: &CStr = c"/";
 const PROC: &CStr = c"proc";
 
 /// The child's whole life. Never returns.
-pub fn run(plan: &ChildPlan) -> ! {
+pub fn run(plan: &ChildPlan, cgroup: ChildCgroup) -> ! {
     sys::unblock_all_signals();
     // "0" moves the writer (cgroups(7)); close_fds_except closes the fd.
-    if let Some(fd) = plan.cgroup_procs {
+    if let ChildCgroup::Join(fd) = cgroup {
         step!(plan, Step::JoinCgroup, sys::write_all(fd, b"0"));
     }
     if let Some(u) = &plan.userns {

@@ -12,7 +12,7 @@ pub mod userns;
 use crate::filter::CompiledFilter;
 use crate::spec::SandboxSpec;
 use crate::sys;
-use child::{ChildPlan, ChildUserns, ChildVariant};
+use child::{ChildCgroup, ChildPlan, ChildUserns, ChildVariant};
 pub use mounts::ExternalMount;
 use nix::errno::Errno;
 use nix::libc;
@@ -108,6 +108,12 @@ pub enum SandboxError {
     },
     #[error("clone(CLONE_NEWPID|CLONE_NEWNS) failed (are you root?)")]
     Clone(#[source] Errno),
+    #[error("clone3(CLONE_NEWPID|CLONE_NEWNS|CLONE_INTO_CGROUP) into {path} failed")]
+    CloneIntoCgroup {
+        path: PathBuf,
+        #[source]
+        source: Errno,
+    },
     /// Running the service as another user.
     #[error(transparent)]
     Ids(#[from] userns::UsernsError),
@@ -324,8 +330,11 @@ pub fn spawn(
         what: "listener socket",
         source,
     })?;
-    let cgroup_procs = cgroup
-        .map(|cg| cg.procs_for_child())
+    // The child starts in the instance cgroup (clone3's CLONE_INTO_CGROUP)
+    // instead of writing its cgroup.procs: that write waits for an RCU
+    // grace period, ~10 ms of every boot (see sys::fork_into_cgroup).
+    let cgroup_dir = cgroup
+        .map(|cg| cg.dir_for_clone().map(|dir| (cg, dir)))
         .transpose()
         .map_err(SandboxError::Cgroup)?;
     // The parent-death signal follows the cloning thread: only the main
@@ -388,7 +397,6 @@ pub fn spawn(
         sync_read: sync_read.as_raw_fd(),
         error_write: error_write.as_raw_fd(),
         listener_sock: listener_sock.as_raw_fd(),
-        cgroup_procs: cgroup_procs.as_ref().map(|fd| fd.as_raw_fd()),
         parent_death,
         parent_pidfd: parent_pidfd.as_ref().map(|fd| fd.as_raw_fd()),
     };
@@ -404,12 +412,47 @@ pub fn spawn(
         );
         flags |= libc::CLONE_NEWUSER;
     }
-    // SAFETY: the child only runs `child::run`, which keeps to
-    // async-signal-safe system calls on `plan` (built above, never freed in
-    // the child) and ends in execve or _exit.
-    let pid = match unsafe { sys::clone_fork(flags) } {
-        Ok(0) => child::run(&plan),
-        Ok(pid) => Pid::from_raw(pid),
+    if cgroup_dir.is_some() {
+        crate::explain::say(
+            "clone",
+            "through clone3 with CLONE_INTO_CGROUP: the child starts in the instance cgroup, so the whole tree can be killed at once, without the cgroup.procs write that waits for an RCU grace period",
+        );
+    }
+    // Only opened when clone3 is refused: the fallback's fd.
+    let mut cgroup_procs: Option<OwnedFd> = None;
+    // The child of each clone below only runs `child::run`, which keeps to
+    // async-signal-safe system calls on `plan` (built above, never freed
+    // in the child) and ends in execve or _exit; between the clone and
+    // `child::run` it only moves integers.
+    let forked = match &cgroup_dir {
+        // SAFETY: the child keeps to the contract, as said above.
+        Some((cg, dir)) => match unsafe { sys::clone_into_cgroup(flags, dir.as_fd()) } {
+            Ok(pid) => Ok((pid, ChildCgroup::Born)),
+            // Not a refusal of clone3 itself (say, the cgroup was removed):
+            // a cgroup.procs write would meet it too.
+            Err(source) if !sys::clone3_refused(source) => {
+                return Err(SandboxError::CloneIntoCgroup {
+                    path: cg.path.clone(),
+                    source,
+                })
+            }
+            Err(e) => {
+                log::debug!(
+                    "clone3 into the instance cgroup: {e}; cloning and joining by cgroup.procs"
+                );
+                let procs = cg.procs_for_child().map_err(SandboxError::Cgroup)?;
+                let fd = procs.as_raw_fd();
+                cgroup_procs = Some(procs);
+                // SAFETY: as above.
+                unsafe { sys::clone_fork(flags) }.map(|pid| (pid, ChildCgroup::Join(fd)))
+            }
+        },
+        // SAFETY: as above.
+        None => unsafe { sys::clone_fork(flags) }.map(|pid| (pid, ChildCgroup::NoCgroup)),
+    };
+    let pid = match forked {
+        Ok((0, entry)) => child::run(&plan, entry),
+        Ok((pid, _)) => Pid::from_raw(pid),
         Err(e) => return Err(SandboxError::Clone(e)),
     };
     let started = Instant::now();
@@ -436,6 +479,7 @@ pub fn spawn(
         listener_sock,
         plan,
         parent_pidfd,
+        cgroup_dir,
         cgroup_procs,
         env_store,
         argv_c,
