@@ -839,6 +839,9 @@ fn supervise_setup(
             held: Some(Held { reseize }),
         })));
     }
+    if kind == BackendKind::Trace && reseize {
+        tracer.stamp_passed(stamps)?;
+    }
     if let Err(e) = stop::resume_restored(kind, root, &tracer, reseize) {
         // CRIU resumes the tree before it execs us: a service that fails
         // at once may already have been reaped by our tracer thread.

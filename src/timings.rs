@@ -28,6 +28,10 @@ pub const TRACER_READY: &str = "tracer_ready";
 pub const RESUMED: &str = "resumed";
 /// The supervisor reports "ready" to the front process.
 pub const READY: &str = "ready";
+/// TRACE: the tracer let the restored tree's replayed trapped syscall run
+/// (its PTRACE_CONT); splits "ready -> port accepts" into the tracer's
+/// share (the seize, SIGCONT and trap stops) and the service's.
+pub const TRAP_PASSED: &str = "trap_passed";
 
 /// Nanoseconds on CLOCK_MONOTONIC.
 pub fn now_ns() -> u64 {

@@ -152,22 +152,37 @@ enum Cmd {
     },
     /// Internal: the process CRIU execs after a restore.
     #[command(name = "__supervise", hide = true)]
-    Supervise {
-        #[arg(long)]
-        instance: PathBuf,
-        #[arg(long)]
-        ready_fd: i32,
-        #[arg(long)]
-        cgroup_origin: Option<String>,
-        #[arg(long)]
-        no_reseize: bool,
-        #[arg(long)]
-        hold: bool,
-        #[arg(long, default_value_t = 5)]
-        stop_timeout: u64,
-        #[arg(long)]
-        timings: Option<PathBuf>,
-    },
+    Supervise(SuperviseArgs),
+}
+
+/// `runmh __supervise`'s arguments (src/restore.rs `spawn_criu` writes them).
+#[derive(Args)]
+struct SuperviseArgs {
+    #[arg(long)]
+    instance: PathBuf,
+    #[arg(long)]
+    ready_fd: i32,
+    #[arg(long)]
+    cgroup_origin: Option<String>,
+    #[arg(long)]
+    no_reseize: bool,
+    #[arg(long)]
+    hold: bool,
+    #[arg(long, default_value_t = 5)]
+    stop_timeout: u64,
+    #[arg(long)]
+    timings: Option<PathBuf>,
+}
+
+/// The same command line parsed on its own (see [`main`]): `--explain` is
+/// the one global option the restore passes after `__supervise`.
+#[derive(Parser)]
+#[command(name = "runmh __supervise")]
+struct SuperviseCli {
+    #[command(flatten)]
+    args: SuperviseArgs,
+    #[arg(long)]
+    explain: bool,
 }
 
 fn parse_marker(s: Option<&str>) -> Result<i32> {
@@ -261,12 +276,29 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp(None)
         .init();
+    // CRIU execs `runmh __supervise` at the end of every restore, on the
+    // critical path: building the whole command tree to parse it cost
+    // ~0.2 ms there, a parser of its own arguments alone a few µs.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "__supervise")
+    {
+        let sup = SuperviseCli::parse_from(std::env::args_os().skip(1));
+        if sup.explain {
+            explain::enable(true);
+        }
+        finish(supervise(sup.args));
+    }
     let cli = Cli::parse();
     if cli.explain {
         explain::enable(!cli.no_pause);
     }
     *REPORT.lock().unwrap_or_else(|p| p.into_inner()) = cli.report_file.clone();
-    match real_main(cli) {
+    finish(real_main(cli))
+}
+
+fn finish(r: Result<i32>) -> ! {
+    match r {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             report(StepReport::Failed {
@@ -278,9 +310,24 @@ fn main() {
     }
 }
 
+fn supervise(a: SuperviseArgs) -> Result<i32> {
+    let outcome = restore::supervise_restored(
+        restore::Handover {
+            dir: &a.instance,
+            ready_fd: a.ready_fd,
+            cgroup_origin: a.cgroup_origin.as_deref(),
+        },
+        !a.no_reseize,
+        a.hold,
+        Duration::from_secs(a.stop_timeout),
+        a.timings.as_deref(),
+    )?;
+    Ok(outcome.exit_code())
+}
+
 fn real_main(cli: Cli) -> Result<i32> {
     let state_dir = instance::state_dir(cli.state_dir.as_deref());
-    if !matches!(cli.cmd, Cmd::Doctor | Cmd::Supervise { .. }) && miehisto::sys::is_root() {
+    if !matches!(cli.cmd, Cmd::Doctor | Cmd::Supervise(_)) && miehisto::sys::is_root() {
         miehisto::files::tighten_state(&state_dir).with_context(|| {
             format!("cannot prepare the state directory {}", state_dir.display())
         })?;
@@ -514,27 +561,6 @@ fn real_main(cli: Cli) -> Result<i32> {
             }
             Ok(code)
         }
-        Cmd::Supervise {
-            instance,
-            ready_fd,
-            cgroup_origin,
-            no_reseize,
-            hold,
-            stop_timeout,
-            timings,
-        } => {
-            let outcome = restore::supervise_restored(
-                restore::Handover {
-                    dir: &instance,
-                    ready_fd,
-                    cgroup_origin: cgroup_origin.as_deref(),
-                },
-                !no_reseize,
-                hold,
-                Duration::from_secs(stop_timeout),
-                timings.as_deref(),
-            )?;
-            Ok(outcome.exit_code())
-        }
+        Cmd::Supervise(a) => supervise(a),
     }
 }

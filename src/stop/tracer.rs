@@ -101,13 +101,17 @@ enum Cmd {
         pid: Pid,
         reply: Sender<ExitStatus>,
     },
+    StampPassed(crate::timings::Stamps),
     Shutdown,
 }
 
 pub struct Tracer {
     tx: Sender<Cmd>,
     events: Receiver<Event>,
-    tid: Pid,
+    /// The tracer thread's tid, for the SIGUSR2 wake-up, once it has sent
+    /// it (see [`Tracer::send`]).
+    tid: std::sync::OnceLock<Pid>,
+    tid_rx: Receiver<Pid>,
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -144,18 +148,36 @@ impl Tracer {
                 State::new(Linux, ev_tx).run(rx);
             })
             .map_err(TracerError::Spawn)?;
-        let tid = tid_rx.recv().map_err(|_| TracerError::Gone)?;
+        // Not waiting for the thread to run: on the restored supervisor's
+        // critical path that rendezvous cost 0.2-2 ms (the new thread has to
+        // be scheduled first); nothing needs the tid before the first wake.
         Ok(Tracer {
             tx,
             events,
-            tid,
+            tid: std::sync::OnceLock::new(),
+            tid_rx,
             handle: Some(handle),
         })
     }
 
     fn send(&self, cmd: Cmd) -> Result<(), TracerError> {
         self.tx.send(cmd).map_err(|_| TracerError::Gone)?;
-        let _ = sys::tgkill(nix::unistd::getpid(), self.tid, libc::SIGUSR2);
+        let tid = match self.tid.get() {
+            Some(t) => Some(*t),
+            None => match self.tid_rx.try_recv() {
+                Ok(t) => Some(*self.tid.get_or_init(|| t)),
+                // The thread has not sent its tid yet, so it has not begun
+                // its loop either: it reads the command queued above before
+                // it first sleeps, and needs no wake-up.
+                Err(crossbeam_channel::TryRecvError::Empty) => None,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    return Err(TracerError::Gone)
+                }
+            },
+        };
+        if let Some(tid) = tid {
+            let _ = sys::tgkill(nix::unistd::getpid(), tid, libc::SIGUSR2);
+        }
         Ok(())
     }
 
@@ -183,6 +205,15 @@ impl Tracer {
         let (reply, r) = bounded(1);
         self.send(Cmd::Freeze { reply })?;
         r.recv().map_err(|_| TracerError::Gone)?
+    }
+
+    /// Stamps [`crate::timings::TRAP_PASSED`] at the next trap let through
+    /// by the passthrough policy: after a restore, the replayed syscall.
+    pub fn stamp_passed(&self, stamps: &crate::timings::Stamps) -> Result<(), TracerError> {
+        if stamps.enabled() {
+            self.send(Cmd::StampPassed(stamps.clone()))?;
+        }
+        Ok(())
     }
 
     /// A channel that receives `pid`'s exit status once it is reaped.
@@ -234,6 +265,8 @@ struct State<K: Ptrace> {
     unclaimed: HashMap<Pid, ExitStatus>,
     events: Sender<Event>,
     shutdown: bool,
+    /// Where to stamp the next passthrough trap (see [`Tracer::stamp_passed`]).
+    passed: Option<crate::timings::Stamps>,
 }
 
 impl<K: Ptrace> State<K> {
@@ -246,6 +279,7 @@ impl<K: Ptrace> State<K> {
             unclaimed: HashMap::new(),
             events,
             shutdown: false,
+            passed: None,
         }
     }
 
@@ -288,6 +322,7 @@ impl<K: Ptrace> State<K> {
                     self.watches.insert(pid, reply);
                 }
             }
+            Cmd::StampPassed(s) => self.passed = Some(s),
             Cmd::Shutdown => self.shutdown = true,
         }
     }
@@ -505,6 +540,11 @@ impl<K: Ptrace> State<K> {
                 }
                 if self.sys.cont(tid, 0).is_err() {
                     self.tasks.remove(&tid);
+                }
+                if matches!(self.policy, Policy::Passthrough) {
+                    if let Some(s) = self.passed.take() {
+                        s.mark(crate::timings::TRAP_PASSED);
+                    }
                 }
                 return;
             }
