@@ -522,6 +522,30 @@ fn beside(img: &Path) -> Vec<String> {
     v
 }
 
+/// What a process that should have died is: its /proc status lines that
+/// tell why a signal did not end it, and its command line.
+fn survivor(pid: i32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let keep = [
+        "State", "PPid", "NSpid", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt",
+    ];
+    let mut v: Vec<String> = status
+        .lines()
+        .filter(|l| keep.iter().any(|k| l.starts_with(&format!("{k}:"))))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    v.push(format!(
+        "cmdline: {}",
+        String::from_utf8_lossy(&cmdline).replace('\0', " ")
+    ));
+    v.push(format!(
+        "wchan: {}",
+        std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default()
+    ));
+    v.join("; ")
+}
+
 /// When a prebake is killed.
 #[derive(Debug, Clone, Copy)]
 enum PrebakePhase {
@@ -626,7 +650,15 @@ fn killed_prebakes(backend: &str) {
             wait_exit(&mut runmh, &what);
             // The sandbox's PID 1 goes down with its supervisor at once
             // (its parent-death signal): no later run is needed for that.
-            wait_for(&format!("{what}: the service ends"), || !alive(root));
+            let t0 = Instant::now();
+            while alive(root) {
+                assert!(
+                    t0.elapsed() < DEADLINE,
+                    "timed out waiting for {what}: the service ends; the surviving root {root}: {}",
+                    survivor(root)
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
             assert!(!img.exists(), "{what}: nothing published");
             c.next_prebake_cleans(&img, backend, port, &inst.id);
             c.assert_clean();

@@ -71,6 +71,11 @@ pub struct ChildPlan {
     /// fire for a death that came first, and getppid() is 0 across the
     /// PID namespace, so the usual getppid() check cannot tell).
     pub parent_pidfd: Option<RawFd>,
+    /// Where the child says "my parent-death signal is set" (one byte):
+    /// the supervisor writes the sync byte only after reading it, so a
+    /// supervisor that dies before that leaves the sync pipe empty (EOF
+    /// below), and one that dies after it kills us.
+    pub armed_write: Option<RawFd>,
 }
 
 fn fail(plan: &ChildPlan, step: Step, errno: nix::errno::Errno) -> ! {
@@ -199,9 +204,7 @@ pub fn run(plan: &ChildPlan, cgroup: ChildCgroup) -> ! {
     if let Some((uid, gid)) = plan.ids {
         step!(plan, Step::SetIds, sys::set_ids(uid, gid));
     }
-    // After the id switch, which clears it (prctl(2)); it survives execve.
-    // A supervisor that died before this line is seen below: the sync
-    // pipe reads EOF. CRIU dumps the setting and restores it, so a restored
+    // After the id switch, which clears it (prctl(2)); it survives execve. CRIU dumps the setting and restores it, so a restored
     // root dies with its restored supervisor too.
     if plan.parent_death {
         step!(
@@ -215,6 +218,16 @@ pub fn run(plan: &ChildPlan, cgroup: ChildCgroup) -> ! {
             if matches!(sys::pidfd_exited(fd), Ok(true)) {
                 sys::exit_now(126)
             }
+        }
+        // The pidfd alone leaves a window: it turns readable only once the
+        // supervisor's last thread is released, after that thread's exit
+        // re-parented us (forget_original_parent in kernel/exit.c reads
+        // pdeath_signal then). A prctl landing in between is never fired,
+        // and the sync byte may be in the pipe already. So the supervisor
+        // waits for this byte before it writes the sync byte.
+        if let Some(fd) = plan.armed_write {
+            step!(plan, Step::ParentDeath, sys::write_all(fd, &[1]));
+            sys::close(fd);
         }
     }
     // Every inherited fd but our three pipes goes: a stray fd (say, one on

@@ -207,6 +207,8 @@ pub struct Spawned {
     sync_write: OwnedFd,
     error_read: OwnedFd,
     listener_read: OwnedFd,
+    /// The child's "parent-death signal set" byte (see `ChildPlan::armed_write`).
+    armed_read: Option<OwnedFd>,
     wants_listener: Vec<bool>,
 }
 
@@ -355,6 +357,11 @@ pub fn spawn(
     } else {
         None
     };
+    let armed = if parent_death {
+        Some(pipe_cloexec("parent-death pipe")?)
+    } else {
+        None
+    };
     let ids = (switch != userns::IdSwitch::Keep).then_some((spec.uid, spec.gid));
     // The user namespace's mounts: detached copies of `/` and each special
     // mount, taken here (their mounts are not locked in our namespace), and
@@ -399,6 +406,7 @@ pub fn spawn(
         listener_sock: listener_sock.as_raw_fd(),
         parent_death,
         parent_pidfd: parent_pidfd.as_ref().map(|fd| fd.as_raw_fd()),
+        armed_write: armed.as_ref().map(|(_, w)| w.as_raw_fd()),
     };
     crate::explain::say(
         "clone",
@@ -457,6 +465,10 @@ pub fn spawn(
     };
     let started = Instant::now();
     drop(trees);
+    let armed_read = armed.map(|(r, w)| {
+        drop(w);
+        r
+    });
     if let Some((map_read, map_write)) = id_map_pipe {
         drop(map_read);
         let mapped = userns::write_maps(pid).and_then(|()| {
@@ -501,6 +513,7 @@ pub fn spawn(
         sync_write,
         error_read,
         listener_read,
+        armed_read,
         wants_listener: variants
             .list
             .iter()
@@ -549,6 +562,25 @@ impl Spawned {
     pub fn release(self, variant: VariantId) -> Result<Released, SandboxError> {
         let pid = self.pid;
         let index = usize::from(variant.0);
+        if let Some(armed) = &self.armed_read {
+            let mut b = [0u8; 1];
+            match sys::read(armed.as_raw_fd(), &mut b) {
+                Ok(1) => {}
+                // EOF: the child ended before its parent-death signal was
+                // set; its report (if any) waits in the error pipe.
+                Ok(_) => {
+                    drop(self.sync_write);
+                    return Err(
+                        read_child_error(self.error_read.as_raw_fd(), &self.program, pid)?
+                            .unwrap_or(SandboxError::ChildVanished {
+                                pid,
+                                program: self.program.clone(),
+                            }),
+                    );
+                }
+                Err(source) => return Err(SandboxError::Release { pid, source }),
+            }
+        }
         // A child that already failed has closed its end: the write fails
         // (EPIPE), and its report is waiting in the error pipe below.
         let wrote = sys::write_all(self.sync_write.as_raw_fd(), &[variant.0]);
