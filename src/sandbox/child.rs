@@ -204,8 +204,9 @@ pub fn run(plan: &ChildPlan, cgroup: ChildCgroup) -> ! {
     if let Some((uid, gid)) = plan.ids {
         step!(plan, Step::SetIds, sys::set_ids(uid, gid));
     }
-    // After the id switch, which clears it (prctl(2)); it survives execve. CRIU dumps the setting and restores it, so a restored
-    // root dies with its restored supervisor too.
+    // After the id switch, which clears it (prctl(2)); it survives execve.
+    // CRIU dumps the setting and restores it, so a restored root dies with
+    // its restored supervisor too.
     if plan.parent_death {
         step!(
             plan,
