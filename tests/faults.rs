@@ -722,6 +722,59 @@ impl Case {
     }
 }
 
+/// A restore's marker file `name` (holding CRIU's pid) once it appears in
+/// an instance directory: that directory, its instance id and the pid.
+fn restore_marker(c: &Case, what: &str, name: &str) -> (PathBuf, String, i32) {
+    let mut marker = None;
+    wait_for(&format!("{what}: {name}"), || {
+        marker = c
+            .instance_dirs()
+            .into_iter()
+            .map(|d| d.join(name))
+            .find(|p| !common::read(p).trim().is_empty());
+        marker.is_some()
+    });
+    let marker = marker.expect("marker");
+    let dir = marker.parent().expect("instance dir").to_path_buf();
+    let id = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .expect("instance id");
+    let pid = common::read(&marker).trim().parse().expect("criu pid");
+    (dir, id, pid)
+}
+
+/// After its front was killed, the supervisor CRIU execs takes the
+/// instance over and the service answers: returns the supervisor's pid.
+fn supervisor_takes_over(c: &Case, port: u16, what: &str) -> i32 {
+    let mut sup = None;
+    wait_for(&format!("{what}: the supervisor takes over"), || {
+        sup = c
+            .instances()
+            .into_iter()
+            .find(|(_, r)| {
+                r.state == miehisto::instance::InstanceState::Running && alive(r.supervisor_pid)
+            })
+            .map(|(_, r)| r.supervisor_pid);
+        sup.is_some()
+    });
+    common::wait_http(port, DEADLINE).expect("the service answers");
+    sup.expect("supervisor")
+}
+
+impl Case {
+    /// The next restore serves and says it removed the dead instance `id`,
+    /// whose cgroup is gone.
+    fn next_restore_cleans(&self, img: &Path, port: u16, what: &str, id: &str) {
+        let err = self.next_restore_serves(img, port, what);
+        assert!(
+            err.contains(&format!("removed the instance {id} ")),
+            "{what}: the next restore names what it cleaned: {err}"
+        );
+        assert!(!instance_cgroup(id).exists(), "{what}: cgroup removed");
+    }
+}
+
 fn killed_restores(backend: &str) {
     let c = Case::new(&format!("flt-krestore-{backend}"));
     let (img, port) = c.prebaked("img", backend);
@@ -742,22 +795,7 @@ fn killed_restores(backend: &str) {
         let mut dead_id = None;
         match kind {
             RestoreKill::Criu | RestoreKill::Front | RestoreKill::FrontGroup => {
-                let mut marker = None;
-                wait_for(&format!("{what}: CRIU starts"), || {
-                    marker = c
-                        .instance_dirs()
-                        .into_iter()
-                        .map(|d| d.join("criu-started"))
-                        .find(|p| !common::read(p).trim().is_empty());
-                    marker.is_some()
-                });
-                let marker = marker.expect("marker");
-                let id = marker
-                    .parent()
-                    .and_then(|d| d.file_name())
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .expect("instance id");
-                let criu_pid: i32 = common::read(&marker).trim().parse().expect("criu pid");
+                let (_, id, criu_pid) = restore_marker(&c, &what, "criu-started");
                 match kind {
                     RestoreKill::Criu => sigkill(criu_pid, how),
                     _ => sigkill(front_pid, how),
@@ -782,21 +820,8 @@ fn killed_restores(backend: &str) {
                     RestoreKill::Front => {
                         // CRIU goes on; the supervisor it execs takes the
                         // instance over: the service is managed.
-                        let mut sup = None;
-                        wait_for(&format!("{what}: the supervisor takes over"), || {
-                            sup = c
-                                .instances()
-                                .into_iter()
-                                .find(|(_, r)| {
-                                    r.state == miehisto::instance::InstanceState::Running
-                                        && alive(r.supervisor_pid)
-                                })
-                                .map(|(_, r)| r.supervisor_pid);
-                            sup.is_some()
-                        });
-                        common::wait_http(port, DEADLINE).expect("the service answers");
-                        kill(Pid::from_raw(sup.expect("supervisor")), Signal::SIGTERM)
-                            .expect("SIGTERM the supervisor");
+                        let sup = supervisor_takes_over(&c, port, &what);
+                        kill(Pid::from_raw(sup), Signal::SIGTERM).expect("SIGTERM the supervisor");
                         c.assert_clean();
                     }
                     _ => dead_id = Some(id),
@@ -843,14 +868,11 @@ fn killed_restores(backend: &str) {
         }
         // Whatever a killed owner left, the next run on the same port
         // finds it, ends it and says so.
-        let left = dead_id.filter(|id| c.instance_dirs().iter().any(|d| d.ends_with(id)));
-        let err = c.next_restore_serves(&img, port, &what);
-        if let Some(id) = left {
-            assert!(
-                err.contains(&format!("removed the instance {id} ")),
-                "{what}: the next restore names what it cleaned: {err}"
-            );
-            assert!(!instance_cgroup(&id).exists(), "{what}: cgroup removed");
+        match dead_id.filter(|id| c.instance_dirs().iter().any(|d| d.ends_with(id))) {
+            Some(id) => c.next_restore_cleans(&img, port, &what, &id),
+            None => {
+                c.next_restore_serves(&img, port, &what);
+            }
         }
     }
 }
@@ -919,22 +941,7 @@ fn killed_restores_after_criu_left_the_cgroup(backend: &str) {
         cmd.process_group(0);
         let mut front = c.spawn(cmd, "kout");
         let front_pid = miehisto::sys::child_pid(&front).as_raw();
-        let mut marker = None;
-        wait_for(&format!("{what}: CRIU is moved out"), || {
-            marker = c
-                .instance_dirs()
-                .into_iter()
-                .map(|d| d.join("criu-outside"))
-                .find(|p| !common::read(p).trim().is_empty());
-            marker.is_some()
-        });
-        let marker = marker.expect("marker");
-        let dir = marker.parent().expect("instance dir").to_path_buf();
-        let id = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .expect("instance id");
-        let criu_pid: i32 = common::read(&marker).trim().parse().expect("criu pid");
+        let (dir, id, criu_pid) = restore_marker(&c, &what, "criu-outside");
         let cg = miehisto::sandbox::cgroup::InstanceCgroup::locate(&id).expect("cgroup");
         let tree = cg.pids();
         assert!(
@@ -958,20 +965,7 @@ fn killed_restores_after_criu_left_the_cgroup(backend: &str) {
                 sigkill(front_pid, how);
                 wait_exit(&mut front, &what);
                 go();
-                let mut sup = None;
-                wait_for(&format!("{what}: the supervisor takes over"), || {
-                    sup = c
-                        .instances()
-                        .into_iter()
-                        .find(|(_, r)| {
-                            r.state == miehisto::instance::InstanceState::Running
-                                && alive(r.supervisor_pid)
-                        })
-                        .map(|(_, r)| r.supervisor_pid);
-                    sup.is_some()
-                });
-                let sup = sup.expect("supervisor");
-                common::wait_http(port, DEADLINE).expect("the service answers");
+                let sup = supervisor_takes_over(&c, port, &what);
                 assert!(
                     !cgroup_of(sup).contains(&id),
                     "{what}: the supervisor is not in the instance cgroup: {}",
@@ -984,12 +978,7 @@ fn killed_restores_after_criu_left_the_cgroup(backend: &str) {
                 sigkill(front_pid, how);
                 wait_exit(&mut front, &what);
                 wait_for(&format!("{what}: CRIU ends"), || !alive(criu_pid));
-                let err = c.next_restore_serves(&img, port, &what);
-                assert!(
-                    err.contains(&format!("removed the instance {id} ")),
-                    "{what}: the next restore names what it cleaned: {err}"
-                );
-                assert!(!instance_cgroup(&id).exists(), "{what}: cgroup removed");
+                c.next_restore_cleans(&img, port, &what, &id);
             }
         }
     }
