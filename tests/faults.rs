@@ -187,9 +187,7 @@ fn fake_restore_criu(c: &Case, label: &str, body: &str) -> PathBuf {
          {body}\n",
         real = real.display()
     );
-    std::fs::write(&script, text).expect("write criu wrapper");
-    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
+    common::write_script(&script, &text);
     script
 }
 
@@ -488,9 +486,7 @@ fn wrapped_criu(c: &Case, label: &str, dump_body: &str, restore_body: &str) -> P
          exec '{real}' \"$@\"\n",
         real = real.display()
     );
-    std::fs::write(&script, text).expect("write criu wrapper");
-    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
+    common::write_script(&script, &text);
     script
 }
 
@@ -913,9 +909,7 @@ fn criu_held_outside_the_cgroup(c: &Case) -> PathBuf {
          done\n\
          echo $criu > \"$MH_W/criu-outside\"\n\
          while [ -d \"$MH_W\" ] && [ ! -e \"$MH_W/criu-go\" ]; do sleep 0.01; done\n";
-    std::fs::write(&script, text).expect("write action script");
-    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
+    common::write_script(&script, text);
     let body = format!(
         // Before the other arguments: those after --exec-cmd are the supervisor's.
         "export MH_W=\"$W\"; a=$1; shift; set -- \"$a\" --action-script '{}' \"$@\"",

@@ -111,9 +111,7 @@ fn observing_criu(c: &Case) -> PathBuf {
         d = dir.display(),
         real = real.display()
     );
-    std::fs::write(&script, text).expect("write criu wrapper");
-    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
+    common::write_script(&script, &text);
     script
 }
 

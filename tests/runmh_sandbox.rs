@@ -563,9 +563,7 @@ fn bad_input_is_one_clear_line() {
     // CRIU missing, CRIU too old: for restore (the image stays intact) and
     // for prebake (nothing starts, nothing is published).
     let fake = c.state.join("fake-criu");
-    std::fs::write(&fake, "#!/bin/sh\necho 'Version: 3.17.1'\n").expect("write fake criu");
-    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
+    common::write_script(&fake, "#!/bin/sh\necho 'Version: 3.17.1'\n");
     let before = snapshot(&img);
     for (criu, expect) in [
         (PathBuf::from("/nonexistent/criu"), "could not be run"),

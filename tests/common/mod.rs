@@ -203,6 +203,14 @@ pub fn only_log_dir(state: &Path) -> PathBuf {
     dirs.pop().expect("a log directory")
 }
 
+/// Writes `text` to `path` as an executable script (mode 0755): the CRIU
+/// wrappers, fakes and action scripts the tests hand to runmh.
+pub fn write_script(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+}
+
 pub fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
 }
