@@ -3,9 +3,9 @@
 //! that does not parse, or parses as the wrong kind, is an error carrying
 //! both, never a default.
 //!
-//! * [`ReadyMsg`]: the restore ready pipe, from the restore child (before
-//!   CRIU runs) or the restored supervisor (after CRIU exec'd it) to the
-//!   front process that started the restore.
+//! * [`RestoreChildMsg`]: the restore child's close-on-exec pipe to the
+//!   front process: silent when CRIU's exec succeeds, one message when a
+//!   step before it failed.
 //! * [`StepReport`]: a runmh step's outcome, written to the file named by
 //!   `runmh --report-file` (the daemon's view of runmh).
 
@@ -89,23 +89,17 @@ impl std::fmt::Display for HostPid {
     }
 }
 
-/// The restore ready pipe.
+/// The restore child's failure pipe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "msg", rename_all = "snake_case")]
-pub enum ReadyMsg {
-    /// The restored tree is past its stop point (or ended at once, which
-    /// the supervisor's exit status tells); `root` is its host pid.
-    Ready { root: HostPid },
-    /// The restored supervisor could not take the tree over.
-    SupervisorFailed { error: String },
+pub enum RestoreChildMsg {
     /// The restore child failed a step before CRIU ran.
     ChildFailed { step: String, errno: i32 },
 }
 
-impl ReadyMsg {
-    pub const CHANNEL: &'static str = "restore ready";
-    pub const EXPECTED: &'static str =
-        "one of ready {root}, supervisor_failed {error}, child_failed {step, errno}";
+impl RestoreChildMsg {
+    pub const CHANNEL: &'static str = "restore child";
+    pub const EXPECTED: &'static str = "child_failed {step, errno}";
 
     /// `{"msg":"child_failed","step":STEP,"errno":N}\n` assembled in `buf`
     /// without allocating (the restore child runs between fork and exec).
@@ -224,42 +218,41 @@ pub fn read_line<T: DeserializeOwned>(
 mod tests {
     use super::*;
 
-    fn ready(text: &str) -> Result<Option<ReadyMsg>, ChannelError> {
-        read_line(text.as_bytes(), ReadyMsg::CHANNEL, ReadyMsg::EXPECTED)
+    fn child(text: &str) -> Result<Option<RestoreChildMsg>, ChannelError> {
+        read_line(
+            text.as_bytes(),
+            RestoreChildMsg::CHANNEL,
+            RestoreChildMsg::EXPECTED,
+        )
     }
 
     #[test]
-    fn ready_messages_round_trip() {
-        for m in [
-            ReadyMsg::Ready {
-                root: HostPid::new(4242).unwrap(),
-            },
-            ReadyMsg::SupervisorFailed {
-                error: "cannot read \"x\"\nsecond line".into(),
-            },
-            ReadyMsg::ChildFailed {
-                step: "bind the host root".into(),
-                errno: 1,
-            },
-        ] {
-            let mut line = serde_json::to_string(&m).unwrap();
-            assert!(!line.contains('\n'), "{line}");
-            line.push('\n');
-            assert_eq!(ready(&line).unwrap(), Some(m));
-        }
-        // The writer closed without a word: CRIU failed before its exec.
-        assert_eq!(ready("").unwrap(), None);
+    fn restore_child_messages_round_trip() {
+        let m = RestoreChildMsg::ChildFailed {
+            step: "bind \"the\" host root\nsecond line".into(),
+            errno: 1,
+        };
+        let mut line = serde_json::to_string(&m).unwrap();
+        assert!(!line.contains('\n'), "{line}");
+        line.push('\n');
+        assert_eq!(child(&line).unwrap(), Some(m));
+        // The pipe closed without a word: CRIU's exec succeeded.
+        assert_eq!(child("").unwrap(), None);
     }
 
     #[test]
     fn the_child_encoding_parses_as_child_failed() {
         let mut buf = [0u8; 160];
         for errno in [0, 1, 38, 4095, -5, i32::MIN] {
-            let n = ReadyMsg::encode_child_failed(&mut buf, "unshare the mount namespace", errno);
+            let n = RestoreChildMsg::encode_child_failed(
+                &mut buf,
+                "unshare the mount namespace",
+                errno,
+            );
             let text = std::str::from_utf8(&buf[..n]).unwrap();
             assert_eq!(
-                ready(text).unwrap(),
-                Some(ReadyMsg::ChildFailed {
+                child(text).unwrap(),
+                Some(RestoreChildMsg::ChildFailed {
                     step: "unshare the mount namespace".into(),
                     errno
                 }),
@@ -269,24 +262,39 @@ mod tests {
     }
 
     #[test]
-    fn malformed_ready_messages_are_errors_naming_both_sides() {
+    fn malformed_child_messages_are_errors_naming_both_sides() {
         for (text, detail) in [
-            // The old text protocol's pid line.
             ("R 123\n", "expected value"),
-            (r#"{"msg":"ready","root":0}"#, "0 is not a process id"),
-            (r#"{"msg":"ready","root":-1}"#, "-1 is not a process id"),
-            (r#"{"msg":"ready","root":"12"}"#, "invalid type"),
-            (r#"{"msg":"ready"}"#, "missing field `root`"),
-            (r#"{"msg":"go"}"#, "unknown variant `go`"),
-            (r#"{"root":12}"#, "missing field `msg`"),
+            // The ready message of the --exec-cmd design's supervisor.
+            (r#"{"msg":"ready","root":12}"#, "unknown variant `ready`"),
+            (
+                r#"{"msg":"child_failed","step":"x"}"#,
+                "missing field `errno`",
+            ),
+            (
+                r#"{"msg":"child_failed","step":"x","errno":"1"}"#,
+                "invalid type",
+            ),
+            (r#"{"step":"x","errno":1}"#, "missing field `msg`"),
         ] {
-            let e = ready(text).unwrap_err();
+            let e = child(text).unwrap_err();
             let s = e.to_string();
             assert!(matches!(e, ChannelError::Malformed { .. }), "{s}");
             assert!(s.contains(detail), "{text}: {s}");
-            assert!(s.contains("expected one of ready {root}"), "{text}: {s}");
+            assert!(
+                s.contains("expected child_failed {step, errno}"),
+                "{text}: {s}"
+            );
             assert!(s.contains(&format!("{:?}", text.trim_end())), "{text}: {s}");
         }
+    }
+
+    #[test]
+    fn host_pids_are_real_processes() {
+        for bad in ["0", "-1", "\"12\""] {
+            assert!(serde_json::from_str::<HostPid>(bad).is_err(), "{bad}");
+        }
+        assert_eq!(serde_json::from_str::<HostPid>("12").unwrap().raw(), 12);
     }
 
     #[test]

@@ -14,8 +14,8 @@ use std::sync::Arc;
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/miehisto/runmh";
 const RECORD: &str = "instance.json";
 /// Held (a shared flock) by the instance's owners for as long as they
-/// live: the runmh that made it, and for a restore the supervisor CRIU
-/// execs. A cleaner's exclusive lock only succeeds once all are gone.
+/// live: the runmh that made it (for a restore, also its supervisor). A
+/// cleaner's exclusive lock only succeeds once all are gone.
 pub const OWNER_LOCK: &str = "owner.lock";
 /// Version 1 had no `format_version` field and kept the state as free
 /// text, "stopped" meaning the stop point; version 2 names the states.
@@ -146,8 +146,10 @@ pub struct InstanceRecord {
     #[serde(default)]
     pub image: Option<PathBuf>,
     pub supervisor_pid: i32,
-    /// For a restore: the `runmh restore` process that started it (it waits
-    /// for the supervisor unless detached), so a user may name either.
+    /// For a restore by a runmh of the `--exec-cmd` design (before
+    /// 2026-12-02): the `runmh restore` process that started the supervisor
+    /// CRIU exec'd, so a user may name either. Now the front process is the
+    /// supervisor, and this is None.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub front_pid: Option<i32>,
     /// Host pid of the sandbox's PID 1 (0 until known).
@@ -556,10 +558,6 @@ impl Instance {
                 }
             }
         }
-        if let Ok(c) = std::ffi::CString::new(self.root().as_os_str().as_encoded_bytes()) {
-            let _ = crate::sys::umount2(&c, nix::libc::MNT_DETACH);
-        }
-        crate::criu::private_root::unstage(&self.dir);
         let sock = self.control_socket();
         if !sock.starts_with(&self.dir) {
             let _ = std::fs::remove_file(&sock);

@@ -1,17 +1,24 @@
-//! `runmh restore`: CRIU brings an image back and execs into runmh, which
-//! becomes the parent of the restored tree (the talk's `--exec-cmd` trick).
+//! `runmh restore`: CRIU brings an image back as this process's child, and
+//! this process supervises it.
 //!
 //! The front process (what the user or the daemon started) forks a child
 //! that enters a private mount namespace, binds the host `/` onto a fresh
-//! root and execs `criu restore --root ... --exec-cmd -- runmh __supervise`.
-//! CRIU restores the tree as its own children, then execs the supervisor in
-//! its place; the supervisor gets the tree past its stop point, reports
-//! "ready" over an inherited pipe, and supervises it. A failed restore
-//! leaves the image untouched: CRIU only reads it, and logs go elsewhere.
+//! root and execs `criu restore --root ... --restore-detached
+//! --restore-sibling`. CRIU forks the tree's root with `CLONE_PARENT`, so
+//! the root is the front's own child; it restores the tree, lets go of it
+//! (stopped where it was dumped) and exits. The front then re-seizes it
+//! (TRACE) or continues it, and supervises it: nothing is exec'd after
+//! CRIU, and the supervisor is already running when CRIU ends. A failed
+//! restore leaves the image untouched: CRIU only reads it, and logs go
+//! elsewhere.
+//!
+//! (The talk's tools made CRIU `--exec-cmd` into the supervisor instead:
+//! a second exec of runmh on every restore's critical path, ~2.5 ms
+//! measured here; NOTES.md §6.)
 
-use crate::channel::{self, ChannelError, ReadyMsg};
+use crate::channel::{self, ChannelError, RestoreChildMsg};
 use crate::criu::kdat::{self, KdatCache};
-use crate::criu::{leave_cgroup, private_root};
+use crate::criu::private_root;
 use crate::criu::{watchdog, Criu, CriuError, RestoreArgs};
 use crate::explain;
 use crate::images::compat::{self, CompatError, CpuCheck};
@@ -19,14 +26,14 @@ use crate::images::{Metadata, MetadataError};
 use crate::instance::{self, Instance, InstanceError, InstanceRecord, InstanceState};
 use crate::stop::tracer::{Tracer, TracerError};
 use crate::stop::{self, BackendKind, StopError};
-use crate::supervisor::{Held, Outcome, Running, SupervisorError};
+use crate::supervisor::{Held, Outcome, Running};
 use crate::sys;
 use crate::sys::exit::ExitStatus;
 use nix::libc;
 use nix::unistd::Pid;
 use std::ffi::CString;
-use std::io::{BufReader, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::BufReader;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -47,8 +54,6 @@ pub enum RestoreError {
     Tracer(#[from] TracerError),
     #[error(transparent)]
     Stop(#[from] StopError),
-    #[error(transparent)]
-    Supervisor(#[from] SupervisorError),
     #[error("cannot prepare {path} for the restored service")]
     Prepare {
         path: PathBuf,
@@ -73,8 +78,6 @@ pub enum RestoreError {
     Nul { what: &'static str },
     #[error("the image's log file {path} is not an absolute path; the image is damaged: prebake it again")]
     RelativeLog { path: PathBuf },
-    #[error("the restored supervisor failed: {0}")]
-    Supervise(String),
     #[error("cannot read the pid CRIU wrote to {path}")]
     Pidfile {
         path: PathBuf,
@@ -112,15 +115,26 @@ pub struct RestoreOpts {
     pub hold: bool,
 }
 
-/// A restore that succeeded: the supervisor runs the tree.
-#[derive(Debug)]
+/// A restore that succeeded.
 pub struct Restored {
-    pub supervisor: Pid,
+    /// The instance's id.
+    pub id: String,
+    /// The restored root's host pid (this process's child).
     pub root: Pid,
-    pub instance: Instance,
+    pub supervision: Supervision,
     pub metadata: Metadata,
     /// From the start of the restore to "ready".
     pub took: Duration,
+}
+
+/// What a successful restore hands its caller.
+pub enum Supervision {
+    /// The tree runs (or is held); the caller supervises it with
+    /// [`Running::supervise`] and removes the instance after.
+    Running(Box<Running>),
+    /// Restored, but the service ended at once (the talk's ENOSYS, say);
+    /// its instance is already removed.
+    Ended(ExitStatus),
 }
 
 fn cstring(what: &'static str, p: impl AsRef<std::ffi::OsStr>) -> Result<CString, RestoreError> {
@@ -199,7 +213,12 @@ fn prepare_preload(md: &Metadata) -> Result<(), RestoreError> {
     Ok(())
 }
 
-/// Starts the restore; returns once the supervisor reports the tree ready.
+/// Restores the image; returns once the tree runs (or is held, with
+/// `hold`) as this process's child, under this process's supervision.
+/// The restored root's parent is the calling *thread* (CRIU's
+/// `CLONE_PARENT` of the child it forks): a runmh image's parent-death
+/// signal fires when that thread ends, so call this from one that outlives
+/// the service (runmh's main thread).
 pub fn restore(criu: &Criu, opts: &RestoreOpts) -> Result<Restored, RestoreError> {
     let t0 = Instant::now();
     let md = Metadata::read(&opts.images)?;
@@ -223,8 +242,9 @@ pub fn restore(criu: &Criu, opts: &RestoreOpts) -> Result<Restored, RestoreError
         externals: md.externals.clone(),
         backend: md.backend.clone(),
         image: Some(images),
-        supervisor_pid: 0,
-        front_pid: Some(nix::unistd::getpid().as_raw()),
+        // This process starts CRIU and supervises what it restores.
+        supervisor_pid: nix::unistd::getpid().as_raw(),
+        front_pid: None,
         root_pid: 0,
         format_version: instance::RECORD_VERSION,
         state: InstanceState::Restoring,
@@ -234,92 +254,58 @@ pub fn restore(criu: &Criu, opts: &RestoreOpts) -> Result<Restored, RestoreError
         inst.remove();
         return Err(e.into());
     }
-    match spawn_criu(criu, opts, &inst, &md, &redirects) {
-        Ok((supervisor, root)) => Ok(Restored {
-            supervisor,
-            root,
-            instance: inst,
-            metadata: md,
-            took: t0.elapsed(),
-        }),
+    let stamps = crate::timings::Stamps::new(opts.timings.as_deref());
+    let root = match spawn_criu(criu, opts, &inst, &md, &redirects, &stamps) {
+        Ok(root) => root,
         Err(e) => {
             inst.remove();
-            Err(e)
+            return Err(e);
         }
-    }
-}
-
-static SUPERVISOR_EXE: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
-
-/// Sets the program CRIU execs into after a restore. It runs as
-/// `<program> __supervise ...`, so it must be runmh: callers that are not
-/// runmh themselves (mhctl's research matrix, tests) set it.
-pub fn set_supervisor_exe(path: &Path) {
-    *SUPERVISOR_EXE.lock().unwrap_or_else(|p| p.into_inner()) = Some(path.to_path_buf());
-}
-
-/// The set program, else `runmh` beside the current executable (mhctl and
-/// runmh are installed together), else the current executable.
-fn supervisor_exe() -> std::io::Result<PathBuf> {
-    if let Some(p) = SUPERVISOR_EXE
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone()
-    {
-        return Ok(p);
-    }
-    let me = std::env::current_exe()?;
-    if me.file_name().is_some_and(|n| n != "runmh") {
-        if let Some(sibling) = me.parent().map(|d| d.join("runmh")).filter(|p| p.is_file()) {
-            return Ok(sibling);
+    };
+    let id = inst.id.clone();
+    let supervision = match adopt(inst, rec, root, opts, &stamps)? {
+        Setup::Running(r) => {
+            stamps.mark(crate::timings::READY);
+            Supervision::Running(r)
         }
-    }
-    Ok(me)
+        Setup::Ended { status, inst } => {
+            // Restored, but it ended at once (e.g. the talk's ENOSYS): the
+            // restore worked; the service's own status tells the rest.
+            log::warn!("the restored service (pid {root}) ended right away: {status}");
+            inst.remove();
+            Supervision::Ended(status)
+        }
+    };
+    Ok(Restored {
+        id,
+        root,
+        supervision,
+        metadata: md,
+        took: t0.elapsed(),
+    })
 }
 
+/// Runs CRIU in a child and waits for it to end; returns the restored
+/// root's host pid. CRIU forks the root with `CLONE_PARENT`
+/// (`--restore-sibling`), so the root is this process's child.
 fn spawn_criu(
     criu: &Criu,
     opts: &RestoreOpts,
     inst: &Instance,
     md: &Metadata,
     redirects: &[LogRedirect],
-) -> Result<(Pid, Pid), RestoreError> {
-    let exe = supervisor_exe().map_err(|e| RestoreError::Prepare {
-        path: "/proc/self/exe".into(),
-        source: e,
-    })?;
-    let (ready_r, ready_w) =
+    stamps: &crate::timings::Stamps,
+) -> Result<Pid, RestoreError> {
+    // Close-on-exec at both ends: CRIU's exec closes the child's end, so
+    // the pipe carries one message only when a step before it failed.
+    let (fail_r, fail_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|source| RestoreError::Fork {
             step: "pipe",
             source,
         })?;
-    let mut exec_cmd: Vec<std::ffi::OsString> = vec![
-        exe.clone().into_os_string(),
-        "__supervise".into(),
-        "--instance".into(),
-        inst.dir.clone().into_os_string(),
-        "--ready-fd".into(),
-        ready_w.as_raw_fd().to_string().into(),
-        "--stop-timeout".into(),
-        opts.stop_timeout.as_secs().to_string().into(),
-    ];
-    if !opts.reseize {
-        exec_cmd.push("--no-reseize".into());
-    }
-    // CRIU's process leaves the instance cgroup it runs in for ours (see
-    // criu::leave_cgroup; the supervisor it becomes checks): only the
-    // restored tree stays in it.
-    let mut origin = None;
     let cgroup_procs = match &inst.cgroup {
         Some(cg) => match cg.procs_for_child() {
-            Ok(fd) => {
-                origin = crate::sandbox::cgroup::cgroup_of(None);
-                if let Some(o) = &origin {
-                    exec_cmd.push("--cgroup-origin".into());
-                    exec_cmd.push(o.into());
-                }
-                Some(fd)
-            }
+            Ok(fd) => Some(fd),
             Err(e) => {
                 crate::sandbox::cgroup::warn_unavailable(&e);
                 None
@@ -328,7 +314,9 @@ fn spawn_criu(
         None => None,
     };
     // Preferred over the child's write to cgroup.procs, which stays the
-    // fallback (see sys::fork_into_cgroup for the ~10 ms it saves).
+    // fallback (see sys::fork_into_cgroup for the ~10 ms it saves). CRIU
+    // runs in the instance cgroup, so the tree it forks does too; CRIU
+    // leaves it when it exits, before the tree runs a user instruction.
     let cgroup_dir = match (&inst.cgroup, &cgroup_procs) {
         (Some(cg), Some(_)) => match cg.dir_for_clone() {
             Ok(dir) => Some(dir),
@@ -342,16 +330,6 @@ fn spawn_criu(
         },
         _ => None,
     };
-    if opts.hold {
-        exec_cmd.push("--hold".into());
-    }
-    if explain::enabled() {
-        exec_cmd.push("--explain".into());
-    }
-    if let Some(t) = &opts.timings {
-        exec_cmd.push("--timings".into());
-        exec_cmd.push(t.clone().into_os_string());
-    }
     let staged = private_root::stage_externals(&inst.dir, &md.externals)?;
     let args = RestoreArgs {
         images_dir: absolute_images(opts)?,
@@ -364,12 +342,11 @@ fn spawn_criu(
             .iter()
             .map(|r| (r.file.as_raw_fd(), r.key.clone()))
             .collect(),
-        exec_cmd,
         leave_stopped: opts.hold,
     };
     let inherited: Vec<RawFd> = redirects.iter().map(|r| r.file.as_raw_fd()).collect();
     let argv_os = args.argv();
-    explain::say("criu", "restore in a private mount namespace, with the host / bound onto a fresh --root; CRIU then execs runmh, which becomes the restored tree's parent:");
+    explain::say("criu", "restore in a private mount namespace, with the host / bound onto a fresh --root; --restore-sibling makes the restored root runmh's own child, and CRIU exits once the tree is back:");
     explain::block(&crate::criu::argv::shell_words(&criu.path, &argv_os));
     // Everything the child needs, built before the fork.
     let prog = cstring("the CRIU path", &criu.path)?;
@@ -391,21 +368,8 @@ fn spawn_criu(
     let mut envp: Vec<*const libc::c_char> = env_c.iter().map(|c| c.as_ptr()).collect();
     envp.push(std::ptr::null());
     let root = cstring("the instance root", inst.root())?;
-    let write_fd = ready_w.as_raw_fd();
-    let kdat = kdat_plan(
-        criu,
-        opts,
-        md,
-        &[
-            exe.as_path(),
-            inst.control_socket().as_path(),
-            inst.dir.join("ext").as_path(),
-        ],
-    );
+    let kdat = kdat_plan(criu, opts, md, &[inst.dir.join("ext").as_path()]);
     let kdat_child = kdat.as_ref().map(|(_, data)| data.as_deref());
-    let stamps = crate::timings::Stamps::new(opts.timings.as_deref());
-    stamps.watch_creation(&inst.dir, "restore.log", Duration::from_secs(60));
-    stamps.mark(crate::timings::CRIU_EXEC);
     let stdio = if opts.detach {
         let null = std::fs::OpenOptions::new()
             .read(true)
@@ -425,6 +389,15 @@ fn spawn_criu(
         None
     };
     let stdio_fds = stdio.as_ref().map(|(n, l)| (n.as_raw_fd(), l.as_raw_fd()));
+    let fds = ChildFds {
+        fail: fail_w.as_raw_fd(),
+        parent: nix::unistd::getpid().as_raw(),
+        stdio: stdio_fds,
+        inherited: &inherited,
+        cgroup_procs: None,
+    };
+    stamps.watch_creation(&inst.dir, "restore.log", Duration::from_secs(60));
+    stamps.mark(crate::timings::CRIU_EXEC);
     let (forked, joined) = match cgroup_dir.as_ref() {
         // SAFETY: the child only calls async-signal-safe wrappers on the
         // data prepared above and ends in execve or _exit.
@@ -444,13 +417,11 @@ fn spawn_criu(
     let child = match forked {
         Ok(0) => restore_child(
             &ChildFds {
-                ready: write_fd,
-                stdio: stdio_fds,
-                inherited: &inherited,
                 cgroup_procs: cgroup_procs
                     .as_ref()
                     .filter(|_| !joined)
                     .map(|fd| fd.as_raw_fd()),
+                ..fds
             },
             &root,
             &staged.binds,
@@ -467,89 +438,67 @@ fn spawn_criu(
             })
         }
     };
-    drop(ready_w);
+    drop(fail_w);
     drop(cgroup_procs);
     drop(cgroup_dir);
-    let leaver = match (&inst.cgroup, origin) {
-        (Some(cg), Some(origin)) => Some(leave_cgroup::Leaver::start(cg.clone(), origin, child)),
+    // Bounded from here: too slow, a runaway log, or SIGTERM for us.
+    let dog = watchdog::watch(child, &inst.dir.join("restore.log"), opts.limits);
+    let failed = channel::read_line::<RestoreChildMsg>(
+        BufReader::new(std::fs::File::from(fail_r)),
+        RestoreChildMsg::CHANNEL,
+        RestoreChildMsg::EXPECTED,
+    );
+    // CRIU runs (the pipe closed at its exec) in its private mount
+    // namespace, whose tmpfs /run holds the kdat cache it may write. The
+    // namespace goes with CRIU: a descriptor of that /run keeps the mount
+    // for the read after CRIU exits.
+    let kdat_dir = match (&failed, &kdat) {
+        (Ok(None), Some((_, None))) => kdat::open_run_of(child.as_raw())
+            .map_err(|e| log::debug!("{e}; CRIU's kdat cache will not be saved"))
+            .ok(),
         _ => None,
     };
-    // CRIU, then the supervisor it execs, holds the pipe's write end: the
-    // read ends with the ready line, or at EOF when the watchdog has ended
-    // them (too slow, a runaway log, or SIGTERM for us).
-    // The supervisor moves the record on from Restoring once it runs the
-    // tree; a SIGTERM after that is the service's to handle.
-    let record_of = Instance::open(&inst.dir);
-    let dog = watchdog::watch_until_handoff(
-        child,
-        &inst.dir.join("restore.log"),
-        opts.limits,
-        move || {
-            record_of
-                .as_ref()
-                .ok()
-                .and_then(|i| i.read_record().ok())
-                .is_some_and(|r| r.state != InstanceState::Restoring)
-        },
-    );
-    let reply = channel::read_line::<ReadyMsg>(
-        BufReader::new(std::fs::File::from(ready_r)),
-        ReadyMsg::CHANNEL,
-        ReadyMsg::EXPECTED,
-    );
-    if let Some(l) = leaver {
-        log::debug!("criu's process and the instance cgroup: {:?}", l.finish());
-    }
+    let status = sys::waitpid(child.as_raw(), 0);
+    stamps.mark(crate::timings::CRIU_EXITED);
     if let Some(ending) = dog.finish() {
-        let _ = sys::waitpid(child.as_raw(), 0);
         return Err(CriuError::Ended {
             action: "restore",
             ending,
         }
         .into());
     }
-    let reply = match reply {
-        Ok(r) => r,
-        Err(e) => {
-            // Whoever wrote it is not speaking our protocol: stop the
-            // restore's process (CRIU or the supervisor) rather than leave
-            // a tree nobody knows how to manage.
-            let _ = sys::kill(child, libc::SIGKILL);
-            let _ = sys::waitpid(child.as_raw(), 0);
-            return Err(e.into());
-        }
-    };
-    if let Some(ReadyMsg::Ready { root }) = reply {
-        let root = root.pid();
-        if let Some((cache, None)) = &kdat {
-            // CRIU probed the kernel and wrote its cache into our tmpfs; the
-            // supervisor it exec'd still lives in that mount namespace.
-            match cache.save_from(child.as_raw()) {
-                Ok(true) => log::debug!("saved CRIU's kdat cache to {}", cache.file.display()),
-                Ok(false) => log::debug!("CRIU wrote no kdat cache"),
-                Err(e) => log::warn!("{e}; CRIU will probe the kernel again next time"),
-            }
-        }
-        return Ok((child, root));
-    }
-    // Failure: reap the child (CRIU, or the supervisor that failed).
-    let status = sys::waitpid(child.as_raw(), 0).ok().flatten();
-    match reply {
-        Some(ReadyMsg::SupervisorFailed { error }) => return Err(RestoreError::Supervise(error)),
-        Some(ReadyMsg::ChildFailed { step, errno }) => {
+    match failed {
+        Ok(None) => {}
+        Ok(Some(RestoreChildMsg::ChildFailed { step, errno })) => {
             return Err(RestoreError::Child {
                 step,
                 source: nix::errno::Errno::from_raw(errno),
             })
         }
-        // Handled above.
-        Some(ReadyMsg::Ready { .. }) => {}
-        // The pipe closed without a word: CRIU failed before its exec.
-        None => {}
+        // Whatever wrote it is not our child speaking our protocol.
+        Err(e) => return Err(e.into()),
     }
+    if !matches!(status, Ok(Some(sys::Wait::Exited(_, 0)))) {
+        log::debug!("criu restore exited: {status:?}");
+        return Err(restore_failed(opts, inst));
+    }
+    let root = read_pidfile(&inst.restored_pidfile())?;
+    if let (Some((cache, None)), Some(dir)) = (&kdat, kdat_dir) {
+        match cache.save_from(&dir) {
+            Ok(true) => log::debug!("saved CRIU's kdat cache to {}", cache.file.display()),
+            Ok(false) => log::debug!("CRIU wrote no kdat cache"),
+            Err(e) => log::warn!("{e}; CRIU will probe the kernel again next time"),
+        }
+    }
+    Ok(root)
+}
+
+/// The error for a CRIU that exited unsuccessfully, with its decisive log
+/// line; the log is kept beside the state directory's logs, since the
+/// caller removes the instance directory it was written in.
+fn restore_failed(opts: &RestoreOpts, inst: &Instance) -> RestoreError {
     let log = inst.dir.join("restore.log");
     let line = crate::criu::log::decisive_line_of(&log);
-    // The instance directory (with the log) is removed by the caller; keep the log.
     let kept = opts
         .state_dir
         .join("logs")
@@ -562,27 +511,41 @@ fn spawn_criu(
     } else {
         log
     };
-    log::debug!("criu restore exited: {status:?}");
-    Err(CriuError::RestoreFailed {
+    CriuError::RestoreFailed {
         images: opts.images.clone(),
         line,
         log,
     }
-    .into())
+    .into()
+}
+
+/// The restored root's pid, from the pidfile CRIU wrote.
+fn read_pidfile(pidfile: &Path) -> Result<Pid, RestoreError> {
+    let bad = |source| RestoreError::Pidfile {
+        path: pidfile.to_path_buf(),
+        source,
+    };
+    let text = std::fs::read_to_string(pidfile).map_err(bad)?;
+    text.trim()
+        .parse::<i32>()
+        .ok()
+        // 0 or a negative number would make a later kill(2) signal a group.
+        .filter(|&p| p > 0)
+        .map(Pid::from_raw)
+        .ok_or_else(|| bad(std::io::ErrorKind::InvalidData.into()))
 }
 
 fn child_fail(fd: RawFd, step: &str, e: nix::errno::Errno) -> ! {
     // Assembled on the stack: no allocation after fork.
     let mut buf = [0u8; 160];
-    let n = ReadyMsg::encode_child_failed(&mut buf, step, e as i32);
+    let n = RestoreChildMsg::encode_child_failed(&mut buf, step, e as i32);
     let _ = sys::write_all(fd, &buf[..n]);
     sys::exit_now(127)
 }
 
 /// The kdat cache for this restore (the cache and its saved bytes, if
 /// usable), or None when CRIU keeps its own or a tmpfs over `/run` would
-/// hide something the restore or the supervisor needs (`more`: the
-/// supervisor's program and its control socket, which may live under /run).
+/// hide something the restore needs (`more`: paths of the instance).
 fn kdat_plan(
     criu: &Criu,
     opts: &RestoreOpts,
@@ -612,9 +575,12 @@ fn kdat_plan(
 }
 
 /// The descriptors the restore child arranges before it execs CRIU.
+#[derive(Clone, Copy)]
 struct ChildFds<'a> {
-    /// The ready pipe's write end, kept open into the supervisor.
-    ready: RawFd,
+    /// The failure pipe's write end (close-on-exec).
+    fail: RawFd,
+    /// This process: the child's parent, whose death must end CRIU.
+    parent: libc::pid_t,
     /// /dev/null and a log for stdio (`--detach`), else the caller's.
     stdio: Option<(RawFd, RawFd)>,
     /// Files CRIU gets by `--inherit-fd`.
@@ -634,197 +600,96 @@ fn restore_child(
     envp: &[*const libc::c_char],
 ) -> ! {
     sys::unblock_all_signals();
-    let ready = fds.ready;
+    let fail = fds.fail;
+    // The restored root's parent is ours (--restore-sibling): if we die,
+    // nobody would supervise what CRIU restores, so CRIU dies with us and
+    // the next runmh ends the half-restored instance by its cgroup. The
+    // getppid() check catches a death before the prctl.
+    if let Err(e) = sys::set_parent_death_signal(libc::SIGKILL) {
+        child_fail(fail, "set the parent-death signal", e);
+    }
+    if sys::getppid() != fds.parent {
+        sys::exit_now(127);
+    }
     // First: whatever this child becomes is in the instance cgroup.
     if let Some(fd) = fds.cgroup_procs {
         if let Err(e) = sys::write_all(fd, b"0") {
-            child_fail(ready, "enter the instance cgroup", e);
+            child_fail(fail, "enter the instance cgroup", e);
         }
         sys::close(fd);
     }
     if let Some((null, log)) = fds.stdio {
         for (from, to) in [(null, 0), (null, 1), (log, 2)] {
             if let Err(e) = sys::dup2(from, to) {
-                child_fail(ready, "redirect_stdio", e);
+                child_fail(fail, "redirect_stdio", e);
             }
         }
     }
     if let Err((step, e)) = private_root::enter(root, stage, kdat) {
-        child_fail(ready, step.name(), e);
-    }
-    // The ready pipe must survive into CRIU and, through --exec-cmd, into
-    // the supervisor: clear its close-on-exec flag.
-    if let Err(e) = sys::clear_cloexec(ready) {
-        child_fail(ready, "keep the ready pipe open", e);
+        child_fail(fail, step.name(), e);
     }
     for &fd in fds.inherited {
         if let Err(e) = sys::clear_cloexec(fd) {
-            child_fail(ready, "keep an inherited log open", e);
+            child_fail(fail, "keep an inherited log open", e);
         }
     }
     let e = sys::execve(prog, argv, envp);
-    child_fail(ready, "execute criu", e)
-}
-
-/// Waits for a restored supervisor (our child) while forwarding signals to
-/// it; returns its exit code.
-pub fn wait_supervisor(supervisor: Pid) -> i32 {
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    std::thread::spawn(move || {
-        let code = match sys::waitpid(supervisor.as_raw(), 0) {
-            Ok(Some(sys::Wait::Exited(_, c))) => c,
-            Ok(Some(sys::Wait::Signaled(_, s))) => 128 + s,
-            _ => 1,
-        };
-        let _ = tx.send(code);
-    });
-    let signals = crate::supervisor::signals();
-    loop {
-        crossbeam_channel::select! {
-            recv(rx) -> c => return c.unwrap_or(1),
-            recv(signals) -> s => { if let Ok(s) = s { let _ = sys::kill(supervisor, s); } }
-        }
-    }
-}
-
-/// How the front process hands a restore over to its supervisor.
-pub struct Handover<'a> {
-    pub dir: &'a Path,
-    pub ready_fd: RawFd,
-    /// The cgroup to move to out of the instance's (the front's own).
-    pub cgroup_origin: Option<&'a str>,
-}
-
-/// `runmh __supervise`: runs in the process CRIU exec'd into. With `hold`
-/// the tree stays at its stop point until a `resume` control request.
-pub fn supervise_restored(
-    h: Handover<'_>,
-    reseize: bool,
-    hold: bool,
-    stop_timeout: Duration,
-    timings: Option<&Path>,
-) -> Result<Outcome, RestoreError> {
-    let stamps = crate::timings::Stamps::new(timings);
-    stamps.mark(crate::timings::SUPERVISOR_START);
-    // Out of the instance cgroup before anything else: it is the restored
-    // tree's, and killing it must not kill its supervisor. The front
-    // process has usually moved us during CRIU's page read
-    // (criu::leave_cgroup); the move is what is left when it had not.
-    if let Some(origin) = h.cgroup_origin {
-        if crate::sandbox::cgroup::cgroup_of(None).as_deref() != Some(origin) {
-            if let Err(e) = crate::sandbox::cgroup::move_self_to(origin) {
-                log::warn!("{}", crate::error_chain(&e));
-            }
-        }
-    }
-    let ready_fd = h.ready_fd;
-    // CRIU leaves every signal but SIGCHLD blocked and its own fds open
-    // across --exec-cmd (crtools.c, criu_signals_setup): start clean.
-    sys::unblock_all_signals();
-    let _ = crate::stop::tracer::block_supervisor_signals();
-    let _ = sys::close_fds_except(&mut [ready_fd]);
-    // SAFETY: the fd number was passed to us by our own front process,
-    // which created it for this purpose; nothing else in this fresh process owns it.
-    let mut ready = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(ready_fd) });
-    let result = supervise_setup(h.dir, reseize, hold, &stamps);
-    let running = match result {
-        Ok(Setup::Running(r)) => *r,
-        Ok(Setup::Ended { root, status, inst }) => {
-            // Restored, but it ended at once (e.g. the talk's ENOSYS): the
-            // restore worked; the service's own status tells the rest.
-            send_ready(&mut ready, &ReadyMsg::Ready { root: root.into() });
-            log::warn!("the restored service (pid {root}) ended right away: {status}");
-            inst.remove();
-            return Ok(Outcome {
-                status,
-                dumped: false,
-            });
-        }
-        Err(e) => {
-            send_ready(
-                &mut ready,
-                &ReadyMsg::SupervisorFailed {
-                    error: e.to_string(),
-                },
-            );
-            return Err(e);
-        }
-    };
-    stamps.mark(crate::timings::READY);
-    send_ready(
-        &mut ready,
-        &ReadyMsg::Ready {
-            root: running.root.into(),
-        },
-    );
-    drop(ready);
-    let (outcome, inst) = running.supervise(stop_timeout)?;
-    inst.remove();
-    Ok(outcome)
-}
-
-/// One message on the ready pipe. A failed write leaves the front process
-/// with a closed pipe and no message, which it reports as a failed restore.
-fn send_ready(ready: &mut std::fs::File, msg: &ReadyMsg) {
-    match serde_json::to_vec(msg) {
-        Ok(mut line) => {
-            line.push(b'\n');
-            if let Err(e) = ready.write_all(&line) {
-                log::warn!("cannot report to the restore's front process: {e}");
-            }
-        }
-        Err(e) => log::warn!("cannot encode {msg:?}: {e}"),
-    }
+    child_fail(fail, "execute criu", e)
 }
 
 enum Setup {
     // Boxed: a Running (tracer, channels, record) dwarfs the Ended variant.
     Running(Box<Running>),
-    Ended {
-        root: Pid,
-        status: ExitStatus,
-        inst: Instance,
-    },
+    Ended { status: ExitStatus, inst: Instance },
 }
 
-fn supervise_setup(
-    dir: &Path,
-    reseize: bool,
-    hold: bool,
+/// Takes the restored tree (our child, stopped where it was dumped) over:
+/// the tracer thread watches it, TRACE re-seizes it, and it goes on past
+/// its stop point — or stays held there (`hold`). A failure kills the tree
+/// and removes the instance.
+fn adopt(
+    inst: Instance,
+    mut rec: InstanceRecord,
+    root: Pid,
+    opts: &RestoreOpts,
     stamps: &crate::timings::Stamps,
 ) -> Result<Setup, RestoreError> {
-    let mut inst = Instance::open(dir)?;
-    // Beside the front process, which holds it until it ends; if both were
-    // gone, a cleaner may be ending the instance: then fail, it kills the tree.
-    inst.take_ownership()?;
-    let mut rec = inst.read_record()?;
-    let pidfile = inst.restored_pidfile();
-    let root: i32 = std::fs::read_to_string(&pidfile)
-        .map_err(|source| RestoreError::Pidfile {
-            path: pidfile.clone(),
-            source,
-        })?
-        .trim()
-        .parse()
-        .ok()
-        .filter(|&p| p > 0)
-        .ok_or_else(|| RestoreError::Pidfile {
-            path: pidfile.clone(),
-            source: std::io::ErrorKind::InvalidData.into(),
-        })?;
-    let root = Pid::from_raw(root);
-    let tracer = Tracer::start()?;
-    let exit = tracer.watch(root)?;
-    stamps.mark(crate::timings::TRACER_READY);
+    let abandon = |inst: &Instance| {
+        let _ = sys::kill(root, libc::SIGKILL);
+        inst.remove();
+    };
     let kind = rec.backend.kind;
-    if hold {
+    let traced = kind == BackendKind::Trace && opts.reseize;
+    // A NOTIFY tree needs no tracer to go on: SIGCONT first takes the
+    // tracer thread's start off the critical path (its exit, if it comes
+    // first, waits as our zombie for the tracer's watch).
+    let continued = (matches!(kind, BackendKind::Notify | BackendKind::None) && !opts.hold)
+        .then(|| stop::continue_tree(root).map(drop));
+    let tracer = match Tracer::start() {
+        Ok(t) => t,
+        Err(e) => {
+            abandon(&inst);
+            return Err(e.into());
+        }
+    };
+    let exit = match tracer.watch(root) {
+        Ok(x) => x,
+        Err(e) => {
+            abandon(&inst);
+            return Err(e.into());
+        }
+    };
+    stamps.mark(crate::timings::TRACER_READY);
+    rec.root_pid = root.as_raw();
+    if opts.hold {
         // CRIU restored it with --leave-stopped: every task is in
         // group-stop before its first user instruction, untraced. The
         // resume request does what the branch below does now.
-        rec.supervisor_pid = nix::unistd::getpid().as_raw();
-        rec.root_pid = root.as_raw();
         rec.state = InstanceState::Standby;
-        inst.write_record(&rec)?;
+        if let Err(e) = inst.write_record(&rec) {
+            abandon(&inst);
+            return Err(e.into());
+        }
         explain::say(
             "standby",
             &format!("restored tree root is host pid {root}, held at its stop point until a resume request"),
@@ -836,26 +701,34 @@ fn supervise_setup(
             root,
             exit,
             traced: false,
-            held: Some(Held { reseize }),
+            held: Some(Held {
+                reseize: opts.reseize,
+            }),
         })));
     }
-    if kind == BackendKind::Trace && reseize {
-        tracer.stamp_passed(stamps)?;
-    }
-    if let Err(e) = stop::resume_restored(kind, root, &tracer, reseize) {
-        // CRIU resumes the tree before it execs us: a service that fails
-        // at once may already have been reaped by our tracer thread.
+    let resumed = match continued {
+        Some(r) => r,
+        None if traced => tracer
+            .stamp_passed(stamps)
+            .map_err(StopError::from)
+            .and_then(|()| stop::resume_restored(kind, root, &tracer, opts.reseize).map(drop)),
+        None => stop::resume_restored(kind, root, &tracer, opts.reseize).map(drop),
+    };
+    if let Err(e) = resumed {
+        // A service that fails at once may already have been reaped by
+        // our tracer thread.
         if let Ok(status) = exit.recv_timeout(Duration::from_millis(200)) {
-            return Ok(Setup::Ended { root, status, inst });
+            return Ok(Setup::Ended { status, inst });
         }
-        let _ = sys::kill(root, libc::SIGKILL);
+        abandon(&inst);
         return Err(e.into());
     }
     stamps.mark(crate::timings::RESUMED);
-    rec.supervisor_pid = nix::unistd::getpid().as_raw();
-    rec.root_pid = root.as_raw();
     rec.state = InstanceState::Running;
-    inst.write_record(&rec)?;
+    if let Err(e) = inst.write_record(&rec) {
+        abandon(&inst);
+        return Err(e.into());
+    }
     explain::say(
         "ready",
         &format!(
@@ -863,7 +736,6 @@ fn supervise_setup(
             std::process::id()
         ),
     );
-    let traced = kind == BackendKind::Trace && reseize;
     Ok(Setup::Running(Box::new(Running {
         tracer,
         instance: inst,

@@ -212,6 +212,18 @@ impl Running {
         self.instance.remove();
     }
 
+    /// Ends the tree at once (SIGKILL) and waits up to `grace` for the
+    /// tracer thread to reap it (None if it did not); removes the instance.
+    /// For callers that only look at a restored service (the research
+    /// matrix, the demo) and supervise nothing after.
+    pub fn end_now(self, grace: Duration) -> Option<ExitStatus> {
+        let _ = sys::kill(self.root, libc::SIGKILL);
+        let status = self.exit.recv_timeout(grace).ok();
+        let _ = std::fs::remove_file(self.instance.control_socket());
+        self.instance.remove();
+        status
+    }
+
     /// Supervises until the service ends.
     pub fn supervise(self, stop_timeout: Duration) -> Result<(Outcome, Instance), SupervisorError> {
         self.supervise_then(stop_timeout, |_| {})

@@ -440,6 +440,12 @@ pub fn execve(path: &CStr, argv: &[*const libc::c_char], envp: &[*const libc::c_
     Errno::last()
 }
 
+/// Async-signal-safe `getppid(2)`.
+pub fn getppid() -> libc::pid_t {
+    // SAFETY: no arguments; getppid cannot fail.
+    unsafe { libc::getppid() }
+}
+
 /// Async-signal-safe `_exit(2)`: no atexit handlers, no stdio flush.
 pub fn exit_now(code: libc::c_int) -> ! {
     // SAFETY: _exit never returns and touches no user-space state.

@@ -1,8 +1,7 @@
-//! Phase stamps of one restore, for `mhctl bench`'s breakdown: each process
-//! on the restore's path (the front `runmh restore`, the supervisor CRIU
-//! execs) appends `name nanoseconds` lines to one file, on CLOCK_MONOTONIC,
-//! which every process on the machine shares, so stamps from different
-//! processes (and the benchmark's own) compare directly.
+//! Phase stamps of one restore, for `mhctl bench`'s breakdown: the
+//! `runmh restore` process (and its threads) appends `name nanoseconds`
+//! lines to one file, on CLOCK_MONOTONIC, which every process on the
+//! machine shares, so its stamps and the benchmark's own compare directly.
 //!
 //! CRIU writes nothing of the kind; its log carries times relative to the
 //! moment it opened the log (`log_init()` calls gettimeofday() right before
@@ -20,13 +19,13 @@ use std::path::{Path, PathBuf};
 pub const CRIU_EXEC: &str = "criu_exec";
 /// CRIU created its log file (its log's time zero).
 pub const CRIU_LOG: &str = "criu_log";
-/// The supervisor CRIU exec'd runs its first line of Rust.
-pub const SUPERVISOR_START: &str = "supervisor_start";
-/// The supervisor's tracer thread watches the restored root.
+/// The front process reaped CRIU (which exits once the tree is restored).
+pub const CRIU_EXITED: &str = "criu_exited";
+/// The tracer thread watches the restored root.
 pub const TRACER_READY: &str = "tracer_ready";
 /// The restored tree runs again (TRACE: re-seized and continued).
 pub const RESUMED: &str = "resumed";
-/// The supervisor reports "ready" to the front process.
+/// The front process has the tree running under its supervision.
 pub const READY: &str = "ready";
 /// TRACE: the tracer let the restored tree's replayed trapped syscall run
 /// (its PTRACE_CONT); splits "ready -> port accepts" into the tracer's

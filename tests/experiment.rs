@@ -22,7 +22,6 @@ fn args(state: &Path) -> ExperimentArgs {
         stop_timeout: 3,
         payloads: None,
         examples: None,
-        runmh: Some(common::runmh()),
         keep: false,
     }
 }
@@ -417,7 +416,6 @@ fn demo_tells_the_story_with_both_backends() {
     if !common::require_privileged("demo_tells_the_story_with_both_backends") {
         return;
     }
-    miehisto::restore::set_supervisor_exe(&common::runmh());
     for backend in [
         miehisto::demo::DemoBackend::Trace,
         miehisto::demo::DemoBackend::Notify,

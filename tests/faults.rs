@@ -685,7 +685,7 @@ fn killed_prebake_notify_leaves_nothing_running() {
 enum RestoreKill {
     /// CRIU, as soon as it starts restoring.
     Criu,
-    /// The front `runmh restore`, while CRIU restores.
+    /// The front `runmh restore` (the supervisor-to-be), while CRIU restores.
     Front,
     /// The front's whole group (the front and CRIU) while CRIU restores.
     FrontGroup,
@@ -740,24 +740,6 @@ fn restore_marker(c: &Case, what: &str, name: &str) -> (PathBuf, String, i32) {
     (dir, id, pid)
 }
 
-/// After its front was killed, the supervisor CRIU execs takes the
-/// instance over and the service answers: returns the supervisor's pid.
-fn supervisor_takes_over(c: &Case, port: u16, what: &str) -> i32 {
-    let mut sup = None;
-    wait_for(&format!("{what}: the supervisor takes over"), || {
-        sup = c
-            .instances()
-            .into_iter()
-            .find(|(_, r)| {
-                r.state == miehisto::instance::InstanceState::Running && alive(r.supervisor_pid)
-            })
-            .map(|(_, r)| r.supervisor_pid);
-        sup.is_some()
-    });
-    common::wait_http(port, DEADLINE).expect("the service answers");
-    sup.expect("supervisor")
-}
-
 impl Case {
     /// The next restore serves and says it removed the dead instance `id`,
     /// whose cgroup is gone.
@@ -797,14 +779,6 @@ fn killed_restores(backend: &str) {
                     _ => sigkill(front_pid, how),
                 }
                 let st = wait_exit(&mut front, &what);
-                if matches!(kind, RestoreKill::FrontGroup) {
-                    // The next run may only judge what the kill left once
-                    // the killed processes are gone: a dying one still
-                    // holds its instance's lock.
-                    wait_for(&format!("{what}: CRIU (or its supervisor) ends"), || {
-                        !alive(criu_pid)
-                    });
-                }
                 match kind {
                     RestoreKill::Criu => {
                         // The front saw its CRIU die and ended the instance
@@ -813,14 +787,18 @@ fn killed_restores(backend: &str) {
                         c.assert_clean();
                         assert!(!instance_cgroup(&id).exists(), "{what}: cgroup removed");
                     }
-                    RestoreKill::Front => {
-                        // CRIU goes on; the supervisor it execs takes the
-                        // instance over: the service is managed.
-                        let sup = supervisor_takes_over(&c, port, &what);
-                        kill(Pid::from_raw(sup), Signal::SIGTERM).expect("SIGTERM the supervisor");
-                        c.assert_clean();
+                    _ => {
+                        // The restored root would be the dead front's child
+                        // (--restore-sibling), with nobody to supervise it:
+                        // CRIU dies with its front (its parent-death
+                        // signal), and the next run ends what it left. The
+                        // next run may only judge that once CRIU is gone: a
+                        // dying process still holds its instance's cgroup.
+                        wait_for(&format!("{what}: CRIU dies with its front"), || {
+                            !alive(criu_pid)
+                        });
+                        dead_id = Some(id);
                     }
-                    _ => dead_id = Some(id),
                 }
             }
             RestoreKill::Supervisor | RestoreKill::RunningGroup => {
@@ -889,111 +867,6 @@ fn killed_restore_notify_leaves_nothing_running() {
         return;
     }
     killed_restores("notify");
-}
-
-/// A CRIU wrapper whose restore runs an action script that, at CRIU's
-/// `pre-resume` (pages read, tree not yet running), waits until the front
-/// has moved CRIU out of the instance cgroup (criu::leave_cgroup), writes
-/// `$W/criu-outside`, and holds CRIU there until `$W/criu-go` appears or
-/// the instance directory goes.
-fn criu_held_outside_the_cgroup(c: &Case) -> PathBuf {
-    let script = c.dir.join("criu-action-outside");
-    let text = "#!/bin/sh\n\
-         [ \"$CRTOOLS_SCRIPT_ACTION\" = pre-resume ] || exit 0\n\
-         criu=$(cat \"$MH_W/criu-started\")\n\
-         id=$(basename \"$MH_W\")\n\
-         i=0\n\
-         while grep -q \"/miehisto/$id\" /proc/$criu/cgroup; do\n\
-           i=$((i+1)); [ $i -gt 3000 ] && exit 1\n\
-           sleep 0.01\n\
-         done\n\
-         echo $criu > \"$MH_W/criu-outside\"\n\
-         while [ -d \"$MH_W\" ] && [ ! -e \"$MH_W/criu-go\" ]; do sleep 0.01; done\n";
-    common::write_script(&script, text);
-    let body = format!(
-        // Before the other arguments: those after --exec-cmd are the supervisor's.
-        "export MH_W=\"$W\"; a=$1; shift; set -- \"$a\" --action-script '{}' \"$@\"",
-        script.display()
-    );
-    wrapped_criu(c, "outside", "", &body)
-}
-
-/// The window the front's move opens: CRIU outside the instance cgroup
-/// while its tree is inside, not yet resumed. A kill -9 of CRIU, of the
-/// front, or of both there leaves nothing running that nobody manages.
-fn killed_restores_after_criu_left_the_cgroup(backend: &str) {
-    let c = Case::new(&format!("flt-kout-{backend}"));
-    let (img, port) = c.prebaked("img", backend);
-    let criu = criu_held_outside_the_cgroup(&c);
-    for (kind, how) in [
-        (RestoreKill::Criu, Kill::Process),
-        (RestoreKill::Front, Kill::Process),
-        (RestoreKill::FrontGroup, Kill::Group),
-    ] {
-        let what = format!("{backend} {kind:?} with CRIU outside the cgroup");
-        let mut cmd = c.restore(&criu, &img, false);
-        cmd.process_group(0);
-        let mut front = c.spawn(cmd, "kout");
-        let front_pid = miehisto::sys::child_pid(&front).as_raw();
-        let (dir, id, criu_pid) = restore_marker(&c, &what, "criu-outside");
-        let cg = miehisto::sandbox::cgroup::InstanceCgroup::locate(&id).expect("cgroup");
-        let tree = cg.pids();
-        assert!(
-            !tree.is_empty() && !tree.contains(&criu_pid),
-            "{what}: the tree is in the instance cgroup, CRIU is not: {tree:?}, CRIU {criu_pid} in {}",
-            cgroup_of(criu_pid)
-        );
-        let go = || {
-            let _ = std::fs::write(dir.join("criu-go"), "");
-        };
-        match kind {
-            RestoreKill::Criu => {
-                sigkill(criu_pid, how);
-                let st = wait_exit(&mut front, &what);
-                assert!(!st.success(), "{what}");
-                go();
-                c.assert_clean();
-                assert!(!instance_cgroup(&id).exists(), "{what}: cgroup removed");
-            }
-            RestoreKill::Front => {
-                sigkill(front_pid, how);
-                wait_exit(&mut front, &what);
-                go();
-                let sup = supervisor_takes_over(&c, port, &what);
-                assert!(
-                    !cgroup_of(sup).contains(&id),
-                    "{what}: the supervisor is not in the instance cgroup: {}",
-                    cgroup_of(sup)
-                );
-                kill(Pid::from_raw(sup), Signal::SIGTERM).expect("SIGTERM the supervisor");
-                c.assert_clean();
-            }
-            _ => {
-                sigkill(front_pid, how);
-                wait_exit(&mut front, &what);
-                wait_for(&format!("{what}: CRIU ends"), || !alive(criu_pid));
-                c.next_restore_cleans(&img, port, &what, &id);
-            }
-        }
-    }
-}
-
-#[test]
-fn killed_restore_after_criu_left_the_cgroup_trace() {
-    let _g = common::lock();
-    if !common::require_privileged("killed_restore_after_criu_left_the_cgroup_trace") {
-        return;
-    }
-    killed_restores_after_criu_left_the_cgroup("trace");
-}
-
-#[test]
-fn killed_restore_after_criu_left_the_cgroup_notify() {
-    let _g = common::lock();
-    if !common::require_privileged("killed_restore_after_criu_left_the_cgroup_notify") {
-        return;
-    }
-    killed_restores_after_criu_left_the_cgroup("notify");
 }
 
 /// The state letter of `pid` in /proc (R, S, T, ...).

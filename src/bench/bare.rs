@@ -1,9 +1,9 @@
 //! Bare `criu restore`: the baseline runmh's restore is compared against.
 //! The same CRIU command line runmh builds (src/criu/argv.rs), in the same
 //! private root (src/criu/private_root.rs), with the same kdat cache when
-//! runmh would use one — but `--restore-detached` instead of `--exec-cmd`,
-//! and no supervisor: CRIU restores the tree, detaches, exits. The restored tree is re-parented to
-//! this process (a child subreaper), which kills and reaps it afterwards.
+//! runmh would use one — but no instance, no checks and no supervisor: CRIU
+//! restores the tree as this process's child (`--restore-sibling`),
+//! detaches and exits; this process kills and reaps it afterwards.
 
 use super::BenchError;
 use crate::criu::{private_root, Criu, RestoreArgs};
@@ -37,7 +37,6 @@ pub fn restore(
         externals: md.externals.clone(),
         pidfile: dir.join("restored.pid"),
         inherit_fds: Vec::new(),
-        exec_cmd: Vec::new(),
         leave_stopped: false,
     };
     let run_tmpfs = tmpfs_run.then(|| kdat.map(<[u8]>::to_vec));

@@ -3,12 +3,12 @@
 //!
 //! The phase boundaries are milestones on one clock (CLOCK_MONOTONIC, see
 //! [`crate::timings`]): stamps written by `runmh restore --timings` (front
-//! process, supervisor), the creation of CRIU's log (its time zero) plus
+//! process and its threads), the creation of CRIU's log (its time zero) plus
 //! the relative timestamps of chosen lines of CRIU's `-v4` log, and the
 //! benchmark's own view of the port (first accepted connection, first good
 //! response). A phase lasts from the previous milestone to its own; when
 //! milestones come out of order (a NOTIFY service may listen before its
-//! supervisor reports ready) the later phase counts only what it adds to
+//! supervisor has it marked ready) the later phase counts only what it adds to
 //! the critical path, so every run's phases sum to its first response.
 
 use crate::timings;
@@ -42,10 +42,11 @@ phases! {
     CRIU_PAGES = "criu_pages", "criu: page read (preadv)", "#d62728";
     CRIU_RESTORER = "criu_restorer", "criu: restorer (vmas, vdso, threads)", "#ff9896";
     CRIU_RESUME = "criu_resume", "criu: resume (seccomp, unlock, trap)", "#9467bd";
-    CRIU_END = "criu_end", "criu: stats, exec the supervisor / exit", "#c5b0d5";
-    SUP_TRACER = "supervisor_tracer", "supervisor: start, tracer up", "#e377c2";
+    CRIU_END = "criu_end", "criu: stats, exit, reaped", "#c5b0d5";
+    SUP_TRACER = "supervisor_tracer", "supervisor: tracer up", "#e377c2";
     SUP_RESUME = "supervisor_resume", "supervisor: re-seize (TRACE) / continue", "#f7b6d2";
-    SUP_READY = "supervisor_ready", "supervisor: record, report ready", "#7f7f7f";
+    SUP_READY = "supervisor_ready", "supervisor: record, ready", "#7f7f7f";
+    TO_TRAP = "ready_to_trap", "TRACE: replayed trap let through", "#dbdb8d";
     TO_LISTEN = "ready_to_listen", "ready -> port accepts", "#bcbd22";
     TO_RESPONSE = "listen_to_response", "port accepts -> first response", "#2ca02c";
 }
@@ -175,7 +176,7 @@ impl Inputs {
             .as_ref()
             .and_then(|m| m.last)
             .and_then(|l| Some(log0? + l));
-        let sup = self.stamp_ms(timings::SUPERVISOR_START);
+        let exited = self.stamp_ms(timings::CRIU_EXITED);
         let mut out = vec![
             (START, self.stamp_ms(timings::CRIU_EXEC)),
             (CRIU_START, log0),
@@ -183,11 +184,12 @@ impl Inputs {
         for (phase, _, _) in CRIU_MARKERS {
             out.push((*phase, criu(phase.key)));
         }
-        // Bare CRIU execs nothing: it ends at its log's last line.
-        out.push((CRIU_END, sup.or(criu_last)));
+        // A bare CRIU's exit is not stamped: it ends at its log's last line.
+        out.push((CRIU_END, exited.or(criu_last)));
         out.push((SUP_TRACER, self.stamp_ms(timings::TRACER_READY)));
         out.push((SUP_RESUME, self.stamp_ms(timings::RESUMED)));
         out.push((SUP_READY, self.stamp_ms(timings::READY)));
+        out.push((TO_TRAP, self.stamp_ms(timings::TRAP_PASSED)));
         out.push((TO_LISTEN, Some(self.listen_ms)));
         out.push((TO_RESPONSE, Some(self.first_ms)));
         out
@@ -465,10 +467,11 @@ mod tests {
             stamps: vec![
                 (timings::CRIU_EXEC.into(), t0 + ms(1.0)),
                 (timings::CRIU_LOG.into(), t0 + ms(3.0)),
-                (timings::SUPERVISOR_START.into(), t0 + ms(29.0)),
+                (timings::CRIU_EXITED.into(), t0 + ms(29.0)),
                 (timings::TRACER_READY.into(), t0 + ms(30.0)),
                 (timings::RESUMED.into(), t0 + ms(31.0)),
                 (timings::READY.into(), t0 + ms(32.0)),
+                (timings::TRAP_PASSED.into(), t0 + ms(32.2)),
             ],
             criu: Some(m.clone()),
             // Listened before "ready": that phase adds nothing.
@@ -490,8 +493,9 @@ mod tests {
         assert!((total - 33.0).abs() < 1e-9, "{total}");
         let d = |k: &str| s.iter().find(|(x, _)| *x == k).and_then(|(_, d)| *d);
         assert!((d(CRIU_PAGES.key).unwrap() - 17.4).abs() < 1e-9);
+        assert!((d(TO_TRAP.key).unwrap() - 0.2).abs() < 1e-9);
         assert_eq!(d(TO_LISTEN.key), Some(0.0));
-        assert!((d(TO_RESPONSE.key).unwrap() - 1.0).abs() < 1e-9);
+        assert!((d(TO_RESPONSE.key).unwrap() - 0.8).abs() < 1e-9);
 
         let mut b = Breakdown::default();
         b.push(Variant::RunmhTrace, &s);

@@ -7,7 +7,7 @@ use miehisto::criu::Criu;
 use miehisto::filter::StopSyscall;
 use miehisto::instance::{self, Instance};
 use miehisto::prebake::{self, PrebakeOpts, Research};
-use miehisto::restore::{self, RestoreOpts};
+use miehisto::restore::{self, RestoreOpts, Supervision};
 use miehisto::spec::{SandboxSpec, SpecInput};
 use miehisto::stop::BackendChoice;
 use miehisto::{doctor, dump, explain};
@@ -150,39 +150,6 @@ enum Cmd {
         #[arg(long, value_name = "DIR")]
         log_dir: Option<PathBuf>,
     },
-    /// Internal: the process CRIU execs after a restore.
-    #[command(name = "__supervise", hide = true)]
-    Supervise(SuperviseArgs),
-}
-
-/// `runmh __supervise`'s arguments (src/restore.rs `spawn_criu` writes them).
-#[derive(Args)]
-struct SuperviseArgs {
-    #[arg(long)]
-    instance: PathBuf,
-    #[arg(long)]
-    ready_fd: i32,
-    #[arg(long)]
-    cgroup_origin: Option<String>,
-    #[arg(long)]
-    no_reseize: bool,
-    #[arg(long)]
-    hold: bool,
-    #[arg(long, default_value_t = 5)]
-    stop_timeout: u64,
-    #[arg(long)]
-    timings: Option<PathBuf>,
-}
-
-/// The same command line parsed on its own (see [`main`]): `--explain` is
-/// the one global option the restore passes after `__supervise`.
-#[derive(Parser)]
-#[command(name = "runmh __supervise")]
-struct SuperviseCli {
-    #[command(flatten)]
-    args: SuperviseArgs,
-    #[arg(long)]
-    explain: bool,
 }
 
 fn parse_marker(s: Option<&str>) -> Result<i32> {
@@ -276,19 +243,6 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp(None)
         .init();
-    // CRIU execs `runmh __supervise` at the end of every restore, on the
-    // critical path: building the whole command tree to parse it cost
-    // ~0.2 ms there, a parser of its own arguments alone a few µs.
-    if std::env::args_os()
-        .nth(1)
-        .is_some_and(|a| a == "__supervise")
-    {
-        let sup = SuperviseCli::parse_from(std::env::args_os().skip(1));
-        if sup.explain {
-            explain::enable(true);
-        }
-        finish(supervise(sup.args));
-    }
     let cli = Cli::parse();
     if cli.explain {
         explain::enable(!cli.no_pause);
@@ -310,24 +264,97 @@ fn finish(r: Result<i32>) -> ! {
     }
 }
 
-fn supervise(a: SuperviseArgs) -> Result<i32> {
-    let outcome = restore::supervise_restored(
-        restore::Handover {
-            dir: &a.instance,
-            ready_fd: a.ready_fd,
-            cgroup_origin: a.cgroup_origin.as_deref(),
-        },
-        !a.no_reseize,
-        a.hold,
-        Duration::from_secs(a.stop_timeout),
-        a.timings.as_deref(),
-    )?;
-    Ok(outcome.exit_code())
+/// `restore --detach`: the caller gets its answer once the service runs,
+/// while runmh goes on supervising it. The supervisor must be the process
+/// that starts CRIU (the restored root is its child: `--restore-sibling`),
+/// so runmh forks first; the parent only waits for the child's word.
+struct Detached {
+    done: std::os::fd::OwnedFd,
+}
+
+impl Detached {
+    /// In the parent, never returns: exits 0 once the child says the
+    /// service runs, else with the child's own exit status (the child has
+    /// printed its error on the stderr they share).
+    fn fork() -> Result<Detached> {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .context("cannot create the pipe to detach the supervisor")?;
+        let parent = getpid().as_raw();
+        // SAFETY: called first thing in real_main, when runmh has started
+        // no thread (nothing before it spawns one), so the child is a
+        // whole copy of a single-threaded process and may run any code.
+        let pid =
+            unsafe { miehisto::sys::fork_raw() }.context("cannot fork the detached supervisor")?;
+        if pid == 0 {
+            drop(r);
+            // Until it detaches, a caller that ends (a daemon's timeout
+            // kills its runmh) ends the restore: SIGTERM is routed to the
+            // CRIU watchdog, which stops CRIU, and the instance goes.
+            miehisto::sys::set_parent_death_signal(nix::libc::SIGTERM)
+                .context("cannot set the detached supervisor's parent-death signal")?;
+            if miehisto::sys::getppid() != parent {
+                bail!("the restore's caller ended before it started");
+            }
+            return Ok(Detached { done: w });
+        }
+        drop(w);
+        let mut word = [0u8; 1];
+        let said = loop {
+            match nix::unistd::read(&r, &mut word) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                r => break matches!(r, Ok(1)),
+            }
+        };
+        if said {
+            std::process::exit(0);
+        }
+        let code = match miehisto::sys::waitpid(pid, 0) {
+            Ok(Some(miehisto::sys::Wait::Exited(_, c))) => c,
+            Ok(Some(miehisto::sys::Wait::Signaled(_, s))) => 128 + s,
+            other => {
+                eprintln!("runmh: error: the detached supervisor (pid {pid}) vanished: {other:?}");
+                1
+            }
+        };
+        std::process::exit(code)
+    }
+
+    /// In the child: stdio to /dev/null and `log` (stderr), then word to
+    /// the parent, whose caller reads its output to the end.
+    fn done(self, log: Option<&std::path::Path>) -> Result<()> {
+        let null = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .context("cannot open /dev/null")?;
+        let err = match log {
+            Some(p) => miehisto::files::append_private(p)
+                .with_context(|| format!("cannot open the supervisor's log {}", p.display()))?,
+            None => null.try_clone().context("cannot duplicate /dev/null")?,
+        };
+        use std::os::fd::AsRawFd;
+        for (from, to) in [
+            (null.as_raw_fd(), 0),
+            (null.as_raw_fd(), 1),
+            (err.as_raw_fd(), 2),
+        ] {
+            miehisto::sys::dup2(from, to).context("cannot redirect the supervisor's stdio")?;
+        }
+        // The caller is done with us: its end must not end the service.
+        miehisto::sys::set_parent_death_signal(0)
+            .context("cannot clear the supervisor's parent-death signal")?;
+        nix::unistd::write(&self.done, b"1").context("cannot tell the caller the service runs")?;
+        Ok(())
+    }
 }
 
 fn real_main(cli: Cli) -> Result<i32> {
     let state_dir = instance::state_dir(cli.state_dir.as_deref());
-    if !matches!(cli.cmd, Cmd::Doctor | Cmd::Supervise(_)) && miehisto::sys::is_root() {
+    let mut detached = match &cli.cmd {
+        Cmd::Restore { detach: true, .. } => Some(Detached::fork()?),
+        _ => None,
+    };
+    if !matches!(cli.cmd, Cmd::Doctor) && miehisto::sys::is_root() {
         miehisto::files::tighten_state(&state_dir).with_context(|| {
             format!("cannot prepare the state directory {}", state_dir.display())
         })?;
@@ -513,15 +540,6 @@ fn real_main(cli: Cli) -> Result<i32> {
             log_dir,
         } => {
             require_root()?;
-            // CRIU execs this very binary as the supervisor: without this the
-            // library looks for a sibling named `runmh` when ours is named
-            // otherwise (a copy being benchmarked), and would run that one.
-            match std::env::current_exe() {
-                Ok(me) => restore::set_supervisor_exe(&me),
-                Err(e) => {
-                    log::debug!("cannot name this runmh ({e}): the supervisor is found by name")
-                }
-            }
             // Cached version: `criu --version` would delay every restore by ~10 ms.
             let criu = Criu::discover_cached(cli.criu.as_deref(), &state_dir)?;
             miehisto::stop::tracer::block_supervisor_signals().context("cannot block signals")?;
@@ -537,30 +555,30 @@ fn real_main(cli: Cli) -> Result<i32> {
                 hold,
             };
             let r = restore::restore(&criu, &opts)?;
-            report_running(&r.instance.id, r.supervisor, r.root);
+            report_running(&r.id, getpid(), r.root);
             eprintln!(
                 "runmh: restored {} as pid {} under runmh pid {} in {} ms",
                 miehisto::printable(&r.metadata.spec.argv.join(" ")),
                 r.root,
-                r.supervisor,
+                getpid(),
                 r.took.as_millis()
             );
-            if detach {
-                return Ok(0);
+            match r.supervision {
+                Supervision::Ended(status) => {
+                    if let Some(d) = detached.take() {
+                        d.done(None)?;
+                    }
+                    Ok(status.code())
+                }
+                Supervision::Running(running) => {
+                    if let Some(d) = detached.take() {
+                        d.done(Some(&running.instance.dir.join("supervisor.log")))?;
+                    }
+                    let (outcome, inst) = running.supervise(Duration::from_secs(stop_timeout))?;
+                    inst.remove();
+                    Ok(outcome.exit_code())
+                }
             }
-            let code = restore::wait_supervisor(r.supervisor);
-            // A supervisor that ended without removing its instance was
-            // killed: end the tree it left (its cgroup) and the instance.
-            if r.instance.dir.exists() {
-                log::warn!(
-                    "the supervisor (pid {}) ended ({code}) without cleaning up: ending its instance {}",
-                    r.supervisor,
-                    r.instance.id
-                );
-                r.instance.remove();
-            }
-            Ok(code)
         }
-        Cmd::Supervise(a) => supervise(a),
     }
 }

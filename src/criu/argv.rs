@@ -67,7 +67,10 @@ impl DumpArgs {
     }
 }
 
-/// `criu restore` of a sandboxed tree, exec'ing into the supervisor.
+/// `criu restore` of a sandboxed tree: `--restore-detached
+/// --restore-sibling`, so CRIU forks the tree's root with `CLONE_PARENT`
+/// (its parent is CRIU's parent, the process that will supervise it),
+/// lets go of the tree and exits.
 #[derive(Debug, Clone)]
 pub struct RestoreArgs {
     pub images_dir: PathBuf,
@@ -81,9 +84,6 @@ pub struct RestoreArgs {
     /// wherever the image has the file KEY (a regular file's path without
     /// its leading `/`, as CRIU keys it) instead of reopening that path.
     pub inherit_fds: Vec<(i32, PathBuf)>,
-    /// The command CRIU execs after the restore; it becomes the parent of
-    /// the restored tree.
-    pub exec_cmd: Vec<OsString>,
     /// `--leave-stopped`: CRIU sends every restored task SIGSTOP before it
     /// lets go of them (`finalize_restore`), so none runs a user
     /// instruction until someone sends SIGCONT: how a standby instance is
@@ -125,11 +125,13 @@ impl RestoreArgs {
         if self.leave_stopped {
             a.push("--leave-stopped".into());
         }
-        if !self.exec_cmd.is_empty() {
-            a.push("--exec-cmd".into());
-            a.push("--".into());
-            a.extend(self.exec_cmd.iter().cloned());
-        }
+        a.push("--restore-detached".into());
+        // The root becomes the caller's child, not CRIU's: an image of a
+        // runmh sandbox carries a parent-death signal, which would kill the
+        // root the moment CRIU exits (CRIU restores prctl(PR_SET_PDEATHSIG);
+        // cr-restore.c, maybe_clone_parent). Nor does the caller exec
+        // anything: it is already running when CRIU ends.
+        a.push("--restore-sibling".into());
         a
     }
 }
@@ -187,7 +189,7 @@ mod tests {
     }
 
     #[test]
-    fn restore_argv_maps_externals_back_and_execs_last() {
+    fn restore_argv_maps_externals_back_and_restores_a_sibling() {
         let r = RestoreArgs {
             images_dir: "/img".into(),
             work_dir: "/w".into(),
@@ -196,7 +198,6 @@ mod tests {
             externals: ext(),
             pidfile: "/w/pid".into(),
             inherit_fds: vec![(7, "var/log/a/stdout.log".into())],
-            exec_cmd: vec!["/bin/runmh".into(), "__supervise".into()],
             leave_stopped: false,
         };
         let a = r.argv();
@@ -206,14 +207,14 @@ mod tests {
             "{s}"
         );
         assert!(
-            s.contains("--inherit-fd 'fd[7]:var/log/a/stdout.log' --exec-cmd"),
+            s.contains("--inherit-fd 'fd[7]:var/log/a/stdout.log' --restore-detached"),
             "{s}"
         );
-        assert!(s.ends_with("--exec-cmd -- /bin/runmh __supervise"), "{s}");
-        assert!(s.contains(" --manage-cgroups=ignore "), "{s}");
         assert!(
-            !a.iter().any(|x| x == "-d" || x == "--restore-detached"),
-            "exec-cmd excludes -d"
+            s.ends_with("--restore-detached --restore-sibling"),
+            "CRIU accepts --restore-sibling only with --restore-detached: {s}"
         );
+        assert!(s.contains(" --manage-cgroups=ignore "), "{s}");
+        assert!(!a.iter().any(|x| x == "--exec-cmd"), "{s}");
     }
 }

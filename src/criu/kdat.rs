@@ -7,7 +7,9 @@
 //! `criu restore` in a private mount namespace, so there it mounts a fresh
 //! tmpfs over `/run`, puts the saved cache in, and lets CRIU load it — or
 //! probe and write it, after which runmh copies it to the state directory
-//! through `/proc/<criu>/root`. Nothing is mounted on the host.
+//! through a descriptor of that `/run` it opened by `/proc/<criu>/root`
+//! while CRIU ran (the namespace goes with CRIU; an open descriptor keeps
+//! the mount readable). Nothing is mounted on the host.
 //!
 //! The saved copy is only used while its key matches: the boot id (a
 //! reboot changes it, which is what CRIU's tmpfs rule stands for), the
@@ -19,6 +21,7 @@ use crate::sys;
 use nix::errno::Errno;
 use nix::libc;
 use std::ffi::CStr;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 /// Where CRIU looks for its cache (`KDAT_RUNDIR`, fixed at CRIU's build).
@@ -155,16 +158,32 @@ impl KdatCache {
         Ok(Some(body.to_vec()))
     }
 
-    /// Copies the cache CRIU wrote in the mount namespace of `pid` (a tmpfs
-    /// `/run` that [`install_in_child`] mounted) to the state directory,
-    /// atomically. Ok(false) when CRIU wrote none.
-    pub fn save_from(&self, pid: i32) -> Result<bool, KdatError> {
-        let src = PathBuf::from(format!("/proc/{pid}/root{RUN_DIR}/{CACHE_NAME}"));
-        let body = match std::fs::read(&src) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-            Err(source) => return Err(KdatError::Read { path: src, source }),
+    /// Copies the cache CRIU wrote into `run` (the tmpfs `/run` that
+    /// [`install_in_child`] mounted, from [`open_run_of`]) to the state
+    /// directory, atomically. Ok(false) when CRIU wrote none.
+    pub fn save_from(&self, run: &RunDir) -> Result<bool, KdatError> {
+        let src = run.path.join(CACHE_NAME);
+        let file = match nix::fcntl::openat(
+            run.fd.as_fd(),
+            CACHE_NAME,
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        ) {
+            Ok(fd) => std::fs::File::from(fd),
+            Err(nix::errno::Errno::ENOENT) => return Ok(false),
+            Err(e) => {
+                return Err(KdatError::Read {
+                    path: src,
+                    source: e.into(),
+                })
+            }
         };
+        let mut body = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_BYTES + 1), &mut body)
+            .map_err(|source| KdatError::Read {
+                path: src.clone(),
+                source,
+            })?;
         if body.is_empty() || body.len() as u64 > MAX_BYTES {
             return Err(KdatError::Corrupt { path: src });
         }
@@ -185,6 +204,33 @@ impl KdatCache {
         })?;
         Ok(true)
     }
+}
+
+/// The `/run` of a CRIU run's private mount namespace, held open.
+#[derive(Debug)]
+pub struct RunDir {
+    fd: std::os::fd::OwnedFd,
+    /// How it was opened, for messages.
+    path: PathBuf,
+}
+
+/// Opens `/run` as the process `pid` (a CRIU that [`install_in_child`]
+/// prepared, already exec'd) sees it.
+pub fn open_run_of(pid: i32) -> Result<RunDir, KdatError> {
+    let path = PathBuf::from(format!("/proc/{pid}/root{RUN_DIR}"));
+    nix::fcntl::open(
+        &path,
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map(|fd| RunDir {
+        fd,
+        path: path.clone(),
+    })
+    .map_err(|e| KdatError::Read {
+        path,
+        source: e.into(),
+    })
 }
 
 /// In a forked child that is alone in a private mount namespace: mounts a

@@ -3,7 +3,6 @@
 
 pub mod argv;
 pub mod kdat;
-pub mod leave_cgroup;
 pub mod log;
 pub mod private_root;
 pub mod watchdog;

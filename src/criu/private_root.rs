@@ -91,20 +91,6 @@ pub fn stage_externals(dir: &Path, externals: &[ExternalMount]) -> Result<Staged
     Ok(staged)
 }
 
-/// Detaches what [`stage_externals`] staged under `dir` (the restored
-/// supervisor lives on in the restore's mount namespace, where they are
-/// mounted), so that `dir` can be removed.
-pub fn unstage(dir: &Path) {
-    let Ok(rd) = std::fs::read_dir(dir.join("ext")) else {
-        return;
-    };
-    for e in rd.flatten() {
-        if let Ok(c) = CString::new(e.path().as_os_str().as_bytes()) {
-            let _ = sys::umount2(&c, libc::MNT_DETACH);
-        }
-    }
-}
-
 /// Async-signal-safe, for a forked child before it execs CRIU: enters a
 /// fresh private mount namespace, binds the host `/` onto `root` and each
 /// external mount of `stage` alone onto its directory. With
@@ -135,11 +121,6 @@ pub fn enter(
 /// The command line of [`restore_detached`], for `--explain`.
 pub fn detached_argv(args: &RestoreArgs, extra: &[&str]) -> Vec<OsString> {
     let mut argv = args.argv();
-    argv.push("--restore-detached".into());
-    // The restored root becomes the caller's child, not CRIU's: an image of
-    // a runmh sandbox carries a parent-death signal, which would kill the
-    // root the moment CRIU exits (CRIU restores prctl(PR_SET_PDEATHSIG)).
-    argv.push("--restore-sibling".into());
     argv.extend(extra.iter().map(OsString::from));
     argv
 }
@@ -148,8 +129,8 @@ pub fn detached_argv(args: &RestoreArgs, extra: &[&str]) -> Vec<OsString> {
 /// inside a private root ([`enter`] on `args.root`, which must exist):
 /// CRIU restores the tree as a sibling (the root is this process's child,
 /// forked by the calling thread: its parent-death signal, if the image has
-/// one, fires when that thread ends), detaches and exits. `args`
-/// should have no `exec_cmd`. Returns the restored root's host pid.
+/// one, fires when that thread ends), detaches and exits. Returns the
+/// restored root's host pid.
 pub fn restore_detached(
     criu: &Criu,
     args: &RestoreArgs,

@@ -5,8 +5,10 @@
 //! when its log grows past a limit, or when the caller is asked to stop
 //! (SIGTERM and friends, when the caller has blocked them for
 //! [`crate::sys::signal::signals`]); ending means SIGKILL for CRIU and every
-//! process below it (the tasks it is restoring, or the supervisor it
-//! exec'd into), stopped first so that none forks away meanwhile.
+//! process below it (the tasks it is dumping or restoring), stopped first
+//! so that none forks away meanwhile. A restored root is the caller's
+//! child (`--restore-sibling`), not CRIU's: the caller ends it by the
+//! instance's cgroup.
 
 use crossbeam_channel::{Receiver, Sender};
 use nix::libc;
@@ -108,20 +110,6 @@ fn routes_signals() -> bool {
 
 /// Watches the CRIU process `pid` (and its log at `log`).
 pub fn watch(pid: Pid, log: &Path, limits: Limits) -> Watchdog {
-    watch_until_handoff(pid, log, limits, || false)
-}
-
-/// [`watch`] for a CRIU run that ends by exec'ing into a supervisor
-/// (`restore --exec-cmd`): once `handed_off()` says the supervisor runs
-/// the tree, a termination signal is passed on to it (which stops its
-/// service the orderly way) instead of ending the whole tree with SIGKILL.
-/// Until then a signal ends the restore, as for any CRIU run.
-pub fn watch_until_handoff(
-    pid: Pid,
-    log: &Path,
-    limits: Limits,
-    handed_off: impl Fn() -> bool + Send + 'static,
-) -> Watchdog {
     let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
     let signals: Receiver<i32> = if routes_signals() {
         crate::sys::signal::signals()
@@ -136,11 +124,6 @@ pub fn watch_until_handoff(
             let ending = crossbeam_channel::select! {
                 recv(done_rx) -> _ => return None,
                 recv(signals) -> s => match s {
-                    Ok(s) if handed_off() => {
-                        log::info!("passing {} on to the restored tree's supervisor (pid {pid})", crate::sys::signal::signal_name(s));
-                        let _ = crate::sys::kill(pid, s);
-                        None
-                    }
                     Ok(s) => Some(Ending::Signal(s)),
                     Err(_) => None,
                 },

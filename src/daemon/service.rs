@@ -4,9 +4,9 @@
 //!
 //! * prebake: `runmh prebake --images <state>/images/<svc>/<gen> ...`
 //!   (runmh stages the dump beside that path and publishes it by rename);
-//! * start: `runmh restore --images <newest gen> --detach` (the restored
-//!   supervisor is re-parented to the daemon, a child subreaper, when the
-//!   front process exits), or `runmh run ...` cold;
+//! * start: `runmh restore --images <newest gen> --detach` (runmh forks the
+//!   supervisor first; it is re-parented to the daemon, a child subreaper,
+//!   when the process the daemon started exits), or `runmh run ...` cold;
 //! * dump: `runmh dump --pid <service> --images <next gen> [--leave-running]`;
 //! * stop: SIGTERM to the supervisor, which forwards it to the service and
 //!   escalates to SIGKILL after `--stop-timeout`.

@@ -50,9 +50,6 @@ pub struct ExperimentArgs {
     /// The repository's examples/ directory (for the Go payload's source).
     #[arg(long, value_name = "DIR")]
     pub examples: Option<PathBuf>,
-    /// The runmh binary CRIU execs into after a restore (default: the runmh beside this program).
-    #[arg(long, value_name = "PATH")]
-    pub runmh: Option<PathBuf>,
     /// Keep each scenario's logs under STATE/experiments/ and print where.
     #[arg(long)]
     pub keep: bool,
@@ -74,8 +71,6 @@ pub enum ExperimentError {
     Criu(#[from] CriuError),
     #[error("the patched CRIU given with --criu-patched is not usable")]
     PatchedCriu(#[source] CriuError),
-    #[error("no runmh binary at {path}: the restore execs runmh to supervise the restored tree; pass --runmh PATH")]
-    NoRunmh { path: PathBuf },
     #[error("cannot block the supervisor's signals")]
     Signals(#[source] nix::errno::Errno),
     #[error("cannot make the state directory {path} an absolute path (empty, or the current directory is gone); pass an absolute --state-dir")]
@@ -245,36 +240,6 @@ pub fn run_matrix(opts: &MatrixOpts) -> Result<MatrixRun, ExperimentError> {
     })
 }
 
-/// The runmh that restores must exec: `explicit`, else the one beside the
-/// current executable, else the current executable when it is runmh.
-fn find_runmh(explicit: Option<&Path>) -> Result<PathBuf, ExperimentError> {
-    if let Some(p) = explicit {
-        return if p.is_file() {
-            Ok(p.to_path_buf())
-        } else {
-            Err(ExperimentError::NoRunmh {
-                path: p.to_path_buf(),
-            })
-        };
-    }
-    // Without our own path there is no sibling to look for.
-    let me = std::env::current_exe().map_err(|_| ExperimentError::NoRunmh {
-        path: PathBuf::from("/proc/self/exe"),
-    })?;
-    if me.file_name().is_some_and(|n| n == "runmh") {
-        return Ok(me);
-    }
-    let sibling = me
-        .parent()
-        .map(|d| d.join("runmh"))
-        .unwrap_or_else(|| PathBuf::from("runmh"));
-    if sibling.is_file() {
-        Ok(sibling)
-    } else {
-        Err(ExperimentError::NoRunmh { path: sibling })
-    }
-}
-
 /// Writes `text` to `path` through a temporary file and a rename, so a
 /// reader never sees half a report.
 fn write_atomic(what: &'static str, path: &Path, text: &str) -> Result<(), ExperimentError> {
@@ -372,8 +337,6 @@ pub fn prepare(
         Some(p) => Some(Criu::at(p).map_err(ExperimentError::PatchedCriu)?),
         None => None,
     };
-    let runmh = find_runmh(args.runmh.as_deref())?;
-    crate::restore::set_supervisor_exe(&runmh);
     Ok(MatrixOpts {
         scenarios,
         patched,

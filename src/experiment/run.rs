@@ -11,9 +11,10 @@ use crate::explain;
 use crate::filter::StopSyscall;
 use crate::instance::Instance;
 use crate::prebake::{self, BootError, PrebakeOpts};
-use crate::restore::{self, RestoreError, RestoreOpts};
+use crate::restore::{self, RestoreError, RestoreOpts, Supervision};
 use crate::sandbox::ExternalMount;
 use crate::spec::{SandboxSpec, SpecInput};
+use crate::supervisor::Running;
 use crate::sys;
 use nix::libc;
 use nix::unistd::Pid;
@@ -175,49 +176,11 @@ pub struct Watched {
     pub tracer_pid: Option<String>,
 }
 
-/// Sends SIGTERM to a restored supervisor (which forwards it and escalates
-/// to SIGKILL), then reaps it; kills the tree and the supervisor if that
-/// takes too long.
-pub fn stop_supervisor(supervisor: Pid, root: Pid, grace: Duration) {
-    let reaped = |block: bool| -> bool {
-        let flags = if block { 0 } else { libc::WNOHANG };
-        match sys::waitpid(supervisor.as_raw(), flags) {
-            Ok(Some(sys::Wait::Exited(..) | sys::Wait::Signaled(..))) => true,
-            Ok(_) => false,
-            // ECHILD: already reaped.
-            Err(_) => true,
-        }
-    };
-    if reaped(false) {
-        return;
-    }
-    let _ = sys::kill(supervisor, libc::SIGTERM);
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline {
-        if reaped(false) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    log::warn!(
-        "the restored supervisor {supervisor} did not stop within {}s: killing it and its service",
-        grace.as_secs()
-    );
-    let _ = sys::kill(root, libc::SIGKILL);
-    let _ = sys::kill(supervisor, libc::SIGKILL);
-    reaped(true);
-    // The service is not our child: wait until it is really gone.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while sys::procfs::alive(root) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// How [`restore_and_watch`] brings an image back.
 pub enum Via<'a> {
-    /// runmh's restore: CRIU execs runmh, which gets the tree past its
-    /// stop point (re-seizing a TRACE image's tasks when `reseize`) and
-    /// supervises it.
+    /// runmh's restore, in this process: the restored tree is its child,
+    /// which it gets past its stop point (re-seizing a TRACE image's tasks
+    /// when `reseize`).
     Runmh { state_dir: &'a Path, reseize: bool },
     /// Bare `criu restore --restore-detached` with `extra` options, in a
     /// private root under `work_dir` (which gets CRIU's log), `externals`
@@ -231,8 +194,12 @@ pub enum Via<'a> {
 
 /// The restored tree while it runs: how to stop it afterwards.
 enum Restored {
-    // Boxed: the metadata it carries dwarfs a pid.
-    Supervised(Box<restore::Restored>),
+    /// runmh's restore: the tree is this process's child, under its
+    /// tracer thread (None: it ended at once, its instance is gone).
+    Supervised {
+        root: Pid,
+        running: Option<Box<Running>>,
+    },
     Detached(Pid),
 }
 
@@ -276,7 +243,13 @@ pub fn restore_and_watch(
             };
             restore::restore(criu, &opts).map(|r| {
                 w.restore_ms = Some(crate::sys::time::millis(r.took));
-                Restored::Supervised(Box::new(r))
+                Restored::Supervised {
+                    root: r.root,
+                    running: match r.supervision {
+                        Supervision::Running(running) => Some(running),
+                        Supervision::Ended(_) => None,
+                    },
+                }
             })
         }
         Via::Bare {
@@ -292,8 +265,7 @@ pub fn restore_and_watch(
         Ok(r) => {
             w.restored = true;
             let root = match &r {
-                Restored::Supervised(r) => r.root,
-                Restored::Detached(root) => *root,
+                Restored::Supervised { root, .. } | Restored::Detached(root) => *root,
             };
             explain::say("watch", &format!("restored in {} ms; now watching the payload's own log for its listen line, and knocking on port {port}", w.restore_ms.unwrap_or(0)));
             let k = knock(stdout, out_at, port, wait);
@@ -304,10 +276,12 @@ pub fn restore_and_watch(
                 .map(|t| crate::sys::time::millis(t.duration_since(t0)));
             w.tracer_pid = tracer_pid(root);
             match r {
-                Restored::Supervised(r) => {
-                    stop_supervisor(r.supervisor, r.root, Duration::from_secs(10));
-                    // The supervisor removes its instance directory when it ends normally.
-                    r.instance.remove();
+                Restored::Supervised { running, .. } => {
+                    if let Some(r) = running {
+                        if r.end_now(Duration::from_secs(10)).is_none() {
+                            log::warn!("the restored service did not end within 10 s of SIGKILL");
+                        }
+                    }
                 }
                 Restored::Detached(root) => stop_detached(root),
             }
@@ -337,8 +311,8 @@ pub fn restore_and_watch(
     w
 }
 
-/// [`Via::Bare`]: runmh's own restore command line, detached instead of
-/// `--exec-cmd`; the restored tree is resumed with a plain SIGCONT.
+/// [`Via::Bare`]: runmh's own restore command line, without runmh: the
+/// restored tree is resumed with a plain SIGCONT.
 fn bare_restore(
     criu: &Criu,
     images: &Path,
@@ -359,7 +333,6 @@ fn bare_restore(
         externals: externals.to_vec(),
         pidfile: work_dir.join("restored.pid"),
         inherit_fds: Vec::new(),
-        exec_cmd: Vec::new(),
         leave_stopped: false,
     };
     explain::say(

@@ -314,24 +314,6 @@ impl InstanceCgroup {
     }
 }
 
-/// Moves this process into the cgroup at `path` (from the hierarchy's
-/// root, as [`cgroup_of`] gives it): a restored supervisor leaves the
-/// instance cgroup CRIU ran in for the one its caller runs in.
-pub fn move_self_to(path: &str) -> Result<(), CgroupError> {
-    move_to(path, nix::unistd::getpid().as_raw())
-}
-
-/// Moves process `pid` to the cgroup at `path` (as [`cgroup_of`] names it).
-pub fn move_to(path: &str, pid: i32) -> Result<(), CgroupError> {
-    let dir = hierarchy()?.join(path.trim_start_matches('/'));
-    let procs = dir.join("cgroup.procs");
-    std::fs::write(&procs, pid.to_string()).map_err(|source| CgroupError::Join {
-        pid,
-        path: dir,
-        source,
-    })
-}
-
 /// Says once per process that instance cgroups are unavailable and why.
 pub fn warn_unavailable(e: &CgroupError) {
     static ONCE: std::sync::Once = std::sync::Once::new();
