@@ -502,11 +502,21 @@ impl<K: Ptrace> State<K> {
     }
 
     /// A task a clone or fork event named (it may have reported already).
+    /// Under load the event can come after the new task's whole life: its
+    /// first stop, its run and its exit, reaped here (a pyenv shim's
+    /// short-lived subshells): a task no longer in /proc is not adopted,
+    /// or a freeze would wait for it until it timed out.
     fn adopt(&mut self, new: Pid, tgid: Pid) {
-        self.tasks.entry(new).or_insert(Task {
-            tgid,
-            resume_on_stop: false,
-        });
+        if self.tasks.contains_key(&new) || self.sys.tgid(new).is_none() {
+            return;
+        }
+        self.tasks.insert(
+            new,
+            Task {
+                tgid,
+                resume_on_stop: false,
+            },
+        );
     }
 
     /// The syscall `tid` is trapped at, when it is the one `policy` waits
@@ -643,6 +653,13 @@ impl<K: Ptrace> State<K> {
             match self.sys.wait(-1, libc::WNOHANG) {
                 Ok(Some(w)) => self.freeze_step(w, &mut released),
                 Ok(None) | Err(_) => {
+                    // Nothing to report: a task gone from /proc will never
+                    // reach a ptrace-stop (its exit was reaped already).
+                    let sys = &mut self.sys;
+                    self.tasks.retain(|tid, _| sys.tgid(*tid).is_some());
+                    if self.tasks.is_empty() {
+                        break;
+                    }
                     if self.sys.now() > deadline {
                         return Err(TracerError::FreezeTimeout {
                             pending: self.tasks.keys().copied().collect(),
@@ -902,6 +919,33 @@ mod tests {
         assert_eq!((hit.tid, hit.tgid), (101, 100));
         assert_eq!(hit.frozen, vec![100]);
         assert!(!st.sys.is_traced(p(100)) && !st.sys.is_traced(p(101)));
+        assert_clean(&st);
+    }
+
+    /// Under load a FORK event can come after the child's whole life: its
+    /// first stop, its run and its reaped exit (a pyenv shim's subshells
+    /// did that under `runmh prebake` on a busy machine: the freeze then
+    /// waited 5 s for the dead child and failed). Not adopted, not waited for.
+    #[test]
+    fn a_child_reaped_before_its_fork_event_is_not_waited_for() {
+        let mut k = Scripted::new();
+        k.task(p(100), p(100)).task(p(200), p(200));
+        k.then_stop(p(200), libc::SIGSTOP, 0)
+            .then_wait(Wait::Exited(p(200), 0))
+            .event_msg_for(p(100), 200)
+            .then_stop(p(100), libc::SIGTRAP, libc::PTRACE_EVENT_FORK);
+        let (mut st, events) = tracer(k);
+        seize(&mut st, p(100), Policy::Armed(listen()));
+        st.drain_waits();
+        assert!(
+            !st.tasks.contains_key(&p(200)),
+            "a reaped child is not a task: {:?}",
+            st.tasks.keys().collect::<Vec<_>>()
+        );
+        trapped_at_listen(&mut st.sys, p(100));
+        st.drain_waits();
+        let hit = stop_reached(&events);
+        assert_eq!(hit.frozen, vec![100]);
         assert_clean(&st);
     }
 

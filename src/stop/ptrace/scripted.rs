@@ -282,7 +282,13 @@ impl Ptrace for Scripted {
                 }
             }
             Wait::Exited(pid, _) | Wait::Signaled(pid, _) => {
+                // Reaped: gone from /proc too.
                 self.traced.remove(&pid);
+                self.tgids.remove(&pid);
+                for (_, tids) in &mut self.tree {
+                    tids.retain(|t| *t != pid);
+                }
+                self.tree.retain(|(g, tids)| *g != pid && !tids.is_empty());
             }
             Wait::Continued(_) => {}
         }
