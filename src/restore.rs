@@ -403,6 +403,14 @@ fn spawn_criu(
         // data prepared above and ends in execve or _exit.
         Some(dir) => match unsafe { sys::fork_into_cgroup(dir.as_fd()) } {
             Ok(pid) => (Ok(pid), true),
+            // Not a refusal of clone3 itself (say, the cgroup was removed):
+            // a cgroup.procs write would meet it too (as the sandbox does).
+            Err(source) if !sys::clone3_refused(source) => {
+                return Err(RestoreError::Fork {
+                    step: "clone3 into the instance cgroup",
+                    source,
+                })
+            }
             Err(e) => {
                 log::debug!(
                     "clone3 into the instance cgroup: {e}; forking and joining by cgroup.procs"
