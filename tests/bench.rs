@@ -28,10 +28,10 @@ fn args(workloads: &[&str]) -> BenchArgs {
 
 #[test]
 fn bench_python_smoke_reports_every_row_with_real_numbers() {
-    let _g = common::lock();
-    if !common::require_privileged("bench_python_smoke_reports_every_row_with_real_numbers") {
+    let Some(_g) = common::privileged("bench_python_smoke_reports_every_row_with_real_numbers")
+    else {
         return;
-    }
+    };
     let state = common::temp_dir("bench");
     let json = state.join("out").join("bench.json");
     let svg = state.join("out").join("chart.svg");
@@ -195,10 +195,9 @@ fn bench_python_smoke_reports_every_row_with_real_numbers() {
 
 #[test]
 fn bench_rejects_an_unknown_workload_clearly() {
-    let _g = common::lock();
-    if !common::require_privileged("bench_rejects_an_unknown_workload_clearly") {
+    let Some(_g) = common::privileged("bench_rejects_an_unknown_workload_clearly") else {
         return;
-    }
+    };
     let state = common::temp_dir("bench-bad");
     let e = bench::cli(&args(&["rails"]), common::criu_path().as_deref(), &state)
         .expect_err("an unknown workload is an error");
@@ -222,10 +221,9 @@ fn bench_rejects_an_unknown_workload_clearly() {
 /// nothing left behind.
 #[test]
 fn bench_on_demand_smoke() {
-    let _g = common::lock();
-    if !common::require_privileged("bench_on_demand_smoke") {
+    let Some(_g) = common::privileged("bench_on_demand_smoke") else {
         return;
-    }
+    };
     let state = common::temp_dir("bench-od");
     let json = state.join("out").join("od.json");
     let svg = state.join("out").join("od.svg");

@@ -147,28 +147,25 @@ fn lifecycle(backend: &str) {
 
 #[test]
 fn lifecycle_trace() {
-    let _g = common::lock();
-    if !common::require_privileged("lifecycle_trace") {
+    let Some(_g) = common::privileged("lifecycle_trace") else {
         return;
-    }
+    };
     lifecycle("trace");
 }
 
 #[test]
 fn lifecycle_notify() {
-    let _g = common::lock();
-    if !common::require_privileged("lifecycle_notify") {
+    let Some(_g) = common::privileged("lifecycle_notify") else {
         return;
-    }
+    };
     lifecycle("notify");
 }
 
 #[test]
 fn daemon_restart_keeps_services() {
-    let _g = common::lock();
-    if !common::require_privileged("daemon_restart_keeps_services") {
+    let Some(_g) = common::privileged("daemon_restart_keeps_services") else {
         return;
-    }
+    };
     let mut c = Case::for_daemon("drs");
     c.start_daemon(&[]);
     let port = common::free_port();
@@ -264,10 +261,9 @@ fn error_code(v: &Value) -> &str {
 
 #[test]
 fn refusals_and_bad_requests() {
-    let _g = common::lock();
-    if !common::require_privileged("refusals_and_bad_requests") {
+    let Some(_g) = common::privileged("refusals_and_bad_requests") else {
         return;
-    }
+    };
     let mut c = Case::for_daemon("drf");
     // The socket is opened to everyone so that only SO_PEERCRED decides.
     c.start_daemon(&["--socket-mode", "0666"]);
@@ -348,10 +344,9 @@ fn refusals_and_bad_requests() {
 
 #[test]
 fn concurrent_prebakes_make_whole_generations() {
-    let _g = common::lock();
-    if !common::require_privileged("concurrent_prebakes_make_whole_generations") {
+    let Some(_g) = common::privileged("concurrent_prebakes_make_whole_generations") else {
         return;
-    }
+    };
     let mut c = Case::for_daemon("dpb");
     c.start_daemon(&[]);
     let port = common::free_port();
@@ -459,10 +454,9 @@ fn concurrent_prebakes_make_whole_generations() {
 /// `service.list` refuse unknown fields.
 #[test]
 fn broken_record_is_reported_and_kept() {
-    let _g = common::lock();
-    if !common::require_privileged("broken_record_is_reported_and_kept") {
+    let Some(_g) = common::privileged("broken_record_is_reported_and_kept") else {
         return;
-    }
+    };
     let mut c = Case::for_daemon("dbr");
     c.start_daemon(&[]);
     c.ok(&["service", "create", "victim", "--", "/bin/sleep", "100"]);
@@ -552,10 +546,9 @@ fn ids_of(pid: i32) -> (u32, u32) {
 /// HTTP each time.
 #[test]
 fn nonroot_service() {
-    let _g = common::lock();
-    if !common::require_privileged("nonroot_service") {
+    let Some(_g) = common::privileged("nonroot_service") else {
         return;
-    }
+    };
     let mut c = Case::for_daemon("dnr");
     c.start_daemon(&[]);
     let port = common::free_port();
@@ -714,10 +707,9 @@ fn secs(v: &Value, key: &str) -> Option<f64> {
 /// allowed client is told the daemon is busy instead of hanging.
 #[test]
 fn slow_and_idle_clients_do_not_lock_root_out() {
-    let _g = common::lock();
-    if !common::require_privileged("slow_and_idle_clients_do_not_lock_root_out") {
+    let Some(_g) = common::privileged("slow_and_idle_clients_do_not_lock_root_out") else {
         return;
-    }
+    };
     let mut c = Case::for_daemon("dlock");
     c.start_daemon(&[
         "--socket-mode",
@@ -821,10 +813,9 @@ fn server_slots_for_others() -> usize {
 /// NOTES §10.)
 #[test]
 fn an_allowed_user_runs_and_sees_only_its_own_services() {
-    let _g = common::lock();
-    if !common::require_privileged("an_allowed_user_runs_and_sees_only_its_own_services") {
+    let Some(_g) = common::privileged("an_allowed_user_runs_and_sees_only_its_own_services") else {
         return;
-    }
+    };
     let mut c = Case::for_daemon("down");
     c.start_daemon(&["--socket-mode", "0666", "--allow-uid", &NOBODY.to_string()]);
     let root_port = common::free_port();
@@ -964,10 +955,9 @@ fn an_allowed_user_runs_and_sees_only_its_own_services() {
 /// created, not its work directory, no page server.
 #[test]
 fn an_abandoned_migration_leaves_nothing() {
-    let _g = common::lock();
-    if !common::require_privileged("an_abandoned_migration_leaves_nothing") {
+    let Some(_g) = common::privileged("an_abandoned_migration_leaves_nothing") else {
         return;
-    }
+    };
     let mut c = Case::for_daemon("dmig");
     c.start_daemon(&[]);
     let req = serde_json::json!({

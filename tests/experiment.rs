@@ -272,10 +272,9 @@ fn markdown_matches_json(md: &str, report: &Report) {
 
 #[test]
 fn matrix_matches_the_talk_and_the_notes() {
-    let _g = common::lock();
-    if !common::require_privileged("matrix_matches_the_talk_and_the_notes") {
+    let Some(_g) = common::privileged("matrix_matches_the_talk_and_the_notes") else {
         return;
-    }
+    };
     let state = common::temp_dir("experiment");
     let a = args(&state);
     let code =
@@ -378,10 +377,9 @@ fn matrix_matches_the_talk_and_the_notes() {
 
 #[test]
 fn unknown_scenario_ids_and_bad_counts_are_refused() {
-    let _g = common::lock();
-    if !common::require_privileged("unknown_scenario_ids_and_bad_counts_are_refused") {
+    let Some(_g) = common::privileged("unknown_scenario_ids_and_bad_counts_are_refused") else {
         return;
-    }
+    };
     let state = common::temp_dir("experiment-bad");
     let mut a = args(&state);
     a.only = vec!["3".into(), "8-nothing".into()];
@@ -412,10 +410,9 @@ fn unknown_scenario_ids_and_bad_counts_are_refused() {
 
 #[test]
 fn demo_tells_the_story_with_both_backends() {
-    let _g = common::lock();
-    if !common::require_privileged("demo_tells_the_story_with_both_backends") {
+    let Some(_g) = common::privileged("demo_tells_the_story_with_both_backends") else {
         return;
-    }
+    };
     for backend in [
         miehisto::demo::DemoBackend::Trace,
         miehisto::demo::DemoBackend::Notify,
@@ -475,10 +472,9 @@ fn patched_criu() -> Option<PathBuf> {
 
 #[test]
 fn patched_criu_rows_show_the_handoff_and_the_neutralized_restore() {
-    let _g = common::lock();
-    if !common::require_privileged("patched_criu_rows") {
+    let Some(_g) = common::privileged("patched_criu_rows") else {
         return;
-    }
+    };
     let Some(patched) = patched_criu() else {
         common::require(
             "patched_criu_rows",

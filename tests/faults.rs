@@ -106,10 +106,9 @@ fn set_len(p: &Path, len: u64) {
 /// were; the intact image then restores and serves.
 #[test]
 fn damaged_images_are_refused_before_criu() {
-    let _g = common::lock();
-    if !common::require_privileged("damaged_images_are_refused_before_criu") {
+    let Some(_g) = common::privileged("damaged_images_are_refused_before_criu") else {
         return;
-    }
+    };
     let c = Case::new("flt-damaged");
     let (img, port) = c.prebaked("img", "trace");
     let criu = common::criu_path().expect("criu");
@@ -196,10 +195,9 @@ fn fake_restore_criu(c: &Case, label: &str, body: &str) -> PathBuf {
 /// the limit; the error names the log.
 #[test]
 fn runaway_criu_log_is_bounded() {
-    let _g = common::lock();
-    if !common::require_privileged("runaway_criu_log_is_bounded") {
+    let Some(_g) = common::privileged("runaway_criu_log_is_bounded") else {
         return;
-    }
+    };
     let c = Case::new("flt-runaway");
     let (img, _) = c.prebaked("img", "trace");
     let criu = fake_restore_criu(
@@ -228,10 +226,9 @@ fn runaway_criu_log_is_bounded() {
 /// during a restore ends the restore at once (it used to be ignored).
 #[test]
 fn hung_criu_is_ended_by_time_and_by_sigterm() {
-    let _g = common::lock();
-    if !common::require_privileged("hung_criu_is_ended_by_time_and_by_sigterm") {
+    let Some(_g) = common::privileged("hung_criu_is_ended_by_time_and_by_sigterm") else {
         return;
-    }
+    };
     let c = Case::new("flt-hung");
     let (img, _) = c.prebaked("img", "notify");
     let criu = fake_restore_criu(&c, "hung", "sleep 1000 &\nsleep 1000");
@@ -314,10 +311,9 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 #[test]
 fn state_images_and_logs_are_private() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let _g = common::lock();
-    if !common::require_privileged("state_images_and_logs_are_private") {
+    let Some(_g) = common::privileged("state_images_and_logs_are_private") else {
         return;
-    }
+    };
     let c = Case::new("flt-private");
     // The caller's umask is loose; miehisto must not rely on it.
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
@@ -664,19 +660,17 @@ fn killed_prebakes(backend: &str) {
 
 #[test]
 fn killed_prebake_trace_leaves_nothing_running() {
-    let _g = common::lock();
-    if !common::require_privileged("killed_prebake_trace_leaves_nothing_running") {
+    let Some(_g) = common::privileged("killed_prebake_trace_leaves_nothing_running") else {
         return;
-    }
+    };
     killed_prebakes("trace");
 }
 
 #[test]
 fn killed_prebake_notify_leaves_nothing_running() {
-    let _g = common::lock();
-    if !common::require_privileged("killed_prebake_notify_leaves_nothing_running") {
+    let Some(_g) = common::privileged("killed_prebake_notify_leaves_nothing_running") else {
         return;
-    }
+    };
     killed_prebakes("notify");
 }
 
@@ -853,19 +847,17 @@ fn killed_restores(backend: &str) {
 
 #[test]
 fn killed_restore_trace_leaves_nothing_running() {
-    let _g = common::lock();
-    if !common::require_privileged("killed_restore_trace_leaves_nothing_running") {
+    let Some(_g) = common::privileged("killed_restore_trace_leaves_nothing_running") else {
         return;
-    }
+    };
     killed_restores("trace");
 }
 
 #[test]
 fn killed_restore_notify_leaves_nothing_running() {
-    let _g = common::lock();
-    if !common::require_privileged("killed_restore_notify_leaves_nothing_running") {
+    let Some(_g) = common::privileged("killed_restore_notify_leaves_nothing_running") else {
         return;
-    }
+    };
     killed_restores("notify");
 }
 
@@ -980,19 +972,17 @@ fn killed_dumps(backend: &str) {
 
 #[test]
 fn killed_dump_trace_kills_the_frozen_tree() {
-    let _g = common::lock();
-    if !common::require_privileged("killed_dump_trace_kills_the_frozen_tree") {
+    let Some(_g) = common::privileged("killed_dump_trace_kills_the_frozen_tree") else {
         return;
-    }
+    };
     killed_dumps("trace");
 }
 
 #[test]
 fn killed_dump_notify_kills_the_held_tree() {
-    let _g = common::lock();
-    if !common::require_privileged("killed_dump_notify_kills_the_held_tree") {
+    let Some(_g) = common::privileged("killed_dump_notify_kills_the_held_tree") else {
         return;
-    }
+    };
     killed_dumps("notify");
 }
 
@@ -1000,10 +990,9 @@ fn killed_dump_notify_kills_the_held_tree() {
 /// and the next run of the same command on the same port starts.
 #[test]
 fn killed_cold_supervisor_takes_its_service_along() {
-    let _g = common::lock();
-    if !common::require_privileged("killed_cold_supervisor_takes_its_service_along") {
+    let Some(_g) = common::privileged("killed_cold_supervisor_takes_its_service_along") else {
         return;
-    }
+    };
     let c = Case::new("flt-kcold");
     let real = common::criu_path().expect("criu");
     let port = common::free_port();
@@ -1123,18 +1112,16 @@ fn killed_daemon_prebake(backend: &str) {
 
 #[test]
 fn killed_daemon_and_runmh_group_trace() {
-    let _g = common::lock();
-    if !common::require_privileged("killed_daemon_and_runmh_group_trace") {
+    let Some(_g) = common::privileged("killed_daemon_and_runmh_group_trace") else {
         return;
-    }
+    };
     killed_daemon_prebake("trace");
 }
 
 #[test]
 fn killed_daemon_and_runmh_group_notify() {
-    let _g = common::lock();
-    if !common::require_privileged("killed_daemon_and_runmh_group_notify") {
+    let Some(_g) = common::privileged("killed_daemon_and_runmh_group_notify") else {
         return;
-    }
+    };
     killed_daemon_prebake("notify");
 }

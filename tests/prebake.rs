@@ -441,58 +441,51 @@ fn payload_cycle(backend: &str, which: &str) {
 
 #[test]
 fn trace_python() {
-    let _g = common::lock();
-    if common::require_privileged("trace_python") {
+    if let Some(_g) = common::privileged("trace_python") {
         payload_cycle("trace", "python");
     }
 }
 
 #[test]
 fn trace_threaded() {
-    let _g = common::lock();
-    if common::require_privileged("trace_threaded") {
+    if let Some(_g) = common::privileged("trace_threaded") {
         payload_cycle("trace", "threaded_server");
     }
 }
 
 #[test]
 fn trace_forking() {
-    let _g = common::lock();
-    if common::require_privileged("trace_forking") {
+    if let Some(_g) = common::privileged("trace_forking") {
         payload_cycle("trace", "forking_server");
     }
 }
 
 #[test]
 fn notify_python() {
-    let _g = common::lock();
-    if common::require_privileged("notify_python") {
+    if let Some(_g) = common::privileged("notify_python") {
         payload_cycle("notify", "python");
     }
 }
 
 #[test]
 fn notify_threaded() {
-    let _g = common::lock();
-    if common::require_privileged("notify_threaded") {
+    if let Some(_g) = common::privileged("notify_threaded") {
         payload_cycle("notify", "threaded_server");
     }
 }
 
 #[test]
 fn notify_forking() {
-    let _g = common::lock();
-    if common::require_privileged("notify_forking") {
+    if let Some(_g) = common::privileged("notify_forking") {
         payload_cycle("notify", "forking_server");
     }
 }
 
 #[test]
 fn trace_without_reseize_reproduces_enosys() {
-    let _g = common::lock();
-    if !common::require_privileged("trace_without_reseize_reproduces_enosys") {
+    let Some(_g) = common::privileged("trace_without_reseize_reproduces_enosys") else {
         return;
-    }
+    };
     let c = Case::new("pb-enosys");
     let p = payload("simple_server");
     let img = c.state.join("img");
@@ -546,10 +539,9 @@ fn trace_without_reseize_reproduces_enosys() {
 
 #[test]
 fn auto_picks_trace() {
-    let _g = common::lock();
-    if !common::require_privileged("auto_picks_trace") {
+    let Some(_g) = common::privileged("auto_picks_trace") else {
         return;
-    }
+    };
     let c = Case::new("pb-auto");
     let p = payload("simple_server");
     let img = c.state.join("img");
@@ -562,10 +554,9 @@ fn auto_picks_trace() {
 
 #[test]
 fn auto_falls_back_to_notify_without_ptrace() {
-    let _g = common::lock();
-    if !common::require_privileged("auto_falls_back_to_notify_without_ptrace") {
+    let Some(_g) = common::privileged("auto_falls_back_to_notify_without_ptrace") else {
         return;
-    }
+    };
     let c = Case::new("pb-auto-notify");
     let p = payload("simple_server");
     let img = c.state.join("img");
@@ -628,10 +619,9 @@ fn strings(v: &[&str]) -> Vec<String> {
 
 #[test]
 fn faults_fail_cleanly() {
-    let _g = common::lock();
-    if !common::require_privileged("faults_fail_cleanly") {
+    let Some(_g) = common::privileged("faults_fail_cleanly") else {
         return;
-    }
+    };
     let c = Case::new("pb-faults");
     for backend in ["trace", "notify"] {
         let line = prebake_fails(&c, backend, &[], &strings(&["/bin/sh", "-c", "exit 7"]));
@@ -665,10 +655,9 @@ fn faults_fail_cleanly() {
 
 #[test]
 fn static_binary_needs_trace() {
-    let _g = common::lock();
-    if !common::require_privileged("static_binary_needs_trace") {
+    let Some(_g) = common::privileged("static_binary_needs_trace") else {
         return;
-    }
+    };
     let bin = common::payload("simple_server_static");
     if !common::require(
         "static_binary_needs_trace",
@@ -701,10 +690,9 @@ fn static_binary_needs_trace() {
 /// serves as before, and the library said nothing on its stderr.
 #[test]
 fn trace_trims_freed_heap_before_the_stop() {
-    let _g = common::lock();
-    if !common::require_privileged("trace_trims_freed_heap_before_the_stop") {
+    let Some(_g) = common::privileged("trace_trims_freed_heap_before_the_stop") else {
         return;
-    }
+    };
     const FREED: &[&str] = &["-e", "MH_FREED_HEAP_MIB=48"];
     let mib = |md: &Metadata| md.image_bytes as f64 / f64::from(1u32 << 20);
     let has = |md: &Metadata, k: &str, v: Option<&str>| {
@@ -754,10 +742,9 @@ fn trace_trims_freed_heap_before_the_stop() {
 
 #[test]
 fn direct_syscall_needs_trace() {
-    let _g = common::lock();
-    if !common::require_privileged("direct_syscall_needs_trace") {
+    let Some(_g) = common::privileged("direct_syscall_needs_trace") else {
         return;
-    }
+    };
     let c = Case::new("pb-direct");
     let p = payload("direct_syscall_server");
     let line = prebake_fails(&c, "notify", &["--timeout", "3"], &p.argv);
@@ -774,10 +761,9 @@ fn direct_syscall_needs_trace() {
 
 #[test]
 fn notify_marker_signal_option() {
-    let _g = common::lock();
-    if !common::require_privileged("notify_marker_signal_option") {
+    let Some(_g) = common::privileged("notify_marker_signal_option") else {
         return;
-    }
+    };
     let c = Case::new("pb-marker");
     let p = payload("simple_server");
     let img = c.state.join("img");
@@ -812,10 +798,9 @@ fn tracer_process(pid: i32) -> Option<String> {
 /// the filter left in the process never costs the service an ENOSYS.
 #[test]
 fn restored_trace_service_dumped_at_any_moment() {
-    let _g = common::lock();
-    if !common::require_privileged("restored_trace_service_dumped_at_any_moment") {
+    let Some(_g) = common::privileged("restored_trace_service_dumped_at_any_moment") else {
         return;
-    }
+    };
     let c = Case::new("pb-redump");
     let p = payload("simple_server");
     let img = c.state.join("img");
@@ -965,26 +950,23 @@ fn nonroot_cycle(backend: &str, user: &str) {
 
 #[test]
 fn nonroot_trace() {
-    let _g = common::lock();
-    if common::require_privileged("nonroot_trace") {
+    if let Some(_g) = common::privileged("nonroot_trace") {
         nonroot_cycle("trace", "nobody");
     }
 }
 
 #[test]
 fn nonroot_notify() {
-    let _g = common::lock();
-    if common::require_privileged("nonroot_notify") {
+    if let Some(_g) = common::privileged("nonroot_notify") {
         nonroot_cycle("notify", "nobody:nogroup");
     }
 }
 
 #[test]
 fn unknown_user_is_refused_before_booting() {
-    let _g = common::lock();
-    if !common::require_privileged("unknown_user_is_refused_before_booting") {
+    let Some(_g) = common::privileged("unknown_user_is_refused_before_booting") else {
         return;
-    }
+    };
     let c = Case::new("pb-nouser");
     let p = payload("python");
     let line = prebake_fails(&c, "trace", &["-u", "no-such-user-xyz"], &p.argv);

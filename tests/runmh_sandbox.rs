@@ -180,10 +180,9 @@ fn run_python(c: &Case, port: u16) -> (Child, InstanceRecord) {
 
 #[test]
 fn run_dump_restore_twice() {
-    let _g = common::lock();
-    if !common::require_privileged("run_dump_restore_twice") {
+    let Some(_g) = common::privileged("run_dump_restore_twice") else {
         return;
-    }
+    };
     let c = Case::new("sbx-cycle");
     let port = common::free_port();
     let (mut run, rec) = run_python(&c, port);
@@ -296,10 +295,9 @@ fn run_dump_restore_twice() {
 
 #[test]
 fn dump_by_service_pid_leave_running() {
-    let _g = common::lock();
-    if !common::require_privileged("dump_by_service_pid_leave_running") {
+    let Some(_g) = common::privileged("dump_by_service_pid_leave_running") else {
         return;
-    }
+    };
     let c = Case::new("sbx-leave");
     let port = common::free_port();
     let (mut run, rec) = run_python(&c, port);
@@ -355,10 +353,9 @@ fn dump_by_service_pid_leave_running() {
 
 #[test]
 fn sigterm_stops_service_and_cleans_up() {
-    let _g = common::lock();
-    if !common::require_privileged("sigterm_stops_service_and_cleans_up") {
+    let Some(_g) = common::privileged("sigterm_stops_service_and_cleans_up") else {
         return;
-    }
+    };
     let c = Case::new("sbx-term");
     let port = common::free_port();
     let (mut run, rec) = run_python(&c, port);
@@ -388,10 +385,9 @@ fn sigterm_stops_service_and_cleans_up() {
 
 #[test]
 fn stop_timeout_escalates_to_sigkill() {
-    let _g = common::lock();
-    if !common::require_privileged("stop_timeout_escalates_to_sigkill") {
+    let Some(_g) = common::privileged("stop_timeout_escalates_to_sigkill") else {
         return;
-    }
+    };
     let c = Case::new("sbx-kill");
     let mut run = c.spawn(
         c.run_args(
@@ -437,10 +433,9 @@ fn stop_timeout_escalates_to_sigkill() {
 
 #[test]
 fn doctor_passes() {
-    let _g = common::lock();
-    if !common::require_privileged("doctor_passes") {
+    let Some(_g) = common::privileged("doctor_passes") else {
         return;
-    }
+    };
     let c = Case::new("sbx-doctor");
     let out = c.runmh().arg("doctor").output().expect("runmh doctor");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -500,10 +495,9 @@ fn small_image(c: &Case) -> PathBuf {
 
 #[test]
 fn bad_input_is_one_clear_line() {
-    let _g = common::lock();
-    if !common::require_privileged("bad_input_is_one_clear_line") {
+    let Some(_g) = common::privileged("bad_input_is_one_clear_line") else {
         return;
-    }
+    };
     let c = Case::new("sbx-bad");
 
     // A command that does not exist.
@@ -651,10 +645,9 @@ fn bad_input_is_one_clear_line() {
 /// first step's cgroup.procs write where the kernel refuses that).
 #[test]
 fn service_starts_in_its_instance_cgroup() {
-    let _g = common::lock();
-    if !common::require_privileged("service_starts_in_its_instance_cgroup") {
+    let Some(_g) = common::privileged("service_starts_in_its_instance_cgroup") else {
         return;
-    }
+    };
     let own_parent = match miehisto::sandbox::cgroup::hierarchy() {
         Ok(_) => miehisto::sandbox::cgroup::cgroup_of(None),
         Err(e) if common::in_ci() => panic!("a cgroup v2 hierarchy (CI=true): {e}"),
@@ -728,10 +721,11 @@ fn clone_into_cgroup_child_is_there_from_its_first_instruction() {
     use miehisto::sys;
     use nix::libc;
     use std::os::fd::AsFd;
-    let _g = common::lock();
-    if !common::require_privileged("clone_into_cgroup_child_is_there_from_its_first_instruction") {
+    let Some(_g) =
+        common::privileged("clone_into_cgroup_child_is_there_from_its_first_instruction")
+    else {
         return;
-    }
+    };
     if let Err(e) = miehisto::sandbox::cgroup::hierarchy() {
         assert!(!common::in_ci(), "a cgroup v2 hierarchy (CI=true): {e}");
         eprintln!("SKIP: {e}");

@@ -25,6 +25,14 @@ pub fn lock() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The process-wide lock and the privilege check of a test that forks,
+/// traces or runs CRIU: None, after [`require_privileged`] printed why, when
+/// the test skips.
+pub fn privileged(test: &str) -> Option<MutexGuard<'static, ()>> {
+    let g = lock();
+    require_privileged(test).then_some(g)
+}
+
 pub fn in_ci() -> bool {
     std::env::var("CI")
         .map(|v| v == "true" || v == "1")
