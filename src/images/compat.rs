@@ -19,12 +19,21 @@
 //! present, same size, and the same build-id (ELF) or mtime (others). A
 //! binary rebuilt identically elsewhere keeps its build-id; a copy modified
 //! after the dump does not.
+//!
+//! Reading the build-ids was the longest step of a restore before CRIU
+//! runs (~40 libraries for a Python service, an open and a few reads
+//! each). So the dump also records each ELF file's [`FileStamp`] (inode
+//! and change times, taken on the very descriptor the build-id was read
+//! from), and a restore during the same boot skips reading a file whose
+//! stamp is unchanged: no write, rename or copy leaves a file's inode and
+//! ctime as they were (see [`FileStamp`]). Another boot reads them all.
 
 use super::metadata::Metadata;
+use super::verify::FileStamp;
 use crate::criu::Criu;
 use serde::{Deserialize, Serialize};
-use std::io::Read;
-use std::os::unix::fs::MetadataExt;
+use std::borrow::Cow;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -55,6 +64,11 @@ pub struct FileRecord {
     /// The ELF GNU build-id, hex.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build_id: Option<String>,
+    /// The file as it was while its build-id was read; absent when that
+    /// could not be trusted (a change too recent, see [`FileStamp`]), for
+    /// files without a build-id, and in images made before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stamp: Option<FileStamp>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -216,16 +230,48 @@ fn fd_appends(pid: i32, fd: &str) -> bool {
 }
 
 fn record_of(path: &Path, how: FileUse) -> Option<FileRecord> {
+    // Before the open: opening a FIFO would block.
     let m = std::fs::metadata(path).ok()?;
     if !m.is_file() {
         return None;
     }
+    let Ok(f) = std::fs::File::open(path) else {
+        return Some(FileRecord {
+            path: path.to_path_buf(),
+            how,
+            size: m.size(),
+            mtime_ns: mtime_ns(&m),
+            build_id: None,
+            stamp: None,
+        });
+    };
+    // Size, times and build-id all of the one inode the descriptor holds.
+    let Ok(before) = f.metadata() else {
+        return Some(FileRecord {
+            path: path.to_path_buf(),
+            how,
+            size: m.size(),
+            mtime_ns: mtime_ns(&m),
+            build_id: build_id_of(&f),
+            stamp: None,
+        });
+    };
+    let began = std::time::SystemTime::now();
+    let build_id = build_id_of(&f);
+    let stamp = match (&build_id, f.metadata()) {
+        (Some(_), Ok(after)) => {
+            let (b, a) = (FileStamp::of(&before), FileStamp::of(&after));
+            b.trusted(&a, began).then_some(b)
+        }
+        _ => None,
+    };
     Some(FileRecord {
         path: path.to_path_buf(),
         how,
-        size: m.size(),
-        mtime_ns: mtime_ns(&m),
-        build_id: build_id(path),
+        size: before.size(),
+        mtime_ns: mtime_ns(&before),
+        build_id,
+        stamp,
     })
 }
 
@@ -273,16 +319,53 @@ pub fn collect_files(root: i32, skip: &[&Path]) -> Vec<FileRecord> {
 
 /// The GNU build-id of an ELF file (64- or 32-bit, little-endian), hex.
 pub fn build_id(path: &Path) -> Option<String> {
-    let mut f = std::fs::File::open(path).ok()?;
-    let mut eh = [0u8; 64];
-    f.read_exact(&mut eh[..52]).ok()?;
+    build_id_of(&std::fs::File::open(path).ok()?)
+}
+
+/// How much of a file [`build_id_of`] reads first: the ELF header, the
+/// program headers and the notes of a binary or library all lie in its
+/// first page, so one pread usually serves them all.
+const HEAD_BYTES: usize = 4096;
+
+/// Fills `buf` from offset `off` of `f`, short only at the end of the file.
+fn read_full_at(f: &std::fs::File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        let at = off.saturating_add(u64::try_from(n).map_err(std::io::Error::other)?);
+        match f.read_at(&mut buf[n..], at) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// `len` bytes at offset `off` of `f`: from `head` (its first bytes) when
+/// they lie there, else read; None when the file is shorter.
+fn bytes_at<'a>(f: &std::fs::File, head: &'a [u8], off: u64, len: usize) -> Option<Cow<'a, [u8]>> {
+    if let Some(b) = usize::try_from(off)
+        .ok()
+        .and_then(|o| head.get(o..o.checked_add(len)?))
+    {
+        return Some(Cow::Borrowed(b));
+    }
+    let mut v = vec![0u8; len];
+    (read_full_at(f, &mut v, off).ok()? == len).then_some(Cow::Owned(v))
+}
+
+/// [`build_id`] of an open file.
+pub fn build_id_of(f: &std::fs::File) -> Option<String> {
+    let mut head = vec![0u8; HEAD_BYTES];
+    let n = read_full_at(f, &mut head, 0).ok()?;
+    head.truncate(n);
+    let eh = head.get(..52)?;
     if &eh[..4] != b"\x7fELF" || eh[5] != 1 {
         return None;
     }
     let is64 = eh[4] == 2;
-    if is64 {
-        f.read_exact(&mut eh[52..64]).ok()?;
-    }
+    let eh = if is64 { head.get(..64)? } else { eh };
     // Offsets and sizes from the file are checked before use: a corrupt
     // header gives None, never a panic or a huge allocation.
     let us = |v: u64| usize::try_from(v).ok();
@@ -301,17 +384,14 @@ pub fn build_id(path: &Path) -> Option<String> {
         Some(u64::from_le_bytes(a))
     };
     let (phoff, phentsize, phnum) = if is64 {
-        (u64at(&eh, 32)?, u16at(&eh, 54)?, u16at(&eh, 56)?)
+        (u64at(eh, 32)?, u16at(eh, 54)?, u16at(eh, 56)?)
     } else {
-        (u32at(&eh, 28)?, u16at(&eh, 42)?, u16at(&eh, 44)?)
+        (u32at(eh, 28)?, u16at(eh, 42)?, u16at(eh, 44)?)
     };
     if phnum == 0 || phnum > 256 || phentsize < if is64 { 56 } else { 32 } {
         return None;
     }
-    use std::io::{Seek, SeekFrom};
-    let mut ph = vec![0u8; phentsize * phnum];
-    f.seek(SeekFrom::Start(phoff)).ok()?;
-    f.read_exact(&mut ph).ok()?;
+    let ph = bytes_at(f, &head, phoff, phentsize * phnum)?;
     for i in 0..phnum {
         let p = &ph[i * phentsize..];
         const PT_NOTE: u64 = 4;
@@ -326,11 +406,9 @@ pub fn build_id(path: &Path) -> Option<String> {
         if size > 1 << 16 {
             continue;
         }
-        let mut notes = vec![0u8; us(size)?];
-        f.seek(SeekFrom::Start(off)).ok()?;
-        if f.read_exact(&mut notes).is_err() {
+        let Some(notes) = bytes_at(f, &head, off, us(size)?) else {
             continue;
-        }
+        };
         let mut o = 0usize;
         while o + 12 <= notes.len() {
             let namesz = us(u32at(&notes, o)?)?;
@@ -469,7 +547,11 @@ pub fn differences_with(
             host: criu_version,
         });
     }
-    let same_boot = md.host.as_ref().is_some_and(|h| h.boot_id == boot_id());
+    let this_boot = boot_id();
+    let same_boot = md.host.as_ref().is_some_and(|h| h.boot_id == this_boot);
+    // A stamp only speaks for the boot it was taken in (inode numbers are
+    // reused, device numbers may be assigned anew after a reboot).
+    let stamps_hold = same_boot && !this_boot.is_empty();
     let run_cpu = cpu == CpuCheck::Always || !same_boot;
     if run_cpu {
         if dir.join(CPUINFO_IMG).is_file() {
@@ -503,6 +585,7 @@ pub fn differences_with(
             continue;
         }
         match &f.build_id {
+            Some(_) if stamps_hold && unchanged_since_dump(f, &m) => {}
             Some(id) => {
                 let here = build_id(&f.path).unwrap_or_else(|| "none".into());
                 if &here != id {
@@ -524,6 +607,13 @@ pub fn differences_with(
         }
     }
     Ok(d)
+}
+
+/// Whether `f`, as `m` shows it now, is the very inode whose build-id the
+/// dump read, unwritten since (see [`FileStamp`]): its build-id then is
+/// still the recorded one. Only within the boot of the dump.
+fn unchanged_since_dump(f: &FileRecord, m: &std::fs::Metadata) -> bool {
+    f.stamp.is_some_and(|s| s == FileStamp::of(m))
 }
 
 /// [`differences`] as a result: Ok when there are none.
@@ -594,6 +684,146 @@ mod tests {
         let skipped = collect_files(me, &[dir.as_path()]);
         assert!(!skipped.iter().any(|f| f.path == held));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A minimal ELF64 file whose one PT_NOTE holds a GNU build-id `id`,
+    /// padded to `len` bytes (the note past the first page when `far`).
+    fn tiny_elf(id: &[u8], len: usize, far: bool) -> Vec<u8> {
+        let note_off: u64 = if far { 8192 } else { 120 };
+        let mut note = Vec::new();
+        note.extend_from_slice(&4u32.to_le_bytes());
+        note.extend_from_slice(&u32::try_from(id.len()).unwrap().to_le_bytes());
+        note.extend_from_slice(&3u32.to_le_bytes());
+        note.extend_from_slice(b"GNU\0");
+        note.extend_from_slice(id);
+        let mut b = vec![0u8; 64];
+        b[..4].copy_from_slice(b"\x7fELF");
+        b[4] = 2;
+        b[5] = 1;
+        b[32..40].copy_from_slice(&64u64.to_le_bytes());
+        b[54..56].copy_from_slice(&56u16.to_le_bytes());
+        b[56..58].copy_from_slice(&1u16.to_le_bytes());
+        let mut ph = vec![0u8; 56];
+        ph[..4].copy_from_slice(&4u32.to_le_bytes());
+        ph[8..16].copy_from_slice(&note_off.to_le_bytes());
+        ph[32..40].copy_from_slice(&u64::try_from(note.len()).unwrap().to_le_bytes());
+        b.extend_from_slice(&ph);
+        b.resize(usize::try_from(note_off).unwrap(), 0);
+        b.extend_from_slice(&note);
+        assert!(b.len() <= len);
+        b.resize(len, 0);
+        b
+    }
+
+    #[test]
+    fn build_id_within_and_past_the_first_page() {
+        let d = std::env::temp_dir().join(format!("mh-bid2-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        for far in [false, true] {
+            let p = d.join(format!("elf-{far}"));
+            std::fs::write(&p, tiny_elf(&[0xab, 0xcd, 0x01], 9000, far)).unwrap();
+            assert_eq!(build_id(&p).as_deref(), Some("abcd01"), "far={far}");
+            // Cut inside the note: no build-id, no panic.
+            std::fs::write(
+                &p,
+                &tiny_elf(&[0xab, 0xcd, 0x01], 9000, far)[..if far { 8200 } else { 130 }],
+            )
+            .unwrap();
+            assert_eq!(build_id(&p), None, "far={far}, truncated");
+        }
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A restore in the boot of the dump trusts an unchanged stamp; a file
+    /// rewritten in place, same size, is still caught by its build-id, and
+    /// so is any file when the boot differs.
+    #[test]
+    fn stamps_skip_only_unchanged_files_of_this_boot() {
+        let d = std::env::temp_dir().join(format!("mh-stamp-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("lib.so");
+        std::fs::write(&p, tiny_elf(&[1, 2, 3, 4], 4096, false)).unwrap();
+        // Past the racy window of the write (see FileStamp::trusted).
+        std::thread::sleep(std::time::Duration::from_millis(40));
+        let rec = record_of(&p, FileUse::Mapped).unwrap();
+        assert_eq!(rec.build_id.as_deref(), Some("01020304"));
+        let stamp = rec.stamp.expect("an old enough file is stamped");
+        let now = std::fs::metadata(&p).unwrap();
+        assert_eq!(stamp, FileStamp::of(&now));
+        assert!(unchanged_since_dump(&rec, &now));
+
+        let criu = Criu {
+            path: "/nonexistent/criu".into(),
+            version: crate::criu::Version(4, 2, 0),
+        };
+        let mut md = crate::images::metadata::tests::sample();
+        md.host = Some(HostRecord {
+            arch: std::env::consts::ARCH.into(),
+            boot_id: boot_id(),
+            cpuinfo: false,
+            files: vec![rec.clone()],
+        });
+        let files = |md: &Metadata| {
+            differences_with(md, &d, &criu, CpuCheck::UnlessSameBoot, &mut |_| Ok(true))
+                .unwrap()
+                .into_iter()
+                .filter(|x| {
+                    matches!(
+                        x,
+                        Difference::FileBuildId { .. }
+                            | Difference::FileSize { .. }
+                            | Difference::FileMissing { .. }
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(files(&md), vec![]);
+
+        // Same size, another build-id: the stamp changed, the id is read.
+        std::fs::write(&p, tiny_elf(&[9, 9, 9, 9], 4096, false)).unwrap();
+        assert!(!unchanged_since_dump(&rec, &std::fs::metadata(&p).unwrap()));
+        assert_eq!(
+            files(&md),
+            vec![Difference::FileBuildId {
+                path: p.clone(),
+                image: "01020304".into(),
+                host: "09090909".into(),
+            }]
+        );
+        // Another boot: the stamp is not consulted at all.
+        std::fs::write(&p, tiny_elf(&[1, 2, 3, 4], 4096, false)).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(40));
+        let rec = record_of(&p, FileUse::Mapped).unwrap();
+        std::fs::write(&p, tiny_elf(&[7, 7, 7, 7], 4096, false)).unwrap();
+        let mut forged = rec.clone();
+        forged.stamp = Some(FileStamp::of(&std::fs::metadata(&p).unwrap()));
+        md.host = Some(HostRecord {
+            arch: std::env::consts::ARCH.into(),
+            boot_id: "another-boot".into(),
+            cpuinfo: false,
+            files: vec![forged],
+        });
+        assert_eq!(
+            files(&md),
+            vec![Difference::FileBuildId {
+                path: p.clone(),
+                image: "01020304".into(),
+                host: "07070707".into(),
+            }]
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_fresh_file_is_not_stamped() {
+        let d = std::env::temp_dir().join(format!("mh-fresh-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("new.so");
+        std::fs::write(&p, tiny_elf(&[5; 20], 4096, false)).unwrap();
+        let rec = record_of(&p, FileUse::Mapped).unwrap();
+        assert_eq!(rec.build_id.as_deref(), Some("05".repeat(20).as_str()));
+        assert_eq!(rec.stamp, None, "written within the racy window");
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
