@@ -209,10 +209,11 @@ pub fn seal(dir: &Path, sync: bool) -> Result<Vec<FileSum>, VerifyError> {
 pub fn verify(dir: &Path, sums: &[FileSum]) -> Result<(), VerifyError> {
     check_pagemaps(dir)?;
     // Sizes first: a truncated file is reported without hashing anything.
+    let mut stats = Vec::with_capacity(sums.len());
     for s in sums {
         let path = dir.join(&s.name);
-        let found = match std::fs::metadata(&path) {
-            Ok(m) => m.len(),
+        let m = match std::fs::metadata(&path) {
+            Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(VerifyError::FileMissing {
                     dir: dir.to_path_buf(),
@@ -221,29 +222,28 @@ pub fn verify(dir: &Path, sums: &[FileSum]) -> Result<(), VerifyError> {
             }
             Err(source) => return Err(VerifyError::Io { path, source }),
         };
-        if found != s.bytes {
+        if m.len() != s.bytes {
             return Err(VerifyError::FileSize {
                 dir: dir.to_path_buf(),
                 file: s.name.clone(),
-                found,
+                found: m.len(),
                 expected: s.bytes,
             });
         }
+        stats.push(m);
     }
-    for s in sums {
+    for (s, m) in sums.iter().zip(&stats) {
+        // Not written since it was hashed (see FileStamp): the stat above
+        // says so without an open. CRIU opens the files by path later
+        // anyway, so an fstat of our own descriptor would prove no more.
+        if s.stamp.is_some_and(|st| st == FileStamp::of(m)) {
+            continue;
+        }
         let path = dir.join(&s.name);
         let file = std::fs::File::open(&path).map_err(|source| VerifyError::Io {
             path: path.clone(),
             source,
         })?;
-        let now = file.metadata().map_err(|source| VerifyError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        if s.stamp.is_some_and(|st| st == FileStamp::of(&now)) {
-            // Not written since it was hashed (see FileStamp).
-            continue;
-        }
         let (_, hash) = hash_reader(&file).map_err(|source| VerifyError::Io {
             path: path.clone(),
             source,
