@@ -109,6 +109,26 @@ pub fn tighten_state(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// `std::fs::canonicalize` in three system calls: realpath(3) readlinks
+/// every component of the path in turn (a path ten deep is ten lookups from
+/// `/`, ~40 readlinks for the paths a restore checks), while an `O_PATH`
+/// open resolves it once and `/proc/self/fd` names what it resolved to.
+/// The same answer for an existing path; without /proc, realpath(3).
+pub fn canonical(path: &Path) -> std::io::Result<std::path::PathBuf> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_PATH)
+        .open(path)?;
+    match std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd())) {
+        // An unreachable or deleted target reads as something else.
+        Ok(p) if p.is_absolute() && !p.as_os_str().as_encoded_bytes().ends_with(b" (deleted)") => {
+            Ok(p)
+        }
+        _ => std::fs::canonicalize(path),
+    }
+}
+
 /// Creates (or truncates) `path` as a 0600 file and opens it for writing.
 pub fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
     let f = std::fs::OpenOptions::new()
@@ -191,6 +211,7 @@ pub fn is_stale_temp(name: &str) -> bool {
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+    use std::path::PathBuf;
 
     fn mode(p: &Path) -> u32 {
         std::fs::symlink_metadata(p).unwrap().mode() & 0o7777
@@ -231,6 +252,34 @@ mod tests {
         assert!(write_atomic(&d.join("missing/rec.json"), b"x").is_err());
         assert_eq!(std::fs::read(&f).unwrap(), b"{}");
         assert!(is_stale_temp(".rec.json.tmp-12-0") && !is_stale_temp("rec.json"));
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn canonical_is_realpath() {
+        let base = std::env::temp_dir().join(format!("mh-canon-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(base.join("real/deep")).unwrap();
+        std::fs::write(base.join("real/deep/f"), b"x").unwrap();
+        std::os::unix::fs::symlink(base.join("real"), base.join("link")).unwrap();
+        std::os::unix::fs::symlink("deep/f", base.join("real/rel")).unwrap();
+        for p in [
+            base.join("link/deep/f"),
+            base.join("link/rel"),
+            base.join("real/deep/../deep/f"),
+            base.join("link"),
+            PathBuf::from("/"),
+        ] {
+            assert_eq!(
+                canonical(&p).unwrap(),
+                std::fs::canonicalize(&p).unwrap(),
+                "{p:?}"
+            );
+        }
+        assert_eq!(
+            canonical(&base.join("link/missing")).unwrap_err().kind(),
+            std::io::ErrorKind::NotFound
+        );
         std::fs::remove_dir_all(&base).unwrap();
     }
 }

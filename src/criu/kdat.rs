@@ -80,7 +80,7 @@ pub fn needed() -> bool {
 /// the supervisor it execs (state directory, images, binaries, logs).
 pub fn would_hide(paths: &[&Path]) -> bool {
     paths.iter().any(|p| {
-        let abs = std::fs::canonicalize(p)
+        let abs = crate::files::canonical(p)
             .or_else(|_| std::path::absolute(p))
             .unwrap_or_else(|_| p.to_path_buf());
         abs.starts_with(RUN_DIR)
@@ -93,7 +93,7 @@ fn key_for(criu: &Path) -> Result<String, KdatError> {
         source,
     };
     let exe = super::binary_identity(criu).map_err(|e| key_err(&criu.display().to_string(), e))?;
-    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+    let boot = crate::sys::procfs::read_text("/proc/sys/kernel/random/boot_id")
         .map_err(|e| key_err("the boot id", e))?;
     let uts = nix::sys::utsname::uname().map_err(|e| key_err("the kernel", e.into()))?;
     Ok(format!(

@@ -134,7 +134,7 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
 /// size and times. Replacing or rebuilding the binary changes it.
 pub fn binary_identity(path: &Path) -> std::io::Result<String> {
     use std::os::unix::fs::MetadataExt;
-    let exe = std::fs::canonicalize(path)?;
+    let exe = crate::files::canonical(path)?;
     let m = std::fs::metadata(&exe)?;
     // Debug formatting quotes the path: the identity stays on one line.
     Ok(format!(
