@@ -179,7 +179,7 @@ fn list(d: &[Difference]) -> String {
 
 /// This boot's id (empty when unreadable).
 pub fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+    crate::sys::procfs::read_text("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
 }

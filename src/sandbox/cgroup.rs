@@ -116,7 +116,7 @@ fn unescape(s: &str) -> String {
 pub fn hierarchy() -> Result<&'static Path, CgroupError> {
     static H: OnceLock<Option<PathBuf>> = OnceLock::new();
     H.get_or_init(|| {
-        std::fs::read_to_string("/proc/self/mountinfo")
+        crate::sys::procfs::read_text("/proc/self/mountinfo")
             .ok()
             .and_then(|t| hierarchy_in(&t))
     })
@@ -141,7 +141,7 @@ pub fn cgroup_of(pid: Option<i32>) -> Option<String> {
         Some(p) => format!("/proc/{p}/cgroup"),
         None => "/proc/self/cgroup".to_string(),
     };
-    let text = std::fs::read_to_string(file).ok()?;
+    let text = crate::sys::procfs::read_text(file).ok()?;
     text.lines()
         .find_map(|l| l.strip_prefix("0::"))
         .map(str::to_string)
@@ -180,10 +180,23 @@ impl InstanceCgroup {
             }),
             _ => Ok(()),
         };
-        if let Some(parent) = cg.path.parent() {
-            create(parent)?;
+        // The parent exists after the first instance: made only when the
+        // instance's own mkdir says it is missing.
+        match std::fs::create_dir(&cg.path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(parent) = cg.path.parent() {
+                    create(parent)?;
+                }
+                create(&cg.path)?;
+            }
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(CgroupError::Create {
+                    path: cg.path.clone(),
+                    source: e,
+                })
+            }
+            _ => {}
         }
-        create(&cg.path)?;
         Ok(cg)
     }
 

@@ -112,7 +112,18 @@ pub fn parse_stat(line: &str) -> Option<Stat> {
 }
 
 fn read(path: PathBuf) -> io::Result<String> {
-    std::fs::read_to_string(path)
+    read_text(&path)
+}
+
+/// A /proc (or /sys) text file, whole. `read_to_string` sizes its buffer
+/// by the file's size, which procfs reports as 0, so it reads 32 bytes,
+/// then 32, 64, ... (8 reads for a mountinfo); this reads 4 KiB at a time
+/// (one read for most, and no fstat).
+pub fn read_text(path: impl AsRef<std::path::Path>) -> io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut buf = Vec::with_capacity(4096);
+    io::Read::read_to_end(&mut f, &mut buf)?;
+    String::from_utf8(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 fn malformed(what: &str, path: &std::path::Path) -> io::Error {
