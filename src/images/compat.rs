@@ -26,7 +26,8 @@
 //! and change times, taken on the very descriptor the build-id was read
 //! from), and a restore during the same boot skips reading a file whose
 //! stamp is unchanged: no write, rename or copy leaves a file's inode and
-//! ctime as they were (see [`FileStamp`]). Another boot reads them all.
+//! ctime as they were (see [`FileStamp`]). Another boot reads them all, and
+//! so does a file on a network or FUSE file system ([`LOCAL_FS_MAGICS`]).
 
 use super::metadata::Metadata;
 use super::verify::FileStamp;
@@ -552,6 +553,7 @@ pub fn differences_with(
     // A stamp only speaks for the boot it was taken in (inode numbers are
     // reused, device numbers may be assigned anew after a reboot).
     let stamps_hold = same_boot && !this_boot.is_empty();
+    let mut local = std::collections::HashMap::<u64, bool>::new();
     let run_cpu = cpu == CpuCheck::Always || !same_boot;
     if run_cpu {
         if dir.join(CPUINFO_IMG).is_file() {
@@ -585,7 +587,12 @@ pub fn differences_with(
             continue;
         }
         match &f.build_id {
-            Some(_) if stamps_hold && unchanged_since_dump(f, &m) => {}
+            Some(_)
+                if stamps_hold
+                    && unchanged_since_dump(f, &m)
+                    && *local
+                        .entry(m.dev())
+                        .or_insert_with(|| attributes_are_local(&f.path)) => {}
             Some(id) => {
                 let here = build_id(&f.path).unwrap_or_else(|| "none".into());
                 if &here != id {
@@ -614,6 +621,31 @@ pub fn differences_with(
 /// still the recorded one. Only within the boot of the dump.
 fn unchanged_since_dump(f: &FileRecord, m: &std::fs::Metadata) -> bool {
     f.stamp.is_some_and(|s| s == FileStamp::of(m))
+}
+
+/// Local file systems, whose inode times are the kernel's own: on NFS,
+/// SMB, FUSE and the like a stat may answer from an attribute cache (NFS:
+/// up to `acregmax`, 60 s) while another host changed the file, where an
+/// open would revalidate. Anything not listed has its build-ids read.
+const LOCAL_FS_MAGICS: &[u64] = &[
+    0xEF53,      // ext2, ext3, ext4
+    0x5846_5342, // xfs
+    0x9123_683E, // btrfs
+    0x0102_1994, // tmpfs
+    0x8584_58F6, // ramfs
+    0x794C_7630, // overlayfs (a copy-up gets a new ctime)
+    0xF2F5_2010, // f2fs
+    0x7371_7368, // squashfs (read-only)
+    0xE0F5_E1E2, // erofs (read-only)
+    0x2FC1_2FC1, // zfs
+    0xCA45_1A4E, // bcachefs
+];
+
+/// Whether the file system holding `path` is one of [`LOCAL_FS_MAGICS`].
+fn attributes_are_local(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| {
+        u64::try_from(s.filesystem_type().0).is_ok_and(|t| LOCAL_FS_MAGICS.contains(&t))
+    })
 }
 
 /// [`differences`] as a result: Ok when there are none.
@@ -751,6 +783,11 @@ mod tests {
         let now = std::fs::metadata(&p).unwrap();
         assert_eq!(stamp, FileStamp::of(&now));
         assert!(unchanged_since_dump(&rec, &now));
+        assert!(
+            attributes_are_local(&p),
+            "the temporary directory is on a local file system"
+        );
+        assert!(!attributes_are_local(Path::new("/proc/self/status")));
 
         let criu = Criu {
             path: "/nonexistent/criu".into(),
