@@ -368,7 +368,7 @@ fn spawn_criu(
     let mut envp: Vec<*const libc::c_char> = env_c.iter().map(|c| c.as_ptr()).collect();
     envp.push(std::ptr::null());
     let root = cstring("the instance root", inst.root())?;
-    let kdat = kdat_plan(criu, opts, md, &[inst.dir.join("ext").as_path()]);
+    let kdat = kdat_plan(criu, opts, md);
     let kdat_child = kdat.as_ref().map(|(_, data)| data.as_deref());
     let stdio = if opts.detach {
         let null = std::fs::OpenOptions::new()
@@ -553,20 +553,19 @@ fn child_fail(fd: RawFd, step: &str, e: nix::errno::Errno) -> ! {
 
 /// The kdat cache for this restore (the cache and its saved bytes, if
 /// usable), or None when CRIU keeps its own or a tmpfs over `/run` would
-/// hide something the restore needs (`more`: paths of the instance).
+/// hide something the restore needs (the instance, with its staging
+/// directories, is under the state directory).
 fn kdat_plan(
     criu: &Criu,
     opts: &RestoreOpts,
     md: &Metadata,
-    more: &[&Path],
 ) -> Option<(KdatCache, Option<Vec<u8>>)> {
-    let mut paths = vec![
+    let paths = [
         opts.state_dir.as_path(),
         opts.images.as_path(),
         criu.path.as_path(),
         md.spec.log_dir.as_path(),
     ];
-    paths.extend_from_slice(more);
     if kdat::would_hide(&paths) {
         log::debug!(
             "a path of this restore is under {}: no kdat cache",
