@@ -529,10 +529,9 @@ impl Instance {
         InstanceRecord::parse(&bytes).map_err(|detail| InstanceError::Corrupt { path, detail })
     }
 
-    /// Removes the instance directory. The root mount point is only ever
-    /// mounted inside private mount namespaces, so nothing is mounted here
-    /// from the caller's view; an unmount is attempted anyway for the
-    /// restored supervisor, which lives in the namespace that has it.
+    /// Removes the instance directory (its root and staging directories
+    /// are only ever mounted on inside private mount namespaces that are
+    /// gone by now: the sandbox's and CRIU's).
     pub fn remove(&self) {
         // The cgroup first: a directory without one is what a cleaner
         // looks for, never a cgroup without its directory.
