@@ -283,9 +283,10 @@ mod tests {
 pub struct Instance {
     pub id: String,
     pub dir: PathBuf,
-    /// This process's hold on [`OWNER_LOCK`], when it owns the instance
-    /// (never inherited by children: close-on-exec).
-    lock: Option<Arc<OwnedFd>>,
+    /// This process's hold on [`OWNER_LOCK`], when it owns the instance:
+    /// held for as long as it lives, never read (and never inherited by
+    /// children: close-on-exec).
+    _lock: Option<Arc<OwnedFd>>,
     /// The instance's cgroup, when the system gave it one.
     pub cgroup: Option<InstanceCgroup>,
 }
@@ -326,8 +327,8 @@ fn take_shared(dir: &Path) -> std::io::Result<OwnedFd> {
 
 /// Whether the instance in `dir` has lost its owners: the process that
 /// named it (`<ms>-<pid>`) is gone (while it lives it holds the lock, or is
-/// about to take it), and nobody else holds the lock (a restored supervisor
-/// outlives its front process). Returns the lock, taken exclusively, when
+/// about to take it), and nobody else holds the lock (a process it forked
+/// that shares the lock's open file may outlive it). Returns the lock, taken exclusively, when
 /// the file exists.
 fn take_if_dead(dir: &Path, id: &str) -> Option<Option<OwnedFd>> {
     let creator: i32 = id.rsplit_once('-')?.1.parse().ok()?;
@@ -370,7 +371,7 @@ pub fn clean_dead(state_dir: &Path) -> Vec<Cleaned> {
             cgroup: InstanceCgroup::existing(&id),
             id: id.clone(),
             dir: dir.clone(),
-            lock: lock.map(Arc::new),
+            _lock: lock.map(Arc::new),
         };
         let rec = inst.read_record().ok();
         let mut killed = Vec::new();
@@ -445,21 +446,9 @@ impl Instance {
         Ok(Instance {
             id,
             dir,
-            lock: Some(Arc::new(lock)),
+            _lock: Some(Arc::new(lock)),
             cgroup,
         })
-    }
-
-    /// Becomes one of the instance's owners (a restored supervisor taking
-    /// over from the front process). Fails when a cleaner got there first:
-    /// the owners were all gone, and the instance is being ended.
-    pub fn take_ownership(&mut self) -> Result<(), InstanceError> {
-        let lock = take_shared(&self.dir).map_err(|source| InstanceError::Create {
-            path: self.dir.clone(),
-            source,
-        })?;
-        self.lock = Some(Arc::new(lock));
-        Ok(())
     }
 
     /// The instance in `dir`, named by its last component.
@@ -475,7 +464,7 @@ impl Instance {
             cgroup: InstanceCgroup::existing(id),
             id: id.to_string(),
             dir: dir.to_path_buf(),
-            lock: None,
+            _lock: None,
         })
     }
 

@@ -76,8 +76,8 @@ pub fn needed() -> bool {
     Path::new(RUN_DIR).is_dir() && !is_tmpfs(Path::new(RUN_DIR))
 }
 
-/// Whether a tmpfs over `/run` would hide one of `paths` from CRIU or from
-/// the supervisor it execs (state directory, images, binaries, logs).
+/// Whether a tmpfs over `/run` would hide one of `paths` from CRIU (state
+/// directory, images, binaries, logs).
 pub fn would_hide(paths: &[&Path]) -> bool {
     paths.iter().any(|p| {
         let abs = crate::files::canonical(p)

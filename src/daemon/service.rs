@@ -366,8 +366,8 @@ const ADOPTED_POLL: Duration = Duration::from_millis(500);
 /// first. The reaper tells of the daemon's children; supervisors a previous
 /// daemon started are re-parented away from this one, so they are adopted
 /// and watched through pidfds. A runmh that ended cleanly removed its own
-/// instance; a front process whose restored supervisor lives on leaves an
-/// owned one, which `clean_dead` never touches. The work is done off the
+/// instance; a `runmh restore --detach` whose forked supervisor lives on
+/// leaves an owned one, which `clean_dead` never touches. The work is done off the
 /// reaper thread: killing a cgroup's leftovers may wait for them.
 fn start_janitor(
     children: &Children,

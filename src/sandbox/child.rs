@@ -206,7 +206,7 @@ pub fn run(plan: &ChildPlan, cgroup: ChildCgroup) -> ! {
     }
     // After the id switch, which clears it (prctl(2)); it survives execve.
     // CRIU dumps the setting and restores it, so a restored root dies with
-    // its restored supervisor too.
+    // the `runmh restore` that supervises it too (its parent: --restore-sibling).
     if plan.parent_death {
         step!(
             plan,

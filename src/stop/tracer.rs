@@ -148,8 +148,8 @@ impl Tracer {
                 State::new(Linux, ev_tx).run(rx);
             })
             .map_err(TracerError::Spawn)?;
-        // Not waiting for the thread to run: on the restored supervisor's
-        // critical path that rendezvous cost 0.2-2 ms (the new thread has to
+        // Not waiting for the thread to run: on a restore's critical path
+        // that rendezvous cost 0.2-2 ms (the new thread has to
         // be scheduled first); nothing needs the tid before the first wake.
         Ok(Tracer {
             tx,
