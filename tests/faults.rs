@@ -247,7 +247,8 @@ fn hung_criu_is_ended_by_time_and_by_sigterm() {
             .instance_dirs()
             .into_iter()
             .map(|d| d.join("criu-started"))
-            .find(|p| p.exists());
+            // The fake CRIU's `echo $$ >` creates the file before it writes.
+            .find(|p| !common::read(p).trim().is_empty());
         if let Some(p) = found {
             break p;
         }
