@@ -142,6 +142,16 @@ pub fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
     Ok(f)
 }
 
+/// `/dev/null`, for reading and writing: the stdio of a process that must
+/// not hold its caller's terminal or pipes (a detached restore's CRIU and
+/// supervisor).
+pub fn dev_null() -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+}
+
 /// Opens `path` for appending, creating it 0600 (a log file).
 pub fn append_private(path: &Path) -> std::io::Result<std::fs::File> {
     let f = std::fs::OpenOptions::new()

@@ -371,14 +371,10 @@ fn spawn_criu(
     let kdat = kdat_plan(criu, opts, md);
     let kdat_child = kdat.as_ref().map(|(_, data)| data.as_deref());
     let stdio = if opts.detach {
-        let null = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/null")
-            .map_err(|e| RestoreError::Prepare {
-                path: "/dev/null".into(),
-                source: e,
-            })?;
+        let null = crate::files::dev_null().map_err(|e| RestoreError::Prepare {
+            path: "/dev/null".into(),
+            source: e,
+        })?;
         let log_path = inst.dir.join("supervisor.log");
         let log = crate::files::append_private(&log_path).map_err(|e| RestoreError::Prepare {
             path: log_path,
@@ -389,13 +385,7 @@ fn spawn_criu(
         None
     };
     let stdio_fds = stdio.as_ref().map(|(n, l)| (n.as_raw_fd(), l.as_raw_fd()));
-    let fds = ChildFds {
-        fail: fail_w.as_raw_fd(),
-        parent: nix::unistd::getpid().as_raw(),
-        stdio: stdio_fds,
-        inherited: &inherited,
-        cgroup_procs: None,
-    };
+    let parent = nix::unistd::getpid().as_raw();
     stamps.watch_creation(&inst.dir, "restore.log", Duration::from_secs(60));
     stamps.mark(crate::timings::CRIU_EXEC);
     let (forked, joined) = match cgroup_dir.as_ref() {
@@ -425,11 +415,14 @@ fn spawn_criu(
     let child = match forked {
         Ok(0) => restore_child(
             &ChildFds {
+                fail: fail_w.as_raw_fd(),
+                parent,
+                stdio: stdio_fds,
+                inherited: &inherited,
                 cgroup_procs: cgroup_procs
                     .as_ref()
                     .filter(|_| !joined)
                     .map(|fd| fd.as_raw_fd()),
-                ..fds
             },
             &root,
             &staged.binds,
@@ -582,7 +575,6 @@ fn kdat_plan(
 }
 
 /// The descriptors the restore child arranges before it execs CRIU.
-#[derive(Clone, Copy)]
 struct ChildFds<'a> {
     /// The failure pipe's write end (close-on-exec).
     fail: RawFd,
@@ -672,15 +664,8 @@ fn adopt(
     // first, waits as our zombie for the tracer's watch).
     let continued = (matches!(kind, BackendKind::Notify | BackendKind::None) && !opts.hold)
         .then(|| stop::continue_tree(root).map(drop));
-    let tracer = match Tracer::start() {
-        Ok(t) => t,
-        Err(e) => {
-            abandon(&inst);
-            return Err(e.into());
-        }
-    };
-    let exit = match tracer.watch(root) {
-        Ok(x) => x,
+    let (tracer, exit) = match Tracer::start().and_then(|t| t.watch(root).map(|x| (t, x))) {
+        Ok(te) => te,
         Err(e) => {
             abandon(&inst);
             return Err(e.into());
@@ -688,69 +673,64 @@ fn adopt(
     };
     stamps.mark(crate::timings::TRACER_READY);
     rec.root_pid = root.as_raw();
-    if opts.hold {
-        // CRIU restored it with --leave-stopped: every task is in
-        // group-stop before its first user instruction, untraced. The
-        // resume request does what the branch below does now.
-        rec.state = InstanceState::Standby;
-        if let Err(e) = inst.write_record(&rec) {
+    // With --leave-stopped (hold) CRIU left every task in group-stop before
+    // its first user instruction, untraced: the resume request does later
+    // what the branch below does now.
+    let held = opts.hold.then_some(Held {
+        reseize: opts.reseize,
+    });
+    if held.is_none() {
+        let resumed = match continued {
+            Some(r) => r,
+            None => if traced {
+                tracer.stamp_passed(stamps).map_err(StopError::from)
+            } else {
+                Ok(())
+            }
+            .and_then(|()| stop::resume_restored(kind, root, &tracer, opts.reseize).map(drop)),
+        };
+        if let Err(e) = resumed {
+            // A service that fails at once may already have been reaped by
+            // our tracer thread.
+            if let Ok(status) = exit.recv_timeout(Duration::from_millis(200)) {
+                return Ok(Setup::Ended { status, inst });
+            }
             abandon(&inst);
             return Err(e.into());
         }
-        explain::say(
-            "standby",
-            &format!("restored tree root is host pid {root}, held at its stop point until a resume request"),
-        );
-        return Ok(Setup::Running(Box::new(Running {
-            tracer,
-            instance: inst,
-            record: rec,
-            root,
-            exit,
-            traced: false,
-            held: Some(Held {
-                reseize: opts.reseize,
-            }),
-        })));
+        stamps.mark(crate::timings::RESUMED);
     }
-    let resumed = match continued {
-        Some(r) => r,
-        None if traced => tracer
-            .stamp_passed(stamps)
-            .map_err(StopError::from)
-            .and_then(|()| stop::resume_restored(kind, root, &tracer, opts.reseize).map(drop)),
-        None => stop::resume_restored(kind, root, &tracer, opts.reseize).map(drop),
+    rec.state = if held.is_some() {
+        InstanceState::Standby
+    } else {
+        InstanceState::Running
     };
-    if let Err(e) = resumed {
-        // A service that fails at once may already have been reaped by
-        // our tracer thread.
-        if let Ok(status) = exit.recv_timeout(Duration::from_millis(200)) {
-            return Ok(Setup::Ended { status, inst });
-        }
-        abandon(&inst);
-        return Err(e.into());
-    }
-    stamps.mark(crate::timings::RESUMED);
-    rec.state = InstanceState::Running;
     if let Err(e) = inst.write_record(&rec) {
         abandon(&inst);
         return Err(e.into());
     }
-    explain::say(
-        "ready",
-        &format!(
-            "restored tree root is host pid {root}; its parent is this runmh (pid {})",
-            std::process::id()
-        ),
-    );
+    if held.is_some() {
+        explain::say(
+            "standby",
+            &format!("restored tree root is host pid {root}, held at its stop point until a resume request"),
+        );
+    } else {
+        explain::say(
+            "ready",
+            &format!(
+                "restored tree root is host pid {root}; its parent is this runmh (pid {})",
+                std::process::id()
+            ),
+        );
+    }
     Ok(Setup::Running(Box::new(Running {
         tracer,
         instance: inst,
         record: rec,
         root,
         exit,
-        traced,
-        held: None,
+        traced: traced && held.is_none(),
+        held,
     })))
 }
 

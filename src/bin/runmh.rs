@@ -322,11 +322,7 @@ impl Detached {
     /// In the child: stdio to /dev/null and `log` (stderr), then word to
     /// the parent, whose caller reads its output to the end.
     fn done(self, log: Option<&std::path::Path>) -> Result<()> {
-        let null = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/null")
-            .context("cannot open /dev/null")?;
+        let null = miehisto::files::dev_null().context("cannot open /dev/null")?;
         let err = match log {
             Some(p) => miehisto::files::append_private(p)
                 .with_context(|| format!("cannot open the supervisor's log {}", p.display()))?,
