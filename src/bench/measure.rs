@@ -17,7 +17,9 @@ use crate::sys::procfs;
 use nix::libc;
 use nix::unistd::Pid;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -93,6 +95,52 @@ pub fn criu_log_loaded_kdat(log: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// Where the benchmark's clients connect from: a loopback address of their
+/// own per wait, never reused in a run. The load phase (`wrk`,
+/// `Connection: close`) leaves thousands of the server side's TIME_WAIT
+/// sockets on a workload's port, keyed by 127.0.0.1 and the client's
+/// ephemeral port, and a new connect from 127.0.0.1 picks those ports
+/// again. A SYN that meets such a TIME_WAIT is answered with an ACK
+/// (tcp_timewait_state_process), not a SYN-ACK or a RST, and waits for its
+/// retransmit: 5-20 ms measured here (NOTES §6), charged to whichever
+/// restore was being polled while the port opened — runmh's, polled from
+/// its start, far more often than bare CRIU's, polled after CRIU exits.
+pub fn probe_source() -> Ipv4Addr {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed) % (254 * 256);
+    // 127.77.0.1 up to 127.77.255.254.
+    Ipv4Addr::from(0x7f4d_0000 | (n / 254) << 8 | (n % 254 + 1))
+}
+
+/// A TCP connection to 127.0.0.1:`port` from `source` (any port), bounded
+/// by `timeout` (connect(2) honours SO_SNDTIMEO).
+pub fn connect_from(source: Ipv4Addr, port: u16, timeout: Duration) -> std::io::Result<TcpStream> {
+    use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
+    let fd = socket::socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    socket::setsockopt(
+        &fd,
+        sockopt::SendTimeout,
+        &nix::sys::time::TimeVal::new(
+            libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+            timeout.subsec_micros().into(),
+        ),
+    )?;
+    socket::bind(
+        fd.as_raw_fd(),
+        &SockaddrIn::from(SocketAddrV4::new(source, 0)),
+    )?;
+    socket::connect(
+        fd.as_raw_fd(),
+        &SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)),
+    )?;
+    Ok(TcpStream::from(fd))
+}
+
 /// One GET; Some(status) when a whole response came back.
 fn get(stream: &mut TcpStream, path: &str) -> std::io::Result<u16> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -122,10 +170,10 @@ pub fn wait_first_response(
     timeout: Duration,
     mut alive: impl FnMut() -> Result<(), String>,
 ) -> Result<(Duration, Duration), BenchError> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let source = probe_source();
     let mut listen: Option<Duration> = None;
     loop {
-        let last = match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+        let last = match connect_from(source, port, Duration::from_secs(1)) {
             Ok(mut s) => {
                 let accepted = t0.elapsed();
                 listen.get_or_insert(accepted);

@@ -30,7 +30,6 @@ use super::BenchError;
 use crate::daemon::api::{self, OnDemandState, Reply, Request, ServiceInfo};
 use crate::daemon::client::Client;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -262,8 +261,8 @@ impl Drop for Daemon {
 /// when it was a 200.
 fn one_get(port: u16, path: &str, timeout: Duration) -> Result<Duration, String> {
     let t0 = Instant::now();
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
+    let mut s = super::measure::connect_from(super::measure::probe_source(), port, timeout)
+        .map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
     write!(
