@@ -101,31 +101,25 @@ impl Stamps {
         if !self.enabled() {
             return;
         }
-        match watch_creation(dir, file, limit) {
-            Ok(rx) => {
-                let me = self.clone();
-                std::thread::spawn(move || {
-                    if let Ok(ns) = rx.recv() {
-                        me.mark_at(CRIU_LOG, ns);
-                    }
-                });
-            }
-            Err(e) => log::debug!("no inotify watch on {}: {e}", dir.display()),
+        let me = self.clone();
+        if let Err(e) = watch_creation(dir, file, limit, move |ns| me.mark_at(CRIU_LOG, ns)) {
+            log::debug!("no inotify watch on {}: {e}", dir.display());
         }
     }
 }
 
-/// Watches `dir` for the creation of `file`; the receiver gets the
+/// Watches `dir` for the creation of `file`, from one thread of its own
+/// (it starts on the measured restore's path); `created` gets the
 /// CLOCK_MONOTONIC time the event was read, once. The watch is set up
 /// before this returns, so a file created afterwards is never missed.
 pub fn watch_creation(
     dir: &Path,
     file: &str,
     limit: std::time::Duration,
-) -> nix::Result<crossbeam_channel::Receiver<u64>> {
+    created: impl FnOnce(u64) + Send + 'static,
+) -> nix::Result<()> {
     let ino = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)?;
     ino.add_watch(dir, AddWatchFlags::IN_CREATE)?;
-    let (tx, rx) = crossbeam_channel::bounded(1);
     let file = std::ffi::OsString::from(file);
     std::thread::spawn(move || {
         use std::os::fd::AsFd;
@@ -152,7 +146,7 @@ pub fn watch_creation(
                         .iter()
                         .any(|e| e.name.as_deref() == Some(file.as_os_str()))
                     {
-                        let _ = tx.send(t);
+                        created(t);
                         return;
                     }
                 }
@@ -161,7 +155,7 @@ pub fn watch_creation(
             }
         }
     });
-    Ok(rx)
+    Ok(())
 }
 
 /// Reads a stamps file: (name, nanoseconds) in file order.
@@ -197,7 +191,11 @@ mod tests {
         let file = dir.join("t");
         let s = Stamps::new(Some(&file));
         s.mark_at("a", 5);
-        let rx = watch_creation(&dir, "log", std::time::Duration::from_secs(5)).unwrap();
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        watch_creation(&dir, "log", std::time::Duration::from_secs(5), move |ns| {
+            let _ = tx.send(ns);
+        })
+        .unwrap();
         let before = now_ns();
         std::fs::write(dir.join("other"), "").unwrap();
         std::fs::write(dir.join("log"), "").unwrap();

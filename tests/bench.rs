@@ -17,6 +17,7 @@ fn args(workloads: &[&str]) -> BenchArgs {
         svg: None,
         warmup: 0,
         load_secs: 1,
+        pairs: 2,
         runmh: Some(common::runmh()),
         timeout: 60,
         keep: false,

@@ -13,7 +13,9 @@ pair) N times each after one warm-up each: `RUNMH restore --images IMG` in the
 foreground, from the exec to the first `200` on `http://127.0.0.1:PORT/health`,
 then, once runmh has said "restored", SIGTERM to it (the supervisor: it
 forwards it to the service) and a wait for it to exit. Each binary has its own state directory (its own kdat
-cache and instances). Prints the medians (ms), B/A, and the load average.
+cache and instances). Prints the medians (ms) of spawn -> first 200 and of
+spawn -> CRIU's exec (runmh's own part, from `--timings`), B/A, and the load
+average.
 """
 import os
 import socket
@@ -38,8 +40,14 @@ def first_200(port, deadline):
 
 
 def one(runmh, state, img, port):
+    """(spawn -> first 200, spawn -> CRIU's exec) in ms."""
+    stamps = f"{state}.timings"
+    if os.path.exists(stamps):
+        os.remove(stamps)
+    t0_ns = time.monotonic_ns()
     t0 = time.monotonic()
-    p = subprocess.Popen([runmh, "--state-dir", state, "restore", "--images", img],
+    p = subprocess.Popen([runmh, "--state-dir", state, "restore", "--images", img,
+                          "--timings", stamps],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     t = first_200(port, t0 + 30)
     # A NOTIFY service can answer while CRIU is still finishing; a SIGTERM
@@ -53,7 +61,9 @@ def one(runmh, state, img, port):
     _, err = p.communicate(timeout=30)
     if b"runmh: restored" not in seen:
         raise SystemExit(f"{runmh}: {(seen + err).decode(errors='replace')}")
-    return (t - t0) * 1000
+    with open(stamps) as f:
+        marks = dict(line.split() for line in f)
+    return (t - t0) * 1000, (int(marks["criu_exec"]) - t0_ns) / 1e6
 
 
 def main():
@@ -62,7 +72,7 @@ def main():
     base = "/tmp/runmh-ab"
     states = {a: f"{base}/state-a", b: f"{base}/state-b"}
     print(f"load before: {os.getloadavg()}")
-    print(f"{'image':<28} {'A ms':>8} {'B ms':>8} {'B/A':>6}")
+    print(f"{'image':<20} {'measure':<22} {'A ms':>8} {'B ms':>8} {'B/A':>6}")
     for img, port in targets:
         times = {a: [], b: []}
         for bin_ in (a, b):
@@ -71,8 +81,10 @@ def main():
             order = (a, b) if i % 2 == 0 else (b, a)
             for bin_ in order:
                 times[bin_].append(one(bin_, states[bin_], img, port))
-        ma, mb = statistics.median(times[a]), statistics.median(times[b])
-        print(f"{os.path.basename(img):<28} {ma:8.2f} {mb:8.2f} {mb / ma:6.3f}")
+        for k, what in enumerate(("spawn -> first 200", "spawn -> CRIU exec")):
+            ma = statistics.median(t[k] for t in times[a])
+            mb = statistics.median(t[k] for t in times[b])
+            print(f"{os.path.basename(img):<20} {what:<22} {ma:8.2f} {mb:8.2f} {mb / ma:6.3f}")
     print(f"load after: {os.getloadavg()}")
 
 

@@ -19,9 +19,9 @@ use nix::unistd::Pid;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// What every measurement needs.
@@ -35,6 +35,8 @@ pub struct Ctx {
     pub timeout: Duration,
     /// Seconds of steady-state load; 0 skips it.
     pub load_secs: u64,
+    /// runmh/bare restore pairs of the NOTIFY image per run.
+    pub pairs: u32,
     pub kdat: Option<KdatCache>,
     /// `K=V` pairs given to every `runmh prebake` as `-e`.
     pub prebake_env: Vec<String>,
@@ -587,7 +589,12 @@ impl Ctx {
         })?;
         let md = Metadata::read(images)?;
         let kdat = self.kdat.as_ref().and_then(|k| k.load().ok().flatten());
-        let log_created = crate::timings::watch_creation(&dir, "restore.log", self.timeout).ok();
+        let (created_tx, log_created) = crossbeam_channel::bounded(1);
+        let watched =
+            crate::timings::watch_creation(&dir, "restore.log", self.timeout, move |ns| {
+                let _ = created_tx.send(ns);
+            })
+            .is_ok();
         let t0_ns = crate::timings::now_ns();
         let t0 = Instant::now();
         let restored = bare::restore(
@@ -621,8 +628,9 @@ impl Ctx {
             phases: Some(
                 breakdown::Inputs {
                     t0_ns,
-                    stamps: log_created
-                        .and_then(|rx| rx.try_recv().ok())
+                    stamps: watched
+                        .then(|| log_created.try_recv().ok())
+                        .flatten()
                         .map(|ns| vec![(crate::timings::CRIU_LOG.to_string(), ns)])
                         .unwrap_or_default(),
                     criu: breakdown::criu_marks(&log),

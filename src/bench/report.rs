@@ -486,6 +486,8 @@ pub fn targets(w: &WorkloadReport) -> Vec<Target> {
 pub struct Report {
     pub runs: u32,
     pub warmup: u32,
+    /// runmh/bare restore pairs of the NOTIFY image per run.
+    pub pairs: u32,
     pub kernel: String,
     pub criu: String,
     pub cpus: usize,
@@ -514,8 +516,8 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "miehisto bench: {} run(s) after {} warm-up; kernel {}; CRIU {}; {} CPUs; kdat cache: {}; load: {} for {}s",
-            self.runs, self.warmup, self.kernel, self.criu, self.cpus, self.kdat_cache, self.load_client, self.load_secs
+            "miehisto bench: {} run(s) after {} warm-up, {} runmh/bare restore pair(s) per run; kernel {}; CRIU {}; {} CPUs; kdat cache: {}; load: {} for {}s",
+            self.runs, self.warmup, self.pairs, self.kernel, self.criu, self.cpus, self.kdat_cache, self.load_client, self.load_secs
         );
         for w in &self.workloads {
             let _ = writeln!(out, "\n== {} — {} (port {})", w.name, w.about, w.port);
@@ -891,6 +893,7 @@ mod tests {
         let r = Report {
             runs: 1,
             warmup: 0,
+            pairs: 1,
             kernel: "6".into(),
             criu: "4".into(),
             cpus: 2,

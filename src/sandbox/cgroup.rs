@@ -112,13 +112,32 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The cgroup v2 hierarchy of this mount namespace, looked up once.
+/// Where distributions mount cgroup2: pure v2, then systemd's hybrid.
+const USUAL_MOUNTS: [&str; 2] = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"];
+
+fn is_cgroup2(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+}
+
+/// The cgroup v2 hierarchy of this mount namespace, looked up once: a
+/// statfs of the usual places first, since every restore and run asks and
+/// the kernel renders the whole mountinfo for a read of it (0.1-0.2 ms
+/// measured in `runmh restore`'s start); mountinfo only for a hierarchy
+/// mounted elsewhere.
 pub fn hierarchy() -> Result<&'static Path, CgroupError> {
     static H: OnceLock<Option<PathBuf>> = OnceLock::new();
     H.get_or_init(|| {
-        crate::sys::procfs::read_text("/proc/self/mountinfo")
-            .ok()
-            .and_then(|t| hierarchy_in(&t))
+        USUAL_MOUNTS
+            .iter()
+            .map(Path::new)
+            .find(|p| is_cgroup2(p))
+            .map(Path::to_path_buf)
+            .or_else(|| {
+                crate::sys::procfs::read_text("/proc/self/mountinfo")
+                    .ok()
+                    .and_then(|t| hierarchy_in(&t))
+            })
     })
     .as_deref()
     .ok_or(CgroupError::NoHierarchy)
