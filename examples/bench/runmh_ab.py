@@ -39,9 +39,9 @@ def first_200(port, deadline):
     raise SystemExit(f"port {port} never answered")
 
 
-def one(runmh, state, img, port):
-    """(spawn -> first 200, spawn -> CRIU's exec) in ms."""
-    stamps = f"{state}.timings"
+def start_restore(runmh, state, img, stamps):
+    """`runmh restore` in the foreground with --timings STAMPS: (process,
+    spawn time for time.monotonic, the same in ns for the stamps)."""
     if os.path.exists(stamps):
         os.remove(stamps)
     t0_ns = time.monotonic_ns()
@@ -49,14 +49,26 @@ def one(runmh, state, img, port):
     p = subprocess.Popen([runmh, "--state-dir", state, "restore", "--images", img,
                           "--timings", stamps],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    t = first_200(port, t0 + 30)
-    # A NOTIFY service can answer while CRIU is still finishing; a SIGTERM
-    # then would end the restore: wait for runmh's "restored" line first.
+    return p, t0, t0_ns
+
+
+def restored(p):
+    """runmh's stderr up to its "restored" line. A NOTIFY service can answer
+    while CRIU is still finishing; a signal then would end the restore."""
     seen = b""
     for line in p.stderr:
         seen += line
         if b"runmh: restored" in line:
             break
+    return seen
+
+
+def one(runmh, state, img, port):
+    """(spawn -> first 200, spawn -> CRIU's exec) in ms."""
+    stamps = f"{state}.timings"
+    p, t0, t0_ns = start_restore(runmh, state, img, stamps)
+    t = first_200(port, t0 + 30)
+    seen = restored(p)
     p.terminate()
     _, err = p.communicate(timeout=30)
     if b"runmh: restored" not in seen:

@@ -28,6 +28,8 @@ import subprocess
 import sys
 import time
 
+from runmh_ab import restored, start_restore
+
 STATE = "/tmp/mh-timewait-probe/state"
 
 
@@ -64,19 +66,9 @@ def main():
     os.makedirs(STATE, exist_ok=True)
     stamps = f"{STATE}.timings"
     for i in range(n):
-        if os.path.exists(stamps):
-            os.remove(stamps)
-        t0_ns = time.monotonic_ns()
-        t0 = time.monotonic()
-        p = subprocess.Popen([runmh, "--state-dir", STATE, "restore", "--images", img,
-                              "--timings", stamps],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        p, t0, t0_ns = start_restore(runmh, STATE, img, stamps)
         accepted, ok = poll(port, source, t0 + 30)
-        seen = b""
-        for line in p.stderr:
-            seen += line
-            if b"runmh: restored" in line:
-                break
+        seen = restored(p)
         m = re.search(rb"as pid (\d+)", seen)
         if not m:
             raise SystemExit(seen.decode(errors="replace"))
