@@ -112,8 +112,10 @@ enum Cmd {
         /// Host pid of the service or of its runmh.
         #[arg(long)]
         pid: i32,
+        /// Directory to publish the image at (must not hold one).
         #[arg(long, value_name = "DIR")]
         images: PathBuf,
+        /// Keep the service running after the dump (CRIU ends it otherwise).
         #[arg(long)]
         leave_running: bool,
         /// Send the pages to `criu page-server` at ADDR:PORT (live migration).
@@ -130,6 +132,7 @@ enum Cmd {
     },
     /// Restore an image; runmh becomes the restored tree's parent.
     Restore {
+        /// The image to restore: a directory `runmh prebake` or `runmh dump` published.
         #[arg(long, value_name = "DIR")]
         images: PathBuf,
         /// Return once the service runs (its supervisor carries on).
