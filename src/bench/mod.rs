@@ -403,6 +403,7 @@ pub fn cli(args: &BenchArgs, criu: Option<&Path>, state_dir: &Path) -> Result<i3
             WorkloadReport::new(wl.name, wl.about, free_port()?)
         });
     }
+    let steal_at_start = crate::sys::procfs::cpu_steal();
     let mut failed = false;
     if args.on_demand {
         for (wl, rep) in wls.iter().zip(reports.iter_mut()) {
@@ -472,6 +473,12 @@ pub fn cli(args: &BenchArgs, criu: Option<&Path>, state_dir: &Path) -> Result<i3
             }
         }
     }
+    let cpu_steal_pct = match (steal_at_start, crate::sys::procfs::cpu_steal()) {
+        (Some((s0, t0)), Some((s1, t1))) if t1 > t0 => {
+            Some((s1.saturating_sub(s0)) as f64 * 100.0 / (t1 - t0) as f64)
+        }
+        _ => None,
+    };
     let mut targets = Vec::new();
     for rep in &mut reports {
         rep.finish();
@@ -493,6 +500,7 @@ pub fn cli(args: &BenchArgs, criu: Option<&Path>, state_dir: &Path) -> Result<i3
             "off".into()
         },
         load_secs: args.load_secs,
+        cpu_steal_pct,
         workloads: reports,
         targets,
     };

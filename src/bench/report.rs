@@ -495,6 +495,9 @@ pub struct Report {
     pub kdat_cache: String,
     pub load_client: String,
     pub load_secs: u64,
+    /// Share of the machine's CPU time the hypervisor took during the
+    /// measurements (/proc/stat); None where the kernel does not count it.
+    pub cpu_steal_pct: Option<f64>,
     pub workloads: Vec<WorkloadReport>,
     pub targets: Vec<Target>,
 }
@@ -519,6 +522,11 @@ impl Report {
             "miehisto bench: {} run(s) after {} warm-up, {} runmh/bare restore pair(s) per run; kernel {}; CRIU {}; {} CPUs; kdat cache: {}; load: {} for {}s",
             self.runs, self.warmup, self.pairs, self.kernel, self.criu, self.cpus, self.kdat_cache, self.load_client, self.load_secs
         );
+        if let Some(p) = self.cpu_steal_pct {
+            // Time the host gave other guests: it lands on whichever
+            // measurement ran then, and moves ratios of single medians.
+            let _ = writeln!(out, "CPU steal during the measurements: {p:.1} %");
+        }
         for w in &self.workloads {
             let _ = writeln!(out, "\n== {} — {} (port {})", w.name, w.about, w.port);
             let _ = writeln!(
@@ -900,6 +908,7 @@ mod tests {
             kdat_cache: "x".into(),
             load_client: "y".into(),
             load_secs: 0,
+            cpu_steal_pct: None,
             targets: targets(&w),
             workloads: vec![w],
         };

@@ -277,6 +277,25 @@ fn parse_pids(text: &str) -> impl Iterator<Item = Pid> + '_ {
         .map(Pid::from_raw)
 }
 
+/// The machine's CPU time from the first line of /proc/stat, in ticks:
+/// (stolen by the hypervisor, all). Guest time is already inside user time
+/// (proc(5)), so it is not added again.
+pub fn parse_cpu_steal(stat: &str) -> Option<(u64, u64)> {
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice]
+    let steal = *v.get(7)?;
+    Some((steal, v.iter().take(8).sum()))
+}
+
+pub fn cpu_steal() -> Option<(u64, u64)> {
+    parse_cpu_steal(&read_text("/proc/stat").ok()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,5 +402,14 @@ mod tests {
         assert!(!alive(child), "an unreaped zombie counts as ended");
         proc.wait().expect("reap the zombie");
         assert!(!alive(child));
+    }
+
+    #[test]
+    fn cpu_steal_is_read_from_the_first_line() {
+        let stat = "cpu  100 0 50 800 10 0 5 35 20 0\ncpu0 50 0 25 400 5 0 2 18 10 0\n";
+        assert_eq!(super::parse_cpu_steal(stat), Some((35, 1000)));
+        assert_eq!(super::parse_cpu_steal("cpu0 1 2 3\n"), None);
+        assert_eq!(super::parse_cpu_steal("cpu  1 2 3\n"), None);
+        assert_eq!(super::parse_cpu_steal("cpu  1 x 3 4 5 6 7 8\n"), None);
     }
 }
