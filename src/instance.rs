@@ -328,8 +328,8 @@ fn take_shared(dir: &Path) -> std::io::Result<OwnedFd> {
 /// Whether the instance in `dir` has lost its owners: the process that
 /// named it (`<ms>-<pid>`) is gone (while it lives it holds the lock, or is
 /// about to take it), and nobody else holds the lock (a process it forked
-/// that shares the lock's open file may outlive it). Returns the lock, taken exclusively, when
-/// the file exists.
+/// that shares the lock's open file may outlive it). Returns the lock,
+/// taken exclusively, when the file exists.
 fn take_if_dead(dir: &Path, id: &str) -> Option<Option<OwnedFd>> {
     let creator: i32 = id.rsplit_once('-')?.1.parse().ok()?;
     if crate::sys::procfs::alive(nix::unistd::Pid::from_raw(creator)) {

@@ -682,12 +682,18 @@ fn adopt(
     if held.is_none() {
         let resumed = match continued {
             Some(r) => r,
-            None => if traced {
-                tracer.stamp_passed(stamps).map_err(StopError::from)
-            } else {
-                Ok(())
+            None => {
+                // TRACE: the replayed trap is stamped as the re-seize lets
+                // it through.
+                let stamped = if traced {
+                    tracer.stamp_passed(stamps).map_err(StopError::from)
+                } else {
+                    Ok(())
+                };
+                stamped.and_then(|()| {
+                    stop::resume_restored(kind, root, &tracer, opts.reseize).map(drop)
+                })
             }
-            .and_then(|()| stop::resume_restored(kind, root, &tracer, opts.reseize).map(drop)),
         };
         if let Err(e) = resumed {
             // A service that fails at once may already have been reaped by

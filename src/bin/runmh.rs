@@ -595,7 +595,7 @@ mod tests {
     #[test]
     fn the_command_line_is_well_formed() {
         Cli::command().debug_assert();
-        for sub in ["doctor", "run", "prebake", "dump", "restore"] {
+        for sub in ["doctor", "demo", "run", "prebake", "dump", "restore"] {
             let mut cmd = Cli::command();
             let help = cmd
                 .try_get_matches_from_mut(["runmh", sub, "--help"])

@@ -367,8 +367,8 @@ const ADOPTED_POLL: Duration = Duration::from_millis(500);
 /// daemon started are re-parented away from this one, so they are adopted
 /// and watched through pidfds. A runmh that ended cleanly removed its own
 /// instance; a `runmh restore --detach` whose forked supervisor lives on
-/// leaves an owned one, which `clean_dead` never touches. The work is done off the
-/// reaper thread: killing a cgroup's leftovers may wait for them.
+/// leaves an owned one, which `clean_dead` never touches. The work is done
+/// off the reaper thread: killing a cgroup's leftovers may wait for them.
 fn start_janitor(
     children: &Children,
     runmh_state: PathBuf,
